@@ -1,0 +1,117 @@
+"""The HDF5 checkpoint: one home for its layout.
+
+    /                       attrs: format, format_version, architecture, config (JSON),
+                                   source, content_hash (sha256 of names + tensor bytes), dtype
+    /tensors/<name>         one dataset per tensor in its full logical shape;
+                            attrs: split ("replicate" | "col" | "row" | "vocab"), unit, axis
+    /tokenizer              the tokenizer.json text (uint8 bytes)
+
+A rank reads only its hyperslab (``Checkpoint.read``), so any tp size loads
+from the same file and a rank holds ~1/tp of the split weights.
+"""
+
+import hashlib
+import json
+import os
+
+import h5py
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+from hpcllm.model.parallel import lookup_split
+
+FORMAT = "hpcllm-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _split_attrs(split):
+    if split == "replicate":
+        return {"split": "replicate", "unit": "", "axis": -1}
+    kind, unit = split
+    return {"split": kind, "unit": unit, "axis": 1 if kind == "row" else 0}
+
+
+def write_checkpoint(path, architecture: str, config: dict, tensors: dict, tokenizer_json: str,
+                     source: str, plan: dict, dtype: str = "float32") -> str:
+    """Write ``tensors`` (name -> numpy array, full shape) atomically; return the content hash."""
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": None}[dtype]
+    digest = hashlib.sha256()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        group = f.create_group("tensors")
+        for name in sorted(tensors):
+            arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            if np_dtype is None:  # bfloat16: stored as its 16 raw bits, marked by an attribute
+                stored = _round_bf16(arr)
+            else:
+                stored = arr.astype(np_dtype)
+            ds = group.create_dataset(name, data=stored)
+            ds.attrs.update(_split_attrs(lookup_split(plan, name)))
+            digest.update(name.encode())
+            digest.update(stored.tobytes())
+        tok = tokenizer_json.encode("utf-8")
+        digest.update(tok)
+        f.create_dataset("tokenizer", data=np.frombuffer(tok, dtype=np.uint8))
+        content_hash = digest.hexdigest()
+        f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
+                        "config": json.dumps(config, sort_keys=True), "source": source,
+                        "content_hash": content_hash, "dtype": dtype})
+    os.replace(tmp, path)
+    return content_hash
+
+
+def _round_bf16(arr: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits with round-to-nearest-even (as torch does)."""
+    bits = arr.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+class Checkpoint:
+    """An open checkpoint file; ``read(name, slicer)`` loads one hyperslab."""
+
+    def __init__(self, path):
+        if not os.path.exists(path):
+            raise HpcllmError(f"model checkpoint not found: {path}")
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as exc:
+            raise HpcllmError(f"{path}: not an HDF5 file ({exc})") from None
+        attrs = self.file.attrs
+        if attrs.get("format") != FORMAT:
+            raise HpcllmError(f"{path}: not an hpcllm checkpoint (convert it first: hpcllm convert SRC {path})")
+        if int(attrs["format_version"]) > FORMAT_VERSION:
+            raise HpcllmError(f"{path}: checkpoint format version {attrs['format_version']} is newer than this hpcllm reads")
+        self.path = path
+        self.architecture = str(attrs["architecture"])
+        self.config = json.loads(attrs["config"])
+        self.content_hash = str(attrs["content_hash"])
+        self.dtype = str(attrs["dtype"])
+        self.source = str(attrs["source"])
+
+    @property
+    def names(self):
+        return list(self.file["tensors"].keys())
+
+    @property
+    def tokenizer_json(self) -> str:
+        return self.file["tokenizer"][()].tobytes().decode("utf-8")
+
+    def read(self, name, slicer) -> np.ndarray:
+        """float32 array of the hyperslab ``slicer(full_shape)`` of tensor ``name``."""
+        if name not in self.file["tensors"]:
+            raise HpcllmError(f"{self.path}: tensor {name!r} missing from the checkpoint")
+        ds = self.file["tensors"][name]
+        part = ds[slicer(ds.shape)]
+        if self.dtype == "bfloat16":
+            return (part.astype(np.uint32) << 16).view(np.float32)
+        return part.astype(np.float32, copy=False)
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

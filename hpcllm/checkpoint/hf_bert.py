@@ -1,0 +1,113 @@
+"""Import a Hugging Face BERT-family directory (config.json, model.safetensors,
+tokenizer.json, and sentence-transformers' modules.json / pooling config when
+present) into hpcllm's names and config."""
+
+import json
+import os
+
+from safetensors.numpy import load_file
+
+from hpcllm.errors import HpcllmError
+
+# HF name (after the optional "bert." prefix) -> hpcllm name; "{i}" is the layer index
+_LAYER_NAMES = {
+    "attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+    "attention.output.dense": "o", "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "up", "output.dense": "down", "output.LayerNorm": "mlp_norm",
+}
+_EMBED_NAMES = {
+    "embeddings.word_embeddings": "embed.tokens", "embeddings.position_embeddings": "embed.positions",
+    "embeddings.token_type_embeddings": "embed.types", "embeddings.LayerNorm": "embed.norm",
+}
+
+
+def _read_json(path, default=None):
+    if not os.path.exists(path):
+        if default is not None:
+            return default
+        raise HpcllmError(f"missing {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def bert_config(src: str, hf: dict) -> dict:
+    """hpcllm's encoder config from HF config.json plus sentence-transformers' files."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise HpcllmError(f"{src}/config.json: hidden_act {hf['hidden_act']!r} is not supported (gelu only)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise HpcllmError(f"{src}/config.json: position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    modules = _read_json(os.path.join(src, "modules.json"), default=[])
+    pooling_dir = next((m["path"] for m in modules if m["type"].endswith("Pooling")), None)
+    pooling = _read_json(os.path.join(src, pooling_dir, "config.json")) if pooling_dir else {}
+    st_cfg = _read_json(os.path.join(src, "sentence_bert_config.json"), default={})
+    if pooling.get("pooling_mode_cls_token"):
+        mode = "cls"
+    elif pooling.get("pooling_mode_mean_tokens", True):
+        mode = "mean"
+    else:
+        raise HpcllmError(f"{src}/{pooling_dir}/config.json: only mean or CLS pooling is supported")
+    heads = hf["num_attention_heads"]
+    return {
+        "vocab": hf["vocab_size"], "hidden": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
+        "n_heads": heads, "n_kv_heads": heads, "head_dim": hf["hidden_size"] // heads,
+        "ffn": hf["intermediate_size"], "max_positions": hf["max_position_embeddings"],
+        "type_vocab": hf.get("type_vocab_size", 2), "norm_eps": hf.get("layer_norm_eps", 1e-12),
+        "pad_id": hf.get("pad_token_id", 0) or 0, "pooling": mode,
+        "normalize": any(m["type"].endswith("Normalize") for m in modules),
+        "max_length": min(st_cfg.get("max_seq_length", hf["max_position_embeddings"]), hf["max_position_embeddings"]),
+    }
+
+
+def bert_tensors(src: str, n_layers: int) -> dict:
+    raw = {}
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".safetensors"):
+            raw.update(load_file(os.path.join(src, name)))
+    if not raw:
+        raise HpcllmError(f"{src}: no *.safetensors weights found")
+    out = {}
+    for key, arr in raw.items():
+        key = key.removeprefix("bert.")
+        if key == "embeddings.position_ids" or key.startswith(("pooler.", "cls.")):
+            continue
+        new = _rename(key)
+        if new is None:
+            raise HpcllmError(f"{src}: unexpected tensor {key!r} for a BERT model")
+        out[new] = arr
+    missing = sorted(set(_expected_names(n_layers)) - set(out))
+    if missing:
+        raise HpcllmError(f"{src}: BERT weights missing from the safetensors files: {', '.join(missing[:5])}")
+    return out
+
+
+def _expected_names(n_layers: int):
+    for ours in _EMBED_NAMES.values():
+        yield from ([f"{ours}.weight", f"{ours}.bias"] if ours.endswith("norm") else [f"{ours}.weight"])
+    for i in range(n_layers):
+        for ours in _LAYER_NAMES.values():
+            yield from (f"layers.{i}.{ours}.weight", f"layers.{i}.{ours}.bias")
+
+
+def _rename(key: str):
+    for hf, ours in _EMBED_NAMES.items():
+        if key.startswith(hf + "."):
+            return ours + key[len(hf):].replace(".gamma", ".weight").replace(".beta", ".bias")
+    if key.startswith("encoder.layer."):
+        rest = key[len("encoder.layer."):]
+        i, rest = rest.split(".", 1)
+        for hf, ours in _LAYER_NAMES.items():
+            if rest.startswith(hf + "."):
+                return f"layers.{i}.{ours}{rest[len(hf):]}"
+    return None
+
+
+def import_bert(src: str):
+    """-> (architecture, config, tensors, tokenizer_json)"""
+    hf = _read_json(os.path.join(src, "config.json"))
+    cfg = bert_config(src, hf)
+    tok_path = os.path.join(src, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise HpcllmError(f"{src}: tokenizer.json missing (hpcllm needs the fast-tokenizer file)")
+    with open(tok_path, encoding="utf-8") as f:
+        tokenizer_json = f.read()
+    return "bert", cfg, bert_tensors(src, cfg["n_layers"]), tokenizer_json

@@ -1,0 +1,39 @@
+"""`hpcllm convert SRC DST`: an HF model directory or a GGUF file -> HDF5 checkpoint."""
+
+import json
+import os
+
+from hpcllm.checkpoint.hdf5 import write_checkpoint
+from hpcllm.errors import HpcllmError
+from hpcllm.model.build import plan_for
+
+
+def import_source(src: str):
+    """-> (architecture, config, tensors, tokenizer_json) from any supported source."""
+    if not os.path.exists(src):
+        raise HpcllmError(f"convert: source not found: {src}")
+    if src.endswith(".gguf"):
+        from hpcllm.checkpoint.gguf import import_gguf
+
+        return import_gguf(src)
+    cfg_path = os.path.join(src, "config.json")
+    if not os.path.isdir(src) or not os.path.exists(cfg_path):
+        raise HpcllmError(f"convert: {src} is neither a .gguf file nor a model directory with config.json")
+    with open(cfg_path) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type in ("bert",):
+        from hpcllm.checkpoint.hf_bert import import_bert
+
+        return import_bert(src)
+    if model_type in ("llama", "mistral", "qwen2"):
+        from hpcllm.checkpoint.hf_llama import import_llama
+
+        return import_llama(src)
+    raise HpcllmError(f"convert: {cfg_path}: model_type {model_type!r} is not supported (bert, llama, mistral, qwen2)")
+
+
+def convert(src: str, dst: str, dtype: str = "float32") -> str:
+    arch, config, tensors, tokenizer_json = import_source(src)
+    digest = write_checkpoint(dst, arch, config, tensors, tokenizer_json, source=os.path.abspath(src),
+                              plan=plan_for(arch), dtype=dtype)
+    return digest

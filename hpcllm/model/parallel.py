@@ -1,0 +1,176 @@
+"""Tensor parallelism: how each weight is split, and the layers that use the splits.
+
+A *plan* (one per architecture, in the model file) maps a weight name to a
+split kind. The same plan drives the loader (which hyperslab of the full
+tensor a rank reads, ``Partition.slice``) and the layers (how many local
+heads, where the all-reduce goes). Split kinds:
+
+    "replicate"        whole tensor on every rank (norms, position embeddings)
+    ("col", unit)      output features split: rows of a [out, in] weight, and its bias
+    ("row", unit)      input features split: columns of a [out, in] weight; the bias
+                       is added once, after the all-reduce
+    ("vocab", "vocab") rows of an embedding / LM head, split evenly
+
+Units say what is split: "q" (query heads), "kv" (key/value heads), "ffn"
+(MLP intermediate columns), "vocab". Heads are split on GQA group
+boundaries, unevenly when tp does not divide the group count (9 heads / 3 KV
+heads at tp=2 gives 6 + 3 query heads). When tp exceeds the KV head count the
+KV heads are replicated: each rank keeps the one KV head its query heads use.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcllm.dist.comm import Comm, LocalComm
+from hpcllm.errors import HpcllmError
+
+
+def even_split(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part ``index`` when n items are cut into ``parts`` near-equal runs (larger first)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """What tp rank ``rank`` of ``size`` owns, for a model with these shapes."""
+
+    rank: int
+    size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    def __post_init__(self):
+        if self.size > self.n_heads:
+            raise HpcllmError(f"--tp {self.size} exceeds the model's {self.n_heads} attention heads; use tp <= {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise HpcllmError(f"model config: {self.n_heads} heads is not a multiple of {self.n_kv_heads} KV heads")
+
+    @property
+    def q_heads(self) -> tuple[int, int]:
+        """[start, stop) of this rank's query heads."""
+        group = self.n_heads // self.n_kv_heads  # query heads per KV head
+        if self.size <= self.n_kv_heads:
+            g0, g1 = even_split(self.n_kv_heads, self.size, self.rank)
+            return g0 * group, g1 * group
+        kv = self.kv_heads[0]
+        first = self._first_rank_of_kv(kv)
+        n_ranks = self._first_rank_of_kv(kv + 1) - first
+        h0, h1 = even_split(group, n_ranks, self.rank - first)
+        return kv * group + h0, kv * group + h1
+
+    @property
+    def kv_heads(self) -> tuple[int, int]:
+        """[start, stop) of this rank's KV heads (one replicated head when tp > n_kv_heads)."""
+        if self.size <= self.n_kv_heads:
+            return even_split(self.n_kv_heads, self.size, self.rank)
+        kv = next(k for k in range(self.n_kv_heads) if self._first_rank_of_kv(k + 1) > self.rank)
+        return kv, kv + 1
+
+    def _first_rank_of_kv(self, kv: int) -> int:
+        # tp > n_kv: ranks are dealt to KV heads in near-equal consecutive runs
+        return sum(even_split(self.size, self.n_kv_heads, k)[1] - even_split(self.size, self.n_kv_heads, k)[0]
+                   for k in range(kv))
+
+    def range(self, unit: str) -> tuple[int, int]:
+        """[start, stop) along the split axis, in elements."""
+        if unit == "q":
+            h0, h1 = self.q_heads
+            return h0 * self.head_dim, h1 * self.head_dim
+        if unit == "kv":
+            h0, h1 = self.kv_heads
+            return h0 * self.head_dim, h1 * self.head_dim
+        if unit == "ffn":
+            return even_split(self.ffn, self.size, self.rank)
+        if unit == "vocab":
+            return even_split(self.vocab, self.size, self.rank)
+        raise ValueError(f"unknown split unit {unit!r}")
+
+    def slice(self, split, shape) -> tuple[slice, ...]:
+        """The hyperslab of a full tensor of ``shape`` that this rank loads."""
+        full = tuple(slice(None) for _ in shape)
+        if split == "replicate" or self.size == 1:
+            return full
+        kind, unit = split
+        start, stop = self.range(unit)
+        # col / vocab split axis 0 (weights are [out, in]; biases 1-D); row splits axis 1 of weights
+        axis = 1 if kind == "row" else 0
+        if kind == "row" and len(shape) == 1:
+            return full  # row-parallel bias: replicated, added after the all-reduce
+        return full[:axis] + (slice(start, stop),) + full[axis + 1:]
+
+
+def partition_for(config, rank: int, size: int) -> Partition:
+    return Partition(rank, size, config["n_heads"], config["n_kv_heads"], config["head_dim"],
+                     config["ffn"], config["vocab"])
+
+
+def lookup_split(plan: dict, name: str):
+    """Split kind of weight ``name``: plan keys are name suffixes (layer prefixes stripped)."""
+    for suffix, split in plan.items():
+        if name == suffix or name.endswith("." + suffix):
+            return split
+    return "replicate"
+
+
+class ColumnParallelLinear(nn.Linear):
+    """Output features split across the tp group; no communication."""
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split; partial products summed by one all-reduce, then the bias."""
+
+    def __init__(self, in_local: int, out_features: int, bias: bool, comm: Comm):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.comm = comm
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        self.comm.all_reduce(y)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary range: mask, look up, all-reduce."""
+
+    def __init__(self, vocab_range: tuple[int, int], dim: int, comm: Comm):
+        super().__init__()
+        self.start, self.stop = vocab_range
+        self.weight = nn.Parameter(torch.empty(self.stop - self.start, dim), requires_grad=False)
+        self.comm = comm
+
+    def forward(self, ids):
+        if isinstance(self.comm, LocalComm) or self.comm.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.comm.all_reduce(out)
+
+
+def load_state(module: nn.Module, read, plan: dict, part: Partition, dtype: torch.dtype):
+    """Fill every parameter of ``module`` from ``read(name, hyperslab) -> np.ndarray``.
+
+    ``read`` loads only the rank's part of the full tensor (h5py hyperslab).
+    """
+    for name, param in list(module.named_parameters()):
+        split = lookup_split(plan, name)
+        data = read(name, lambda shape, s=split: part.slice(s, shape))
+        if tuple(data.shape) != tuple(param.shape):
+            raise HpcllmError(f"checkpoint tensor {name}: shape {tuple(data.shape)} does not fit the model's "
+                              f"{tuple(param.shape)} at tp rank {part.rank}/{part.size}")
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        tensor = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
+        setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
