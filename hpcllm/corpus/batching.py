@@ -1,0 +1,80 @@
+"""Token-budget batches: sort by length inside windows, pack, pad.
+
+A shard's documents are taken in consecutive windows of ``window`` documents;
+inside a window they are sorted by token count (longest first, stable, so the
+largest padded batch comes first and memory problems show at once) and packed
+greedily into batches whose padded size ``n_docs * max_len`` stays within
+``max_tokens``.  Batches never cross a window, so a window can be tokenized and
+run while the next one is read.  The batches are index arrays into the shard;
+the caller restores input order by writing row ``batch[i]`` for result ``i``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+
+
+def make_batches(lengths: np.ndarray, max_tokens: int, window: int,
+                 max_batch: int | None = None) -> list[np.ndarray]:
+    """Index arrays (int64) whose union is a permutation of ``range(len(lengths))``.
+
+    Every batch satisfies ``len(b) * max(lengths[b]) <= max_tokens``, except a
+    single document longer than ``max_tokens``, which is a batch of its own.
+    A length of 0 counts as 1 so empty documents still use up the budget.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if max_tokens < 1 or window < 1 or (max_batch is not None and max_batch < 1):
+        raise HpcllmError(f"batching needs max_tokens, window and max_batch >= 1 "
+                          f"(got {max_tokens}, {window}, {max_batch})")
+    cap = len(lengths) if max_batch is None else max_batch
+    batches: list[np.ndarray] = []
+    for w0 in range(0, len(lengths), window):
+        lens = np.maximum(lengths[w0:w0 + window], 1)
+        order = np.argsort(-lens, kind="stable")
+        batches += [w0 + order[a:b] for a, b in _pack_sorted(lens[order], max_tokens, cap)]
+    return batches
+
+
+def _pack_sorted(lens_desc: np.ndarray, max_tokens: int, cap: int) -> list[tuple[int, int]]:
+    """Cut lengths sorted longest-first into [a, b) runs within the budget.
+
+    With longest first, a run starting at a has padded size (b - a) * lens[a],
+    so the run can hold max(1, max_tokens // lens[a]) documents.
+    """
+    runs, a, n = [], 0, len(lens_desc)
+    while a < n:
+        b = a + min(cap, max(1, max_tokens // int(lens_desc[a])))
+        runs.append((a, min(b, n)))
+        a = b
+    return runs
+
+
+def padded_tokens(lengths: np.ndarray, batch: np.ndarray) -> int:
+    """Tokens a batch costs once padded: n_docs * longest (zero lengths count as 1)."""
+    if len(batch) == 0:
+        return 0
+    return len(batch) * max(1, int(np.asarray(lengths)[batch].max()))
+
+
+def pad_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gather documents ``index`` of a ragged encoding into padded int64 arrays.
+
+    ``ids`` is the flat token array and ``offsets`` its n_docs + 1 row
+    boundaries.  Returns ``(input_ids, attention_mask)``, both int64 [B, L]
+    with L the longest document in the batch (at least 1); padding is on the
+    right and masked with 0.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    starts = offsets[index].astype(np.int64)
+    lens = offsets[index + 1].astype(np.int64) - starts
+    width = max(1, int(lens.max())) if len(index) else 1
+    mask = np.arange(width)[None, :] < lens[:, None]
+    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    # flat source position of every real token, row by row (the order mask[mask] visits)
+    ends = np.cumsum(lens)
+    src = np.arange(int(ends[-1]) if len(index) else 0) + np.repeat(starts - (ends - lens), lens)
+    input_ids[mask] = ids[src]
+    return input_ids, mask.astype(np.int64)

@@ -1,0 +1,354 @@
+"""The shard plan: the corpus cut into contiguous document ranges, and its manifest.
+
+A shard is a run of at most ``shard_docs`` consecutive lines of one input file.
+For a plain file it is a byte range ``[byte_start, byte_end)`` that starts and
+ends on line starts, so a rank reads only its own part.  A ``.gz`` file cannot
+be entered in the middle, so its shards are line ranges read by decompressing
+from the start of the file; a many-file gz corpus is parallel because whole
+files go to different shards.
+
+Planning scans the files once.  Plain files are cut into fixed-size byte blocks
+(independent of the number of ranks, so the plan is identical at any world
+size); each block's lines are cut into runs of ``shard_docs`` lines, and a
+block's short tail run is joined with the next block's head run when the two
+fit into one shard.  With an mpi4py communicator, blocks are scanned round-robin
+across ranks and gathered, and every rank assembles the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gzip
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcllm import __version__
+from hpcllm.corpus.readers import format_of, list_inputs
+from hpcllm.errors import HpcllmError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "hpcllm-manifest"
+MANIFEST_VERSION = 1
+DEFAULT_SHARD_DOCS = 20_000
+SCAN_BLOCK = 64 << 20      # bytes of a plain file scanned as one unit of work
+READ_SIZE = 8 << 20        # bytes per read() while scanning
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int          # position in the plan (also names the result file)
+    path: str           # absolute path of the input file
+    fmt: str            # "jsonl" or "text"
+    compressed: bool    # gzip: read as a stream, line range only
+    byte_start: int     # plain files: first byte (a line start); gz: 0
+    byte_end: int       # plain files: end byte (a line start or EOF); gz: compressed size
+    line_start: int     # 0-based line number, within the file, of the first document
+    n_docs: int         # number of lines (documents) in the shard
+    row_start: int      # global row of the first document, in input order
+    file_index: int = 0  # position of `path` in the plan's input list
+
+
+class Plan(list):
+    """The list of Shards, plus ``inputs``: every input file (file_index order), also those with no lines."""
+
+    def __init__(self, shards=(), inputs=()):
+        super().__init__(shards)
+        self.inputs = list(inputs)
+
+
+def shard_filename(index: int) -> str:
+    """Name of a shard's result file inside ``<out>/shards/`` (one home for it)."""
+    return f"shard-{index:05d}.h5"
+
+
+def shard_file(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "shards", shard_filename(index))
+
+
+# --------------------------------------------------------------------------- scanning
+
+def _count_lines_gz(path: str) -> int:
+    """Lines of a gzip file: newlines, plus a final line without one."""
+    count, last = 0, b"\n"
+    with gzip.open(path, "rb") as f:
+        while block := f.read(READ_SIZE):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def _next_line_start(f, pos: int, size: int) -> int:
+    """First line start at or after ``pos`` (``size`` if none)."""
+    if pos <= 0:
+        return 0
+    if pos >= size:
+        return size
+    f.seek(pos - 1)
+    at = pos - 1
+    while block := f.read(1 << 16):
+        i = block.find(b"\n")
+        if i >= 0:
+            return at + i + 1
+        at += len(block)
+    return size
+
+
+def _scan_block(path: str, start: int, end: int, size: int, shard_docs: int) -> list[tuple]:
+    """Runs of <= shard_docs lines among the lines that START in [start, end).
+
+    Returns (byte_start, byte_end, n_lines) triples covering those lines.  Line
+    j>0 of the block starts one byte after the j-th newline found at positions
+    [first, end - 1); only run boundaries are located, so memory stays small.
+    """
+    with open(path, "rb") as f:
+        first = _next_line_start(f, start, size)
+        if first >= end:
+            return []          # a long line from an earlier block covers this one
+        stop = _next_line_start(f, end, size)
+        cuts, n_lines, pos = [first], 1, first
+        f.seek(first)
+        while pos < end - 1:
+            block = f.read(min(READ_SIZE, end - 1 - pos))
+            c = block.count(b"\n")
+            next_cut = len(cuts) * shard_docs     # line index of the next run start
+            if n_lines + c > next_cut:
+                nl = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+                # newline k (0-based) of this block begins line n_lines + k
+                for k in range(next_cut - n_lines, c, shard_docs):
+                    cuts.append(pos + int(nl[k]) + 1)
+            n_lines += c
+            pos += len(block)
+    bounds = cuts + [stop]
+    counts = [shard_docs] * (len(cuts) - 1) + [n_lines - shard_docs * (len(cuts) - 1)]
+    return [(bounds[i], bounds[i + 1], counts[i]) for i in range(len(cuts))]
+
+
+def _work_items(files: list[str]) -> list[tuple]:
+    """Units of scanning work: (file_index, start, end, size) blocks; gz is one item."""
+    items = []
+    for fi, path in enumerate(files):
+        size = os.path.getsize(path)
+        if path.endswith(".gz"):
+            items.append((fi, 0, size, size))
+        else:
+            items += [(fi, s, min(s + SCAN_BLOCK, size), size) for s in range(0, size, SCAN_BLOCK)]
+    return items
+
+
+def _scan_item(files, item, shard_docs) -> list[tuple]:
+    fi, start, end, size = item
+    path = files[fi]
+    if path.endswith(".gz"):
+        n, runs = _count_lines_gz(path), []
+        for ls in range(0, n, shard_docs):
+            runs.append((0, size, min(shard_docs, n - ls)))
+        return runs
+    return _scan_block(path, start, end, size, shard_docs)
+
+
+def _scan_all(files, items, shard_docs, comm) -> list[list[tuple]]:
+    """Scan every work item (round-robin over ranks); identical result on all ranks.
+
+    Errors are gathered rather than raised locally, so that every rank raises
+    the same one-line error instead of some ranks waiting in the collective.
+    """
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    mine, error = {}, None
+    try:
+        for i in range(rank, len(items), size):
+            mine[i] = _scan_item(files, items[i], shard_docs)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        error = f"cannot read input {files[items[i][0]]}: {e}"
+    parts = comm.allgather((mine, error)) if comm is not None else [(mine, error)]
+    errors = [e for _, e in parts if e]
+    if errors:
+        raise HpcllmError(errors[0])
+    merged = {}
+    for m, _ in parts:
+        merged.update(m)
+    return [merged[i] for i in range(len(items))]
+
+
+def make_plan(inputs, shard_docs: int = DEFAULT_SHARD_DOCS, comm=None, fmt: str = "auto") -> Plan:
+    """Cut the inputs (files, dirs, globs) into shards of at most ``shard_docs`` lines.
+
+    Collective when ``comm`` is given: call it on every rank; all get the same plan.
+    """
+    if shard_docs < 1:
+        raise HpcllmError(f"shard_docs must be >= 1, got {shard_docs}")
+    files = list_inputs(inputs)
+    fmts = [format_of(p, fmt) for p in files]
+    items = _work_items(files)
+    scanned = _scan_all(files, items, shard_docs, comm)
+    shards: list[Shard] = []
+    line_in_file = [0] * len(files)
+    row = 0
+    pending = None  # the previous run, kept open so a short tail can absorb the next head
+    for item, runs in zip(items, scanned):
+        fi = item[0]
+        for bs, be, n in runs:
+            if pending and pending[0] == fi and pending[3] + n <= shard_docs and not files[fi].endswith(".gz"):
+                pending = (fi, pending[1], be, pending[3] + n)
+                continue
+            if pending:
+                shards.append(_finish(pending, files, fmts, line_in_file, len(shards), row))
+                row += pending[3]
+            pending = (fi, bs, be, n)
+    if pending:
+        shards.append(_finish(pending, files, fmts, line_in_file, len(shards), row))
+    return Plan(shards, files)
+
+
+def _finish(run, files, fmts, line_in_file, index, row) -> Shard:
+    fi, bs, be, n = run
+    path = files[fi]
+    shard = Shard(index=index, path=path, fmt=fmts[fi], compressed=path.endswith(".gz"),
+                  byte_start=bs, byte_end=be, line_start=line_in_file[fi], n_docs=n,
+                  row_start=row, file_index=fi)
+    line_in_file[fi] += n
+    return shard
+
+
+# --------------------------------------------------------------------------- manifest
+
+@dataclass
+class Manifest:
+    """What a run's output directory was planned for; reused on resume."""
+    shards: list[Shard]    # a Plan
+    inputs: list[str]
+    input_sizes: list[int]
+    model_hash: str
+    config_hash: str
+    code_version: str
+    created: str
+    path: str = ""
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **d}, indent=1)
+
+
+def hash_config(options: dict) -> str:
+    """sha256 of the job options that affect results (canonical JSON)."""
+    import hashlib
+    blob = json.dumps(options, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _read_manifest(path: str) -> Manifest | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HpcllmError(f"{path} is not a readable hpcllm manifest ({e}); use a new --output") from None
+    if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+        raise HpcllmError(f"{path} is not an hpcllm manifest; use a new --output")
+    if d.get("version") != MANIFEST_VERSION:
+        raise HpcllmError(f"{path} has manifest version {d.get('version')}, this hpcllm reads "
+                          f"version {MANIFEST_VERSION}; use a new --output")
+    try:
+        shards = [Shard(**s) for s in d["shards"]]
+        return Manifest(shards=Plan(shards, d["inputs"]), inputs=d["inputs"], input_sizes=d["input_sizes"],
+                        model_hash=d["model_hash"], config_hash=d["config_hash"],
+                        code_version=d["code_version"], created=d["created"], path=path)
+    except (KeyError, TypeError) as e:
+        raise HpcllmError(f"{path} is a damaged hpcllm manifest ({e!r}); use a new --output") from None
+
+
+def _mismatch(m: Manifest, model_hash: str, config_hash: str, inputs: list[str] | None) -> str | None:
+    """One line saying how this run differs from the manifest ``m``, or None."""
+    p = m.path
+    if m.model_hash != model_hash:
+        return f"{p} was written for model sha {m.model_hash[:16]}, this run uses {model_hash[:16]}; use a new --output"
+    if m.config_hash != config_hash:
+        return (f"{p} was written with job config hash {m.config_hash[:16]}, this run has {config_hash[:16]} "
+                "(options that change results differ); use a new --output")
+    if inputs is None:
+        return None
+    if len(inputs) != len(m.inputs):
+        return f"{p} was written for {len(m.inputs)} input files, this run has {len(inputs)}; use a new --output"
+    for i, (old, new) in enumerate(zip(m.inputs, inputs)):
+        if old != new:
+            return f"{p} was written for input {old}, this run has {new} in its place; use a new --output"
+        size = os.path.getsize(new)
+        if size != m.input_sizes[i]:
+            return (f"{p} was written when {new} had {m.input_sizes[i]} bytes, it now has {size}; "
+                    "use a new --output")
+    return None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _agree(comm, fn):
+    """Run ``fn`` on rank 0 and broadcast its result; an HpcllmError is raised on every rank."""
+    result = None
+    if comm is None or comm.Get_rank() == 0:
+        try:
+            result = ("ok", fn())
+        except (HpcllmError, OSError) as e:
+            result = ("error", str(e))
+    if comm is not None:
+        result = comm.bcast(result, root=0)
+    if result[0] == "error":
+        raise HpcllmError(result[1])
+    return result[1]
+
+
+def load_or_create_manifest(out_dir: str, plan_fn, model_hash: str, config_hash: str,
+                            comm=None, inputs: list[str] | None = None) -> Manifest:
+    """Reuse ``<out>/manifest.json`` if it matches this run, else plan and write it.
+
+    Collective when ``comm`` is given (``plan_fn`` is then called on every rank,
+    so it may itself be collective, e.g. ``lambda: make_plan(files, comm=comm)``).
+    ``inputs`` (the expanded input list) is compared with the manifest's, with
+    file sizes, so a changed corpus is refused; when None it is not checked on
+    resume, and recorded from the plan (``Plan.inputs``) on creation.
+    """
+    path = os.path.join(out_dir, MANIFEST_NAME)
+
+    def check():
+        found = _read_manifest(path)
+        if found is not None:
+            why = _mismatch(found, model_hash, config_hash, inputs)
+            if why:
+                raise HpcllmError(why)
+        return found
+    found = _agree(comm, check)
+    if found is not None:
+        return found
+    shards = plan_fn()
+    if inputs is None:
+        inputs = getattr(shards, "inputs", None) or list(dict.fromkeys(s.path for s in shards))
+
+    def create():
+        os.makedirs(out_dir, exist_ok=True)
+        m = Manifest(shards=Plan(shards, inputs), inputs=list(inputs), input_sizes=[os.path.getsize(p) for p in inputs],
+                     model_hash=model_hash, config_hash=config_hash, code_version=__version__,
+                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     path=path)
+        _write_atomic(path, m.to_json())
+        return m
+    return _agree(comm, create)
+
+
+def completed_shards(out_dir: str, plan: list[Shard]) -> set[int]:
+    """Indices of shards whose result file exists (files appear only when complete)."""
+    return {s.index for s in plan if os.path.exists(shard_file(out_dir, s.index))}
