@@ -1,0 +1,103 @@
+"""Command line: `hpcllm {convert,inspect,embed,score,tokenize} ...`.
+
+Every rank runs the same command. A user error (HpcllmError) prints one line,
+``hpcllm: error: ...``, and exits 2 on every rank that hits it (the checks run
+on all ranks alike, so none waits for another). Any other exception prints its
+traceback and aborts the whole MPI job, so a failure on one rank never hangs
+the others.
+"""
+
+import argparse
+import os
+import sys
+import traceback
+
+from hpcllm import __version__
+from hpcllm.errors import HpcllmError
+
+MODEL_JOBS = {"embed": ("hpcllm.jobs.embed", "EmbedJob"), "score": ("hpcllm.jobs.score", "ScoreJob")}
+
+
+def build_parser():
+    from hpcllm.config import add_arguments
+
+    p = argparse.ArgumentParser(prog="hpcllm", description="Transformer models over offline text corpora, on MPI.")
+    p.add_argument("--version", action="version", version=f"hpcllm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="HF model directory or GGUF file -> HDF5 checkpoint")
+    c.add_argument("source")
+    c.add_argument("dest")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weight dtype")
+    i = sub.add_parser("inspect", help="summarise a checkpoint or a results file")
+    i.add_argument("path")
+    for job in MODEL_JOBS:
+        add_arguments(sub.add_parser(job, help=f"run the {job} job over a corpus"), job)
+    try:
+        from hpcllm.jobs import tokenize
+
+        tokenize.add_parser(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from hpcllm.jobs.convert import convert
+
+        digest = convert(args.source, args.dest, args.dtype)
+        print(f"wrote {args.dest} (content hash {digest[:16]})")
+        return 0
+    if args.command == "inspect":
+        from hpcllm.summary import inspect_file
+
+        print(inspect_file(args.path))
+        return 0
+    if args.command in MODEL_JOBS:
+        import importlib
+
+        from hpcllm.config import load_config
+        from hpcllm.jobs.runner import run_job
+
+        module, name = MODEL_JOBS[args.command]
+        return run_job(load_config(args, args.command), getattr(importlib.import_module(module), name))
+    return args.func(args)
+
+
+def main(argv=None):
+    try:
+        code = run(argv)
+    except HpcllmError as exc:
+        print(f"hpcllm: error: {exc}{_where()}", file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:  # noqa: BLE001 - anything unexpected must end every rank
+        traceback.print_exc()
+        sys.stderr.flush()
+        _abort()
+        code = 1
+    sys.exit(code)
+
+
+def _where() -> str:
+    """' (rank R)' when running under MPI with several ranks."""
+    if "mpi4py.MPI" not in sys.modules:
+        return ""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    return f" (rank {world.Get_rank()})" if world.Get_size() > 1 else ""
+
+
+def _abort():
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Job options: one dataclass, from which the CLI flags and the TOML job files derive.
+
+Precedence: dataclass defaults < ``--config FILE.toml`` < command-line flags.
+Options marked ``result=True`` change what a job writes; their hash is stored
+in the output manifest, and a rerun with different values is refused.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from hpcllm.errors import HpcllmError
+
+
+def opt(default, help, result=False, choices=None, jobs=None):
+    return field(default=default, metadata={"help": help, "result": result, "choices": choices, "jobs": jobs})
+
+
+@dataclass
+class JobConfig:
+    model: str = opt(None, "HDF5 checkpoint written by `hpcllm convert`", result=False)
+    input: str = opt(None, "corpus: a .jsonl / .jsonl.gz / .txt file, a directory, a glob, or HDF5 token shards", result=True)
+    output: str = opt(None, "output directory (results.h5, shards/, manifest.json)")
+    tp: int = opt(1, "tensor-parallel ranks per model replica (must divide the world size)")
+    comm: str = opt("mpi", "collectives backend", choices=("mpi", "torch"))
+    device: str = opt("cpu", "torch device (cpu, cuda)")
+    dtype: str = opt("float32", "compute dtype", result=True, choices=("float32", "bfloat16"))
+    text_field: str = opt("text", "JSONL field holding the document text", result=True)
+    id_field: str = opt(None, "JSONL field holding the document id (default: file:line)", result=True)
+    format: str = opt("auto", "input format", result=True, choices=("auto", "jsonl", "text"))
+    max_length: int = opt(None, "max tokens per document incl. special tokens (default: the model's)", result=True)
+    max_doc_bytes: int = opt(64 << 20, "documents larger than this are not processed (status too_long)", result=True)
+    shard_docs: int = opt(10000, "documents per corpus shard (unit of resume and of work claiming)", result=True)
+    batch_tokens: int = opt(16384, "token budget of one batch, padding included")
+    window: int = opt(2048, "documents sorted by length together before batching")
+    threads: int = opt(None, "threads per rank (default: cores per rank on the node)")
+    out_dtype: str = opt("float32", "embedding dtype in results", result=True, choices=("float32", "float16"), jobs=("embed",))
+    stride: int = opt(None, "sliding-window stride for documents longer than the context (default: half the context)",
+                      result=True, jobs=("score",))
+    token_logprobs: bool = opt(False, "also write per-token log-probabilities", result=True, jobs=("score",))
+    progress: float = opt(10.0, "seconds between progress lines on rank 0 (0: none)")
+
+    def result_hash(self, job: str) -> str:
+        """Hash of the options that change results (stored in the manifest)."""
+        keep = {"job": job}
+        for f in dataclasses.fields(self):
+            if f.metadata["result"] and (f.metadata["jobs"] is None or job in f.metadata["jobs"]):
+                keep[f.name] = getattr(self, f.name)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_arguments(parser, job: str):
+    parser.add_argument("--config", help="TOML job file; command-line flags override its values")
+    for f in dataclasses.fields(JobConfig):
+        jobs = f.metadata["jobs"]
+        if jobs is not None and job not in jobs:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=f.metadata["help"])
+
+
+def _field_type(f):
+    return {"int": int, "str": str, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def load_config(args, job: str) -> JobConfig:
+    values = {}
+    if getattr(args, "config", None):
+        values.update(_read_toml(args.config, job))
+    for f in dataclasses.fields(JobConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    cfg = JobConfig(**values)
+    for name in ("model", "input", "output"):
+        if getattr(cfg, name) is None:
+            raise HpcllmError(f"{job}: --{name} is required (or set `{name}` in the --config file)")
+    if cfg.tp < 1:
+        raise HpcllmError(f"--tp must be >= 1, got {cfg.tp}")
+    return cfg
+
+
+def _read_toml(path, job):
+    if not os.path.exists(path):
+        raise HpcllmError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise HpcllmError(f"{path}: invalid TOML: {exc}") from None
+    data = {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **data.get(job, {})}
+    known = {f.name: f for f in dataclasses.fields(JobConfig)}
+    for key, value in data.items():
+        if key not in known:
+            raise HpcllmError(f"{path}: unknown option {key!r}")
+        kind = _field_type(known[key])
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise HpcllmError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}")
+    # relative paths in a job file are relative to where the job is launched (like flags)
+    return data

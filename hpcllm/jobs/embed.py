@@ -1,0 +1,40 @@
+"""`hpcllm embed`: one pooled (and, per the model, normalised) vector per document."""
+
+import numpy as np
+import torch
+
+from hpcllm.corpus.batching import make_batches, pad_batch
+from hpcllm.errors import HpcllmError
+
+
+class EmbedJob:
+    name = "embed"
+
+    def __init__(self, cfg, ckpt):
+        if ckpt.architecture != "bert":
+            raise HpcllmError(f"embed: {cfg.model} is a {ckpt.architecture} model; embed needs an encoder (bert)")
+        self.cfg = cfg
+        self.dim = ckpt.config["hidden"]
+        self.pad_id = ckpt.config["pad_id"]
+        model_max = ckpt.config["max_length"]
+        self.max_length = min(cfg.max_length or model_max, ckpt.config["max_positions"])
+        self.out_dtype = np.dtype(cfg.out_dtype)
+
+    def schema(self):
+        from hpcllm.results import embed_schema
+
+        return embed_schema(self.dim, self.out_dtype)
+
+    def run(self, model, ids, offsets, process, tokenizer, timers, should_stop):
+        """Embeddings in input order (NaN rows for documents not processed); None if stopped."""
+        out = np.full((len(offsets) - 1, self.dim), np.nan, dtype=self.out_dtype)
+        lengths = np.diff(offsets)[process]
+        for batch in make_batches(lengths, self.cfg.batch_tokens, self.cfg.window):
+            if should_stop():
+                return None
+            rows = process[batch]
+            input_ids, mask = pad_batch(ids, offsets, rows, self.pad_id)
+            with timers.phase("compute"):
+                vec = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
+            out[rows] = vec.numpy().astype(self.out_dtype, copy=False)
+        return {"embedding": out}

@@ -1,0 +1,236 @@
+"""The SPMD job loop shared by every model job (embed, score).
+
+    plan (manifest, resume) -> dp groups claim shards from a shared counter ->
+    the group leader reads + tokenizes (the next shard prefetched in a thread,
+    overlapping the forward pass) -> broadcast to the tp group, so every rank
+    of a group sees the identical batch -> batches -> model -> the leader
+    writes the shard file -> rank 0 joins all shards into results.h5.
+
+A job (``EmbedJob``, ``ScoreJob``) supplies only its result columns and what
+it computes for a padded batch; it does not know how it was launched.
+"""
+
+import concurrent.futures
+import os
+import time
+
+import numpy as np
+import torch
+
+from hpcllm import __version__
+from hpcllm.checkpoint.hdf5 import Checkpoint
+from hpcllm.corpus.plan import completed_shards, load_or_create_manifest, make_plan
+from hpcllm.corpus.readers import list_inputs, read_docs
+from hpcllm.dist.mesh import Mesh, set_threads
+from hpcllm.dist.slurm import check_launch, provenance
+from hpcllm.errors import HpcllmError
+from hpcllm.model.build import build_model
+from hpcllm.report import Progress, Timers, breakdown_table, log
+from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
+from hpcllm.status import Status
+from hpcllm.tokenizer import FLAG_BAD_UTF8, FLAG_TRUNCATED, Tokenizer
+
+NOT_PROCESSED = (Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG)
+
+
+class SharedCounters:
+    """Three int64 counters on world rank 0 (next shard, docs done, tokens done), MPI one-sided."""
+
+    def __init__(self, world):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        nbytes = 3 * 8 if world.Get_rank() == 0 else 0
+        self.win = MPI.Win.Allocate(nbytes, 8, comm=world)
+        if world.Get_rank() == 0:
+            np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0
+        world.Barrier()
+
+    def _op(self, slot, value, op):
+        out = np.zeros(1, np.int64)
+        self.win.Lock(0, self.MPI.LOCK_SHARED)
+        self.win.Fetch_and_op(np.array([value], np.int64), out, 0, slot, op)
+        self.win.Unlock(0)
+        return int(out[0])
+
+    def claim(self) -> int:
+        return self._op(0, 1, self.MPI.SUM)
+
+    def add_done(self, docs: int, tokens: int):
+        self._op(1, docs, self.MPI.SUM)
+        self._op(2, tokens, self.MPI.SUM)
+
+    def done(self) -> tuple[int, int]:
+        return self._op(1, 0, self.MPI.NO_OP), self._op(2, 0, self.MPI.NO_OP)
+
+    def free(self):
+        self.win.Free()
+
+
+class ShardData:
+    """A shard read and tokenized by the group leader: what every tp rank needs, plus rows to write."""
+
+    def __init__(self, shard, docs, enc, status):
+        self.shard, self.docs, self.status = shard, docs, status
+        self.ids, self.offsets = enc.ids, enc.offsets
+        self.process = np.flatnonzero(~np.isin(status, NOT_PROCESSED))
+
+    def for_workers(self):
+        return (self.ids, self.offsets, self.process)
+
+
+def final_status(reader_status: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """One status per document: reader errors, then bad UTF-8, then truncation, else ok/empty."""
+    status = reader_status.copy()
+    open_ = ~np.isin(status, NOT_PROCESSED)
+    status[open_ & ((flags & FLAG_BAD_UTF8) != 0)] = Status.BAD_UTF8
+    status[open_ & (status != Status.BAD_UTF8) & ((flags & FLAG_TRUNCATED) != 0)] = Status.TRUNCATED
+    return status
+
+
+def run_job(cfg, job_cls) -> int:
+    """Run a job on MPI.COMM_WORLD; returns the process exit code."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    check_launch(world.Get_size())
+    mesh = Mesh.create(world, cfg.tp, cfg.comm, cfg.device)
+    threads = set_threads(mesh.local_size, cfg.threads)
+    ckpt = Checkpoint(cfg.model)
+    job = job_cls(cfg, ckpt)
+    tokenizer = Tokenizer.from_str(ckpt.tokenizer_json)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = build_model(ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype).to(cfg.device)
+    inputs = list_inputs(cfg.input, cfg.format)
+    manifest = load_or_create_manifest(
+        cfg.output, lambda: make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format),
+        ckpt.content_hash, cfg.result_hash(job.name), comm=world)
+    plan = manifest.shards
+    todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
+                       if world.Get_rank() == 0 else None, root=0)
+    if world.Get_rank() == 0:
+        log(f"{job.name}: {len(plan)} shards ({len(plan) - len(todo)} already done), world {mesh.describe()}, "
+            f"{threads} threads/rank, model {os.path.basename(cfg.model)} ({ckpt.content_hash[:12]})")
+    loop = GroupLoop(cfg, mesh, job, model, tokenizer, todo)
+    with StopFlag() as stop:
+        stopped = loop.run(stop)
+    return finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop)
+
+
+class GroupLoop:
+    """One tp group working through shards it claims."""
+
+    def __init__(self, cfg, mesh, job, model, tokenizer, todo):
+        self.cfg, self.mesh, self.job, self.model, self.tokenizer, self.todo = cfg, mesh, job, model, tokenizer, todo
+        self.timers = Timers()
+        self.counters = SharedCounters(mesh.world)
+        self.docs_done = 0
+        self.tokens_done = 0
+        self.progress = Progress(sum(s.n_docs for s in todo), cfg.progress) if mesh.rank == 0 else None
+
+    def claim(self):
+        i = self.counters.claim() if self.mesh.is_group_leader else None
+        i = self.mesh.tp_mpi.bcast(i, root=0)
+        return self.todo[i] if i < len(self.todo) else None
+
+    def load(self, shard) -> ShardData:
+        with self.timers.phase("read"):
+            docs = read_docs(shard, self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes)
+        with self.timers.phase("tokenize"):
+            lens = np.fromiter((len(t) for t in docs.texts), np.int64, len(docs.texts))
+            offsets = np.zeros(len(lens) + 1, np.int64)
+            np.cumsum(lens, out=offsets[1:])
+            buf = np.frombuffer(b"".join(docs.texts), np.uint8)
+            enc = self.tokenizer.encode_bytes(buf, offsets, max_length=self.job.max_length,
+                                              add_special_tokens=True)
+            status = final_status(docs.status, enc.flags)
+        return ShardData(shard, docs, enc, status)
+
+    def run(self, stop) -> bool:
+        """Process shards until none are left; True if stopped early by a signal."""
+        pool = concurrent.futures.ThreadPoolExecutor(1) if self.mesh.is_group_leader else None
+        shard = self.claim()
+        future = pool.submit(self.load, shard) if pool and shard else None
+        try:
+            while shard is not None:
+                with self.timers.phase("idle"):
+                    data = future.result() if future else None
+                    work = self.mesh.tp_mpi.bcast(data.for_workers() if data else None, root=0)
+                if stop.should_stop(self.mesh.tp_mpi):
+                    return True
+                next_shard = self.claim()
+                future = pool.submit(self.load, next_shard) if pool and next_shard else None
+                outputs = self.job.run(self.model, *work, self.tokenizer, self.timers,
+                                       lambda: stop.should_stop(self.mesh.tp_mpi))
+                if outputs is None:  # stopped between batches: drop this shard
+                    return True
+                if data is not None:
+                    self.write(data, outputs)
+                shard = next_shard
+            return False
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def write(self, data: ShardData, outputs: dict):
+        from hpcllm.results import write_shard
+
+        n_tokens = np.diff(data.offsets).astype(np.int32)
+        n_tokens[~np.isin(np.arange(len(n_tokens)), data.process)] = 0
+        columns = {"status": data.status, "doc_id": data.docs.doc_id, "line": data.docs.line,
+                   "n_tokens": n_tokens, **outputs}
+        with self.timers.phase("write"):
+            write_shard(self.cfg.output, data.shard, columns, self.job.schema(),
+                        {"source": data.docs.source})
+        tokens = int(n_tokens.sum())
+        self.docs_done += len(data.status)
+        self.tokens_done += tokens
+        self.counters.add_done(len(data.status), tokens)
+        if self.progress:
+            self.progress.maybe_print(*self.counters.done())
+
+
+def finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop) -> int:
+    """Agree on the outcome world-wide; rank 0 writes results.h5 or the stop note."""
+    world = mesh.world
+    loop.timers.seconds["comm"] = mesh.tp.seconds
+    loop.timers.seconds["compute"] -= mesh.tp.seconds  # collectives run inside the forward pass
+    rows = world.gather({"rank": world.Get_rank(), "seconds": loop.timers.seconds, "docs": loop.docs_done}, root=0)
+    any_stopped = world.allreduce(int(stopped), op=_mpi_max())
+    error = None
+    if world.Get_rank() == 0:
+        loop.progress.maybe_print(*loop.counters.done(), force=True)
+        try:
+            if any_stopped:
+                write_stop_note(cfg.output, {"signal": signal_name(stop.signum) if stop.signum else None,
+                                             "shards_total": len(plan)})
+            else:
+                _write_master(cfg, mesh, job, ckpt, plan, rows)
+        except HpcllmError as exc:
+            error = str(exc)
+        log("time per rank (s):\n" + breakdown_table(rows))
+    loop.counters.free()
+    error = world.bcast(error, root=0)
+    if error:
+        raise HpcllmError(error)
+    if any_stopped:
+        if world.Get_rank() == 0:
+            log(f"stopped early by a signal; rerun the same command to finish (exit {EXIT_REQUEUE})")
+        return EXIT_REQUEUE
+    return 0
+
+
+def _write_master(cfg, mesh, job, ckpt, plan, rows):
+    from hpcllm.results import build_master, status_summary
+
+    attrs = {"job": job.name, "model": os.path.abspath(cfg.model), "model_hash": ckpt.content_hash,
+             "model_source": ckpt.source, "config": cfg.as_dict(), "code_version": __version__,
+             "world": mesh.describe(), "timings": rows, "slurm": provenance(), "finished": time.time()}
+    path = build_master(cfg.output, plan, job.schema(), attrs)
+    log(f"wrote {path}: " + status_summary(path))
+
+
+def _mpi_max():
+    from mpi4py import MPI
+
+    return MPI.MAX
