@@ -1,0 +1,20 @@
+"""mpiexec -n T python encoder_forward.py CKPT IN.npz OUT.npz BACKEND: forward at tp=T, rank 0 saves."""
+
+import sys
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcllm.checkpoint.hdf5 import Checkpoint
+from hpcllm.dist.mesh import Mesh
+from hpcllm.model.build import build_model
+
+ckpt_path, in_path, out_path, backend = sys.argv[1:5]
+mesh = Mesh.create(MPI.COMM_WORLD, MPI.COMM_WORLD.Get_size(), backend)
+with Checkpoint(ckpt_path) as ck:
+    model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp)
+data = np.load(in_path)
+out = model(torch.from_numpy(data["ids"]), torch.from_numpy(data["mask"]))
+if mesh.rank == 0:
+    np.savez(out_path, out=out.numpy(), comm_calls=mesh.tp.calls)
