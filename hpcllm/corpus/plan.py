@@ -9,9 +9,11 @@ files go to different shards.
 
 Planning scans the files once.  Plain files are cut into fixed-size byte blocks
 (independent of the number of ranks, so the plan is identical at any world
-size); each block's lines are cut into runs of ``shard_docs`` lines, and a
-block's short tail run is joined with the next block's head run when the two
-fit into one shard.  With an mpi4py communicator, blocks are scanned round-robin
+size); each block's lines are cut into runs of about ``shard_docs / 16`` lines
+(see _stride; the block's last run may be shorter), and consecutive runs of a file are packed
+greedily into shards of at most ``shard_docs`` lines.  So every shard but a
+file's last holds more than ``shard_docs * 15/16`` lines, and only the line
+starts at run boundaries are ever held in memory.  With an mpi4py communicator, blocks are scanned round-robin
 across ranks and gathered, and every rank assembles the same plan.
 """
 
@@ -35,7 +37,7 @@ MANIFEST_FORMAT = "hpcllm-manifest"
 MANIFEST_VERSION = 1
 DEFAULT_SHARD_DOCS = 20_000
 SCAN_BLOCK = 64 << 20      # bytes of a plain file scanned as one unit of work
-READ_SIZE = 8 << 20        # bytes per read() while scanning
+READ_SIZE = 4 << 20        # bytes per read() while scanning
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,8 @@ def _next_line_start(f, pos: int, size: int) -> int:
     return size
 
 
-def _scan_block(path: str, start: int, end: int, size: int, shard_docs: int) -> list[tuple]:
-    """Runs of <= shard_docs lines among the lines that START in [start, end).
+def _scan_block(path: str, start: int, end: int, size: int, stride: int) -> list[tuple]:
+    """Runs of <= stride lines among the lines that START in [start, end).
 
     Returns (byte_start, byte_end, n_lines) triples covering those lines.  Line
     j>0 of the block starts one byte after the j-th newline found at positions
@@ -114,16 +116,16 @@ def _scan_block(path: str, start: int, end: int, size: int, shard_docs: int) -> 
         while pos < end - 1:
             block = f.read(min(READ_SIZE, end - 1 - pos))
             c = block.count(b"\n")
-            next_cut = len(cuts) * shard_docs     # line index of the next run start
+            next_cut = len(cuts) * stride     # line index of the next run start
             if n_lines + c > next_cut:
                 nl = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
                 # newline k (0-based) of this block begins line n_lines + k
-                for k in range(next_cut - n_lines, c, shard_docs):
+                for k in range(next_cut - n_lines, c, stride):
                     cuts.append(pos + int(nl[k]) + 1)
             n_lines += c
             pos += len(block)
     bounds = cuts + [stop]
-    counts = [shard_docs] * (len(cuts) - 1) + [n_lines - shard_docs * (len(cuts) - 1)]
+    counts = [stride] * (len(cuts) - 1) + [n_lines - stride * (len(cuts) - 1)]
     return [(bounds[i], bounds[i + 1], counts[i]) for i in range(len(cuts))]
 
 
@@ -147,7 +149,16 @@ def _scan_item(files, item, shard_docs) -> list[tuple]:
         for ls in range(0, n, shard_docs):
             runs.append((0, size, min(shard_docs, n - ls)))
         return runs
-    return _scan_block(path, start, end, size, shard_docs)
+    return _scan_block(path, start, end, size, _stride(shard_docs))
+
+
+def _stride(shard_docs: int) -> int:
+    """Run length for plain-file scanning: about shard_docs/16, a divisor when one is near
+    (then shards inside one scan block are exactly shard_docs long)."""
+    for k in range(16, 65):
+        if shard_docs % k == 0:
+            return shard_docs // k
+    return max(1, shard_docs // 16)
 
 
 def _scan_all(files, items, shard_docs, comm) -> list[list[tuple]]:
