@@ -1,0 +1,168 @@
+"""Result shard files and the VDS master, written and read back with h5py."""
+
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcllm.corpus.plan import make_plan, shard_file
+from hpcllm.corpus.readers import read_docs
+from hpcllm.errors import HpcllmError
+from hpcllm.results import (BASE_COLUMNS, base_columns, build_master, embed_schema, status_counts,
+                            summarize, write_shard)
+from hpcllm.status import Status as S
+
+DIM = 8
+
+
+def _corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"".join(
+        b'{"text": "doc %d", "id": "a-%d"}\n' % (i, i) for i in range(23)) + b"not json\n{}\n")
+    (d / "b.txt").write_bytes("z\u00fcrich \u65e5\u672c\n".encode() + b"\n\xff\n" + "\u65e5\u672c\n".encode())
+    return make_plan(str(d), shard_docs=7)
+
+
+def _fake_outputs(shard, docs, dtype="float32"):
+    """Deterministic per-row values standing in for the model's output."""
+    rows = np.arange(shard.row_start, shard.row_start + shard.n_docs)
+    cols = base_columns(shard, docs)
+    cols["embedding"] = (rows[:, None] * 10 + np.arange(DIM)).astype(dtype)
+    cols["n_tokens"] = np.array([len(t) for t in docs.texts], np.int32)
+    return cols
+
+
+def _write_all(out, plan, dtype="float32"):
+    schema = embed_schema(DIM, dtype)
+    expect = {c.name: [] for c in schema}
+    for s in plan:
+        cols = _fake_outputs(s, read_docs(s, id_field="id"), dtype)
+        write_shard(out, s, cols, attrs={"rank": 0, "timings": {"read": 0.1}}, schema=schema)
+        for k, v in cols.items():
+            expect[k].append(np.asarray(v))
+    return schema, {k: np.concatenate(v) for k, v in expect.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_master_equals_concatenation(tmp_path, dtype):
+    plan = _corpus(tmp_path)
+    out = str(tmp_path / "out")
+    schema, expect = _write_all(out, plan, dtype)
+    attrs = {"model": "minilm", "model_hash": "abc", "config": {"tp": 2, "max_tokens": 4096},
+             "world": {"dp": 2, "tp": 2}}
+    path = build_master(out, plan, schema, attrs)
+    assert path == os.path.join(out, "results.h5")
+    assert sorted(os.listdir(out)) == ["results.h5", "shards"]            # no temporaries
+    # move the whole output dir and read from another cwd: relative VDS paths still resolve
+    moved = str(tmp_path / "moved")
+    shutil.move(out, moved)
+    cwd = os.getcwd()
+    os.chdir("/")
+    try:
+        with h5py.File(os.path.join(moved, "results.h5"), "r") as f:
+            n = sum(s.n_docs for s in plan)
+            assert f["embedding"].shape == (n, DIM) and f["embedding"].dtype == np.dtype(dtype)
+            assert f["embedding"].is_virtual and len(f["embedding"].virtual_sources()) == len(plan)
+            assert (f["embedding"][:] == expect["embedding"]).all()
+            for name in ("n_tokens", "status", "line", "source"):
+                assert (f[name][:] == expect[name]).all(), name
+                assert f[name].dtype == expect[name].dtype
+            ids = f["doc_id"].asstr()[:].tolist()
+            assert ids == expect["doc_id"].tolist()
+            assert ids[:2] == ["a-0", "a-1"] and ids[23:25] == ["a.jsonl:24", "a.jsonl:25"]
+            assert f.attrs["model"] == "minilm" and json.loads(f.attrs["config"]) == {"max_tokens": 4096, "tp": 2}
+            assert f.attrs["n_docs"] == n and f.attrs["format"] == "hpcllm-results"
+            counts = json.loads(f.attrs["status_counts"])
+            assert counts == {"OK": 25, "EMPTY": 1, "BAD_JSON": 1, "MISSING_FIELD": 1, "BAD_UTF8": 1}
+            assert json.loads(f.attrs["sources"]) == plan.inputs
+            assert f["source"][-1] == 1 and f["line"][-1] == 4
+    finally:
+        os.chdir(cwd)
+    with h5py.File(os.path.join(moved, "shards", "shard-00000.h5"), "r") as f:
+        assert f["status"].compression == "gzip" and f["status"].shuffle
+        assert f["embedding"].compression is None
+        assert f.attrs["row_start"] == 0 and f.attrs["rank"] == 0 and json.loads(f.attrs["timings"]) == {"read": 0.1}
+
+
+def test_missing_or_bad_source_is_detected(tmp_path):
+    plan = _corpus(tmp_path)
+    out = str(tmp_path / "out")
+    schema, _ = _write_all(out, plan)
+    build_master(out, plan, schema)
+    os.unlink(shard_file(out, 2))
+    # what HDF5 does on its own: a missing source reads as the fill values
+    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
+        rows = slice(plan[2].row_start, plan[2].row_start + plan[2].n_docs)
+        assert (f["status"][rows] == S.MISSING).all() and np.isnan(f["embedding"][rows]).all()
+        assert (f["n_tokens"][rows] == -1).all() and (f["line"][rows] == -1).all()
+        assert f["doc_id"].asstr()[rows].tolist() == [""] * plan[2].n_docs
+    with pytest.raises(HpcllmError, match=r"^cannot build .*results\.h5: .*shard-00002\.h5 missing; rerun"):
+        build_master(out, plan, schema)
+    open(shard_file(out, 2), "wb").write(b"garbage")
+    os.unlink(shard_file(out, 3))
+    with pytest.raises(HpcllmError, match=r"shard-00002\.h5 is not a readable HDF5 file .*\(and 1 more\)"):
+        build_master(out, plan, schema)
+    # a shard written with the wrong shape or dtype is refused too
+    docs = read_docs(plan[2])
+    cols = _fake_outputs(plan[2], docs)
+    cols["embedding"] = cols["embedding"][:, :4]
+    write_shard(out, plan[2], cols)
+    write_shard(out, plan[3], _fake_outputs(plan[3], read_docs(plan[3]), "float16"))
+    with pytest.raises(HpcllmError, match=r"shard-00002\.h5 dataset embedding has shape \(7, 4\), expected \(7, 8\)"):
+        build_master(out, plan, schema)
+    write_shard(out, plan[2], _fake_outputs(plan[2], docs))
+    with pytest.raises(HpcllmError, match=r"shard-00003\.h5 dataset embedding has dtype float16, expected float32"):
+        build_master(out, plan, schema)
+
+
+def test_write_is_atomic(tmp_path):
+    plan = _corpus(tmp_path)
+    out = str(tmp_path / "out")
+    schema = embed_schema(DIM)
+    s = plan[0]
+    cols = _fake_outputs(s, read_docs(s))
+    bad = dict(cols, n_tokens=np.array(["x"] * s.n_docs, dtype=object))   # fails mid-write
+    with pytest.raises(Exception):
+        write_shard(out, s, bad, schema=schema)
+    assert os.listdir(os.path.join(out, "shards")) == []                  # neither final nor temp file
+    write_shard(out, s, cols, schema=schema)
+    with pytest.raises(Exception):
+        write_shard(out, s, bad, schema=schema)
+    assert os.listdir(os.path.join(out, "shards")) == ["shard-00000.h5"]  # the good file survives
+    with h5py.File(shard_file(out, 0), "r") as f:
+        assert (f["n_tokens"][:] == cols["n_tokens"]).all()
+    with pytest.raises(ValueError, match="column embedding has shape"):
+        write_shard(out, s, dict(cols, embedding=cols["embedding"][:3]), schema=schema)
+    with pytest.raises(ValueError, match="!= schema"):
+        write_shard(out, s, {"status": cols["status"]}, schema=schema)
+
+
+def test_empty_plan_and_counts(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    schema = embed_schema(4)
+    path = build_master(out, [], schema, {"model": "m"})
+    with h5py.File(path, "r") as f:
+        assert f["embedding"].shape == (0, 4) and f["doc_id"].shape == (0,)
+    assert status_counts(np.array([0, 0, 5, 255, 3], np.uint8)) == {"OK": 2, "BAD_JSON": 1, "BAD_UTF8": 1, "MISSING": 1}
+    assert [c.name for c in BASE_COLUMNS] == ["status", "doc_id", "line", "source"]
+    with pytest.raises(HpcllmError, match="float32 or float16"):
+        embed_schema(4, "float64")
+
+
+def test_summarize(tmp_path):
+    plan = _corpus(tmp_path)
+    out = str(tmp_path / "out")
+    schema, _ = _write_all(out, plan)
+    path = build_master(out, plan, schema, {"model": "minilm", "config": {"tp": 2}})
+    text = summarize(path)
+    assert "model = minilm" in text and 'config = {"tp": 2}' in text
+    assert f"embedding  shape=(29, {DIM})  dtype=float32  (virtual, {len(plan)} sources)" in text
+    assert 'status counts: {"OK": 25, "EMPTY": 1, "BAD_JSON": 1, "MISSING_FIELD": 1, "BAD_UTF8": 1}' in text
+    assert "status  shape=(7,)  dtype=uint8  (compression=gzip)" in summarize(shard_file(out, 0))
+    with pytest.raises(HpcllmError, match="cannot open .*nothing.h5 as HDF5"):
+        summarize(str(tmp_path / "nothing.h5"))
