@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from hpcllm.corpus import plan as planmod
 from hpcllm.corpus.plan import make_plan
-from hpcllm.corpus.readers import format_of, list_inputs, read_docs
+from hpcllm.corpus.readers import DocReader, format_of, list_inputs, read_docs
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status as S
 
@@ -174,3 +174,21 @@ def test_cover_property(tmp_path_factory, data, shard_docs, block, gz):
     with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
         f.write(data)
     _check_cover(path, data, shard_docs, block)
+
+
+def test_doc_reader_reuses_gz_stream(tmp_path):
+    lines = [b'{"text": "t%d"}' % i for i in range(1000)] + [b'{"text": "' + BIG[:600_000] + b'"}', b"[]"]
+    path = _write(tmp_path / "c.jsonl.gz", lines, gz=True)
+    plan = make_plan(path, shard_docs=97)
+    one_by_one = [read_docs(s, max_doc_bytes=500_000) for s in plan]
+    with DocReader(max_doc_bytes=500_000) as reader:
+        first = reader.read(plan[0])
+        stream = reader._gz[2]
+        in_order = [first] + [reader.read(s) for s in plan[1:]]
+        assert reader._gz[2] is stream and stream.line == len(lines)    # one pass over the file
+        backwards = [reader.read(s) for s in reversed(plan)][::-1]      # reopens as needed
+    for a, b, c in zip(one_by_one, in_order, backwards):
+        assert a.texts == b.texts == c.texts and a.doc_id == b.doc_id == c.doc_id
+        assert (a.status == b.status).all() and (a.line == c.line).all()
+    assert one_by_one[-1].status.tolist()[-2:] == [S.TOO_LONG, S.BAD_JSON]
+    assert reader._gz is None

@@ -14,10 +14,12 @@ the reader does not decide how replacement works.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -129,55 +131,74 @@ def list_inputs(spec, fmt: str = "auto") -> list[str]:
 
 # --------------------------------------------------------------------------- lines
 
-def _iter_lines(read, max_bytes: int, skip: int = 0):
-    """Yield the lines (without b"\\n") of a stream given by ``read(n)``.
+class _LineStream:
+    """The lines of a binary stream, split on b"\\n", read in big blocks; resumable.
 
-    A line longer than ``max_bytes`` is yielded as None and dropped as it
-    streams past, so memory stays bounded by max_bytes plus one read.  The
-    first ``skip`` lines are skipped by counting newlines (gz line ranges).
+    ``take(n)`` yields the next n lines without their newline (fewer at EOF); a
+    line longer than ``max_bytes`` is yielded as None and dropped as it streams
+    past, so memory stays bounded by max_bytes plus one block.  ``skip(n)``
+    passes over lines by counting newlines.  ``line`` is the number of lines
+    consumed so far, so a gz stream can serve the file's next shard too.
     """
-    pieces, held = [], 0         # the current partial line and its byte count
-    while block := read(READ_SIZE):
-        if skip:
-            c = block.count(b"\n")
-            if c < skip:
-                skip -= c
+
+    def __init__(self, read, max_bytes: int):
+        self._read, self.max_bytes = read, max_bytes
+        self._buf, self._pos = b"", 0
+        self.line = 0
+
+    def _more(self) -> bool:
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = self._read(READ_SIZE), 0
+        return bool(self._buf)
+
+    def at_end(self) -> bool:
+        return not self._more()
+
+    def skip(self, n: int) -> None:
+        while n > 0 and self._more():
+            c = self._buf.count(b"\n", self._pos)
+            if c < n:
+                n, self.line, self._pos = n - c, self.line + c, len(self._buf)
                 continue
-            cut = int(np.flatnonzero(np.frombuffer(block, np.uint8) == 10)[skip - 1])
-            block, skip = block[cut + 1:], 0
-        *done, tail = block.split(b"\n")
-        for part in done:
-            held += len(part)
-            if held > max_bytes:
-                yield None
-            elif pieces:
-                pieces.append(part)
-                yield b"".join(pieces)
+            view = np.frombuffer(self._buf, np.uint8, offset=self._pos)
+            self._pos += int(np.flatnonzero(view == 10)[n - 1]) + 1
+            self.line, n = self.line + n, 0
+
+    def take(self, n: int):
+        pieces, held = [], 0     # the current line's pieces from earlier blocks, and its size
+        while n > 0:
+            if not self._more():
+                if held:         # a last line without a trailing newline
+                    self.line += 1
+                    yield None if held > self.max_bytes else b"".join(pieces)
+                return
+            buf, pos = self._buf, self._pos
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                held += len(buf) - pos
+                pieces = pieces + [buf[pos:]] if held <= self.max_bytes else []
+                self._pos = len(buf)
+                continue
+            held += end - pos
+            if held > self.max_bytes:
+                line = None
             else:
-                yield part
-            pieces, held = [], 0
-        held += len(tail)
-        if held > max_bytes:
-            pieces = []
-        elif tail:
-            pieces.append(tail)
-    if held:                     # a last line without a trailing newline
-        yield None if held > max_bytes else b"".join(pieces)
+                line = b"".join(pieces + [buf[pos:end]]) if pieces else buf[pos:end]
+            self._pos, pieces, held, n, self.line = end + 1, [], 0, n - 1, self.line + 1
+            yield line
 
 
-def _shard_lines(f, shard: Shard, max_bytes: int):
-    """Lines of one shard from an open binary file (gz: already a decompressing stream)."""
-    if shard.compressed:
-        return _iter_lines(f.read, max_bytes, skip=shard.line_start)
-    f.seek(shard.byte_start)
-    left = shard.byte_end - shard.byte_start
+def _range_reader(f, start: int, end: int):
+    """read(n) over the byte range [start, end) of an open file."""
+    f.seek(start)
+    left = end - start
 
     def read(n):
         nonlocal left
         block = f.read(min(n, left))
         left -= len(block)
         return block
-    return _iter_lines(read, max_bytes)
+    return read
 
 
 # --------------------------------------------------------------------------- parsing
@@ -245,43 +266,87 @@ def _parse_json(raw: bytes, text_field: str, id_field: str | None):
     return text, _text_status(text, True), doc_id
 
 
-def _open(shard: Shard):
-    return gzip.open(shard.path, "rb") if shard.compressed else open(shard.path, "rb")
-
-
 def _changed(shard: Shard, found) -> str:
     return (f"{shard.path}: shard {shard.index} should hold {shard.n_docs} lines from line "
             f"{shard.line_start + 1} but has {found}; the file changed after planning (use a new --output)")
 
 
+class DocReader:
+    """Reads shards into Docs.  Keeps the last gz file open, so the next shard
+    of the same file continues from where the previous one ended instead of
+    decompressing the file again from its start (a rank that reads several
+    shards of one gz file decompresses it at most once).  Use as a context
+    manager, or call close()."""
+
+    def __init__(self, text_field: str = "text", id_field: str | None = None,
+                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES):
+        self.text_field, self.id_field, self.max_doc_bytes = text_field, id_field, max_doc_bytes
+        self._gz = None          # (path, open gzip file, _LineStream)
+
+    def close(self) -> None:
+        if self._gz is not None:
+            self._gz[1].close()
+            self._gz = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _lines(self, shard: Shard, stack):
+        """A _LineStream positioned at the shard's first line."""
+        if not shard.compressed:
+            f = stack.enter_context(open(shard.path, "rb"))
+            return _LineStream(_range_reader(f, shard.byte_start, shard.byte_end), self.max_doc_bytes)
+        g = self._gz
+        if g is None or g[0] != shard.path or g[2].line > shard.line_start:
+            self.close()
+            f = gzip.open(shard.path, "rb")
+            g = self._gz = (shard.path, f, _LineStream(f.read, self.max_doc_bytes))
+        g[2].skip(shard.line_start - g[2].line)
+        return g[2]
+
+    def read(self, shard: Shard) -> Docs:
+        """Exactly ``shard.n_docs`` rows, in input order (HpcllmError if the file changed)."""
+        try:
+            with contextlib.ExitStack() as stack:
+                docs = self._parse(shard, self._lines(shard, stack))
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            self.close()
+            raise HpcllmError(f"cannot read input {shard.path}: {e}") from None
+        except HpcllmError:
+            self.close()
+            raise
+        return docs
+
+    def _parse(self, shard: Shard, stream: _LineStream) -> Docs:
+        n = shard.n_docs
+        texts: list[bytes] = []
+        status = np.empty(n, np.uint8)
+        ids: list[str] = []
+        base = os.path.basename(shard.path)
+        parse = _parse_json if shard.fmt == "jsonl" else _parse_text
+        for i, raw in enumerate(stream.take(n)):
+            if raw is None:
+                text, st, doc_id = b"", Status.TOO_LONG, None
+            else:
+                if shard.line_start + i == 0 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                text, st, doc_id = parse(raw, self.text_field, self.id_field)
+            texts.append(text)
+            status[i] = st
+            ids.append(doc_id if doc_id is not None else f"{base}:{shard.line_start + i + 1}")
+        if len(texts) != n:
+            raise HpcllmError(_changed(shard, len(texts)))
+        if not shard.compressed and not stream.at_end():   # a plain range ends exactly at its last line
+            raise HpcllmError(_changed(shard, "more"))
+        line = np.arange(shard.line_start + 1, shard.line_start + n + 1, dtype=np.int64)
+        return Docs(texts=texts, status=status, doc_id=ids, line=line, source=shard.path)
+
+
 def read_docs(shard: Shard, text_field: str = "text", id_field: str | None = None,
               max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Docs:
     """Read one shard: exactly ``shard.n_docs`` rows, in input order."""
-    n = shard.n_docs
-    texts: list[bytes] = []
-    status = np.empty(n, np.uint8)
-    ids: list[str] = []
-    base = os.path.basename(shard.path)
-    parse = _parse_json if shard.fmt == "jsonl" else _parse_text
-    try:
-        with _open(shard) as f:
-            for i, raw in enumerate(_shard_lines(f, shard, max_doc_bytes)):
-                if i == n:
-                    if shard.compressed:     # a gz line range ends before the file does
-                        break
-                    raise HpcllmError(_changed(shard, "more"))
-                if raw is None:
-                    text, st, doc_id = b"", Status.TOO_LONG, None
-                else:
-                    if shard.line_start + i == 0 and raw.startswith(_BOM):
-                        raw = raw[len(_BOM):]
-                    text, st, doc_id = parse(raw, text_field, id_field)
-                texts.append(text)
-                status[i] = st
-                ids.append(doc_id if doc_id is not None else f"{base}:{shard.line_start + i + 1}")
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise HpcllmError(f"cannot read input {shard.path}: {e}") from None
-    if len(texts) != n:
-        raise HpcllmError(_changed(shard, len(texts)))
-    line = np.arange(shard.line_start + 1, shard.line_start + n + 1, dtype=np.int64)
-    return Docs(texts=texts, status=status, doc_id=ids, line=line, source=shard.path)
+    with DocReader(text_field, id_field, max_doc_bytes) as reader:
+        return reader.read(shard)
