@@ -1,0 +1,366 @@
+"""Byte-level BPE kernels: a batch of documents (one UTF-8 buffer + offsets) to
+flat token ids + offsets, with the exact semantics of HF `tokenizers` 0.23.3.
+
+Per document: decode UTF-8 (bad bytes -> U+FFFD, flagged), cut out added
+tokens (non-normalized ones first, then normalized ones in the gaps, each
+leftmost-longest like HF's Aho-Corasick), split the rest with the
+pre-tokenizer regex (optionally after Digits), and BPE-merge each piece's
+bytes: lowest merge rank first, leftmost on ties (HF's heap order). Pieces
+are looked up in a per-thread word cache first, as HF does.
+
+All lookup structures are open-addressing hash tables in numpy arrays
+(see bpe_tables.py), passed in as one tuple `T`; the scalar settings as `P`.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .regex_pretok import digits_end, piece_end
+from .utf8 import decode_range, encode_one
+from .bpe_tables import (CACHE_MAX_PIECE, EMPTY, cache_get, cache_new, cache_put,
+                         find_bytes, hash_bytes, lookup, trie_step)
+
+SMALL = 24  # pieces up to this many bytes merge by linear scan; longer ones use a heap
+NO_RANK = np.int64(1) << 62
+
+CACHE_ENTRIES = 8192
+# T = (cls, fold, byte_ids, mkeys, mvals, vslots, tok_bytes, tok_off, tkeys, tvals, term, first)
+#   cls/fold: regex_tables.npz (fold = exact_fold() for GPT-2); byte_ids: id of each byte's
+#   symbol; mkeys/mvals: merges; vslots/tok_bytes/tok_off: vocab spellings; tkeys/tvals/term:
+#   added-token trie (root 0: non-normalized tokens, root 1: normalized ones); first: bit r
+#   set for code points that start a token under root r.
+# P = (mode, digits, ignore_merges, unk_id, roots_used)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pair(mkeys, mvals, a, b):
+    """(rank, new_id) of merging ids a, b, or (NO_RANK, -1)."""
+    v = lookup(mkeys, mvals, (np.int64(a) << 32) | b)
+    if v == EMPTY:
+        return NO_RANK, -1
+    return v >> 32, np.int32(v & 0xFFFFFFFF)
+
+
+@njit(nogil=True, cache=True)
+def _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new):
+    """Short pieces: repeatedly merge the lowest-rank, leftmost adjacent pair."""
+    for k in range(n - 1):
+        rank[k], new[k] = _pair(mkeys, mvals, sym[k], sym[k + 1])
+    rank[n - 1] = NO_RANK
+    while True:
+        best = -1
+        br = NO_RANK
+        k = 0
+        while k >= 0:
+            if rank[k] < br:
+                br = rank[k]
+                best = k
+            k = nxt[k]
+        if best < 0:
+            return
+        r = nxt[best]
+        sym[best] = new[best]
+        nxt[best] = nxt[r]
+        if nxt[r] >= 0:
+            prv[nxt[r]] = best
+            rank[best], new[best] = _pair(mkeys, mvals, sym[best], sym[nxt[r]])
+        else:
+            rank[best] = NO_RANK
+        p = prv[best]
+        if p >= 0:
+            rank[p], new[p] = _pair(mkeys, mvals, sym[p], sym[best])
+
+
+@njit(nogil=True, cache=True)
+def _heap_push(hk, hv, size, key, val):
+    i = size
+    hk[i] = key
+    hv[i] = val
+    while i > 0:
+        p = (i - 1) >> 1
+        if hk[p] <= hk[i]:
+            break
+        hk[p], hk[i] = hk[i], hk[p]
+        hv[p], hv[i] = hv[i], hv[p]
+        i = p
+    return size + 1
+
+
+@njit(nogil=True, cache=True)
+def _heap_pop(hk, hv, size):
+    """Remove the root (caller read hk[0], hv[0]); returns the new size."""
+    size -= 1
+    hk[0] = hk[size]
+    hv[0] = hv[size]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= size:
+            break
+        if c + 1 < size and hk[c + 1] < hk[c]:
+            c += 1
+        if hk[i] <= hk[c]:
+            break
+        hk[c], hk[i] = hk[i], hk[c]
+        hv[c], hv[i] = hv[i], hv[c]
+        i = c
+    return size
+
+
+@njit(nogil=True, cache=True)
+def _merge_heap(sym, nxt, prv, n, mkeys, mvals, hk, hv):
+    """Long pieces: HF's merge loop, a heap keyed (rank, position), O(n log n).
+
+    An entry is stale when its left symbol was merged away or the pair at its
+    position no longer merges into the same new id; stale entries are skipped.
+    """
+    size = 0
+    for k in range(n - 1):
+        r, m = _pair(mkeys, mvals, sym[k], sym[k + 1])
+        if m >= 0:
+            size = _heap_push(hk, hv, size, (r << 32) | k, m)
+    while size > 0:
+        pos = np.int64(hk[0] & 0xFFFFFFFF)
+        m = hv[0]
+        size = _heap_pop(hk, hv, size)
+        if sym[pos] < 0 or nxt[pos] < 0:
+            continue
+        r = nxt[pos]
+        if _pair(mkeys, mvals, sym[pos], sym[r])[1] != m:
+            continue
+        sym[pos] = m
+        sym[r] = -1
+        nxt[pos] = nxt[r]
+        if nxt[r] >= 0:
+            prv[nxt[r]] = pos
+            rk, mm = _pair(mkeys, mvals, m, sym[nxt[r]])
+            if mm >= 0:
+                size = _heap_push(hk, hv, size, (rk << 32) | pos, mm)
+        p = prv[pos]
+        if p >= 0:
+            rk, mm = _pair(mkeys, mvals, sym[p], m)
+            if mm >= 0:
+                size = _heap_push(hk, hv, size, (rk << 32) | p, mm)
+
+
+@njit(nogil=True, cache=True)
+def _bpe(pb, nb, T, P, S, out, o):
+    """BPE-merge the bytes pb[:nb] of one piece; append the ids to out[o:]. Returns o."""
+    byte_ids, mkeys, mvals = T[2], T[3], T[4]
+    sym, nxt, prv, rank, new, hk, hv = S
+    if P[2]:  # ignore_merges: a piece that is a whole vocab token is emitted as is
+        t = find_bytes(T[5], T[6], T[7], pb, nb)
+        if t >= 0:
+            out[o] = t
+            return o + 1
+    n = 0
+    for k in range(nb):
+        b = byte_ids[pb[k]]
+        if b < 0:
+            b = P[3]  # unk (HF drops the byte when the model has no unk token)
+        if b >= 0:
+            sym[n] = b
+            n += 1
+    if n == 0:
+        return o
+    for k in range(n):
+        nxt[k] = k + 1
+        prv[k] = k - 1
+    nxt[n - 1] = -1
+    if n <= SMALL:
+        _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new)
+    else:
+        _merge_heap(sym, nxt, prv, n, mkeys, mvals, hk, hv)
+    k = 0
+    while k >= 0:
+        out[o] = sym[k]
+        o += 1
+        k = nxt[k]
+    return o
+
+
+@njit(nogil=True, cache=True)
+def _piece(cps, a, b, T, P, S, C, pb, work, o):
+    """Encode one pre-tokenized piece cps[a:b] into work[o:]; returns the new o."""
+    nb = 0
+    for k in range(a, b):
+        nb = encode_one(cps[k], pb, nb)
+    if nb == 1 and T[2][pb[0]] >= 0:
+        work[o] = T[2][pb[0]]
+        return o + 1
+    if nb > CACHE_MAX_PIECE:
+        return _bpe(pb, nb, T, P, S, work, o)
+    h = hash_bytes(pb, 0, nb)
+    r = cache_get(C, h, pb, nb, work, o)
+    if r >= 0:
+        return r
+    r = _bpe(pb, nb, T, P, S, work, o)
+    cache_put(C, h, pb, nb, work, o, r)
+    return r
+
+
+@njit(nogil=True, cache=True)
+def _plain(cps, a, b, T, P, S, C, pb, work, o, o0, limit):
+    """Pre-tokenize and BPE the text cps[a:b] between added tokens. Stops past `limit` ids."""
+    cls, fold = T[0], T[1]
+    i = a
+    while i < b:
+        e = digits_end(cps, i, b, cls) if P[1] else b
+        while i < e:
+            k = piece_end(P[0], cps, i, e, cls, fold)
+            o = _piece(cps, i, k, T, P, S, C, pb, work, o)
+            if limit >= 0 and o - o0 > limit:
+                return o
+            i = k
+    return o
+
+
+@njit(nogil=True, cache=True)
+def _find_added(cps, i, n, T, P, root):
+    """Leftmost-longest added token of trie `root` in cps[i:n]: (start, end, id); (n, n, -1) if none."""
+    tkeys, tvals, term, first = T[8], T[9], T[10], T[11]
+    bit = 1 << root
+    if not (P[4] & bit):
+        return n, n, -1
+    for s in range(i, n):
+        if first[cps[s]] & bit:
+            node, best_e, best_id, t = root, -1, -1, s
+            while t < n:
+                node = trie_step(tkeys, tvals, node, cps[t])
+                if node < 0:
+                    break
+                t += 1
+                if term[node] >= 0:
+                    best_e, best_id = t, np.int64(term[node])
+            if best_e > 0:
+                return s, best_e, best_id
+    return n, n, -1
+
+
+@njit(nogil=True, cache=True)
+def _encode_doc(cps, a, n, T, P, S, C, pb, work, limit):
+    """All content ids of one document (code points cps[a:n]) into work; returns the count.
+
+    A count above `limit` (>= 0) means the document was cut there (the rest is not encoded).
+    """
+    o = 0
+    i = a
+    while i < n:
+        s1, e1, id1 = _find_added(cps, i, n, T, P, 0)
+        j = i
+        while j < s1:  # normalized added tokens are looked for in the gaps only
+            s2, e2, id2 = _find_added(cps, j, s1, T, P, 1)
+            o = _plain(cps, j, s2, T, P, S, C, pb, work, o, 0, limit)
+            if s2 < s1:
+                work[o] = id2
+                o += 1
+            if limit >= 0 and o > limit:
+                return o
+            j = e2
+        if s1 < n:
+            work[o] = id1
+            o += 1
+            if limit >= 0 and o > limit:
+                return o
+        i = e1
+    return o
+
+
+@njit(nogil=True, cache=True)
+def _scratch(nb):
+    """Per-thread buffers for pieces of up to nb bytes."""
+    m = max(nb, 1)
+    S = (np.empty(m, np.int32), np.empty(m, np.int32), np.empty(m, np.int32),
+         np.empty(m, np.int64), np.empty(m, np.int32),
+         np.empty(3 * m, np.int64), np.empty(3 * m, np.int32))
+    return S, np.empty(m, np.uint8), np.empty(m + 1, np.int32)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _decode_all(buf, offsets, cps, ncp, nbytes, bad):
+    """Decode each document into cps at its byte offset; count its code points and re-encoded bytes."""
+    base = offsets[0]
+    for d in prange(len(offsets) - 1):
+        a = offsets[d] - base
+        n, b = decode_range(buf, offsets[d], offsets[d + 1], cps[a:])
+        ncp[d] = n
+        bad[d] = b
+        m = 0
+        for k in range(a, a + n):
+            c = cps[k]
+            m += 1 if c < 0x80 else (2 if c < 0x800 else (3 if c < 0x10000 else 4))
+        nbytes[d] = m
+
+
+def _chunks(nbytes, n_chunks):
+    """Contiguous document ranges of about equal byte size: n_chunks + 1 bounds."""
+    cum = np.cumsum(nbytes)
+    total = max(int(cum[-1]), 1)
+    cut = np.searchsorted(cum, np.arange(1, n_chunks) * (total / n_chunks), side="left") + 1
+    return np.concatenate(([0], np.minimum(cut, len(nbytes)), [len(nbytes)])).astype(np.int64)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _encode_all(cps, offsets, ncp, nbytes, bounds, slot_off, limit, T, P, tmp, counts):
+    """Content ids of every document into tmp[slot_off[d]:], chunks of documents in parallel."""
+    base = offsets[0]
+    for c in prange(len(bounds) - 1):
+        d0, d1 = bounds[c], bounds[c + 1]
+        if d0 == d1:
+            continue
+        S, pb, work = _scratch(np.max(nbytes[d0:d1]))
+        C = cache_new(CACHE_ENTRIES)
+        for d in range(d0, d1):
+            a = offsets[d] - base
+            cnt = _encode_doc(cps, a, a + ncp[d], T, P, S, C, pb, work, limit)
+            counts[d] = cnt
+            keep = cnt if limit < 0 else min(cnt, limit)
+            tmp[slot_off[d]:slot_off[d] + keep] = work[:keep]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _assemble(tmp, slot_off, counts, limit, prefix, suffix, bad):
+    """Final ids (prefix + content + suffix per document), offsets and flags."""
+    nd = len(counts)
+    out_off = np.zeros(nd + 1, np.int64)
+    flags = np.zeros(nd, np.uint8)
+    extra = len(prefix) + len(suffix)
+    for d in range(nd):
+        keep = counts[d] if limit < 0 else min(counts[d], limit)
+        out_off[d + 1] = out_off[d] + keep + extra
+    ids = np.empty(out_off[nd], np.int32)
+    for d in prange(nd):
+        o = out_off[d]
+        keep = out_off[d + 1] - o - extra
+        ids[o:o + len(prefix)] = prefix
+        o += len(prefix)
+        ids[o:o + keep] = tmp[slot_off[d]:slot_off[d] + keep]
+        ids[o + keep:o + keep + len(suffix)] = suffix
+        flags[d] = (1 if limit >= 0 and counts[d] > limit else 0) | (2 if bad[d] else 0)
+    return ids, out_off, flags
+
+
+def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
+    """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8 bytes).
+
+    limit: the most content ids a document keeps (-1: no limit); prefix/suffix:
+    the special ids the post-processor puts around each document (int32).
+    Returns (ids int32, offsets int64 n+1, flags uint8: 1 truncated, 2 bad UTF-8).
+    """
+    nd = len(offsets) - 1
+    cps = np.empty(offsets[-1] - offsets[0], np.int32)
+    ncp = np.empty(nd, np.int64)
+    nbytes = np.empty(nd, np.int64)
+    bad = np.zeros(nd, np.bool_)
+    if nd:
+        _decode_all(buf, offsets, cps, ncp, nbytes, bad)
+    slots = nbytes if limit < 0 else np.minimum(nbytes, limit)
+    slot_off = np.zeros(nd + 1, np.int64)
+    np.cumsum(slots, out=slot_off[1:])
+    tmp = np.empty(slot_off[-1], np.int32)
+    counts = np.zeros(nd, np.int64)
+    if nd:
+        bounds = _chunks(nbytes, min(nd, 4 * numba.get_num_threads()))
+        _encode_all(cps, offsets, ncp, nbytes, bounds, slot_off, np.int64(limit), T, P, tmp, counts)
+    return _assemble(tmp, slot_off, counts, np.int64(limit), prefix, suffix, bad)

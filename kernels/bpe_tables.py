@@ -1,0 +1,173 @@
+"""Open-addressing hash tables in numpy arrays, for the BPE kernels.
+
+- int table: int64 key -> int64 value (merges: (a << 32 | b) -> rank << 32 | new id;
+  added-token trie: node * 0x110000 + code point -> child node).
+- bytes table: token byte strings -> token id (for `ignore_merges`).
+- word cache: piece bytes -> its ids, one per worker thread, cleared when full
+  (HF caches words too; most pieces of real text repeat).
+"""
+
+import numpy as np
+from numba import njit
+
+EMPTY = np.int64(-(1 << 62))
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+CACHE_MAX_PIECE = 48  # bytes; longer pieces are rare and not worth storing
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _slot(key, mask):
+    return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(40)) & mask
+
+
+def _capacity(n):
+    """Power of two with load factor <= 1/2."""
+    cap = 16
+    while cap < 2 * n:
+        cap *= 2
+    return cap
+
+
+@njit(nogil=True, cache=True)
+def lookup(keys, vals, key):
+    mask = len(keys) - 1
+    s = _slot(key, mask)
+    while True:
+        k = keys[s]
+        if k == key:
+            return vals[s]
+        if k == EMPTY:
+            return EMPTY
+        s = (s + 1) & mask
+
+
+@njit(nogil=True, cache=True)
+def _fill_int(keys, vals, ks, vs):
+    mask = len(keys) - 1
+    for i in range(len(ks)):
+        s = _slot(ks[i], mask)
+        while keys[s] != EMPTY and keys[s] != ks[i]:
+            s = (s + 1) & mask
+        if keys[s] == EMPTY:  # first insertion wins, like a dict built front to back
+            keys[s] = ks[i]
+            vals[s] = vs[i]
+
+
+def int_table(ks, vs):
+    """(keys, vals) arrays holding ks[i] -> vs[i]; the first of duplicate keys wins."""
+    cap = _capacity(len(ks))
+    keys = np.full(cap, EMPTY, dtype=np.int64)
+    vals = np.zeros(cap, dtype=np.int64)
+    _fill_int(keys, vals, np.asarray(ks, dtype=np.int64), np.asarray(vs, dtype=np.int64))
+    return keys, vals
+
+
+@njit(nogil=True, cache=True)
+def trie_step(tkeys, tvals, node, cp):
+    v = lookup(tkeys, tvals, np.int64(node) * 0x110000 + cp)
+    return -1 if v == EMPTY else v
+
+
+@njit(nogil=True, cache=True, inline="always")
+def hash_bytes(b, start, n):
+    """FNV-1a, 64 bit."""
+    h = np.uint64(0xCBF29CE484222325)
+    for i in range(start, start + n):
+        h = (h ^ np.uint64(b[i])) * np.uint64(0x100000001B3)
+    return np.int64(h >> np.uint64(1))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _same(a, a0, b, b0, n):
+    for i in range(n):
+        if a[a0 + i] != b[b0 + i]:
+            return False
+    return True
+
+
+@njit(nogil=True, cache=True)
+def _fill_bytes(slots, tok_bytes, tok_off):
+    mask = len(slots) - 1
+    for t in range(len(tok_off) - 1):
+        a, n = tok_off[t], tok_off[t + 1] - tok_off[t]
+        s = _slot(hash_bytes(tok_bytes, a, n), mask)
+        while slots[s] >= 0:
+            u = slots[s]
+            if tok_off[u + 1] - tok_off[u] == n and _same(tok_bytes, tok_off[u], tok_bytes, a, n):
+                break  # duplicate spelling: keep the first id
+            s = (s + 1) & mask
+        if slots[s] < 0:
+            slots[s] = t
+
+
+def bytes_table(tok_bytes, tok_off):
+    """Slots (token id or -1) indexing the byte strings tok_bytes[tok_off[t]:tok_off[t+1]]."""
+    slots = np.full(_capacity(len(tok_off) - 1), -1, dtype=np.int32)
+    _fill_bytes(slots, tok_bytes, tok_off)
+    return slots
+
+
+@njit(nogil=True, cache=True)
+def find_bytes(slots, tok_bytes, tok_off, pb, nb):
+    """Id of the token spelled pb[:nb], or -1."""
+    mask = len(slots) - 1
+    s = _slot(hash_bytes(pb, 0, nb), mask)
+    while slots[s] >= 0:
+        u = slots[s]
+        if tok_off[u + 1] - tok_off[u] == nb and _same(tok_bytes, tok_off[u], pb, 0, nb):
+            return u
+        s = (s + 1) & mask
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def cache_new(n_entries):
+    """A word cache for up to n_entries pieces: (slots, entries, key pool, id pool, state)."""
+    slots = np.full(2 * n_entries, -1, dtype=np.int32)  # power of two if n_entries is
+    # entry e: hash, key start, key length, ids start, ids count
+    entries = np.zeros((n_entries, 5), dtype=np.int64)
+    keys = np.zeros(n_entries * 16, dtype=np.uint8)
+    ids = np.zeros(n_entries * 8, dtype=np.int32)
+    state = np.zeros(3, dtype=np.int64)  # entries used, key bytes used, ids used
+    return slots, entries, keys, ids, state
+
+
+@njit(nogil=True, cache=True)
+def cache_get(C, h, pb, nb, out, o):
+    """Append the cached ids of piece pb[:nb] (hash h) to out[o:]; -1 on a miss."""
+    slots, entries, keys, ids = C[0], C[1], C[2], C[3]
+    mask = len(slots) - 1
+    s = _slot(h, mask)
+    while slots[s] >= 0:
+        e = entries[slots[s]]
+        if e[0] == h and e[2] == nb and _same(keys, e[1], pb, 0, nb):
+            for i in range(e[4]):
+                out[o + i] = ids[e[3] + i]
+            return o + e[4]
+        s = (s + 1) & mask
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def cache_put(C, h, pb, nb, out, o0, o1):
+    """Remember piece pb[:nb] -> out[o0:o1]; clears the cache when it is full."""
+    slots, entries, keys, ids, state = C
+    if state[0] == len(entries) or state[1] + nb > len(keys) or state[2] + (o1 - o0) > len(ids):
+        slots[:] = -1
+        state[:] = 0
+    e = state[0]
+    entries[e, 0] = h
+    entries[e, 1] = state[1]
+    entries[e, 2] = nb
+    entries[e, 3] = state[2]
+    entries[e, 4] = o1 - o0
+    keys[state[1]:state[1] + nb] = pb[:nb]
+    ids[state[2]:state[2] + o1 - o0] = out[o0:o1]
+    state[0] += 1
+    state[1] += nb
+    state[2] += o1 - o0
+    mask = len(slots) - 1
+    s = _slot(h, mask)
+    while slots[s] >= 0:
+        s = (s + 1) & mask
+    slots[s] = e
