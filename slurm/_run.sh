@@ -3,8 +3,8 @@
 #
 # hpcllm_run: runs `srun --mpi=pmi2 hpcllm JOB ARGS...` in the background and
 # waits for it. USR1 and TERM sent to the batch shell (Slurm's
-# --signal=B:USR1@300, scancel -b, the time limit) are forwarded to srun,
-# which forwards them to every rank; hpcllm then stops at the next batch
+# --signal=B:USR1@300, scancel --batch --signal=...) are forwarded to srun as
+# USR1, which srun forwards to every rank; hpcllm then stops at the next batch
 # boundary, keeps only complete shards, writes OUT/STOPPED.json and exits 75
 # (EXIT_REQUEUE in hpcllm/signals.py). On 75 this script runs
 # `scontrol requeue $SLURM_JOB_ID`; the job comes back with
@@ -51,10 +51,13 @@ hpcllm_run() {
     _hpcllm_finish "$rc"
 }
 
+# srun passes SIGUSR1 on to every task, but on SIGTERM it kills the step
+# ("forcing job termination"), so a TERM is forwarded as USR1: hpcllm treats
+# both alike (stop at the next batch boundary).
 _hpcllm_forward() {
     _hpcllm_signal=$1
-    _hpcllm_log "got SIG$1, forwarding it to srun (pid $_hpcllm_srun)"
-    kill -s "$1" "$_hpcllm_srun" 2>/dev/null || true
+    _hpcllm_log "got SIG$1, forwarding it to srun (pid $_hpcllm_srun) as SIGUSR1"
+    kill -s USR1 "$_hpcllm_srun" 2>/dev/null || true
 }
 
 _hpcllm_finish() {

@@ -14,6 +14,10 @@
 #                        instead of draining the node for "low CPU count".
 #   SLURM_TEST_TIMEOUT   seconds to wait for the node to become idle (30).
 #   SLURM_TEST_CLUSTER   ClusterName (default hpcllm-test).
+#   SLURM_TEST_CRED_EXPIRE  step credential lifetime, s (default 15; Slurm's
+#                        default is 120). A requeued job cannot start again
+#                        before it has passed (its old credential is revoked),
+#                        so this is also the requeue delay the tests wait for.
 #
 # MPI: MpiDefault=pmi2. The PyPI `mpich` wheel (MPICH 4/5, built-in PMI
 # client) talks to Slurm's pmi2 plugin as is: `srun --mpi=pmi2 -n 2 python
@@ -30,6 +34,7 @@ LOG_DIR=/var/log/slurm
 CPUS=${SLURM_TEST_CPUS:-4}
 TIMEOUT=${SLURM_TEST_TIMEOUT:-30}
 CLUSTER=${SLURM_TEST_CLUSTER:-hpcllm-test}
+CRED_EXPIRE=${SLURM_TEST_CRED_EXPIRE:-15}
 NODE=$(hostname -s)
 
 die() { echo "start-test-cluster: error: $*" >&2; exit 1; }
@@ -100,6 +105,7 @@ SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=$CRED_EXPIRE
 MpiDefault=pmi2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -121,7 +127,8 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=10
 MinJobAge=300
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+# Look at pending jobs every few seconds (a requeued job becomes eligible by time, not by an event).
+SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
