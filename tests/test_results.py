@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import shutil
 
 import h5py
@@ -11,8 +12,8 @@ import pytest
 from hpcllm.corpus.plan import make_plan, shard_file
 from hpcllm.corpus.readers import read_docs
 from hpcllm.errors import HpcllmError
-from hpcllm.results import (BASE_COLUMNS, base_columns, build_master, embed_schema, status_counts,
-                            summarize, write_shard)
+from hpcllm.results import (BASE_COLUMNS, base_columns, build_master, embed_schema, read_dataset,
+                            status_counts, summarize, write_shard)
 from hpcllm.status import Status as S
 
 DIM = 8
@@ -166,3 +167,30 @@ def test_summarize(tmp_path):
     assert "status  shape=(7,)  dtype=uint8  (compression=gzip)" in summarize(shard_file(out, 0))
     with pytest.raises(HpcllmError, match="cannot open .*nothing.h5 as HDF5"):
         summarize(str(tmp_path / "nothing.h5"))
+
+
+def test_many_sources_under_a_low_open_file_limit(tmp_path):
+    """HDF5 silently fills VDS rows whose source it cannot open (ulimit -n):
+    read_dataset and summarize read in blocks of few sources and stay exact."""
+    d = tmp_path / "c.txt"
+    d.write_bytes(b"".join(b"line %d\n" % i for i in range(150)))
+    plan = make_plan(str(d), shard_docs=1)
+    out = str(tmp_path / "out")
+    schema = embed_schema(2)
+    for s in plan:
+        cols = base_columns(s, read_docs(s))
+        cols["embedding"] = np.full((1, 2), s.index, np.float32)
+        cols["n_tokens"] = np.ones(1, np.int32)
+        write_shard(out, s, cols, schema=schema)
+    path = build_master(out, plan, schema)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 90, hard))
+    try:
+        with h5py.File(path, "r") as f:
+            emb = read_dataset(f, "embedding")
+            assert (emb[:, 0] == np.arange(150)).all() and (emb[:, 1] == np.arange(150)).all()
+            assert (read_dataset(f, "status") == S.OK).all()
+            assert read_dataset(f, "doc_id")[-1] == b"c.txt:150"
+        assert 'status counts: {"OK": 150}' in summarize(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -24,6 +24,7 @@ import datetime
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,7 +173,7 @@ def _scan_all(files, items, shard_docs, comm) -> list[list[tuple]]:
     try:
         for i in range(rank, len(items), size):
             mine[i] = _scan_item(files, items[i], shard_docs)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:      # BadGzipFile is an OSError
         error = f"cannot read input {files[items[i][0]]}: {e}"
     parts = comm.allgather((mine, error)) if comm is not None else [(mine, error)]
     errors = [e for _, e in parts if e]
