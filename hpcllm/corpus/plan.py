@@ -199,7 +199,7 @@ def make_plan(inputs, shard_docs: int = DEFAULT_SHARD_DOCS, comm=None, fmt: str 
     shards: list[Shard] = []
     line_in_file = [0] * len(files)
     row = 0
-    pending = None  # the previous run, kept open so a short tail can absorb the next head
+    pending = None  # the shard being packed: consecutive runs of one plain file
     for item, runs in zip(items, scanned):
         fi = item[0]
         for bs, be, n in runs:

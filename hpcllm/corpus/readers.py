@@ -8,7 +8,13 @@ U+2028 as str.splitlines would): the planner counts lines the same way.
 Texts are returned as UTF-8 bytes.  Invalid UTF-8 is kept as it was (raw bytes,
 or a JSON-escaped lone surrogate such as "\\ud800" encoded as its 3 surrogate
 bytes), flagged BAD_UTF8, and left for the tokenizer to replace with U+FFFD:
-the reader does not decide how replacement works.
+the reader does not decide how replacement works.  (In a line that also holds
+raw invalid bytes, an escaped "\udc80".."\udcff" cannot be told from a raw
+byte 0x80..0xff and comes back as that byte: invalid UTF-8 either way.)
+
+A line longer than ``max_doc_bytes`` (default 64 MiB) is TOO_LONG: its row
+has text b"" and it is never held in memory whole.  A 5 MB document is read
+normally; the tokenizer truncates it to the model's length.
 """
 
 from __future__ import annotations
@@ -312,11 +318,11 @@ class DocReader:
         try:
             with contextlib.ExitStack() as stack:
                 docs = self._parse(shard, self._lines(shard, stack))
-        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        except (OSError, EOFError, zlib.error) as e:      # BadGzipFile is an OSError
             self.close()
             raise HpcllmError(f"cannot read input {shard.path}: {e}") from None
-        except HpcllmError:
-            self.close()
+        except BaseException:
+            self.close()         # the gz stream may have stopped mid-line: never reuse it
             raise
         return docs
 
