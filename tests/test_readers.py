@@ -79,7 +79,7 @@ def test_too_long_is_dropped_but_keeps_its_row(tmp_path):
 
 @pytest.mark.parametrize("name", ["t.txt", "t.txt.gz"])
 def test_text_format(tmp_path, name):
-    lines = [b"hello", b"", b"   ", b"crlf\r", b"bad \xff byte", b"nul\x00inside", b"vt\x0bff\x0c", BIG, b"last"]
+    lines = [b"\xef\xbb\xbfhello", b"", b"   ", b"crlf\r", b"bad \xff byte", b"nul\x00inside", b"vt\x0bff\x0c", BIG, b"last"]
     path = _write(tmp_path / name, lines, gz=name.endswith(".gz"))
     texts, status, ids, line = _read_all(make_plan(path, shard_docs=3))
     assert texts == [b"hello", b"", b"   ", b"crlf", b"bad \xff byte", b"nul\x00inside", b"vt\x0bff\x0c", BIG, b"last"]
