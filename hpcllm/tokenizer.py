@@ -205,7 +205,7 @@ class WordPiece:
     eos_id = None
 
     def __init__(self, spec, json_text, source):
-        from hpcllm.kernels.unicode_tables import bert_tables, max_expansion, max_nfd_len
+        from hpcllm.kernels.unicode_tables import bert_tables, fast_map, max_expansion, max_nfd_len
         from hpcllm.kernels.wordpiece import walk
         self._json = json_text
         model = spec["model"]
@@ -244,6 +244,9 @@ class WordPiece:
         self._cfg = np.array([*flags, model.get("max_input_chars_per_word", 100), self.unk_id, cont],
                              np.int64)
         self._ut = bert_tables().as_kernel_args()
+        afirst = np.zeros(4096, np.bool_)   # cheap filter before the added-token trie
+        afirst[np.array([ord(t["content"][0]) & 4095 for t in plain], np.int64)] = True
+        self._ft = (*fast_map(*flags), afirst)
         self._expand = max_expansion(*flags)
         self._max_nfd = max_nfd_len()
         dec = spec.get("decoder") or {}
@@ -294,8 +297,8 @@ class WordPiece:
         out_base = np.zeros(len(nbytes) + 1, np.int64)
         np.cumsum(caps + len(pre) + len(suf), out=out_base[1:])
         blocks = doc_blocks(offsets, n_threads())
-        out, counts, flags = encode_batch(buf, offsets, blocks, out_base, caps, self._ut, self._vt,
-                                          self._at, self._cfg, pre, suf, max_content, self._max_nfd)
+        out, counts, flags = encode_batch(buf, offsets, blocks, out_base, caps, self._ut, self._ft,
+                                          self._vt, self._at, self._cfg, pre, suf, max_content, self._max_nfd)
         if np.any(flags & 128):
             d = int(np.nonzero(flags & 128)[0][0])
             raise HpcllmError(f"wordpiece kernel: document {d} produced more tokens than its bound (bug)")

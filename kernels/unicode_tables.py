@@ -96,3 +96,64 @@ def max_expansion(clean, chinese, strip, lower):
 def max_nfd_len():
     t = bert_tables()
     return int(np.diff(t.nfd_off).max()) if len(t.nfd_off) > 1 else 1
+
+
+# fast_map codes (values >= 0: append that code point to the current word)
+FM_DROP, FM_SPLIT, FM_SLOW = -1, -2, -3
+FM_ISOLATE = -16          # FM_ISOLATE - cp: the one-character word cp
+FM_SEQ = -0x200000        # FM_SEQ - k: append fast_seq row k (several code points) to the word
+
+
+@functools.lru_cache(maxsize=16)
+def fast_map(clean, chinese, strip, lower):
+    """(int32[N_CP], seq_off, seq_data): what the normalizer + pre-tokenizer do with one code point.
+
+    Lets the kernel handle almost every character with one lookup; FM_SLOW
+    marks the few (multi-code-point results, marks that NFD may reorder)
+    that take the general path. Valid only while no marks are pending.
+    """
+    t = bert_tables()
+    cps = np.arange(N_CP, dtype=np.int32)
+    c = t.cls
+    fm = cps.copy()
+    fm[(c & PUNCT) != 0] = FM_ISOLATE - cps[(c & PUNCT) != 0]
+    fm[(c & WS) != 0] = FM_SPLIT
+    if strip:
+        fm[t.ccc != 0] = FM_SLOW
+        fm[(c & MN) != 0] = FM_DROP   # with nothing pending, a dropped mark changes nothing
+    if chinese:
+        sel = (c & CHINESE) != 0
+        fm[sel] = FM_ISOLATE - cps[sel]
+    if clean:
+        fm[(c & SPACE) != 0] = FM_SPLIT
+        fm[(c & DROP) != 0] = FM_DROP
+    keys = []
+    if strip:
+        keys.append(np.nonzero(t.nfd_idx >= 0)[0])
+    if lower:
+        keys.append(np.nonzero(t.low_idx >= 0)[0])
+    seq_off, seq_data = [0], []
+    for cp in (np.unique(np.concatenate(keys)).tolist() if keys else []):
+        fm[cp] = _classify(t, normalize_char(t, cp, clean, chinese, strip, lower), strip,
+                           seq_off, seq_data)
+    return fm, np.array(seq_off, np.int32), np.array(seq_data, np.int32)
+
+
+def _classify(t, seq, strip, seq_off, seq_data):
+    if strip and any(t.ccc[x] for x in seq):
+        return FM_SLOW
+    words = [x for x in seq if not t.cls[x] & WS]
+    if not seq:
+        return FM_DROP
+    if not words:
+        return FM_SPLIT
+    if len(words) > 1:
+        if len(words) < len(seq) or any(t.cls[x] & PUNCT for x in words):
+            return FM_SLOW
+        seq_data.extend(words)              # e.g. a Hangul syllable -> its jamo
+        seq_off.append(len(seq_data))
+        return FM_SEQ - (len(seq_off) - 2)
+    x = words[0]
+    if t.cls[x] & PUNCT or len(seq) > 1:   # punctuation, or a padded CJK character
+        return FM_ISOLATE - x
+    return x

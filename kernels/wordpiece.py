@@ -23,6 +23,7 @@ from hpcllm.kernels.utf8 import decode_range
 
 N_CP = 0x110000
 DROP, SPACE, CHINESE, WS, PUNCT, MN = 1, 2, 4, 8, 16, 32
+FM_DROP, FM_SPLIT, FM_SLOW, FM_ISOLATE, FM_SEQ = -1, -2, -3, -16, -0x200000  # unicode_tables.fast_map
 # cfg: int64 settings array; st: int64 per-document state
 C_CLEAN, C_CHINESE, C_STRIP, C_LOWER, C_MAXCHARS, C_UNK, C_CONT = range(7)
 S_N, S_W, S_P = range(3)   # tokens written, word length, pending marks
@@ -137,6 +138,14 @@ def _end_word(wbuf, vt, cfg, out, base, cap, st):
         _wordpiece(wbuf, n, vt, cfg, out, base, cap, st)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _append(wbuf, st, c):
+    w = st[S_W]
+    if w < len(wbuf):   # longer words only need their length
+        wbuf[w] = c
+    st[S_W] = w + 1
+
+
 @njit(nogil=True, cache=True)
 def _split(c, ut, wbuf, vt, cfg, out, base, cap, st):
     """BertPreTokenizer on one normalized code point."""
@@ -148,9 +157,7 @@ def _split(c, ut, wbuf, vt, cfg, out, base, cap, st):
             st[S_W] = 1
             _end_word(wbuf, vt, cfg, out, base, cap, st)
     else:
-        if st[S_W] < len(wbuf):   # longer words only need their length
-            wbuf[st[S_W]] = c
-        st[S_W] += 1
+        _append(wbuf, st, c)
 
 
 @njit(nogil=True, cache=True)
@@ -251,33 +258,52 @@ def _match_added(cps, i, n, at):
 
 
 @njit(nogil=True, cache=True)
-def encode_doc(buf, b0, b1, cps, pend, wbuf, ut, vt, at, cfg, out, base, cap, max_content):
+def encode_doc(buf, b0, b1, cps, pend, wbuf, ut, ft, vt, at, cfg, out, base, cap, max_content):
     """Content tokens of document buf[b0:b1] into out[base:base+cap].
 
     Returns (n, bad): n tokens produced (stops once n > max_content, the sign
     of truncation; only the first cap are stored) and the bad-UTF-8 flag.
+    Most characters take the fast path through ft = (fast_map, seq_off,
+    seq_data) (see unicode_tables.fast_map); the rest go through _raw_char.
     """
     n, bad = decode_range(buf, b0, b1, cps)
+    fm, seq_off, seq_data, afirst = ft
     st = np.zeros(3, np.int64)
     has_added = len(at[2]) > 1
     i = 0
     while i < n and st[S_N] <= max_content:
-        if has_added:
+        cp = cps[i]
+        if has_added and afirst[cp & 4095]:
             m, tok = _match_added(cps, i, n, at)
             if m > 0:   # an added token ends the segment before it
                 _end_segment(pend, ut, wbuf, vt, cfg, out, base, cap, st)
                 _emit(out, base, cap, st, tok)
                 i += m
                 continue
-        _raw_char(cps[i], pend, ut, wbuf, vt, cfg, out, base, cap, st)
         i += 1
+        f = fm[cp] if st[S_P] == 0 else FM_SLOW
+        if f >= 0:
+            _append(wbuf, st, f)
+        elif f == FM_DROP:
+            pass
+        elif f == FM_SPLIT:
+            _end_word(wbuf, vt, cfg, out, base, cap, st)
+        elif f <= FM_SEQ:
+            for k in range(seq_off[FM_SEQ - f], seq_off[FM_SEQ - f + 1]):
+                _append(wbuf, st, seq_data[k])
+        elif f <= FM_ISOLATE:
+            _end_word(wbuf, vt, cfg, out, base, cap, st)
+            _append(wbuf, st, FM_ISOLATE - f)
+            _end_word(wbuf, vt, cfg, out, base, cap, st)
+        else:
+            _raw_char(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st)
     if st[S_N] <= max_content:
         _end_segment(pend, ut, wbuf, vt, cfg, out, base, cap, st)
     return st[S_N], bad
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def encode_batch(buf, offsets, blocks, out_base, caps, ut, vt, at, cfg, prefix, suffix,
+def encode_batch(buf, offsets, blocks, out_base, caps, ut, ft, vt, at, cfg, prefix, suffix,
                  max_content, max_nfd):
     """Tokenize every document; block b (docs blocks[b]:blocks[b+1]) runs on one thread.
 
@@ -301,8 +327,8 @@ def encode_batch(buf, offsets, blocks, out_base, caps, ut, vt, at, cfg, prefix, 
         for d in range(blocks[b], blocks[b + 1]):
             base = out_base[d]
             out[base:base + npre] = prefix
-            n, bad = encode_doc(buf, offsets[d], offsets[d + 1], cps, pend, wbuf, ut, vt, at,
-                                cfg, out, base + npre, caps[d], max_content)
+            n, bad = encode_doc(buf, offsets[d], offsets[d + 1], cps, pend, wbuf, ut, ft, vt,
+                                at, cfg, out, base + npre, caps[d], max_content)
             f = 2 if bad else 0
             if n > max_content:
                 f |= 1
