@@ -1,0 +1,175 @@
+"""Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2): RoPE, RMSNorm,
+SwiGLU, grouped-query causal attention, tied or untied LM head.
+
+Plain PyTorch. Tensor parallelism enters only through the layer classes from
+``parallel.py`` and the ``PLAN`` table: q/k/v and gate/up are column-parallel,
+o and down row-parallel (two all-reduces per layer), embedding and LM head
+vocab-parallel. The model returns final hidden states; turning them into
+log-probabilities without gathering the vocabulary is ``hpcllm.scoring``.
+Weights use HF's q/k row order (rotate-half RoPE); the GGUF importer undoes
+llama.cpp's interleaving permutation.
+Shapes: B batch, L tokens, Hq / Hkv local query / KV heads, D head dim.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcllm.dist.comm import Comm
+from hpcllm.model.parallel import ColumnParallelLinear, Partition, RowParallelLinear, VocabParallelEmbedding
+
+# weight-name suffix -> split (see parallel.py). Everything else (norms) is replicated.
+PLAN = {
+    "embed.weight": ("vocab", "vocab"), "lm_head.weight": ("vocab", "vocab"),
+    "q.weight": ("col", "q"), "q.bias": ("col", "q"),
+    "k.weight": ("col", "kv"), "k.bias": ("col", "kv"),
+    "v.weight": ("col", "kv"), "v.bias": ("col", "kv"),
+    "o.weight": ("row", "q"), "o.bias": ("row", "q"),
+    "gate.weight": ("col", "ffn"), "up.weight": ("col", "ffn"),
+    "down.weight": ("row", "ffn"),
+}
+
+
+class RMSNorm(nn.Module):
+    """Normalised in float32, scaled in the input dtype (as HF Llama does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(cfg: dict) -> torch.Tensor:
+    """Inverse frequencies [D/2] from rope_theta, with Llama-3 scaling when configured."""
+    d = cfg["head_dim"]
+    # explicit device: models are built under torch.device("meta") and this buffer is not loaded
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":
+        inv = _llama3_scaling(inv, scaling)
+    elif kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    return inv
+
+
+def _llama3_scaling(inv: torch.Tensor, s: dict) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(inv_freq, positions, dtype):
+    """cos, sin [B or 1, 1, L, D] for integer positions [B or 1, L] (computed in float32)."""
+    angles = positions[..., None].float() * inv_freq  # [B, L, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+        super().__init__()
+        hidden, d = cfg["hidden"], cfg["head_dim"]
+        q0, q1 = part.range("q")
+        kv0, kv1 = part.range("kv")
+        self.n_q, self.n_kv, self.head_dim = (q1 - q0) // d, (kv1 - kv0) // d, d
+        bias = cfg.get("qkv_bias", False)
+        self.q = ColumnParallelLinear(hidden, q1 - q0, bias=bias)
+        self.k = ColumnParallelLinear(hidden, kv1 - kv0, bias=bias)
+        self.v = ColumnParallelLinear(hidden, kv1 - kv0, bias=bias)
+        self.o = RowParallelLinear(q1 - q0, hidden, cfg.get("o_bias", False), comm)
+
+    def forward(self, x, cos, sin):
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.n_q, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Right padding only: with a causal mask no real token ever sees a pad.
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_q != self.n_kv)
+        return self.o(a.transpose(1, 2).reshape(B, L, self.n_q * self.head_dim))  # all-reduce 1
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+        super().__init__()
+        f0, f1 = part.range("ffn")
+        self.gate = ColumnParallelLinear(cfg["hidden"], f1 - f0, bias=False)
+        self.up = ColumnParallelLinear(cfg["hidden"], f1 - f0, bias=False)
+        self.down = RowParallelLinear(f1 - f0, cfg["hidden"], False, comm)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # all-reduce 2
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
+        self.attn = Attention(cfg, part, comm)
+        self.mlp_norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
+        self.mlp = MLP(cfg, part, comm)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """ids [B, L] (right-padded) -> final hidden states [B, L, hidden] after the last norm.
+
+    ``head_weight`` is this rank's rows [V_local, hidden] of the LM head
+    (the embedding itself when tied); ``vocab_start`` is their first id.
+    """
+
+    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+        super().__init__()
+        self.cfg = cfg
+        self.comm = comm
+        self.vocab_start = part.range("vocab")[0]
+        self.embed = VocabParallelEmbedding(part.range("vocab"), cfg["hidden"], comm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, part, comm) for _ in range(cfg["n_layers"]))
+        self.norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
+        if not cfg.get("tie_embeddings", False):
+            v0, v1 = part.range("vocab")
+            self.lm_head = ColumnParallelLinear(cfg["hidden"], v1 - v0, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.cfg.get("tie_embeddings", False) else self.lm_head.weight
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    @torch.inference_mode()
+    def forward(self, ids, positions=None):
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        x = self.embed(ids)
+        cos, sin = rope_tables(self.inv_freq.to(ids.device), positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)

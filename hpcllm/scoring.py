@@ -1,0 +1,126 @@
+"""Language-model scoring: per-token log-probabilities of documents.
+
+Two pieces:
+
+* ``vocab_parallel_logprobs``: log p(target) from hidden states when each tp
+  rank holds only a slice of the LM head's vocabulary rows. Full logits are
+  never gathered: the log-softmax is assembled from a distributed max, a
+  distributed sum of exponentials and the target's logit from the rank that
+  owns it (two small all-reduces per chunk of rows), so logits memory per
+  rank is 1/tp and bounded by ``chunk_bytes``.
+* ``score_documents``: token ids of whole documents -> per-token
+  log-probabilities. Documents longer than the window are cut into windows
+  that start every ``stride`` tokens (the convention of HF's perplexity
+  guide); a window scores only the tokens the previous one did not reach, so
+  every token is scored exactly once and, after the first window, with at
+  least ``window - stride`` tokens of context. Each window is an independent
+  forward pass with positions from 0. Token t is predicted from tokens < t,
+  so the first token of a document (the BOS when the model adds one) is
+  never scored.
+
+All ranks of a tp group must call these with identical inputs.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from hpcllm.dist.comm import Comm
+
+CHUNK_BYTES = 64 << 20  # float32 logits per rank per chunk
+
+
+@torch.inference_mode()
+def vocab_parallel_logprobs(hidden, targets, weight, vocab_start: int, comm: Comm,
+                            chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """float32 [N] log-softmax(hidden @ weight.T)[target] over the whole (split) vocabulary.
+
+    hidden [N, H]; targets [N] int64 global ids; weight [V_local, H] this
+    rank's LM-head rows, the ids [vocab_start, vocab_start + V_local).
+    """
+    n, v_local = hidden.shape[0], weight.shape[0]
+    rows = max(1, chunk_bytes // (4 * v_local))
+    out = torch.empty(n, dtype=torch.float32)
+    for s in range(0, n, rows):
+        logits = (hidden[s:s + rows] @ weight.T).float()          # [n_chunk, V_local]
+        local = targets[s:s + rows] - vocab_start
+        mine = (local >= 0) & (local < v_local)
+        top = comm.all_reduce(logits.max(dim=-1).values, op="max")  # global max: stable exp
+        sums = torch.stack([
+            torch.exp(logits - top[:, None]).sum(dim=-1),
+            logits.gather(1, local.clamp(0, v_local - 1)[:, None])[:, 0].masked_fill(~mine, 0.0),
+        ])
+        comm.all_reduce(sums, op="sum")                             # sum-exp and target logit
+        out[s:s + rows] = sums[1] - top - torch.log(sums[0])
+    return out
+
+
+def with_bos(ids: np.ndarray, cfg: dict) -> np.ndarray:
+    """The document's ids as the model scores them: BOS first when the model's config says so."""
+    if cfg.get("add_bos") and cfg.get("bos_id") is not None:
+        return np.concatenate([np.array([cfg["bos_id"]], dtype=ids.dtype), ids])
+    return ids
+
+
+def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """[(begin, end, first_target)] covering targets 1..n-1 once each (none when n < 2)."""
+    if not 1 <= stride < window:
+        raise ValueError(f"stride {stride} must be in [1, window {window})")
+    out, begin, reached = [], 0, 1
+    while reached < n:
+        end = min(begin + window, n)
+        out.append((begin, end, reached))
+        reached = end
+        begin += stride
+    return out
+
+
+def score_documents(model, docs, window: int, stride: int, batch_tokens: int = 8192):
+    """Per-document float32 arrays of token log-probabilities (``len(doc) - 1`` each, none for <2 tokens).
+
+    ``docs``: int arrays of token ids (BOS already added, see ``with_bos``).
+    Windows of all documents are sorted by length and batched so that
+    rows x longest row <= ``batch_tokens`` (padding counted).
+    """
+    pieces = [(d, b, e, t) for d, ids in enumerate(docs) for b, e, t in plan_windows(len(ids), window, stride)]
+    pieces.sort(key=lambda p: p[2] - p[1])
+    results = {}
+    start = 0
+    while start < len(pieces):
+        stop = start + 1
+        while stop < len(pieces) and (stop + 1 - start) * (pieces[stop][2] - pieces[stop][1]) <= batch_tokens:
+            stop += 1
+        batch = pieces[start:stop]
+        for piece, lp in zip(batch, _score_windows(model, [docs[p[0]][p[1]:p[2]] for p in batch],
+                                                   [p[3] - p[1] for p in batch])):
+            results[piece[0], piece[1]] = lp
+        start = stop
+    out = []
+    for d, ids in enumerate(docs):
+        parts = [results[d, b] for b, _, _ in plan_windows(len(ids), window, stride)]
+        out.append(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+    return out
+
+
+def _score_windows(model, rows, first):
+    """Log-probabilities of targets first[i]..len(rows[i])-1 of each row, one forward pass."""
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), longest), dtype=torch.int64)  # right padding, never attended to
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+    hidden = model(ids)
+    pos = np.concatenate([i * longest + np.arange(f - 1, len(r) - 1) for i, (r, f) in enumerate(zip(rows, first))])
+    pos = torch.from_numpy(pos)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    lp = vocab_parallel_logprobs(flat[pos], ids.view(-1)[pos + 1], model.head_weight, model.vocab_start,
+                                 model.comm).numpy()
+    counts = np.cumsum([0] + [len(r) - f for r, f in zip(rows, first)])
+    return [lp[counts[i]:counts[i + 1]] for i in range(len(rows))]
+
+
+def summarize(logprobs: np.ndarray) -> tuple[float, int, float]:
+    """(logprob_sum, n_scored, perplexity) of one document; perplexity is NaN with nothing scored."""
+    n = int(logprobs.shape[0])
+    total = float(np.sum(logprobs, dtype=np.float64))
+    return total, n, (math.exp(-total / n) if n else float("nan"))
