@@ -68,8 +68,9 @@ def doc_blocks(offsets, n_threads):
     return np.unique(np.concatenate(([0], inner, [n_docs]))).astype(np.int64)
 
 
-def chunk_ranges(offsets, limit=CHUNK_BYTES):
+def chunk_ranges(offsets, limit=None):
     """Consecutive document ranges of at most `limit` bytes (at least one document each)."""
+    limit = CHUNK_BYTES if limit is None else limit
     n_docs = len(offsets) - 1
     start = 0
     while start < n_docs:
