@@ -6,6 +6,9 @@ configurations whose semantics the kernels reproduce exactly are accepted;
 anything else raises HpcllmError naming the field.
 """
 
+import mmap
+import struct
+
 import numpy as np
 
 from hpcllm.errors import HpcllmError
@@ -133,25 +136,50 @@ def _trie(added):
     return tkeys, tvals, np.array(term, dtype=np.int32), first
 
 
-def _read_gguf_meta(path):
-    """tokenizer.ggml.* fields of a GGUF file as plain Python values (names without the prefix)."""
-    import gguf
+# GGUF metadata value types -> struct format of one scalar (8 = string, 9 = array)
+_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
+
+def _gguf_value(mm, pos, vtype):
+    """(value, next position) of one GGUF metadata value at mm[pos:]."""
+    if vtype == 8:
+        (n,) = struct.unpack_from("<Q", mm, pos)
+        return bytes(mm[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+    if vtype == 9:
+        etype, count = struct.unpack_from("<IQ", mm, pos)
+        pos += 12
+        if etype in _GGUF_SCALAR:  # numbers: one frombuffer, not count unpacks
+            dt = np.dtype("<" + _GGUF_SCALAR[etype])
+            return np.frombuffer(mm, dt, count, pos).tolist(), pos + count * dt.itemsize
+        out = []
+        for _ in range(count):
+            v, pos = _gguf_value(mm, pos, etype)
+            out.append(v)
+        return out, pos
+    fmt = "<" + _GGUF_SCALAR[vtype]
+    return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
+
+
+def _read_gguf_meta(path):
+    """tokenizer.ggml.* metadata of a GGUF file (v2/v3, little-endian), names without the prefix.
+
+    Reads only the key/value header; much faster than gguf.GGUFReader, which maps
+    every tensor and every vocabulary string as a numpy view.
+    """
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise HpcllmError("%s: cannot read GGUF: %s" % (path, e))
-    meta = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.ggml."):
-            continue
-        name = key[len("tokenizer.ggml."):]
-        vals = [field.parts[i] for i in field.data]
-        if field.types[-1] == gguf.GGUFValueType.STRING:
-            vals = [bytes(v).decode("utf-8", errors="replace") for v in vals]
-        else:
-            vals = [v.tolist()[0] if len(v) == 1 else v.tolist() for v in vals]
-        meta[name] = vals if field.types[0] == gguf.GGUFValueType.ARRAY else vals[0]
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            magic, version, _, n_kv = struct.unpack_from("<4sIQQ", mm, 0)
+            if magic != b"GGUF" or version not in (2, 3):
+                raise HpcllmError("%s: not a little-endian GGUF v2/v3 file" % path)
+            meta, pos = {}, 24
+            for _ in range(n_kv):
+                key, pos = _gguf_value(mm, pos, 8)
+                (vtype,) = struct.unpack_from("<I", mm, pos)
+                value, pos = _gguf_value(mm, pos + 4, vtype)
+                if key.startswith("tokenizer.ggml."):
+                    meta[key[len("tokenizer.ggml."):]] = value
+    except (OSError, ValueError, struct.error, KeyError) as e:
+        raise HpcllmError("%s: cannot read GGUF metadata: %s" % (path, e))
     if "tokens" not in meta:
         raise HpcllmError("%s: no tokenizer.ggml.tokens in this GGUF file" % path)
     return meta
@@ -165,13 +193,15 @@ class ByteLevelBPE:
     sep_id = None
 
     def __init__(self, vocab, merges, added, mode, digits=False, ignore_merges=False, unk_token=None,
-                 prefix=(), suffix=(), bos_id=None, eos_id=None, pad_id=None):
+                 prefix=(), suffix=(), bos_id=None, eos_id=None, pad_id=None, unk_id=None):
         self.vocab, self.merges, self.added = vocab, merges, added
         self.mode, self.digits, self.ignore_merges, self.unk_token = mode, digits, ignore_merges, unk_token
         self.prefix = np.asarray(prefix, dtype=np.int32)
         self.suffix = np.asarray(suffix, dtype=np.int32)
         self.add_bos, self.add_eos = bool(len(prefix)), bool(len(suffix))
-        self.unk_id = vocab.get(unk_token) if unk_token is not None else None
+        # the model's unk (BPE fallback) vs the id a GGUF names as unknown (metadata only)
+        self._model_unk = vocab.get(unk_token) if unk_token is not None else None
+        self.unk_id = unk_id if unk_id is not None else self._model_unk
         self.bos_id = bos_id if bos_id is not None else (int(prefix[0]) if len(prefix) else None)
         self.eos_id = eos_id if eos_id is not None else (int(suffix[-1]) if len(suffix) else None)
         self.pad_id = pad_id if pad_id is not None else self.eos_id
@@ -209,7 +239,7 @@ class ByteLevelBPE:
         roots = (1 if np.any(first & 1) else 0) | (2 if np.any(first & 2) else 0)
         self._T = (classes, fold if self.mode == LLAMA3 else exact_fold(), byte_ids, mkeys, mvals,
                    vslots, tok_bytes, tok_off, tkeys, tvals, term, first)
-        unk = -1 if self.unk_id is None else self.unk_id
+        unk = -1 if self._model_unk is None else self._model_unk
         self._P = (np.int64(self.mode), np.int64(self.digits), np.int64(self.ignore_merges),
                    np.int64(unk), np.int64(roots))
 
@@ -262,7 +292,8 @@ class ByteLevelBPE:
         prefix = [bos] if meta.get("add_bos_token") and bos is not None else []
         suffix = [eos] if meta.get("add_eos_token") and eos is not None else []
         return cls(vocab, merges, added, mode, False, False, None, prefix, suffix,
-                   bos_id=bos, eos_id=eos, pad_id=meta.get("padding_token_id"))
+                   bos_id=bos, eos_id=eos, pad_id=meta.get("padding_token_id"),
+                   unk_id=meta.get("unknown_token_id"))
 
     def to_json_dict(self):
         """An HF tokenizer.json dict that `from_json_dict` and HF `tokenizers` both load."""

@@ -72,83 +72,87 @@ def _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new):
             rank[p], new[p] = _pair(mkeys, mvals, sym[p], sym[best])
 
 
+# A 4-ary min-heap of int64 keys: half the depth of a binary heap, and the four
+# children share a cache line, which matters for pieces of a million bytes.
 @njit(nogil=True, cache=True)
-def _heap_push(hk, hv, size, key, val):
+def _heap_push(hk, size, key):
     i = size
-    hk[i] = key
-    hv[i] = val
     while i > 0:
-        p = (i - 1) >> 1
-        if hk[p] <= hk[i]:
+        p = (i - 1) >> 2
+        if hk[p] <= key:
             break
-        hk[p], hk[i] = hk[i], hk[p]
-        hv[p], hv[i] = hv[i], hv[p]
+        hk[i] = hk[p]
         i = p
+    hk[i] = key
     return size + 1
 
 
 @njit(nogil=True, cache=True)
-def _heap_pop(hk, hv, size):
-    """Remove the root (caller read hk[0], hv[0]); returns the new size."""
+def _heap_pop(hk, size):
+    """Remove the root (the caller read hk[0]); returns the new size."""
     size -= 1
-    hk[0] = hk[size]
-    hv[0] = hv[size]
+    key = hk[size]
     i = 0
     while True:
-        c = 2 * i + 1
+        c = 4 * i + 1
         if c >= size:
             break
-        if c + 1 < size and hk[c + 1] < hk[c]:
-            c += 1
-        if hk[i] <= hk[c]:
+        m = c
+        for j in range(c + 1, min(c + 4, size)):
+            if hk[j] < hk[m]:
+                m = j
+        if key <= hk[m]:
             break
-        hk[c], hk[i] = hk[i], hk[c]
-        hv[c], hv[i] = hv[i], hv[c]
-        i = c
+        hk[i] = hk[m]
+        i = m
+    hk[i] = key
     return size
 
 
 @njit(nogil=True, cache=True)
-def _merge_heap(sym, nxt, prv, n, mkeys, mvals, hk, hv):
+def _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk):
     """Long pieces: HF's merge loop, a heap keyed (rank, position), O(n log n).
 
-    An entry is stale when its left symbol was merged away or the pair at its
-    position no longer merges into the same new id; stale entries are skipped.
+    rank[k]/new[k] always describe the current pair at k. A popped entry is
+    stale when its left symbol was merged away or the pair at its position has
+    changed since the push; a changed pair spans more bytes, so it is another
+    pair with another rank, and comparing ranks is HF's check (same new id).
     """
     size = 0
     for k in range(n - 1):
-        r, m = _pair(mkeys, mvals, sym[k], sym[k + 1])
-        if m >= 0:
-            size = _heap_push(hk, hv, size, (r << 32) | k, m)
+        rank[k], new[k] = _pair(mkeys, mvals, sym[k], sym[k + 1])
+        if new[k] >= 0:
+            size = _heap_push(hk, size, (rank[k] << 32) | k)
+    rank[n - 1] = NO_RANK
     while size > 0:
-        pos = np.int64(hk[0] & 0xFFFFFFFF)
-        m = hv[0]
-        size = _heap_pop(hk, hv, size)
-        if sym[pos] < 0 or nxt[pos] < 0:
+        key = hk[0]
+        size = _heap_pop(hk, size)
+        pos = key & 0xFFFFFFFF
+        if sym[pos] < 0 or rank[pos] != key >> 32:
             continue
         r = nxt[pos]
-        if _pair(mkeys, mvals, sym[pos], sym[r])[1] != m:
-            continue
-        sym[pos] = m
+        sym[pos] = new[pos]
         sym[r] = -1
         nxt[pos] = nxt[r]
         if nxt[r] >= 0:
             prv[nxt[r]] = pos
-            rk, mm = _pair(mkeys, mvals, m, sym[nxt[r]])
-            if mm >= 0:
-                size = _heap_push(hk, hv, size, (rk << 32) | pos, mm)
+            rank[pos], new[pos] = _pair(mkeys, mvals, sym[pos], sym[nxt[r]])
+            if new[pos] >= 0:
+                size = _heap_push(hk, size, (rank[pos] << 32) | pos)
+        else:
+            rank[pos] = NO_RANK
         p = prv[pos]
         if p >= 0:
-            rk, mm = _pair(mkeys, mvals, sym[p], m)
-            if mm >= 0:
-                size = _heap_push(hk, hv, size, (rk << 32) | p, mm)
+            rank[p], new[p] = _pair(mkeys, mvals, sym[p], sym[pos])
+            if new[p] >= 0:
+                size = _heap_push(hk, size, (rank[p] << 32) | p)
 
 
 @njit(nogil=True, cache=True)
 def _bpe(pb, nb, T, P, S, out, o):
     """BPE-merge the bytes pb[:nb] of one piece; append the ids to out[o:]. Returns o."""
     byte_ids, mkeys, mvals = T[2], T[3], T[4]
-    sym, nxt, prv, rank, new, hk, hv = S
+    sym, nxt, prv, rank, new, hk = S
     if P[2]:  # ignore_merges: a piece that is a whole vocab token is emitted as is
         t = find_bytes(T[5], T[6], T[7], pb, nb)
         if t >= 0:
@@ -171,7 +175,7 @@ def _bpe(pb, nb, T, P, S, out, o):
     if n <= SMALL:
         _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new)
     else:
-        _merge_heap(sym, nxt, prv, n, mkeys, mvals, hk, hv)
+        _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk)
     k = 0
     while k >= 0:
         out[o] = sym[k]
@@ -273,15 +277,15 @@ def _scratch(nb):
     m = max(nb, 1)
     S = (np.empty(m, np.int32), np.empty(m, np.int32), np.empty(m, np.int32),
          np.empty(m, np.int64), np.empty(m, np.int32),
-         np.empty(3 * m, np.int64), np.empty(3 * m, np.int32))
+         np.empty(3 * m, np.int64))
     return S, np.empty(m, np.uint8), np.empty(m + 1, np.int32)
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _decode_all(buf, offsets, cps, ncp, nbytes, bad):
     """Decode each document into cps at its byte offset; count its code points and re-encoded bytes."""
     base = offsets[0]
-    for d in prange(len(offsets) - 1):
+    for d in range(len(offsets) - 1):
         a = offsets[d] - base
         n, b = decode_range(buf, offsets[d], offsets[d + 1], cps[a:])
         ncp[d] = n
@@ -301,25 +305,34 @@ def _chunks(nbytes, n_chunks):
     return np.concatenate(([0], np.minimum(cut, len(nbytes)), [len(nbytes)])).astype(np.int64)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _encode_all(cps, offsets, ncp, nbytes, bounds, slot_off, limit, T, P, tmp, counts):
-    """Content ids of every document into tmp[slot_off[d]:], chunks of documents in parallel."""
+@njit(nogil=True, cache=True)
+def _encode_chunk(d0, d1, cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp, counts):
+    """Content ids of documents d0..d1-1 into tmp[slot_off[d]:], with this thread's buffers."""
+    if d0 == d1:
+        return
     base = offsets[0]
-    for c in prange(len(bounds) - 1):
-        d0, d1 = bounds[c], bounds[c + 1]
-        if d0 == d1:
-            continue
-        S, pb, work = _scratch(np.max(nbytes[d0:d1]))
-        C = cache_new(CACHE_ENTRIES)
-        for d in range(d0, d1):
-            a = offsets[d] - base
-            cnt = _encode_doc(cps, a, a + ncp[d], T, P, S, C, pb, work, limit)
-            counts[d] = cnt
-            keep = cnt if limit < 0 else min(cnt, limit)
-            tmp[slot_off[d]:slot_off[d] + keep] = work[:keep]
+    S, pb, work = _scratch(np.max(nbytes[d0:d1]))
+    C = cache_new(CACHE_ENTRIES)
+    for d in range(d0, d1):
+        a = offsets[d] - base
+        cnt = _encode_doc(cps, a, a + ncp[d], T, P, S, C, pb, work, limit)
+        counts[d] = cnt
+        keep = cnt if limit < 0 else min(cnt, limit)
+        tmp[slot_off[d]:slot_off[d] + keep] = work[:keep]
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def _encode_parallel(bounds, cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp, counts):
+    for c in prange(len(bounds) - 1):
+        _encode_chunk(bounds[c], bounds[c + 1], cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp, counts)
+
+
+# Launching a parallel region costs more than a small batch takes (far more on a busy
+# node, where OpenMP threads wait for a core), so small batches run on the calling thread.
+PARALLEL_MIN_BYTES = 1 << 18
+
+
+@njit(nogil=True, cache=True)
 def _assemble(tmp, slot_off, counts, limit, prefix, suffix, bad):
     """Final ids (prefix + content + suffix per document), offsets and flags."""
     nd = len(counts)
@@ -330,7 +343,7 @@ def _assemble(tmp, slot_off, counts, limit, prefix, suffix, bad):
         keep = counts[d] if limit < 0 else min(counts[d], limit)
         out_off[d + 1] = out_off[d] + keep + extra
     ids = np.empty(out_off[nd], np.int32)
-    for d in prange(nd):
+    for d in range(nd):
         o = out_off[d]
         keep = out_off[d + 1] - o - extra
         ids[o:o + len(prefix)] = prefix
@@ -361,6 +374,11 @@ def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
     tmp = np.empty(slot_off[-1], np.int32)
     counts = np.zeros(nd, np.int64)
     if nd:
-        bounds = _chunks(nbytes, min(nd, 4 * numba.get_num_threads()))
-        _encode_all(cps, offsets, ncp, nbytes, bounds, slot_off, np.int64(limit), T, P, tmp, counts)
+        threads = numba.get_num_threads()
+        parallel = threads > 1 and nd > 1 and len(cps) >= PARALLEL_MIN_BYTES
+        args = (cps, offsets, ncp, nbytes, slot_off, np.int64(limit), T, P, tmp, counts)
+        if parallel:
+            _encode_parallel(_chunks(nbytes, min(nd, 4 * threads)), *args)
+        else:
+            _encode_chunk(0, nd, *args)
     return _assemble(tmp, slot_off, counts, np.int64(limit), prefix, suffix, bad)

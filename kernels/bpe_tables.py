@@ -48,13 +48,12 @@ def _fill_int(keys, vals, ks, vs):
         s = _slot(ks[i], mask)
         while keys[s] != EMPTY and keys[s] != ks[i]:
             s = (s + 1) & mask
-        if keys[s] == EMPTY:  # first insertion wins, like a dict built front to back
-            keys[s] = ks[i]
-            vals[s] = vs[i]
+        keys[s] = ks[i]  # a later duplicate key overwrites, like HF's merge map
+        vals[s] = vs[i]
 
 
 def int_table(ks, vs):
-    """(keys, vals) arrays holding ks[i] -> vs[i]; the first of duplicate keys wins."""
+    """(keys, vals) arrays holding ks[i] -> vs[i]; the last of duplicate keys wins."""
     cap = _capacity(len(ks))
     keys = np.full(cap, EMPTY, dtype=np.int64)
     vals = np.zeros(cap, dtype=np.int64)
@@ -125,9 +124,9 @@ def cache_new(n_entries):
     """A word cache for up to n_entries pieces: (slots, entries, key pool, id pool, state)."""
     slots = np.full(2 * n_entries, -1, dtype=np.int32)  # power of two if n_entries is
     # entry e: hash, key start, key length, ids start, ids count
-    entries = np.zeros((n_entries, 5), dtype=np.int64)
-    keys = np.zeros(n_entries * 16, dtype=np.uint8)
-    ids = np.zeros(n_entries * 8, dtype=np.int32)
+    entries = np.empty((n_entries, 5), dtype=np.int64)
+    keys = np.empty(n_entries * 16, dtype=np.uint8)
+    ids = np.empty(n_entries * 8, dtype=np.int32)
     state = np.zeros(3, dtype=np.int64)  # entries used, key bytes used, ids used
     return slots, entries, keys, ids, state
 
