@@ -196,7 +196,7 @@ def test_linear_time(tok, unit):
     assert t4 / max(t1, 1e-4) < 9, (unit, t1, t4)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.text(max_size=40), min_size=1, max_size=8))
 def test_random_unicode_matches_hf(tok, hf, texts):
     assert tok.encode_batch(texts).to_lists() == hf_ids(hf, texts)
@@ -206,7 +206,7 @@ _TRICKY = st.sampled_from(list("aZ ,.'#[]\t\u3000\xa0\u0301\u0345\u302e\u1715\u0
                           ["[CLS]", "[MASK]", "##", "\U0001d165", "\U0001d16d"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(_TRICKY, max_size=30).map("".join), min_size=1, max_size=8))
 def test_tricky_alphabet_matches_hf(tok, hf, texts):
     assert tok.encode_batch(texts).to_lists() == hf_ids(hf, texts)
