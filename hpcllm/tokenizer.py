@@ -83,8 +83,9 @@ def chunk_ranges(offsets, limit=None):
 class Tokenizer:
     """Public tokenizer API; delegates to the WordPiece or byte-level BPE implementation."""
 
-    def __init__(self, impl):
+    def __init__(self, impl, json_text=None):
         self._impl = impl
+        self._json = json_text
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -107,7 +108,9 @@ class Tokenizer:
             return cls(WordPiece(spec, json_text, source))
         if kind == "BPE":
             from hpcllm.tokenizer_bpe import ByteLevelBPE
-            return cls(ByteLevelBPE.from_str(json_text))
+            if hasattr(ByteLevelBPE, "from_str"):
+                return cls(ByteLevelBPE.from_str(json_text), json_text)
+            return cls(ByteLevelBPE.from_json_dict(spec), json_text)
         raise HpcllmError(f"{source}: tokenizer model type {kind!r} is not supported (WordPiece, BPE)")
 
     @classmethod
@@ -116,11 +119,17 @@ class Tokenizer:
         return cls(ByteLevelBPE.from_gguf(path))
 
     def to_str(self):
-        return self._impl.to_str()
+        """tokenizer.json text that from_str() loads back to the same tokenizer."""
+        if self._json is not None:
+            return self._json
+        if hasattr(self._impl, "to_str"):
+            return self._impl.to_str()
+        return json.dumps(self._impl.to_json_dict(), ensure_ascii=False)
 
     # ------------------------------------------------------------ encoding
     def encode_bytes(self, buf, offsets, max_length=None, add_special_tokens=True):
-        return self._impl.encode_bytes(buf, offsets, max_length, add_special_tokens)
+        enc = self._impl.encode_bytes(buf, offsets, max_length, add_special_tokens)
+        return enc if isinstance(enc, Encoding) else Encoding(*enc)   # (ids, offsets, flags)
 
     def encode_batch(self, texts, max_length=None, add_special_tokens=True):
         buf, offsets = pack_texts(texts)
