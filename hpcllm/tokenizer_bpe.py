@@ -244,8 +244,14 @@ class ByteLevelBPE:
                    np.int64(unk), np.int64(roots))
 
     # ---- loading -------------------------------------------------------------------------
+    def special_token_ids(self):
+        """bos/eos/pad/unk ids: tokenizer.json has no place for them (HF keeps them in
+        tokenizer_config.json), so store this next to it and pass it back to from_json_dict."""
+        return {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "unk_id": self.unk_id}
+
     @classmethod
-    def from_json_dict(cls, d):
+    def from_json_dict(cls, d, special_ids=None):
+        """A parsed HF tokenizer.json; special_ids: a special_token_ids() dict to restore."""
         if d.get("normalizer") is not None:
             _err("normalizer", "must be null, got %r" % d["normalizer"].get("type"))
         if (d.get("decoder") or {}).get("type", "ByteLevel") != "ByteLevel":
@@ -261,8 +267,9 @@ class ByteLevelBPE:
             _err("post_processor", "unknown special token %r" % name)
 
         prefix, suffix = _parse_post(d.get("post_processor"), token_id)
-        eos = by_content.get("<|endoftext|>") if not suffix else None
-        return cls(vocab, merges, added, mode, digits, ignore_merges, unk, prefix, suffix, eos_id=eos)
+        ids = {"eos_id": by_content.get("<|endoftext|>") if not suffix else None}
+        ids.update(special_ids or {})
+        return cls(vocab, merges, added, mode, digits, ignore_merges, unk, prefix, suffix, **ids)
 
     @classmethod
     def from_gguf(cls, path):

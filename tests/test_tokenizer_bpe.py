@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import corpora
 from hpcllm.errors import HpcllmError
 from hpcllm.kernels.regex_pretok import LLAMA3_PATTERN, load_tables
-from hpcllm.tokenizer_bpe import ByteLevelBPE
+from hpcllm.tokenizer_bpe import BYTE_CHARS, ByteLevelBPE
 
 tokenizers = pytest.importorskip("tokenizers")
 Tokenizer = tokenizers.Tokenizer
@@ -264,3 +264,123 @@ def test_random_bytes_match_replace_decoding(smol, smol_hf, docs):
     for i, d in enumerate(docs):
         assert ids[off[i]:off[i + 1]].tolist() == ref[i]
         assert bool(flags[i] & 2) == (texts[i].encode("utf-8") != d)
+
+
+# ---- serialisation, decoding, errors -------------------------------------------------------
+
+def test_json_round_trip_and_hf_cross_check(smol, configs):
+    texts = corpora.mixed(300) + ADVERSARIAL
+    for ours in [smol] + [c[0] for c in configs.values()]:
+        d = ours.to_json_dict()
+        again = ByteLevelBPE.from_json_dict(json.loads(json.dumps(d)), ours.special_token_ids())
+        want = ids_of(ours, texts)
+        assert_same(ids_of(again, texts), want, texts)
+        assert_same(hf_ids(Tokenizer.from_str(json.dumps(d)), texts), want, texts)
+        assert again.special_token_ids() == ours.special_token_ids()
+        assert (again.add_bos, again.add_eos, again.vocab_size) == (ours.add_bos, ours.add_eos, ours.vocab_size)
+
+
+def test_decode_matches_hf(smol, smol_hf, configs):
+    texts = corpora.mixed(100) + ADVERSARIAL + ["<|im_start|>hi<|im_end|>"]
+    pairs = [(smol, smol_hf.backend_tokenizer)] + list(configs.values())
+    for ours, hf in pairs:
+        for ids in ids_of(ours, texts):
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    # byte-level round trip: decode(encode(text)) is the text itself, except for bytes the
+    # vocabulary lacks (SmolLM2 has no token for 0x1D; HF drops it too, see the adversarial test)
+    for t in corpora.mixed(100) + ADVERSARIAL:
+        if not all(BYTE_CHARS[b] in smol.vocab for b in t.encode("utf-8")):
+            continue
+        assert smol.decode(ids_of(smol, [t], add_special_tokens=False)[0], skip_special_tokens=False) == t
+
+
+def test_unsupported_configs_name_the_field(smol):
+    base = smol.to_json_dict()
+    cases = {
+        "normalizer": dict(base, normalizer={"type": "NFC"}),
+        "model.type": dict(base, model=dict(base["model"], type="WordPiece")),
+        "add_prefix_space": dict(base, pre_tokenizer=dict(base["pre_tokenizer"], add_prefix_space=True)),
+        "pre_tokenizer.Split.pattern": dict(base, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\w+"}, "behavior": "Isolated", "invert": False},
+            dict(base["pre_tokenizer"], use_regex=False)]}),
+        "model.dropout": dict(base, model=dict(base["model"], dropout=0.1)),
+        "lstrip": dict(base, added_tokens=[dict(base["added_tokens"][0], lstrip=True)]),
+    }
+    for field, d in cases.items():
+        with pytest.raises(HpcllmError, match=field.replace(".", r"\.")):
+            ByteLevelBPE.from_json_dict(d)
+    with pytest.raises(HpcllmError, match="max_length"):
+        ByteLevelBPE.from_json_dict(_variant(base, "llama3")).encode_bytes(*pack(["x"]), max_length=0)
+
+
+def test_gguf_errors_say_what_and_where(tmp_path):
+    p = tmp_path / "not.gguf"
+    p.write_bytes(b"NOPE" + bytes(40))
+    with pytest.raises(HpcllmError, match="not.gguf"):
+        ByteLevelBPE.from_gguf(str(p))
+
+
+# ---- the Unicode tables --------------------------------------------------------------------
+
+def test_regex_tables_were_probed_from_this_tokenizers():
+    from tokenizers import Regex, pre_tokenizers
+
+    classes, fold, version = load_tables()
+    assert version == tokenizers.__version__, "regenerate: python kernels/gen_regex_tables.py"
+    rng = np.random.default_rng(0)
+    cps = [c for c in rng.integers(0, 0x110000, 4000).tolist() if not 0xD800 <= c <= 0xDFFF]
+    cps += list(range(0x3000)) + [0x1680, 0x180E, 0x200B, 0x2028, 0x3000, 0x1C89, 0xA7CB, 0x105C0, 0x11DE0]
+    text = "".join(chr(c) for c in cps)
+    for pattern, bit in ((r"\p{L}", 1), (r"\p{N}", 2), (r"\s", 4)):
+        kept = np.zeros(len(cps), bool)
+        for _, (a, b) in pre_tokenizers.Split(Regex(pattern), behavior="removed").pre_tokenize_str(text):
+            kept[a:b] = True
+        assert ((classes[cps] & bit) > 0).tolist() == (~kept).tolist(), pattern
+
+
+# ---- speed shape: linear time, threads -----------------------------------------------------
+
+def _seconds(tok, text):
+    buf, off = pack([text])
+    best = 1e9
+    for _ in range(2):
+        t = time.perf_counter()
+        tok.encode_bytes(buf, off)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@pytest.mark.parametrize("kind", ["repeated", "whitespace", "word"])
+def test_no_quadratic_cases(smol, kind):
+    rng = np.random.default_rng(1)
+    make = {"repeated": lambda n: "a" * n, "whitespace": lambda n: (" \t\n\u3000  " * n)[:n],
+            "word": lambda n: rng.integers(97, 123, n).astype(np.uint8).tobytes().decode()}[kind]
+    small, big = make(1 << 20), make(4 << 20)
+    ratio = _seconds(smol, big) / _seconds(smol, small)
+    assert ratio < 7.0, "4x the input took %.1fx the time" % ratio  # quadratic would be 16x
+
+
+def test_parallel_and_threads_give_the_same_ids(smol):
+    texts = corpora.mixed(3000)
+    buf, off = pack(texts)
+    want = smol.encode_bytes(buf, off)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = smol.encode_bytes(buf, off)
+    finally:
+        numba.set_num_threads(old)
+    got = [None, None]
+
+    def work(i):  # two Python threads in the kernels at once (they release the GIL)
+        got[i] = smol.encode_bytes(buf, off)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in [one] + got:
+        for a, b in zip(res, want):
+            np.testing.assert_array_equal(a, b)
