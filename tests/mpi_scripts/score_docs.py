@@ -1,11 +1,13 @@
-"""mpiexec -n N python score_docs.py CKPT IN.npz OUT.npz TP COMMS WINDOW STRIDE
+"""mpiexec -n N python score_docs.py CKPTS IN.npz OUT.npz TP COMMS WINDOW STRIDE
 
-Scores the documents of IN.npz (flat ``ids`` + ``offsets``) at dp = N / TP,
+Scores the documents of IN.npz (flat ``ids`` + ``offsets``) with each
+checkpoint of CKPTS (comma separated; WINDOW 0: the model's context) at dp = N / TP,
 tp = TP with each comm backend of COMMS (comma separated; torch.distributed is
 initialised once, so "torch" may appear once). dp groups take contiguous
 document ranges. World rank 0 saves, per backend, the flat per-token
-log-probabilities in document order (``lp_<comm>``, offsets ``lp_offsets``),
-and every rank's peak RSS after loading the model (``rss_mb``). Every tp rank
+log-probabilities in document order (``lp<k>_<comm>`` for checkpoint k,
+offsets ``lp_offsets``), and every rank's peak RSS after loading the model
+(``rss_mb<k>_<comm>``). Every tp rank
 of a group must produce identical numbers; the script fails otherwise.
 """
 
@@ -22,7 +24,7 @@ from hpcllm.model.build import build_model
 from hpcllm.model.parallel import even_split
 from hpcllm.scoring import score_documents
 
-ckpt_path, in_path, out_path, tp, comms, window, stride = sys.argv[1:8]
+ckpts, in_path, out_path, tp, comms, window, stride = sys.argv[1:8]
 tp, window, stride = int(tp), int(window), int(stride)
 torch.set_num_threads(1)
 world = MPI.COMM_WORLD
@@ -32,20 +34,21 @@ docs = [data["ids"][offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 out = {}
 for comm in comms.split(","):
     mesh = Mesh.create(world, tp, comm)
-    with Checkpoint(ckpt_path) as ck:
-        model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    d0, d1 = even_split(len(docs), mesh.dp_size, mesh.dp_rank)
-    mine = score_documents(model, docs[d0:d1], window, stride, batch_tokens=4096)
-    group = mesh.tp_mpi.allgather(mine)
-    for other in group:
-        assert all(np.array_equal(a, b) for a, b in zip(mine, other)), "tp ranks disagree"
-    parts = world.gather((mesh.tp_rank, mine, rss), root=0)
-    if world.Get_rank() == 0:
-        lps = [lp for rank, m, _ in parts if rank == 0 for lp in m]
-        out[f"lp_{comm}"] = np.concatenate(lps)
-        out["lp_offsets"] = np.cumsum([0] + [len(lp) for lp in lps])
-        out[f"rss_mb_{comm}"] = np.array([r for _, _, r in parts])
-    del model
+    for k, ckpt_path in enumerate(ckpts.split(",")):
+        with Checkpoint(ckpt_path) as ck:
+            model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        d0, d1 = even_split(len(docs), mesh.dp_size, mesh.dp_rank)
+        w = window or model.cfg["max_positions"]
+        mine = score_documents(model, docs[d0:d1], w, stride or w // 2, batch_tokens=4096)
+        for other in mesh.tp_mpi.allgather(mine):
+            assert all(np.array_equal(a, b) for a, b in zip(mine, other)), "tp ranks disagree"
+        parts = world.gather((mesh.tp_rank, mine, rss), root=0)
+        if world.Get_rank() == 0:
+            lps = [lp for rank, m, _ in parts if rank == 0 for lp in m]
+            out[f"lp{k}_{comm}"] = np.concatenate(lps)
+            out["lp_offsets"] = np.cumsum([0] + [len(lp) for lp in lps])
+            out[f"rss_mb{k}_{comm}"] = np.array([r for _, _, r in parts])
+        del model
 if world.Get_rank() == 0:
     np.savez(out_path, **out)

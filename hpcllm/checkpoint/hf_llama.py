@@ -1,0 +1,139 @@
+"""Import a Hugging Face Llama / Mistral / Qwen2 directory (config.json,
+*.safetensors, tokenizer.json) into hpcllm's decoder names and config.
+
+Which optional weights exist (q/k/v bias, o bias, an untied LM head) is read
+from the tensors themselves, so Qwen2's q/k/v bias and Llama's
+``attention_bias`` need no per-family code.
+"""
+
+import json
+import os
+
+from hpcllm.errors import HpcllmError
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+    "mlp.down_proj": "mlp.down",
+}
+_TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _read_json(path, default=None):
+    if not os.path.exists(path):
+        if default is not None:
+            return default
+        raise HpcllmError(f"missing {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _rope(src: str, hf: dict):
+    """(theta, scaling or None): transformers 5 nests both in rope_parameters, 4.x kept them flat."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or params or None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in _ROPE_TYPES:
+            raise HpcllmError(f"{src}/config.json: rope scaling type {kind!r} is not supported ({', '.join(_ROPE_TYPES)})")
+        scaling = None if kind == "default" else {k: v for k, v in scaling.items() if k != "rope_theta"}
+    return float(theta), scaling
+
+
+def _add_bos(src: str, tokenizer: dict) -> bool:
+    """tokenizer_config.json's add_bos_token, else whether tokenizer.json's template starts with a special token."""
+    tcfg = _read_json(os.path.join(src, "tokenizer_config.json"), default={})
+    if "add_bos_token" in tcfg:
+        return bool(tcfg["add_bos_token"])
+    post = tokenizer.get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    template = next((s.get("single") for s in steps if s.get("type") == "TemplateProcessing"), None)
+    return bool(template) and "SpecialToken" in template[0]
+
+
+def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HpcllmError(f"{src}/config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+    if hf.get("use_sliding_window"):
+        raise HpcllmError(f"{src}/config.json: use_sliding_window=true (Qwen2 layer-wise windows) is not supported")
+    if "model.layers.0.mlp.gate_proj.bias" in names:
+        raise HpcllmError(f"{src}: MLP biases (mlp_bias=true) are not supported")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    theta, scaling = _rope(src, hf)
+    context = hf["max_position_embeddings"]
+    if hf.get("sliding_window"):  # Mistral: windows no longer than the attention window keep attention exact
+        context = min(context, int(hf["sliding_window"]))
+    bos = hf.get("bos_token_id")
+    return {
+        "vocab": hf["vocab_size"], "hidden": hidden, "n_layers": hf["num_hidden_layers"],
+        "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+        "head_dim": hf.get("head_dim") or hidden // heads, "ffn": hf["intermediate_size"],
+        "rms_eps": float(hf.get("rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_scaling": scaling,
+        "max_positions": context, "tie_embeddings": "lm_head.weight" not in names,
+        "qkv_bias": "model.layers.0.self_attn.q_proj.bias" in names,
+        "o_bias": "model.layers.0.self_attn.o_proj.bias" in names,
+        "add_bos": _add_bos(src, tokenizer) and bos is not None, "bos_id": bos,
+        "eos_id": hf.get("eos_token_id"), "pad_id": hf.get("pad_token_id"),
+    }
+
+
+def _rename(key: str):
+    base, _, kind = key.rpartition(".")
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{kind}"
+    if base.startswith("model.layers."):
+        i, rest = base[len("model.layers."):].split(".", 1)
+        if rest in _LAYER_NAMES:
+            return f"layers.{i}.{_LAYER_NAMES[rest]}.{kind}"
+    return None
+
+
+def _safetensors_files(src: str):
+    files = sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(".safetensors"))
+    if not files:
+        raise HpcllmError(f"{src}: no *.safetensors weights found")
+    return files
+
+
+def llama_tensors(src: str, files) -> dict:
+    """hpcllm name -> float32 numpy array (bf16/fp16 files are widened through torch)."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue  # derived from the config
+                name = _rename(key)
+                if name is None:
+                    raise HpcllmError(f"{path}: unexpected tensor {key!r} for a Llama-family model")
+                out[name] = f.get_tensor(key).to(torch.float32).numpy()
+    return out
+
+
+def import_llama(src: str):
+    """-> (architecture, config, tensors, tokenizer_json)"""
+    from safetensors import safe_open
+
+    hf = _read_json(os.path.join(src, "config.json"))
+    tok_path = os.path.join(src, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        raise HpcllmError(f"{src}: tokenizer.json missing (hpcllm needs the fast-tokenizer file)")
+    with open(tok_path, encoding="utf-8") as f:
+        tokenizer_json = f.read()
+    files = _safetensors_files(src)
+    names = set()
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names.update(f.keys())
+    cfg = llama_config(src, hf, names, json.loads(tokenizer_json))
+    tensors = llama_tensors(src, files)
+    missing = [n for n in ("embed.weight", "norm.weight") if n not in tensors]
+    if missing:
+        raise HpcllmError(f"{src}: weights missing from the safetensors files: {', '.join(missing)}")
+    return "llama", cfg, tensors, tokenizer_json

