@@ -31,12 +31,15 @@ hpcllm_run() {
     fi
     _hpcllm_log "start job ${SLURM_JOB_ID}${array} restart_count=$restarts ntasks=${SLURM_NTASKS:-?} nodes=${SLURM_JOB_NODELIST:-?}: ${HPCLLM_CMD:-hpcllm} $job $*"
 
+    # Traps first: a signal that arrives before srun exists is kept and sent on
+    # as soon as srun runs (the default action would kill this shell).
+    _hpcllm_srun="" _hpcllm_signal=""
+    trap '_hpcllm_forward USR1' USR1
+    trap '_hpcllm_forward TERM' TERM
     # shellcheck disable=SC2086  # the two knobs are word lists on purpose
     srun --mpi=pmi2 ${HPCLLM_SRUN_ARGS:-} ${HPCLLM_CMD:-hpcllm} "$job" "$@" &
     _hpcllm_srun=$!
-    _hpcllm_signal=""
-    trap '_hpcllm_forward USR1' USR1
-    trap '_hpcllm_forward TERM' TERM
+    [ -n "$_hpcllm_signal" ] && _hpcllm_forward "$_hpcllm_signal"
 
     # A trapped signal interrupts `wait` (status > 128) while srun still runs:
     # wait again. bash keeps the exit status of a finished child, so a second
@@ -47,7 +50,8 @@ hpcllm_run() {
         wait "$_hpcllm_srun"; rc=$?
         [ -z "$_hpcllm_signal" ] && break
     done
-    trap - USR1 TERM
+    # srun has ended: a late signal must not kill this shell before it can requeue.
+    trap '' USR1 TERM
     _hpcllm_finish "$rc"
 }
 
@@ -56,6 +60,7 @@ hpcllm_run() {
 # both alike (stop at the next batch boundary).
 _hpcllm_forward() {
     _hpcllm_signal=$1
+    [ -n "$_hpcllm_srun" ] || return 0
     _hpcllm_log "got SIG$1, forwarding it to srun (pid $_hpcllm_srun) as SIGUSR1"
     kill -s USR1 "$_hpcllm_srun" 2>/dev/null || true
 }

@@ -9,6 +9,7 @@ works through resumable steps, and stops on a signal with EXIT_REQUEUE.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -208,28 +209,29 @@ def test_array_template_gives_each_task_its_corpus(slurm_cluster, tmp_path):
 
 # --- the real embed job: sbatch vs mpiexec -------------------------------------
 
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
-def test_sbatch_embed_matches_mpiexec(slurm_cluster, tmp_path, minilm_h5):
-    import h5py
-    import numpy as np
+@pytest.fixture(scope="module")
+def embed_reference(tmp_path_factory, minilm_h5):
+    """A corpus of many small shards and its results from an uninterrupted `mpiexec -n 2 hpcllm embed`."""
     from conftest import mpirun, write_jsonl
     from corpora import mixed
 
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", mixed(60))
-    args = ["--model", minilm_h5, "--input", corpus, "--shard-docs", "16", "--batch-tokens", "2048"]
-    mpirun(2, ["embed", *args, "--output", tmp_path / "mpiexec"])
-    _, state, log = _sbatch_wait(["-n", 2, os.path.join(SLURM_DIR, "embed.sbatch"), *args,
-                                  "--output", tmp_path / "sbatch"], tmp_path,
-                                 dict(os.environ, HPCLLM_CMD=f"{sys.executable} -m hpcllm"))
-    assert state == "COMPLETED", log
-    with h5py.File(tmp_path / "mpiexec" / "results.h5") as a, h5py.File(tmp_path / "sbatch" / "results.h5") as b:
-        names = []
-        a.visit(lambda n: names.append(n) if isinstance(a[n], h5py.Dataset) else None)
-        assert names and sorted(names) == sorted(n for n in _datasets(b))
+    d = tmp_path_factory.mktemp("embed")
+    corpus = write_jsonl(d / "corpus.jsonl", mixed(240))
+    args = ["--model", minilm_h5, "--input", corpus, "--shard-docs", "12", "--batch-tokens", "2048",
+            "--progress", "0"]
+    mpirun(2, ["embed", *args, "--output", d / "mpiexec"])
+    return args, d / "mpiexec" / "results.h5"
+
+
+def _assert_same_results(path_a, path_b):
+    import h5py
+    import numpy as np
+
+    with h5py.File(path_a) as a, h5py.File(path_b) as b:
+        names = _datasets(a)
+        assert names and names == _datasets(b)
         for n in names:
-            # Same world layout and inputs: bit-identical results.
+            # Same world layout, same inputs, shards written whole: bit-identical.
             np.testing.assert_array_equal(a[n][()], b[n][()], err_msg=n)
 
 
@@ -238,7 +240,46 @@ def _datasets(f):
 
     names = []
     f.visit(lambda n: names.append(n) if isinstance(f[n], h5py.Dataset) else None)
-    return names
+    return sorted(names)
+
+
+def _embed_env():
+    return dict(os.environ, HPCLLM_CMD=f"{sys.executable} -m hpcllm")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
+def test_sbatch_embed_matches_mpiexec(slurm_cluster, tmp_path, embed_reference):
+    args, reference = embed_reference
+    _, state, log = _sbatch_wait(["-n", 2, os.path.join(SLURM_DIR, "embed.sbatch"), *args,
+                                  "--output", tmp_path / "sbatch"], tmp_path, _embed_env())
+    assert state == "COMPLETED", log
+    _assert_same_results(reference, tmp_path / "sbatch" / "results.h5")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
+def test_sbatch_embed_signalled_requeues_and_matches(slurm_cluster, tmp_path, embed_reference):
+    args, reference = embed_reference
+    out, log = tmp_path / "sbatch", tmp_path / "log"
+    job_id = _sbatch(["-n", 2, f"--output={log}", os.path.join(SLURM_DIR, "embed.sbatch"), *args, "--output", out],
+                     tmp_path, _embed_env())
+    try:
+        _wait_until(lambda: list(out.glob("shards/shard-*.h5")), "the first shard file")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], check=True, timeout=30)
+        _wait_until(lambda: _job_state(job_id) in FINISHED_AFTER_ONE_RESTART, f"job {job_id} to be requeued and end")
+    finally:
+        subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+    text = log.read_text()
+    assert _job_state(job_id) == ("COMPLETED", 1), text
+    assert f"start job {job_id} restart_count=0" in text and f"start job {job_id} restart_count=1" in text
+    assert f"requeueing job {job_id}" in text
+    # The rerun skipped the shards the first run had completed.
+    done_before = [int(m) for m in re.findall(r"\((\d+) already done\)", text)]
+    assert len(done_before) == 2 and done_before[0] == 0 and done_before[1] >= 1, text
+    _assert_same_results(reference, out / "results.h5")
 
 
 # --- run as a script: a stand-in for `hpcllm JOB --out DIR --steps N` -----------
