@@ -159,7 +159,8 @@ wait_idle() {
     die "node $NODE not idle after ${TIMEOUT}s (state: '${state:-no answer}'); see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd.log"
 }
 
-if command -v sinfo >/dev/null && node_ready; then
+# sinfo retries for ~10 s when no controller answers: ask only if the daemons run.
+if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && node_ready; then
     echo "start-test-cluster: already up ($NODE $(node_state))"
     exit 0
 fi

@@ -55,12 +55,28 @@ def test_provenance_only_what_slurm_set():
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
+    """Start the one-node cluster (stopped again at the end if this session started it)."""
     if os.geteuid() != 0:
         pytest.skip("the one-node Slurm test cluster needs root (starts munged, slurmctld, slurmd)")
     r = subprocess.run(["bash", os.path.join(SLURM_DIR, "start-test-cluster.sh")], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, f"slurm/start-test-cluster.sh failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
+    yield r.stdout
+    if "already up" not in r.stdout:   # leave a cluster someone else started running
+        subprocess.run(["bash", os.path.join(SLURM_DIR, "stop-test-cluster.sh")], capture_output=True, timeout=120)
+
+
+@pytest.mark.slurm
+def test_start_script_is_idempotent(slurm_cluster):
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "start-test-cluster.sh")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "already up" in r.stdout, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 10
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c %T"], capture_output=True, text=True, timeout=30)
+    name, cpus, state = nodes.stdout.split()
+    # The node advertises 4 CPUs whatever the machine has, so tests can run -n 4.
+    assert cpus == os.environ.get("SLURM_TEST_CPUS", "4") and state in ("idle", "mixed", "allocated"), nodes.stdout
 
 
 def _fake_env(**extra):
