@@ -1,0 +1,102 @@
+"""SmolLM2-135M (GGUF, Q4_1) scored by hpcllm against HF transformers loading
+the same GGUF itself: fp32 per-token log-probabilities over 200 real documents
+of mixed length plus one document longer than the window (sliding window,
+HF reference computed the same way), at (dp, tp) = (1,1), (2,1), (1,2), (1,3),
+(1,4) with both comm backends; and per-rank memory falling with tp.
+
+Documents are cut to 4..16 tokens so that the eight full passes of the 135M
+model fit the CI budget of two shared cores (HPCLLM_TEST_SCORE_MAX_TOKENS
+raises the cap).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, mpirun
+from corpora import mixed
+from test_decoder import GGUF_PATH, hf_logprobs
+
+SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "score_docs.py")
+N_DOCS = 200
+MAX_TOKENS = int(os.environ.get("HPCLLM_TEST_SCORE_MAX_TOKENS", "16"))
+LONG_TOKENS, WINDOW, STRIDE = 160, 64, 32
+WEIGHTS_MB = 135e6 * 4 / 2**20  # fp32 weights of SmolLM2-135M
+
+
+@pytest.fixture(scope="module")
+def smol_h5(tmp_path_factory):
+    from hpcllm.jobs.convert import convert
+
+    path = str(tmp_path_factory.mktemp("smol") / "smollm2.h5")
+    convert(GGUF_PATH, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Token ids (HF's GGUF tokenizer) and HF's per-token log-probabilities, computed once, saved to .npz."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = os.path.split(GGUF_PATH)
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    texts = mixed(N_DOCS + 40)
+    docs = [np.array(tok(t, add_special_tokens=False)["input_ids"][:4 + (i * 7) % (MAX_TOKENS - 3)], np.int64)
+            for i, t in enumerate(texts[:N_DOCS])]
+    long = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] for t in texts[N_DOCS:]])[:LONG_TOKENS]
+    assert len(long) == LONG_TOKENS
+    docs.append(long.astype(np.int64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = [hf_logprobs(hf, ids, WINDOW, STRIDE) for ids in docs]
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
+    np.savez(path, ids=np.concatenate(docs), offsets=np.cumsum([0] + [len(d) for d in docs]),
+             lp=np.concatenate(ref), lp_offsets=np.cumsum([0] + [len(r) for r in ref]))
+    return path
+
+
+_RUNS = {}
+
+
+def run(smol_h5, reference, tmp_path_factory, dp, tp, comms):
+    """Outputs of score_docs.py at (dp, tp), run once per module."""
+    key = (dp, tp, comms)
+    if key not in _RUNS:
+        out = tmp_path_factory.mktemp(f"dp{dp}tp{tp}") / "out.npz"
+        mpirun(dp * tp, [SCRIPT, smol_h5, reference, out, tp, comms, WINDOW, STRIDE],
+               python_module="mpi4py", timeout=400)
+        _RUNS[key] = dict(np.load(out))
+    return _RUNS[key]
+
+
+@pytest.mark.parametrize("dp,tp,comms", [(1, 1, "mpi"), (2, 1, "torch"), (1, 2, "mpi,torch"),
+                                         (1, 3, "mpi,torch"), (1, 4, "mpi,torch")])
+def test_smollm2_matches_transformers(smol_h5, reference, tmp_path_factory, dp, tp, comms):
+    ref = np.load(reference)
+    got = run(smol_h5, reference, tmp_path_factory, dp, tp, comms)
+    np.testing.assert_array_equal(got["lp_offsets"], ref["lp_offsets"])
+    assert len(ref["lp_offsets"]) - 1 == N_DOCS + 1
+    long = slice(ref["lp_offsets"][-2], ref["lp_offsets"][-1])
+    assert long.stop - long.start == LONG_TOKENS - 1  # every token but the first, once
+    for comm in comms.split(","):
+        lp = got[f"lp0_{comm}"]
+        diff = np.abs(lp - ref["lp"])
+        print(f"dp={dp} tp={tp} {comm}: {len(lp)} tokens, max |logprob diff| vs HF {diff.max():.2e}")
+        assert diff.max() <= 1e-3, f"{comm}: max |diff| {diff.max()} at token {diff.argmax()}"
+        assert np.abs(lp[long] - ref["lp"][long]).max() <= 1e-3
+        assert np.all(lp < 0) and np.all(np.isfinite(lp))
+
+
+def test_memory_per_rank_falls_with_tp(smol_h5, reference, tmp_path_factory):
+    rss = {tp: run(smol_h5, reference, tmp_path_factory, 1, tp, "mpi" if tp == 1 else "mpi,torch")["rss_mb0_mpi"]
+           for tp in (1, 2, 3)}
+    print("peak RSS per rank after loading SmolLM2 fp32 (MB):", {tp: np.round(r).tolist() for tp, r in rss.items()})
+    # the split weights are ~1/tp: tp=2 saves ~W/2 per rank, tp=3 ~2W/3 (the norms are replicated)
+    assert rss[2].max() < rss[1][0] - 0.35 * WEIGHTS_MB
+    assert rss[3].max() < rss[1][0] - 0.5 * WEIGHTS_MB
