@@ -19,7 +19,7 @@ from hpcllm.errors import HpcllmError
 
 FLAG_TRUNCATED = 1   # content was cut to fit max_length
 FLAG_BAD_UTF8 = 2    # invalid UTF-8 / lone surrogates were replaced by U+FFFD
-CHUNK_BYTES = 64 << 20   # bytes per kernel call: bounds the temporary output buffer
+CHUNK_BYTES = 16 << 20   # bytes per kernel call: bounds the temporary output buffer (4 B/byte)
 
 
 class Encoding:

@@ -258,7 +258,7 @@ def _match_added(cps, i, n, at):
 
 
 @njit(nogil=True, cache=True)
-def encode_doc(buf, b0, b1, cps, pend, wbuf, ut, ft, vt, at, cfg, out, base, cap, max_content):
+def encode_doc(buf, b0, b1, cps, pend, wbuf, st, ut, ft, vt, at, cfg, out, base, cap, max_content):
     """Content tokens of document buf[b0:b1] into out[base:base+cap].
 
     Returns (n, bad): n tokens produced (stops once n > max_content, the sign
@@ -268,7 +268,7 @@ def encode_doc(buf, b0, b1, cps, pend, wbuf, ut, ft, vt, at, cfg, out, base, cap
     """
     n, bad = decode_range(buf, b0, b1, cps)
     fm, seq_off, seq_data, afirst = ft
-    st = np.zeros(3, np.int64)
+    st[:] = 0   # scratch state, reused across a block's documents
     has_added = len(at[2]) > 1
     i = 0
     while i < n and st[S_N] <= max_content:
@@ -324,11 +324,12 @@ def encode_batch(buf, offsets, blocks, out_base, caps, ut, ft, vt, at, cfg, pref
         cps = np.empty(longest, np.int32)
         pend = np.empty(longest * max_nfd + 1, np.int32)
         wbuf = np.empty(cfg[C_MAXCHARS] + 1, np.int32)
+        st = np.zeros(3, np.int64)
         for d in range(blocks[b], blocks[b + 1]):
             base = out_base[d]
             out[base:base + npre] = prefix
-            n, bad = encode_doc(buf, offsets[d], offsets[d + 1], cps, pend, wbuf, ut, ft, vt,
-                                at, cfg, out, base + npre, caps[d], max_content)
+            n, bad = encode_doc(buf, offsets[d], offsets[d + 1], cps, pend, wbuf, st, ut, ft,
+                                vt, at, cfg, out, base + npre, caps[d], max_content)
             f = 2 if bad else 0
             if n > max_content:
                 f |= 1
