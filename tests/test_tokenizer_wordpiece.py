@@ -210,3 +210,40 @@ _TRICKY = st.sampled_from(list("aZ ,.'#[]\t\u3000\xa0\u0301\u0345\u302e\u1715\u0
 @given(st.lists(st.lists(_TRICKY, max_size=30).map("".join), min_size=1, max_size=8))
 def test_tricky_alphabet_matches_hf(tok, hf, texts):
     assert tok.encode_batch(texts).to_lists() == hf_ids(hf, texts)
+
+
+def test_kernel_releases_the_gil(tok):
+    """Python code in another thread keeps running while a batch is tokenized."""
+    import threading
+    buf, offsets = pack_texts(fortunes("fortunes") * 4)
+    tok.encode_bytes(buf[:1000], offsets[:2])
+    done = threading.Event()
+    spent = []
+
+    def work():
+        t0 = time.perf_counter()
+        tok.encode_bytes(buf, offsets)
+        spent.append(time.perf_counter() - t0)
+        done.set()
+
+    th = threading.Thread(target=work)
+    count = 0
+    th.start()
+    while not done.is_set():
+        count += 1
+    th.join()
+    # holding the GIL would leave this loop a few switch intervals (5 ms) at most
+    assert spent[0] > 0.05 and count > 20_000, (spent, count)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=8))
+def test_random_bytes_match_hf_on_replaced_text(tok, hf, raw):
+    enc = tok.encode_batch(raw)
+    assert enc.to_lists() == hf_ids(hf, [r.decode("utf-8", "replace") for r in raw])
+    for r, f in zip(raw, enc.flags):
+        try:
+            r.decode("utf-8")
+            assert f == 0
+        except UnicodeDecodeError:
+            assert f == FLAG_BAD_UTF8
