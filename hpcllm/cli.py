@@ -69,7 +69,9 @@ def main(argv=None):
     try:
         code = run(argv)
     except HpcllmError as exc:
-        print(f"hpcllm: error: {exc}{_where()}", file=sys.stderr, flush=True)
+        # one write, so lines of several ranks forwarded by mpiexec never interleave
+        sys.stderr.flush()
+        os.write(2, f"hpcllm: error: {exc}{_where()}\n".encode())
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -1,5 +1,6 @@
 """Progress lines and the end-of-job timing breakdown (rank 0 prints)."""
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ class Timers:
 
 
 def log(msg: str):
-    print(f"[hpcllm] {msg}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os.write(2, f"[hpcllm] {msg}\n".encode())
 
 
 class Progress:

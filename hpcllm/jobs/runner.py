@@ -11,9 +11,11 @@ it computes for a padded batch; it does not know how it was launched.
 """
 
 import concurrent.futures
+import json
 import os
 import time
 
+import h5py
 import numpy as np
 import torch
 
@@ -104,7 +106,7 @@ def run_job(cfg, job_cls) -> int:
     inputs = list_inputs(cfg.input, cfg.format)
     manifest = load_or_create_manifest(
         cfg.output, lambda: make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format),
-        ckpt.content_hash, cfg.result_hash(job.name), comm=world)
+        ckpt.content_hash, cfg.result_hash(job.name), comm=world, inputs=inputs)
     plan = manifest.shards
     todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
                        if world.Get_rank() == 0 else None, root=0)
@@ -173,15 +175,13 @@ class GroupLoop:
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def write(self, data: ShardData, outputs: dict):
-        from hpcllm.results import write_shard
+        from hpcllm.results import base_columns, write_shard
 
-        n_tokens = np.diff(data.offsets).astype(np.int32)
-        n_tokens[~np.isin(np.arange(len(n_tokens)), data.process)] = 0
-        columns = {"status": data.status, "doc_id": data.docs.doc_id, "line": data.docs.line,
-                   "n_tokens": n_tokens, **outputs}
+        n_tokens = np.zeros(len(data.status), np.int32)
+        n_tokens[data.process] = np.diff(data.offsets)[data.process]
+        columns = {**base_columns(data.shard, data.docs), "status": data.status, "n_tokens": n_tokens, **outputs}
         with self.timers.phase("write"):
-            write_shard(self.cfg.output, data.shard, columns, self.job.schema(),
-                        {"source": data.docs.source})
+            write_shard(self.cfg.output, data.shard, columns, schema=self.job.schema())
         tokens = int(n_tokens.sum())
         self.docs_done += len(data.status)
         self.tokens_done += tokens
@@ -221,13 +221,16 @@ def finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop) -> int:
 
 
 def _write_master(cfg, mesh, job, ckpt, plan, rows):
-    from hpcllm.results import build_master, status_summary
+    from hpcllm.results import build_master
 
     attrs = {"job": job.name, "model": os.path.abspath(cfg.model), "model_hash": ckpt.content_hash,
              "model_source": ckpt.source, "config": cfg.as_dict(), "code_version": __version__,
              "world": mesh.describe(), "timings": rows, "slurm": provenance(), "finished": time.time()}
     path = build_master(cfg.output, plan, job.schema(), attrs)
-    log(f"wrote {path}: " + status_summary(path))
+    with h5py.File(path, "r") as f:
+        counts = json.loads(f.attrs["status_counts"])
+    log(f"wrote {path}: {sum(counts.values())} documents; status counts: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
 
 
 def _mpi_max():
