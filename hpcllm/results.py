@@ -70,6 +70,11 @@ class Column:
         return h5py.check_string_dtype(np.dtype(self.dtype)) is not None
 
     @property
+    def is_object(self) -> bool:
+        """Variable-length rows (strings, or h5py.vlen_dtype arrays such as per-token values)."""
+        return self.np_dtype.kind == "O"
+
+    @property
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
@@ -136,8 +141,8 @@ def _atomic_h5(final: str):
 
 
 def _write_column(f: h5py.File, col: Column | None, name: str, data) -> None:
-    if (col.is_string if col is not None else np.asarray(data).dtype == object):
-        f.create_dataset(name, data=np.asarray(data, dtype=object), dtype=STRING)
+    if (col.is_object if col is not None else np.asarray(data).dtype == object):
+        f.create_dataset(name, data=np.asarray(data, dtype=object), dtype=col.dtype if col is not None else STRING)
         return
     arr = np.ascontiguousarray(data, dtype=col.np_dtype if col is not None else None)
     if np.issubdtype(arr.dtype, np.integer) and arr.size:
@@ -239,7 +244,7 @@ def _sources(plan: list[Shard], inputs: list[str] | None) -> list[str | None]:
 
 def _virtual_column(f: h5py.File, col: Column, plan: list[Shard], n_rows: int) -> None:
     shape = (n_rows,) + tuple(col.shape_tail)
-    fill = None if col.is_string else np.array(col.fill, dtype=col.np_dtype)
+    fill = None if col.is_object else np.array(col.fill, dtype=col.np_dtype)
     if n_rows == 0:   # nothing to map; an empty plain dataset keeps the schema visible
         f.create_dataset(col.name, shape=shape, dtype=STRING if col.is_string else col.np_dtype)
         return
