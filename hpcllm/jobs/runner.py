@@ -128,6 +128,9 @@ class GroupLoop:
         self.counters = SharedCounters(mesh.world)
         self.docs_done = 0
         self.tokens_done = 0
+        self.shards_done = 0
+        self.finished_at = None
+        self.slowdown = _debug_slowdown(mesh.dp_rank)
         self.progress = Progress(sum(s.n_docs for s in todo), cfg.progress) if mesh.rank == 0 else None
 
     def claim(self):
@@ -162,8 +165,11 @@ class GroupLoop:
                     return True
                 next_shard = self.claim()
                 future = pool.submit(self.load, next_shard) if pool and next_shard else None
+                computed = self.timers.seconds["compute"]
                 outputs = self.job.run(self.model, *work, self.tokenizer, self.timers,
                                        lambda: stop.should_stop(self.mesh.tp_mpi))
+                if self.slowdown > 1:  # testing aid: this dp group runs `slowdown` times slower
+                    time.sleep((self.slowdown - 1) * (self.timers.seconds["compute"] - computed))
                 if outputs is None:  # stopped between batches: drop this shard
                     return True
                 if data is not None:
@@ -171,6 +177,7 @@ class GroupLoop:
                 shard = next_shard
             return False
         finally:
+            self.finished_at = time.time()
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -183,6 +190,7 @@ class GroupLoop:
         with self.timers.phase("write"):
             write_shard(self.cfg.output, data.shard, columns, schema=self.job.schema())
         tokens = int(n_tokens.sum())
+        self.shards_done += 1
         self.docs_done += len(data.status)
         self.tokens_done += tokens
         self.counters.add_done(len(data.status), tokens)
@@ -195,7 +203,10 @@ def finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop) -> int:
     world = mesh.world
     loop.timers.seconds["comm"] = mesh.tp.seconds
     loop.timers.seconds["compute"] -= mesh.tp.seconds  # collectives run inside the forward pass
-    rows = world.gather({"rank": world.Get_rank(), "seconds": loop.timers.seconds, "docs": loop.docs_done}, root=0)
+    rows = world.gather({"rank": world.Get_rank(), "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank,
+                         "seconds": loop.timers.seconds, "docs": loop.docs_done, "tokens": loop.tokens_done,
+                         "shards": loop.shards_done, "finished_at": loop.finished_at,
+                         "peak_rss_mb": peak_rss_mb()}, root=0)
     any_stopped = world.allreduce(int(stopped), op=_mpi_max())
     error = None
     if world.Get_rank() == 0:
@@ -231,6 +242,22 @@ def _write_master(cfg, mesh, job, ckpt, plan, rows):
         counts = json.loads(f.attrs["status_counts"])
     log(f"wrote {path}: {sum(counts.values())} documents; status counts: "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _debug_slowdown(dp_rank: int) -> float:
+    """HPCLLM_DEBUG_SLOWDOWN="<dp_rank>:<factor>" slows one dp group (benchmarks, tests of claiming)."""
+    spec = os.environ.get("HPCLLM_DEBUG_SLOWDOWN")
+    if not spec:
+        return 1.0
+    group, _, factor = spec.partition(":")
+    return float(factor) if int(group) == dp_rank else 1.0
 
 
 def _mpi_max():
