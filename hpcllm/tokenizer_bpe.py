@@ -132,8 +132,8 @@ def _trie(added):
                 term.append(-1)
             node = children[key]
         term[node] = tok["id"]
-    tkeys, tvals = int_table(list(children), list(children.values()))
-    return tkeys, tvals, np.array(term, dtype=np.int32), first
+    ttab = int_table(list(children), list(children.values()))
+    return ttab, np.array(term, dtype=np.int32), first
 
 
 # GGUF metadata value types -> struct format of one scalar (8 = string, 9 = array)
@@ -232,13 +232,13 @@ class ByteLevelBPE:
                 raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (rank, a + " " + b))
             mk.append((self.vocab[a] << 32) | self.vocab[b])
             mv.append((rank << 32) | self.vocab[a + b])
-        mkeys, mvals = int_table(mk, mv)
+        mtab = int_table(mk, mv)
         classes, fold, self.tables_version = load_tables()
         vslots = bytes_table(tok_bytes, tok_off)
-        tkeys, tvals, term, first = _trie(self.added)
+        ttab, term, first = _trie(self.added)
         roots = (1 if np.any(first & 1) else 0) | (2 if np.any(first & 2) else 0)
-        self._T = (classes, fold if self.mode == LLAMA3 else exact_fold(), byte_ids, mkeys, mvals,
-                   vslots, tok_bytes, tok_off, tkeys, tvals, term, first)
+        self._T = (classes, fold if self.mode == LLAMA3 else exact_fold(), byte_ids, mtab,
+                   vslots, tok_bytes, tok_off, ttab, term, first)
         unk = -1 if self._model_unk is None else self._model_unk
         self._P = (np.int64(self.mode), np.int64(self.digits), np.int64(self.ignore_merges),
                    np.int64(unk), np.int64(roots))

@@ -24,29 +24,29 @@ from .bpe_tables import (CACHE_MAX_PIECE, EMPTY, cache_get, cache_new, cache_put
 SMALL = 24  # pieces up to this many bytes merge by linear scan; longer ones use a heap
 NO_RANK = np.int64(1) << 62
 
-CACHE_ENTRIES = 8192
-# T = (cls, fold, byte_ids, mkeys, mvals, vslots, tok_bytes, tok_off, tkeys, tvals, term, first)
+CACHE_MIN, CACHE_MAX = 1024, 1 << 16  # word cache entries per thread, by the bytes it will see
+# T = (cls, fold, byte_ids, mtab, vslots, tok_bytes, tok_off, ttab, term, first)
 #   cls/fold: regex_tables.npz (fold = exact_fold() for GPT-2); byte_ids: id of each byte's
-#   symbol; mkeys/mvals: merges; vslots/tok_bytes/tok_off: vocab spellings; tkeys/tvals/term:
+#   symbol; mtab: merges; vslots/tok_bytes/tok_off: vocab spellings; ttab/term:
 #   added-token trie (root 0: non-normalized tokens, root 1: normalized ones); first: bit r
 #   set for code points that start a token under root r.
 # P = (mode, digits, ignore_merges, unk_id, roots_used)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _pair(mkeys, mvals, a, b):
+def _pair(mtab, a, b):
     """(rank, new_id) of merging ids a, b, or (NO_RANK, -1)."""
-    v = lookup(mkeys, mvals, (np.int64(a) << 32) | b)
+    v = lookup(mtab, (np.int64(a) << 32) | b)
     if v == EMPTY:
         return NO_RANK, -1
     return v >> 32, np.int32(v & 0xFFFFFFFF)
 
 
 @njit(nogil=True, cache=True)
-def _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new):
+def _merge_scan(sym, nxt, prv, n, mtab, rank, new):
     """Short pieces: repeatedly merge the lowest-rank, leftmost adjacent pair."""
     for k in range(n - 1):
-        rank[k], new[k] = _pair(mkeys, mvals, sym[k], sym[k + 1])
+        rank[k], new[k] = _pair(mtab, sym[k], sym[k + 1])
     rank[n - 1] = NO_RANK
     while True:
         best = -1
@@ -64,12 +64,12 @@ def _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new):
         nxt[best] = nxt[r]
         if nxt[r] >= 0:
             prv[nxt[r]] = best
-            rank[best], new[best] = _pair(mkeys, mvals, sym[best], sym[nxt[r]])
+            rank[best], new[best] = _pair(mtab, sym[best], sym[nxt[r]])
         else:
             rank[best] = NO_RANK
         p = prv[best]
         if p >= 0:
-            rank[p], new[p] = _pair(mkeys, mvals, sym[p], sym[best])
+            rank[p], new[p] = _pair(mtab, sym[p], sym[best])
 
 
 # A 4-ary min-heap of int64 keys: half the depth of a binary heap, and the four
@@ -110,7 +110,7 @@ def _heap_pop(hk, size):
 
 
 @njit(nogil=True, cache=True)
-def _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk):
+def _merge_heap(sym, nxt, prv, n, mtab, rank, new, hk):
     """Long pieces: HF's merge loop, a heap keyed (rank, position), O(n log n).
 
     rank[k]/new[k] always describe the current pair at k. A popped entry is
@@ -120,7 +120,7 @@ def _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk):
     """
     size = 0
     for k in range(n - 1):
-        rank[k], new[k] = _pair(mkeys, mvals, sym[k], sym[k + 1])
+        rank[k], new[k] = _pair(mtab, sym[k], sym[k + 1])
         if new[k] >= 0:
             size = _heap_push(hk, size, (rank[k] << 32) | k)
     rank[n - 1] = NO_RANK
@@ -136,14 +136,14 @@ def _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk):
         nxt[pos] = nxt[r]
         if nxt[r] >= 0:
             prv[nxt[r]] = pos
-            rank[pos], new[pos] = _pair(mkeys, mvals, sym[pos], sym[nxt[r]])
+            rank[pos], new[pos] = _pair(mtab, sym[pos], sym[nxt[r]])
             if new[pos] >= 0:
                 size = _heap_push(hk, size, (rank[pos] << 32) | pos)
         else:
             rank[pos] = NO_RANK
         p = prv[pos]
         if p >= 0:
-            rank[p], new[p] = _pair(mkeys, mvals, sym[p], sym[pos])
+            rank[p], new[p] = _pair(mtab, sym[p], sym[pos])
             if new[p] >= 0:
                 size = _heap_push(hk, size, (rank[p] << 32) | p)
 
@@ -151,10 +151,10 @@ def _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk):
 @njit(nogil=True, cache=True)
 def _bpe(pb, nb, T, P, S, out, o):
     """BPE-merge the bytes pb[:nb] of one piece; append the ids to out[o:]. Returns o."""
-    byte_ids, mkeys, mvals = T[2], T[3], T[4]
+    byte_ids, mtab = T[2], T[3]
     sym, nxt, prv, rank, new, hk = S
     if P[2]:  # ignore_merges: a piece that is a whole vocab token is emitted as is
-        t = find_bytes(T[5], T[6], T[7], pb, nb)
+        t = find_bytes(T[4], T[5], T[6], pb, nb)
         if t >= 0:
             out[o] = t
             return o + 1
@@ -173,9 +173,9 @@ def _bpe(pb, nb, T, P, S, out, o):
         prv[k] = k - 1
     nxt[n - 1] = -1
     if n <= SMALL:
-        _merge_scan(sym, nxt, prv, n, mkeys, mvals, rank, new)
+        _merge_scan(sym, nxt, prv, n, mtab, rank, new)
     else:
-        _merge_heap(sym, nxt, prv, n, mkeys, mvals, rank, new, hk)
+        _merge_heap(sym, nxt, prv, n, mtab, rank, new, hk)
     k = 0
     while k >= 0:
         out[o] = sym[k]
@@ -184,7 +184,7 @@ def _bpe(pb, nb, T, P, S, out, o):
     return o
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _piece(cps, a, b, T, P, S, C, pb, work, o):
     """Encode one pre-tokenized piece cps[a:b] into work[o:]; returns the new o."""
     nb = 0
@@ -223,7 +223,7 @@ def _plain(cps, a, b, T, P, S, C, pb, work, o, o0, limit):
 @njit(nogil=True, cache=True)
 def _find_added(cps, i, n, T, P, root):
     """Leftmost-longest added token of trie `root` in cps[i:n]: (start, end, id); (n, n, -1) if none."""
-    tkeys, tvals, term, first = T[8], T[9], T[10], T[11]
+    ttab, term, first = T[7], T[8], T[9]
     bit = 1 << root
     if not (P[4] & bit):
         return n, n, -1
@@ -231,7 +231,7 @@ def _find_added(cps, i, n, T, P, root):
         if first[cps[s]] & bit:
             node, best_e, best_id, t = root, -1, -1, s
             while t < n:
-                node = trie_step(tkeys, tvals, node, cps[t])
+                node = trie_step(ttab, node, cps[t])
                 if node < 0:
                     break
                 t += 1
@@ -312,7 +312,11 @@ def _encode_chunk(d0, d1, cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp,
         return
     base = offsets[0]
     S, pb, work = _scratch(np.max(nbytes[d0:d1]))
-    C = cache_new(CACHE_ENTRIES)
+    entries = CACHE_MIN
+    total = np.sum(nbytes[d0:d1])
+    while entries < CACHE_MAX and entries * 16 < total:
+        entries *= 2
+    C = cache_new(entries)
     for d in range(d0, d1):
         a = offsets[d] - base
         cnt = _encode_doc(cps, a, a + ncp[d], T, P, S, C, pb, work, limit)

@@ -1,6 +1,6 @@
 """Open-addressing hash tables in numpy arrays, for the BPE kernels.
 
-- int table: int64 key -> int64 value (merges: (a << 32 | b) -> rank << 32 | new id;
+- int table: int64 key -> int64 value, (capacity, 2) array (merges: (a << 32 | b) -> rank << 32 | new id;
   added-token trie: node * 0x110000 + code point -> child node).
 - bytes table: token byte strings -> token id (for `ignore_merges`).
 - word cache: piece bytes -> its ids, one per worker thread, cleared when full
@@ -29,41 +29,41 @@ def _capacity(n):
 
 
 @njit(nogil=True, cache=True)
-def lookup(keys, vals, key):
-    mask = len(keys) - 1
+def lookup(tab, key):
+    """tab[:, 0] keys, tab[:, 1] values, side by side: one cache line per probe."""
+    mask = len(tab) - 1
     s = _slot(key, mask)
     while True:
-        k = keys[s]
+        k = tab[s, 0]
         if k == key:
-            return vals[s]
+            return tab[s, 1]
         if k == EMPTY:
             return EMPTY
         s = (s + 1) & mask
 
 
 @njit(nogil=True, cache=True)
-def _fill_int(keys, vals, ks, vs):
-    mask = len(keys) - 1
+def _fill_int(tab, ks, vs):
+    mask = len(tab) - 1
     for i in range(len(ks)):
         s = _slot(ks[i], mask)
-        while keys[s] != EMPTY and keys[s] != ks[i]:
+        while tab[s, 0] != EMPTY and tab[s, 0] != ks[i]:
             s = (s + 1) & mask
-        keys[s] = ks[i]  # a later duplicate key overwrites, like HF's merge map
-        vals[s] = vs[i]
+        tab[s, 0] = ks[i]  # a later duplicate key overwrites, like HF's merge map
+        tab[s, 1] = vs[i]
 
 
 def int_table(ks, vs):
-    """(keys, vals) arrays holding ks[i] -> vs[i]; the last of duplicate keys wins."""
-    cap = _capacity(len(ks))
-    keys = np.full(cap, EMPTY, dtype=np.int64)
-    vals = np.zeros(cap, dtype=np.int64)
-    _fill_int(keys, vals, np.asarray(ks, dtype=np.int64), np.asarray(vs, dtype=np.int64))
-    return keys, vals
+    """A (capacity, 2) int64 table holding ks[i] -> vs[i]; the last of duplicate keys wins."""
+    tab = np.zeros((_capacity(len(ks)), 2), dtype=np.int64)
+    tab[:, 0] = EMPTY
+    _fill_int(tab, np.asarray(ks, dtype=np.int64), np.asarray(vs, dtype=np.int64))
+    return tab
 
 
 @njit(nogil=True, cache=True)
-def trie_step(tkeys, tvals, node, cp):
-    v = lookup(tkeys, tvals, np.int64(node) * 0x110000 + cp)
+def trie_step(ttab, node, cp):
+    v = lookup(ttab, np.int64(node) * 0x110000 + cp)
     return -1 if v == EMPTY else v
 
 
