@@ -58,9 +58,9 @@ def _fmt_s(s: float) -> str:
 
 def breakdown_table(rows: list[dict]) -> str:
     """Per-rank seconds per phase, one line per rank."""
-    head = "rank  " + "".join(f"{p:>10}" for p in PHASES) + f"{'docs':>10}{'shards':>8}{'peak MiB':>10}"
+    head = "rank  " + "".join(f"{p:>10}" for p in PHASES) + f"{'docs':>10}{'shards':>8}{'weights MiB':>12}{'peak MiB':>10}"
     lines = [head]
     for r in rows:
         lines.append(f"{r['rank']:>4}  " + "".join(f"{r['seconds'][p]:>10.2f}" for p in PHASES)
-                     + f"{r['docs']:>10}{r['shards']:>8}{r['peak_rss_mb']:>10.0f}")
+                     + f"{r['docs']:>10}{r['shards']:>8}{r['weights_mb']:>12.1f}{r['peak_rss_mb']:>10.0f}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from hpcllm import __version__
 from hpcllm.checkpoint.hdf5 import Checkpoint
 from hpcllm.corpus.plan import completed_shards, load_or_create_manifest, make_plan
 from hpcllm.corpus.readers import list_inputs, read_docs
+from hpcllm.corpus.tokens import open_token_dir, read_token_shard
 from hpcllm.dist.mesh import Mesh, set_threads
 from hpcllm.dist.slurm import check_launch, provenance
 from hpcllm.errors import HpcllmError
@@ -90,6 +91,16 @@ def final_status(reader_status: np.ndarray, flags: np.ndarray) -> np.ndarray:
     return status
 
 
+def encode_docs(tokenizer, docs, max_length):
+    """Tokenize a shard's documents (special tokens added) -> (Encoding, final status)."""
+    lens = np.fromiter((len(t) for t in docs.texts), np.int64, len(docs.texts))
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    buf = np.frombuffer(b"".join(docs.texts), np.uint8)
+    enc = tokenizer.encode_bytes(buf, offsets, max_length=max_length, add_special_tokens=True)
+    return enc, final_status(docs.status, enc.flags)
+
+
 def run_job(cfg, job_cls) -> int:
     """Run a job on MPI.COMM_WORLD; returns the process exit code."""
     from mpi4py import MPI
@@ -103,9 +114,13 @@ def run_job(cfg, job_cls) -> int:
     tokenizer = Tokenizer.from_str(ckpt.tokenizer_json)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = build_model(ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype).to(cfg.device)
-    inputs = list_inputs(cfg.input, cfg.format)
+    tokens = open_token_dir(cfg.input)  # pre-tokenized input: one job shard per token shard
+    if tokens:
+        tokens.check(ckpt.tokenizer_json, job.max_length, cfg.model)
+    inputs = tokens.files if tokens else list_inputs(cfg.input, cfg.format)
     manifest = load_or_create_manifest(
-        cfg.output, lambda: make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format),
+        cfg.output, (lambda: tokens.plan) if tokens else
+        (lambda: make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format)),
         ckpt.content_hash, cfg.result_hash(job.name), comm=world, inputs=inputs)
     plan = manifest.shards
     todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
@@ -113,7 +128,7 @@ def run_job(cfg, job_cls) -> int:
     if world.Get_rank() == 0:
         log(f"{job.name}: {len(plan)} shards ({len(plan) - len(todo)} already done), world {mesh.describe()}, "
             f"{threads} threads/rank, model {os.path.basename(cfg.model)} ({ckpt.content_hash[:12]})")
-    loop = GroupLoop(cfg, mesh, job, model, tokenizer, todo)
+    loop = GroupLoop(cfg, mesh, job, model, tokenizer, todo, from_tokens=tokens is not None)
     with StopFlag() as stop:
         stopped = loop.run(stop)
     return finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop)
@@ -122,8 +137,9 @@ def run_job(cfg, job_cls) -> int:
 class GroupLoop:
     """One tp group working through shards it claims."""
 
-    def __init__(self, cfg, mesh, job, model, tokenizer, todo):
+    def __init__(self, cfg, mesh, job, model, tokenizer, todo, from_tokens=False):
         self.cfg, self.mesh, self.job, self.model, self.tokenizer, self.todo = cfg, mesh, job, model, tokenizer, todo
+        self.from_tokens = from_tokens
         self.timers = Timers()
         self.counters = SharedCounters(mesh.world)
         self.docs_done = 0
@@ -131,6 +147,7 @@ class GroupLoop:
         self.shards_done = 0
         self.finished_at = None
         self.slowdown = _debug_slowdown(mesh.dp_rank)
+        self.weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         self.progress = Progress(sum(s.n_docs for s in todo), cfg.progress) if mesh.rank == 0 else None
 
     def claim(self):
@@ -139,16 +156,13 @@ class GroupLoop:
         return self.todo[i] if i < len(self.todo) else None
 
     def load(self, shard) -> ShardData:
+        if self.from_tokens:
+            with self.timers.phase("read"):
+                return ShardData(shard, *read_token_shard(shard))
         with self.timers.phase("read"):
             docs = read_docs(shard, self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes)
         with self.timers.phase("tokenize"):
-            lens = np.fromiter((len(t) for t in docs.texts), np.int64, len(docs.texts))
-            offsets = np.zeros(len(lens) + 1, np.int64)
-            np.cumsum(lens, out=offsets[1:])
-            buf = np.frombuffer(b"".join(docs.texts), np.uint8)
-            enc = self.tokenizer.encode_bytes(buf, offsets, max_length=self.job.max_length,
-                                              add_special_tokens=True)
-            status = final_status(docs.status, enc.flags)
+            enc, status = encode_docs(self.tokenizer, docs, self.job.max_length)
         return ShardData(shard, docs, enc, status)
 
     def run(self, stop) -> bool:
@@ -206,7 +220,7 @@ def finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop) -> int:
     rows = world.gather({"rank": world.Get_rank(), "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank,
                          "seconds": loop.timers.seconds, "docs": loop.docs_done, "tokens": loop.tokens_done,
                          "shards": loop.shards_done, "finished_at": loop.finished_at,
-                         "peak_rss_mb": peak_rss_mb()}, root=0)
+                         "peak_rss_mb": peak_rss_mb(), "weights_mb": loop.weights_mb}, root=0)
     any_stopped = world.allreduce(int(stopped), op=_mpi_max())
     error = None
     if world.Get_rank() == 0:
