@@ -232,8 +232,8 @@ def embed_reference(tmp_path_factory, minilm_h5):
     from corpora import mixed
 
     d = tmp_path_factory.mktemp("embed")
-    corpus = write_jsonl(d / "corpus.jsonl", mixed(240))
-    args = ["--model", minilm_h5, "--input", corpus, "--shard-docs", "12", "--batch-tokens", "2048",
+    corpus = write_jsonl(d / "corpus.jsonl", mixed(96))
+    args = ["--model", minilm_h5, "--input", corpus, "--shard-docs", "8", "--batch-tokens", "2048",
             "--progress", "0"]
     mpirun(2, ["embed", *args, "--output", d / "mpiexec"])
     return args, d / "mpiexec" / "results.h5"
