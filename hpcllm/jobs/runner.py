@@ -227,7 +227,7 @@ def finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop) -> int:
         loop.progress.maybe_print(*loop.counters.done(), force=True)
         try:
             if any_stopped:
-                write_stop_note(cfg.output, {"signal": signal_name(stop.signum) if stop.signum else None,
+                write_stop_note(cfg.output, {"signal": signal_name(stop.agreed_signum or stop.signum),
                                              "shards_total": len(plan)})
             else:
                 _write_master(cfg, mesh, job, ckpt, plan, rows)
