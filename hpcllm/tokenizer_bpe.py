@@ -272,12 +272,17 @@ class ByteLevelBPE:
         return cls(vocab, merges, added, mode, digits, ignore_merges, unk, prefix, suffix, **ids)
 
     @classmethod
-    def from_gguf(cls, path):
-        """GGUF tokenizer metadata, read as transformers' GGUF loader reads it (the reference)."""
-        return cls._from_meta(_read_gguf_meta(path), str(path))
+    def from_gguf(cls, path, split_digits=False):
+        """GGUF tokenizer metadata, read as transformers' GGUF loader reads it (the reference).
+
+        transformers maps tokenizer.ggml.pre "smollm" (and any pre it has no regex for) to
+        the plain GPT-2 ByteLevel split. split_digits=True puts HF's Digits(individual)
+        step in front, as in SmolLM2's own tokenizer.json and llama.cpp's "smollm".
+        """
+        return cls._from_meta(_read_gguf_meta(path), str(path), split_digits)
 
     @classmethod
-    def _from_meta(cls, meta, where):
+    def _from_meta(cls, meta, where, split_digits=False):
         if meta.get("model") != "gpt2":
             raise HpcllmError("%s: tokenizer.ggml.model %r is not byte-level BPE" % (where, meta.get("model")))
         pre = meta.get("pre", "default")
@@ -298,7 +303,7 @@ class ByteLevelBPE:
         bos, eos = meta.get("bos_token_id"), meta.get("eos_token_id")
         prefix = [bos] if meta.get("add_bos_token") and bos is not None else []
         suffix = [eos] if meta.get("add_eos_token") and eos is not None else []
-        return cls(vocab, merges, added, mode, False, False, None, prefix, suffix,
+        return cls(vocab, merges, added, mode, bool(split_digits), False, None, prefix, suffix,
                    bos_id=bos, eos_id=eos, pad_id=meta.get("padding_token_id"),
                    unk_id=meta.get("unknown_token_id"))
 
@@ -341,6 +346,9 @@ class ByteLevelBPE:
         """
         buf = np.ascontiguousarray(buf, dtype=np.uint8)
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] < 0 or offsets[-1] > len(buf) \
+                or np.any(offsets[1:] < offsets[:-1]):
+            raise HpcllmError("encode_bytes: offsets must be a rising 1-d array within len(buf)=%d" % len(buf))
         prefix = self.prefix if add_special_tokens else self.prefix[:0]
         suffix = self.suffix if add_special_tokens else self.suffix[:0]
         limit = -1

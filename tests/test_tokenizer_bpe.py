@@ -314,6 +314,21 @@ def test_unsupported_configs_name_the_field(smol):
         ByteLevelBPE.from_json_dict(_variant(base, "llama3")).encode_bytes(*pack(["x"]), max_length=0)
 
 
+def test_gguf_split_digits_matches_smollm2_json_shape(configs):
+    ours = ByteLevelBPE.from_gguf(smollm2_gguf(), split_digits=True)
+    _, hf = configs["digits"]  # Digits + ByteLevel on the same vocabulary
+    texts = [t for t in corpora.mixed(300) + ADVERSARIAL if "hpcllm" not in t]
+    assert_same(ids_of(ours, texts), hf_ids(hf, texts), texts)
+    assert ids_of(ours, ["a  1"]) != ids_of(ByteLevelBPE.from_gguf(smollm2_gguf()), ["a  1"])
+
+
+def test_bad_offsets_are_refused(smol):
+    buf, _ = pack(["abc"])
+    for off in ([0, 4], [2, 1], [-1, 2], []):
+        with pytest.raises(HpcllmError, match="offsets"):
+            smol.encode_bytes(buf, np.array(off, dtype=np.int64))
+
+
 def test_gguf_errors_say_what_and_where(tmp_path):
     p = tmp_path / "not.gguf"
     p.write_bytes(b"NOPE" + bytes(40))
