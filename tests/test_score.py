@@ -36,12 +36,20 @@ def smol_h5(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Token ids (HF's GGUF tokenizer) and HF's per-token log-probabilities, computed once, saved to .npz."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def hf_tok():
+    from transformers import AutoTokenizer
 
     where, name = os.path.split(GGUF_PATH)
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    return AutoTokenizer.from_pretrained(where, gguf_file=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, hf_tok):
+    """Token ids (HF's GGUF tokenizer) and HF's per-token log-probabilities, computed once, saved to .npz."""
+    from transformers import AutoModelForCausalLM
+
+    tok = hf_tok
+    where, name = os.path.split(GGUF_PATH)
     hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
     texts = mixed(N_DOCS + 40)
     docs = [np.array(tok(t, add_special_tokens=False)["input_ids"][:4 + (i * 7) % (MAX_TOKENS - 3)], np.int64)
@@ -100,3 +108,40 @@ def test_memory_per_rank_falls_with_tp(smol_h5, reference, tmp_path_factory):
     # the split weights are ~1/tp: tp=2 saves ~W/2 per rank, tp=3 ~2W/3 (the norms are replicated)
     assert rss[2].max() < rss[1][0] - 0.35 * WEIGHTS_MB
     assert rss[3].max() < rss[1][0] - 0.5 * WEIGHTS_MB
+
+
+def test_score_job_end_to_end(smol_h5, hf_tok, tmp_path):
+    """`mpiexec -n 2 hpcllm score --tp 2 --token-logprobs` on real text with bad lines and a long document:
+    one row per input line, statuses, and values equal to scoring HF-tokenized ids directly at tp=1."""
+    import h5py
+
+    from conftest import write_jsonl
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.dist.comm import LocalComm
+    from hpcllm.model.build import build_model
+    from hpcllm.scoring import score_documents
+
+    texts = [t[:80] for t in mixed(12)] + [""] + [" ".join(mixed(60)[12:])[:1500]]
+    path = write_jsonl(tmp_path / "in.jsonl", texts)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    window, stride = 96, 40
+    mpirun(2, ["score", "--model", smol_h5, "--input", path, "--output", tmp_path / "out", "--tp", 2,
+               "--token-logprobs", "--max-length", window, "--stride", stride, "--shard-docs", 5], timeout=400)
+    with h5py.File(tmp_path / "out" / "results.h5") as f:
+        status, n_scored, total = f["status"][:], f["n_scored"][:], f["logprob_sum"][:]
+        ppl, token_lp = f["perplexity"][:], f["token_logprobs"][:]
+    assert status.tolist() == [0] * 12 + [2, 0, 3]  # ok, empty, ok, bad JSON
+    ids = [np.array(hf_tok(t)["input_ids"], np.int64) for t in texts]
+    assert len(ids[-1]) > 3 * window  # several windows
+    torch.set_num_threads(1)
+    with Checkpoint(smol_h5) as ck:
+        ref = score_documents(build_model(ck, 0, 1, LocalComm()), ids, window, stride)
+    for i, lp in enumerate(ref):
+        assert n_scored[i] == len(lp) == max(len(ids[i]) - 1, 0)
+        np.testing.assert_allclose(token_lp[i], lp, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(total[i], token_lp[i].sum(dtype=np.float64), rtol=1e-9)
+        if len(lp):
+            np.testing.assert_allclose(ppl[i], np.exp(-total[i] / n_scored[i]), rtol=1e-9)
+    assert np.isnan(ppl[12]) and n_scored[12] == 0
+    assert np.isnan(total[14]) and n_scored[14] == -1 and len(token_lp[14]) == 0
