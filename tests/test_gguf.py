@@ -1,0 +1,147 @@
+"""GGUF import: every weight type the gguf package dequantises, llama.cpp's q/k
+row permutation undone, config from metadata; checked against HF transformers
+loading the same GGUF file itself."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_decoder import GGUF_PATH, hf_logprobs
+
+T = pytest.importorskip("gguf").GGMLQuantizationType
+HIDDEN, HEADS, KV, FFN = 256, 4, 2, 512  # rows of 256: the K-quants' block size
+
+# Per layer, the type of each weight: all eight quantised / float types appear at least once.
+LAYER_TYPES = [
+    {"attn_q": T.Q4_K, "attn_k": T.Q6_K, "attn_v": T.Q5_K, "attn_output": T.Q2_K, "ffn_gate": T.Q3_K,
+     "ffn_up": T.Q8_0, "ffn_down": T.Q4_0},
+    {"attn_q": T.Q4_1, "attn_k": T.F16, "attn_v": T.BF16, "attn_output": T.Q5_0, "ffn_gate": T.Q5_1,
+     "ffn_up": T.F32, "ffn_down": T.Q8_0},
+]
+# byte offsets of the float16 super-block scales (d, dmin) in ggml's K-quant blocks
+K_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def llama_cpp_permute(w, n_heads):
+    """What llama.cpp's convert_hf_to_gguf.py does to q/k rows (interleave the two rotary halves)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    from hpcllm.checkpoint.gguf import unpermute_rows
+
+    rng = np.random.default_rng(0)
+    for heads, d in [(9, 64), (3, 64), (4, 8), (1, 2)]:
+        w = rng.standard_normal((heads * d, 7)).astype(np.float32)
+        assert np.array_equal(unpermute_rows(llama_cpp_permute(w, heads), heads), w)
+        b = rng.standard_normal(heads * d).astype(np.float32)
+        assert np.array_equal(unpermute_rows(llama_cpp_permute(b, heads), heads), b)
+
+
+def _encode(rng, shape, qtype):
+    """GGUF payload of a random [out, in] weight in ``qtype`` (K-quants: random blocks with sane scales)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import quantize
+
+    if qtype in K_SCALES:
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(shape[0], shape[1] // block, size), dtype=np.uint8)
+        for off in K_SCALES[qtype]:
+            raw[:, :, off:off + 2] = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
+        return raw.reshape(shape[0], -1)
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    return w if qtype == T.F32 else quantize(w, qtype)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A 2-layer Llama GGUF with byte-level BPE tokenizer metadata, q/k rows permuted as llama.cpp does."""
+    import gguf
+
+    from hpcllm.tokenizer_bpe import BYTE_CHARS
+
+    rng = np.random.default_rng(1)
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    tokens = [BYTE_CHARS[b] for b in range(256)] + ["<s>", "</s>"]
+    for key, val in [("block_count", 2), ("context_length", 64), ("embedding_length", HIDDEN),
+                     ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV),
+                     ("rope_freq_base", 50000.0), ("layer_norm_rms_eps", 1e-5)]:
+        getattr(w, f"add_{key}")(val)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3, 3])
+    w.add_token_merges([])
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(257)
+    w.add_add_bos_token(True)
+    vocab = len(tokens)
+    w.add_tensor("token_embd.weight", _encode(rng, (vocab, HIDDEN), T.Q8_0), raw_dtype=T.Q8_0)
+    w.add_tensor("output.weight", _encode(rng, (vocab, HIDDEN), T.Q6_K), raw_dtype=T.Q6_K)
+    w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    for i, types in enumerate(LAYER_TYPES):
+        for name, shape in [("attn_q", (HIDDEN, HIDDEN)), ("attn_k", (KV * 64, HIDDEN)), ("attn_v", (KV * 64, HIDDEN)),
+                            ("attn_output", (HIDDEN, HIDDEN)), ("ffn_gate", (FFN, HIDDEN)), ("ffn_up", (FFN, HIDDEN)),
+                            ("ffn_down", (HIDDEN, FFN))]:
+            data = _encode(rng, shape, types[name])
+            if name in ("attn_q", "attn_k"):  # rows of quantised data permute like logical rows
+                data = llama_cpp_permute(data, HEADS if name == "attn_q" else KV)
+            w.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=None if types[name] == T.F32 else types[name])
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.dist.comm import LocalComm
+    from hpcllm.jobs.convert import convert
+    from hpcllm.model.build import build_model
+    from hpcllm.scoring import score_documents
+
+    h5 = str(tmp_path / "tiny.h5")
+    convert(tiny_gguf, h5)
+    where, name = os.path.split(tiny_gguf)
+    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    with Checkpoint(h5) as ck:
+        c = ck.config
+        assert (c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"], c["vocab"]) == (HEADS, KV, 64, FFN, 258)
+        assert c["add_bos"] and c["bos_id"] == 256 and not c["tie_embeddings"] and c["rope_theta"] == 50000.0
+        model = build_model(ck, 0, 1, LocalComm())
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 258, size=n) for n in (2, 9, 40, 64, 100)]
+    ours = score_documents(model, docs, 64, 32)
+    refs = [hf_logprobs(hf, ids, 64, 32) for ids in docs]
+    assert np.std(np.concatenate(refs)) > 0.1  # the weights matter
+    for lp, ref in zip(ours, refs):
+        np.testing.assert_allclose(lp, ref, atol=1e-4, rtol=0)
+
+
+def test_smollm2_metadata():
+    from gguf import GGUFReader
+
+    from hpcllm.checkpoint.gguf import gguf_config
+
+    c = gguf_config(GGUFReader(GGUF_PATH), GGUF_PATH)
+    assert (c["n_layers"], c["hidden"], c["n_heads"], c["n_kv_heads"], c["head_dim"]) == (30, 576, 9, 3, 64)
+    assert (c["vocab"], c["ffn"], c["rope_theta"], c["max_positions"]) == (49152, 1536, 100000.0, 8192)
+    assert c["tie_embeddings"] and not c["add_bos"] and not c["qkv_bias"]  # tokenizer.ggml.add_bos_token = false
+
+
+def test_not_a_gguf_file_is_one_line_error(tmp_path):
+    from hpcllm.errors import HpcllmError
+    from hpcllm.jobs.convert import convert
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(HpcllmError, match="x.gguf"):
+        convert(str(bad), str(tmp_path / "x.h5"))
