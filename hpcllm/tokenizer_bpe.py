@@ -102,9 +102,8 @@ def _parse_post(pp, token_id):
 def _parse_model(m):
     if m.get("type") != "BPE":
         _err("model.type", "must be BPE, got %r" % m.get("type"))
-    for field, ok in (("dropout", None), ("continuing_subword_prefix", ""), ("end_of_word_suffix", ""),
-                      ("byte_fallback", False)):
-        if m.get(field) not in (ok, None, False) and not (ok == "" and m.get(field) == ""):
+    for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+        if m.get(field):  # null / "" / false / 0 change nothing
             _err("model." + field, "unsupported value %r" % m.get(field))
     if m.get("fuse_unk") and m.get("unk_token") is not None:
         _err("model.fuse_unk", "unsupported with an unk_token")
