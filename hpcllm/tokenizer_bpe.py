@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM2 style), HF-exact.
+"""Byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2, SmolLM2 style), HF-exact.
 
 Loads an HF tokenizer.json dict or a GGUF file's tokenizer metadata and
 encodes batches through the Numba kernels in hpcllm.kernels.bpe. Only the
@@ -14,15 +14,15 @@ import numpy as np
 from hpcllm.errors import HpcllmError
 from hpcllm.kernels import bpe as K
 from hpcllm.kernels.bpe_tables import bytes_table, int_table
-from hpcllm.kernels.regex_pretok import GPT2, GPT2_PATTERN, LLAMA3, LLAMA3_PATTERN, PATTERNS, \
-    exact_fold, load_tables
+from hpcllm.kernels.regex_pretok import GPT2, LLAMA3, PATTERN_OF, PATTERNS, QWEN2, exact_fold, \
+    load_tables
 
 # GGUF tokenizer.ggml.pre values that transformers (the reference loader) maps to the
 # Llama-3 split; any other pre-tokenizer transformers knows uses a regex we do not have.
 GGUF_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
                    "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"}
-GGUF_OTHER_REGEX_PRE = {"tekken", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "qwen35",
-                        "gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"}
+GGUF_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"}
+GGUF_OTHER_REGEX_PRE = {"tekken", "qwen35", "gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"}
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 
@@ -236,7 +236,7 @@ class ByteLevelBPE:
         vslots = bytes_table(tok_bytes, tok_off)
         ttab, term, first = _trie(self.added)
         roots = (1 if np.any(first & 1) else 0) | (2 if np.any(first & 2) else 0)
-        self._T = (classes, fold if self.mode == LLAMA3 else exact_fold(), byte_ids, mtab,
+        self._T = (classes, exact_fold() if self.mode == GPT2 else fold, byte_ids, mtab,
                    vslots, tok_bytes, tok_off, ttab, term, first)
         unk = -1 if self._model_unk is None else self._model_unk
         self._P = (np.int64(self.mode), np.int64(self.digits), np.int64(self.ignore_merges),
@@ -287,7 +287,7 @@ class ByteLevelBPE:
         pre = meta.get("pre", "default")
         if pre in GGUF_OTHER_REGEX_PRE:
             raise HpcllmError("%s: tokenizer.ggml.pre %r uses a split regex not supported" % (where, pre))
-        mode = LLAMA3 if pre in GGUF_LLAMA3_PRE else GPT2
+        mode = LLAMA3 if pre in GGUF_LLAMA3_PRE else (QWEN2 if pre in GGUF_QWEN2_PRE else GPT2)
         tokens, types = meta["tokens"], meta.get("token_type") or [0] * len(meta["tokens"])
         alphabet = set(CHAR_BYTES)
         # tokens outside the byte alphabet are stored as raw text: respell their UTF-8 bytes
@@ -312,8 +312,7 @@ class ByteLevelBPE:
                       "use_regex": self.mode == GPT2}
         steps = [{"type": "Digits", "individual_digits": True}] if self.digits else []
         if self.mode != GPT2:
-            pattern = LLAMA3_PATTERN if self.mode == LLAMA3 else GPT2_PATTERN
-            steps.append({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+            steps.append({"type": "Split", "pattern": {"Regex": PATTERN_OF[self.mode]}, "behavior": "Isolated",
                           "invert": False})
         steps.append(byte_level)
         pre = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}

@@ -1,4 +1,4 @@
-"""Hand-compiled byte-level BPE pre-tokenizer regexes, on code points.
+"""Hand-compiled byte-level BPE pre-tokenizer regexes (GPT-2, Llama-3, Qwen2), on code points.
 
 HF `tokenizers` splits text with Oniguruma regexes (leftmost match, first
 matching alternative, backtracking). The two patterns below cover GPT-2-style
@@ -16,12 +16,15 @@ import os
 import numpy as np
 from numba import njit
 
-GPT2, LLAMA3 = 0, 1
+GPT2, LLAMA3, QWEN2 = 0, 1, 2
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PATTERNS = {GPT2_PATTERN: GPT2, LLAMA3_PATTERN: LLAMA3}
+# Qwen2's is Llama-3's with single digits (\p{N} instead of \p{N}{1,3})
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+PATTERNS = {GPT2_PATTERN: GPT2, LLAMA3_PATTERN: LLAMA3, QWEN2_PATTERN: QWEN2}
+PATTERN_OF = {mode: pattern for pattern, mode in PATTERNS.items()}
 
 _L, _N, _S, _DIGIT = 1, 2, 4, 8
 _OTHER = 0  # pseudo-class: not \s, not \p{L}, not \p{N}
@@ -98,8 +101,8 @@ def _crlf_run_end(cp, j, n):
 
 
 @njit(nogil=True, cache=True)
-def llama3_end(cp, i, n, cls, fold):
-    """End of the Llama-3 match at i (case-insensitive contractions via `fold`)."""
+def llama3_end(cp, i, n, cls, fold, max_digits):
+    """End of the Llama-3 (max_digits 3) or Qwen2 (1) match at i; `fold` case-folds contractions."""
     e = _contraction_end(cp, i, n, fold)
     if e >= 0:
         return e
@@ -110,10 +113,10 @@ def llama3_end(cp, i, n, cls, fold):
         return _run_end(cp, i + 1, n, cls, _L)
     if k == _L:
         return _run_end(cp, i, n, cls, _L)
-    # \p{N}{1,3}
+    # \p{N}{1,3} (Qwen2: \p{N})
     if k == _N:
         j = i + 1
-        while j < n and j < i + 3 and _kind(cls, cp[j]) == _N:
+        while j < n and j < i + max_digits and _kind(cls, cp[j]) == _N:
             j += 1
         return j
     # ' ?[^\s\p{L}\p{N}]+[\r\n]*'
@@ -133,11 +136,11 @@ def llama3_end(cp, i, n, cls, fold):
 def piece_end(mode, cp, i, n, cls, fold):
     """End of the pre-tokenizer piece starting at i in the segment ending at n.
 
-    `fold` is the probed case-fold table for LLAMA3 and exact_fold() for GPT2.
+    `fold` is the probed case-fold table for LLAMA3/QWEN2 and exact_fold() for GPT2.
     """
     if mode == GPT2:
         return gpt2_end(cp, i, n, cls, fold)
-    return llama3_end(cp, i, n, cls, fold)
+    return llama3_end(cp, i, n, cls, fold, 3 if mode == LLAMA3 else 1)
 
 
 @njit(nogil=True, cache=True)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import corpora
 from hpcllm.errors import HpcllmError
-from hpcllm.kernels.regex_pretok import LLAMA3_PATTERN, load_tables
+from hpcllm.kernels.regex_pretok import LLAMA3_PATTERN, QWEN2_PATTERN, load_tables
 from hpcllm.tokenizer_bpe import BYTE_CHARS, ByteLevelBPE
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -85,6 +85,10 @@ def _variant(base, name):
                                "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
                                "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1],
                                                                    "tokens": ["<|im_start|>"]}}}
+    elif name == "qwen2":  # Qwen2's split (single digits) on the same vocabulary
+        d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+            dict(byte_level, use_regex=False)]}
     elif name == "digits":  # HF's own SmolLM2 tokenizer.json shape, plus a normalized added token
         d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": True}, byte_level]}
@@ -113,7 +117,7 @@ def configs(smol_hf):
     """name -> (ours, HF tokenizers oracle) for the tokenizer.json configurations."""
     base = json.loads(smol_hf.backend_tokenizer.to_str())
     out = {}
-    for name in ("llama3", "digits", "gpt2"):
+    for name in ("llama3", "qwen2", "digits", "gpt2"):
         d = _trained_gpt2() if name == "gpt2" else _variant(base, name)
         out[name] = (ByteLevelBPE.from_json_dict(d), Tokenizer.from_str(json.dumps(d)))
     return out
@@ -139,7 +143,7 @@ def test_smollm2_transformers_call_path(smol, smol_hf):
     assert smol.vocab_size == len(smol_hf) and not smol.add_bos and not smol.add_eos
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama3", "digits"])
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen2", "digits"])
 def test_other_configs_fortunes_sample(configs, name):
     # SmolLM2 from GGUF already runs the GPT-2 regex over every corpus (transformers maps
     # its pre-tokenizer to ByteLevel(use_regex=True)); these add other vocabularies and splits.
