@@ -19,14 +19,13 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.checkpoint.hdf5 import Checkpoint
-from hpcllm.dist.mesh import Mesh
+from hpcllm.dist.mesh import Mesh, set_threads
 from hpcllm.model.build import build_model
 from hpcllm.model.parallel import even_split
 from hpcllm.scoring import score_documents
 
 ckpts, in_path, out_path, tp, comms, window, stride = sys.argv[1:8]
 tp, window, stride = int(tp), int(window), int(stride)
-torch.set_num_threads(1)
 world = MPI.COMM_WORLD
 data = np.load(in_path)
 offsets = data["offsets"]
@@ -34,6 +33,7 @@ docs = [data["ids"][offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 out = {}
 for comm in comms.split(","):
     mesh = Mesh.create(world, tp, comm)
+    set_threads(mesh.local_size)  # the node's cores shared by its ranks, as the jobs do
     for k, ckpt_path in enumerate(ckpts.split(",")):
         with Checkpoint(ckpt_path) as ck:
             model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp)
