@@ -52,7 +52,7 @@ def vocab_parallel_logprobs(hidden, targets, weight, vocab_start: int, comm: Com
             logits.gather(1, local.clamp(0, v_local - 1)[:, None])[:, 0].masked_fill(~mine, 0.0),
         ])
         comm.all_reduce(sums, op="sum")                             # sum-exp and target logit
-        out[s:s + rows] = sums[1] - top - torch.log(sums[0])
+        out[s:s + rows] = (sums[1] - top - torch.log(sums[0])).cpu()
     return out
 
 
@@ -109,9 +109,11 @@ def _score_windows(model, rows, first):
     ids = torch.zeros((len(rows), longest), dtype=torch.int64)  # right padding, never attended to
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+    device = model.head_weight.device
+    ids = ids.to(device)
     hidden = model(ids)
     pos = np.concatenate([i * longest + np.arange(f - 1, len(r) - 1) for i, (r, f) in enumerate(zip(rows, first))])
-    pos = torch.from_numpy(pos)
+    pos = torch.from_numpy(pos).to(device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     lp = vocab_parallel_logprobs(flat[pos], ids.view(-1)[pos + 1], model.head_weight, model.vocab_start,
                                  model.comm).numpy()
