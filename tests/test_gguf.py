@@ -55,16 +55,18 @@ def _encode(rng, shape, qtype):
     return w if qtype == T.F32 else quantize(w, qtype)
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """A 2-layer Llama GGUF with byte-level BPE tokenizer metadata, q/k rows permuted as llama.cpp does."""
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_gguf(request, tmp_path_factory):
+    """A 2-layer GGUF with byte-level BPE tokenizer metadata. "llama": q/k rows permuted as llama.cpp
+    does; "qwen2": not permuted (NEOX rope in llama.cpp), with q/k/v biases."""
     import gguf
 
     from hpcllm.tokenizer_bpe import BYTE_CHARS
 
+    arch = request.param
     rng = np.random.default_rng(1)
-    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    w = gguf.GGUFWriter(path, "llama")
+    path = str(tmp_path_factory.mktemp("gguf") / f"tiny-{arch}.gguf")
+    w = gguf.GGUFWriter(path, arch)
     tokens = [BYTE_CHARS[b] for b in range(256)] + ["<s>", "</s>"]
     for key, val in [("block_count", 2), ("context_length", 64), ("embedding_length", HIDDEN),
                      ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV),
@@ -87,9 +89,11 @@ def tiny_gguf(tmp_path_factory):
                             ("attn_output", (HIDDEN, HIDDEN)), ("ffn_gate", (FFN, HIDDEN)), ("ffn_up", (FFN, HIDDEN)),
                             ("ffn_down", (HIDDEN, FFN))]:
             data = _encode(rng, shape, types[name])
-            if name in ("attn_q", "attn_k"):  # rows of quantised data permute like logical rows
+            if arch == "llama" and name in ("attn_q", "attn_k"):  # quantised rows permute like logical rows
                 data = llama_cpp_permute(data, HEADS if name == "attn_q" else KV)
             w.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=None if types[name] == T.F32 else types[name])
+            if arch == "qwen2" and name in ("attn_q", "attn_k", "attn_v"):
+                w.add_tensor(f"blk.{i}.{name}.bias", (0.3 * rng.standard_normal(shape[0])).astype(np.float32))
         for name in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
     w.write_header_to_file()
@@ -116,6 +120,7 @@ def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
         c = ck.config
         assert (c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"], c["vocab"]) == (HEADS, KV, 64, FFN, 258)
         assert c["add_bos"] and c["bos_id"] == 256 and not c["tie_embeddings"] and c["rope_theta"] == 50000.0
+        assert c["qkv_bias"] == ("qwen2" in tiny_gguf) and not c["o_bias"]
         model = build_model(ck, 0, 1, LocalComm())
     rng = np.random.default_rng(2)
     docs = [rng.integers(0, 258, size=n) for n in (2, 9, 40, 64, 100)]
