@@ -54,7 +54,7 @@ class ScoreJob:
 
     def _cost(self, lengths):
         """Padded tokens each document costs: its windows times their length."""
-        n_windows = np.array([len(plan_windows(int(n) + 1, self.window, self.stride)) for n in lengths])
+        n_windows = np.array([len(plan_windows(int(n), self.window, self.stride)) for n in lengths])
         return np.maximum(1, n_windows) * np.minimum(np.maximum(lengths, 1), self.window)
 
     def run(self, model, ids, offsets, process, tokenizer, timers, should_stop):
