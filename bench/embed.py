@@ -18,11 +18,13 @@ import sys
 import tempfile
 import time
 
-import h5py
-import numpy as np
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/ holds tokenize.py, named like the stdlib module torch imports: keep bench/ off the path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+import h5py  # noqa: E402
+import torch  # noqa: E402
+
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import corpora  # noqa: E402
 
