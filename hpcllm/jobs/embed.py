@@ -29,12 +29,13 @@ class EmbedJob:
         """Embeddings in input order (NaN rows for documents not processed); None if stopped."""
         out = np.full((len(offsets) - 1, self.dim), np.nan, dtype=self.out_dtype)
         lengths = np.diff(offsets)[process]
+        device = next(model.parameters()).device
         for batch in make_batches(lengths, self.cfg.batch_tokens, self.cfg.window):
             if should_stop():
                 return None
             rows = process[batch]
             input_ids, mask = pad_batch(ids, offsets, rows, self.pad_id)
             with timers.phase("compute"):
-                vec = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
-            out[rows] = vec.numpy().astype(self.out_dtype, copy=False)
+                vec = model(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device))
+            out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
         return {"embedding": out}
