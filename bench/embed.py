@@ -60,7 +60,7 @@ def run_hpcllm(path, ckpt, dtype, ranks, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=4000)
-    ap.add_argument("--ranks", type=int, default=os.cpu_count())
+    ap.add_argument("--ranks", type=int, default=1, help="hpcllm ranks (threads per rank = cores / ranks)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())

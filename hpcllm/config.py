@@ -33,7 +33,7 @@ class JobConfig:
     format: str = opt("auto", "input format", result=True, choices=("auto", "jsonl", "text"))
     max_length: int = opt(None, "max tokens per document incl. special tokens (default: the model's)", result=True)
     max_doc_bytes: int = opt(64 << 20, "documents larger than this are not processed (status too_long)", result=True)
-    shard_docs: int = opt(10000, "documents per corpus shard (unit of resume and of work claiming)", result=True)
+    shard_docs: int = opt(10000, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
     batch_tokens: int = opt(16384, "token budget of one batch, padding included")
     window: int = opt(2048, "documents sorted by length together before batching")
     threads: int = opt(None, "threads per rank (default: cores per rank on the node)")

@@ -141,7 +141,7 @@ def run_job(cfg, job_cls) -> int:
     inputs = tokens.files if tokens else list_inputs(cfg.input, cfg.format)
     manifest = load_or_create_manifest(
         cfg.output, (lambda: tokens.plan) if tokens else
-        (lambda: make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format)),
+        (lambda: plan_corpus(inputs, cfg, world, mesh.dp_size)),
         ckpt.content_hash, cfg.result_hash(job.name), comm=world, inputs=inputs)
     plan = manifest.shards
     todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
@@ -153,6 +153,20 @@ def run_job(cfg, job_cls) -> int:
     with StopFlag() as stop:
         stopped = loop.run(stop)
     return finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop)
+
+
+def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):
+    """The shard plan, cut finer when the corpus is small so that every dp group gets work.
+
+    ``--shard-docs`` is the most documents a shard holds; a corpus with fewer
+    than ``shards_per_group`` shards per dp group is re-cut into that many
+    (the plan is stored in the manifest, so a resumed run keeps it).
+    """
+    plan = make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format)
+    total, want = sum(s.n_docs for s in plan), shards_per_group * dp_size
+    if len(plan) < want and total > len(plan):
+        plan = make_plan(inputs, max(1, -(-total // want)), comm=world, fmt=cfg.format)
+    return plan
 
 
 class GroupLoop:
