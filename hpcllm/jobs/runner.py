@@ -23,7 +23,7 @@ import torch
 from hpcllm import __version__
 from hpcllm.checkpoint.hdf5 import Checkpoint
 from hpcllm.corpus.plan import completed_shards, load_or_create_manifest, make_plan
-from hpcllm.corpus.readers import list_inputs, read_docs
+from hpcllm.corpus.readers import DocReader, list_inputs
 from hpcllm.corpus.tokens import open_token_dir, read_token_shard
 from hpcllm.dist.mesh import Mesh, set_threads
 from hpcllm.dist.slurm import check_launch, provenance
@@ -175,6 +175,8 @@ class GroupLoop:
     def __init__(self, cfg, mesh, job, model, tokenizer, todo, from_tokens=False):
         self.cfg, self.mesh, self.job, self.model, self.tokenizer, self.todo = cfg, mesh, job, model, tokenizer, todo
         self.from_tokens = from_tokens
+        # used only by the prefetch thread; keeps a gz file open across its shards
+        self.reader = DocReader(cfg.text_field, cfg.id_field, cfg.max_doc_bytes)
         self.timers = Timers()
         self.counters = SharedCounters(mesh.world)
         self.docs_done = 0
@@ -195,7 +197,7 @@ class GroupLoop:
             with self.timers.phase("read"):
                 return ShardData(shard, *read_token_shard(shard))
         with self.timers.phase("read"):
-            docs = read_docs(shard, self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes)
+            docs = self.reader.read(shard)
         with self.timers.phase("tokenize"):
             enc, status = encode_docs(self.tokenizer, docs, self.job.max_length)
         return ShardData(shard, docs, enc, status)
@@ -229,6 +231,7 @@ class GroupLoop:
             self.finished_at = time.time()
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
+            self.reader.close()
 
     def write(self, data: ShardData, outputs: dict):
         from hpcllm.results import base_columns, write_shard
