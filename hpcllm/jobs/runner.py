@@ -144,8 +144,7 @@ def run_job(cfg, job_cls) -> int:
         (lambda: plan_corpus(inputs, cfg, world, mesh.dp_size)),
         ckpt.content_hash, cfg.result_hash(job.name), comm=world, inputs=inputs)
     plan = manifest.shards
-    todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
-                       if world.Get_rank() == 0 else None, root=0)
+    todo = pending_shards(cfg.output, plan, world)
     if world.Get_rank() == 0:
         log(f"{job.name}: {len(plan)} shards ({len(plan) - len(todo)} already done), world {mesh.describe()}, "
             f"{threads} threads/rank, model {os.path.basename(cfg.model)} ({ckpt.content_hash[:12]})")
@@ -153,6 +152,12 @@ def run_job(cfg, job_cls) -> int:
     with StopFlag() as stop:
         stopped = loop.run(stop)
     return finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop)
+
+
+def pending_shards(out_dir, plan, world):
+    """The plan's shards without a result file yet, as rank 0 sees them, on every rank."""
+    return world.bcast([s for s in plan if s.index not in completed_shards(out_dir, plan)]
+                       if world.Get_rank() == 0 else None, root=0)
 
 
 def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):

@@ -62,11 +62,12 @@ def _tokenizer_and_length(args):
 def run(args) -> int:
     from mpi4py import MPI
 
-    from hpcllm.corpus.plan import completed_shards, hash_config, load_or_create_manifest, make_plan
+    from hpcllm.corpus.plan import hash_config, load_or_create_manifest, make_plan
     from hpcllm.corpus.readers import list_inputs
     from hpcllm.corpus.tokens import tokenizer_hash
     from hpcllm.dist.mesh import set_threads
     from hpcllm.dist.slurm import check_launch
+    from hpcllm.jobs.runner import pending_shards
     from hpcllm.report import log
     from hpcllm.signals import StopFlag
     from hpcllm.tokenizer import Tokenizer
@@ -90,8 +91,7 @@ def run(args) -> int:
         args.output, lambda: make_plan(inputs, args.shard_docs, comm=world, fmt=args.format),
         tok_hash, hash_config(options), comm=world, inputs=inputs)
     plan = manifest.shards
-    todo = world.bcast([s for s in plan if s.index not in completed_shards(args.output, plan)]
-                       if world.Get_rank() == 0 else None, root=0)
+    todo = pending_shards(args.output, plan, world)
     if world.Get_rank() == 0:
         log(f"tokenize: {len(plan)} shards ({len(plan) - len(todo)} already done), {world.Get_size()} ranks, "
             f"{threads} threads/rank, tokenizer {source} ({tok_hash[:12]}), max_length {max_length}")
