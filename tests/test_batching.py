@@ -47,6 +47,25 @@ def test_batch_invariants(lengths, max_tokens, window, max_batch):
     assert (out == lengths).all()
 
 
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), max_size=200), max_tokens=st.integers(1, 2000),
+       window=st.integers(1, 64), max_batch=st.one_of(st.none(), st.integers(1, 20)))
+def test_packed_batch_invariants(lengths, max_tokens, window, max_batch):
+    lengths = np.array(lengths, dtype=np.int64)
+    batches = make_batches(lengths, max_tokens, window, max_batch, padded=False)
+    allidx = np.concatenate(batches) if batches else np.array([], np.int64)
+    assert sorted(allidx.tolist()) == list(range(len(lengths)))
+    cost = np.maximum(lengths, 1)
+    for i, b in enumerate(batches):
+        assert len(set((b // window).tolist())) == 1
+        assert (np.diff(cost[b]) <= 0).all()                                    # longest first
+        assert cost[b].sum() <= max_tokens or len(b) == 1                       # real tokens only
+        assert max_batch is None or len(b) <= max_batch
+        nxt = batches[i + 1] if i + 1 < len(batches) else None
+        if nxt is not None and nxt[0] // window == b[0] // window and (max_batch is None or len(b) < max_batch):
+            assert cost[b].sum() + cost[nxt[0]] > max_tokens                    # greedy: the next did not fit
+
+
 def test_greedy_is_tight():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 256, 5000)

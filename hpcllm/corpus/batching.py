@@ -17,12 +17,14 @@ from hpcllm.errors import HpcllmError
 
 
 def make_batches(lengths: np.ndarray, max_tokens: int, window: int,
-                 max_batch: int | None = None) -> list[np.ndarray]:
+                 max_batch: int | None = None, padded: bool = True) -> list[np.ndarray]:
     """Index arrays (int64) whose union is a permutation of ``range(len(lengths))``.
 
-    Every batch satisfies ``len(b) * max(lengths[b]) <= max_tokens``, except a
-    single document longer than ``max_tokens``, which is a batch of its own.
-    A length of 0 counts as 1 so empty documents still use up the budget.
+    Every batch satisfies ``len(b) * max(lengths[b]) <= max_tokens`` (or, with
+    ``padded=False``, for a model that packs documents without padding,
+    ``sum(lengths[b]) <= max_tokens``), except a single document longer than
+    ``max_tokens``, which is a batch of its own. A length of 0 counts as 1 so
+    empty documents still use up the budget.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if max_tokens < 1 or window < 1 or (max_batch is not None and max_batch < 1):
@@ -33,7 +35,8 @@ def make_batches(lengths: np.ndarray, max_tokens: int, window: int,
     for w0 in range(0, len(lengths), window):
         lens = np.maximum(lengths[w0:w0 + window], 1)
         order = np.argsort(-lens, kind="stable")
-        batches += [w0 + order[a:b] for a, b in _pack_sorted(lens[order], max_tokens, cap)]
+        pack = _pack_sorted if padded else _pack_sum
+        batches += [w0 + order[a:b] for a, b in pack(lens[order], max_tokens, cap)]
     return batches
 
 
@@ -51,11 +54,34 @@ def _pack_sorted(lens_desc: np.ndarray, max_tokens: int, cap: int) -> list[tuple
     return runs
 
 
+def _pack_sum(lens_desc: np.ndarray, max_tokens: int, cap: int) -> list[tuple[int, int]]:
+    """Cut lengths into [a, b) runs whose sum stays within the budget (at least one document each)."""
+    ends = np.cumsum(lens_desc)
+    runs, a, n = [], 0, len(lens_desc)
+    while a < n:
+        base = ends[a - 1] if a else 0
+        b = max(a + 1, int(np.searchsorted(ends, base + max_tokens, side="right")))
+        b = min(b, a + cap, n)
+        runs.append((a, b))
+        a = b
+    return runs
+
+
 def padded_tokens(lengths: np.ndarray, batch: np.ndarray) -> int:
     """Tokens a batch costs once padded: n_docs * longest (zero lengths count as 1)."""
     if len(batch) == 0:
         return 0
     return len(batch) * max(1, int(np.asarray(lengths)[batch].max()))
+
+
+def pack_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Documents ``index`` of a ragged encoding as one flat int64 token run and their int64 lengths."""
+    index = np.asarray(index, dtype=np.int64)
+    starts = offsets[index].astype(np.int64)
+    lens = offsets[index + 1].astype(np.int64) - starts
+    ends = np.cumsum(lens)
+    src = np.arange(int(ends[-1]) if len(index) else 0) + np.repeat(starts - (ends - lens), lens)
+    return ids[src].astype(np.int64), lens
 
 
 def pad_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray,
@@ -67,14 +93,9 @@ def pad_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray,
     with L the longest document in the batch (at least 1); padding is on the
     right and masked with 0.
     """
-    index = np.asarray(index, dtype=np.int64)
-    starts = offsets[index].astype(np.int64)
-    lens = offsets[index + 1].astype(np.int64) - starts
-    width = max(1, int(lens.max())) if len(index) else 1
+    flat, lens = pack_batch(ids, offsets, index)
+    width = max(1, int(lens.max())) if len(lens) else 1
     mask = np.arange(width)[None, :] < lens[:, None]
-    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
-    # flat source position of every real token, row by row (the order mask[mask] visits)
-    ends = np.cumsum(lens)
-    src = np.arange(int(ends[-1]) if len(index) else 0) + np.repeat(starts - (ends - lens), lens)
-    input_ids[mask] = ids[src]
+    input_ids = np.full((len(lens), width), pad_id, dtype=np.int64)
+    input_ids[mask] = flat  # row by row, the order mask[mask] visits
     return input_ids, mask.astype(np.int64)

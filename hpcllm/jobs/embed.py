@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from hpcllm.corpus.batching import make_batches, pad_batch
+from hpcllm.corpus.batching import make_batches, pack_batch
 from hpcllm.errors import HpcllmError
 
 
@@ -15,7 +15,6 @@ class EmbedJob:
             raise HpcllmError(f"embed: {cfg.model} is a {ckpt.architecture} model; embed needs an encoder (bert)")
         self.cfg = cfg
         self.dim = ckpt.config["hidden"]
-        self.pad_id = ckpt.config["pad_id"]
         model_max = ckpt.config["max_length"]
         self.max_length = min(cfg.max_length or model_max, ckpt.config["max_positions"])
         self.out_dtype = np.dtype(cfg.out_dtype)
@@ -30,12 +29,12 @@ class EmbedJob:
         out = np.full((len(offsets) - 1, self.dim), np.nan, dtype=self.out_dtype)
         lengths = np.diff(offsets)[process]
         device = next(model.parameters()).device
-        for batch in make_batches(lengths, self.cfg.batch_tokens, self.cfg.window):
+        for batch in make_batches(lengths, self.cfg.batch_tokens, self.cfg.window, padded=False):
             if should_stop():
                 return None
             rows = process[batch]
-            input_ids, mask = pad_batch(ids, offsets, rows, self.pad_id)
+            flat, lengths = pack_batch(ids, offsets, rows)
             with timers.phase("compute"):
-                vec = model(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device))
+                vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(lengths).to(device))
             out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
         return {"embedding": out}

@@ -30,4 +30,6 @@ def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32):
     with torch.device("meta"):
         model = cls(ckpt.config, part, comm)
     load_state(model, ckpt.read, plan, part, dtype)
+    if hasattr(model, "fuse"):
+        model.fuse()  # e.g. Q|K|V into one matmul, once the per-tensor hyperslabs are loaded
     return model.eval()

@@ -3,7 +3,8 @@ bidirectional attention, then pooling (mean / CLS) and optional L2 normalisation
 
 Plain PyTorch. Tensor parallelism enters only through the layer classes from
 ``parallel.py`` and the ``PLAN`` table below; at tp = 1 the comm is a no-op.
-Shapes: B batch, L tokens, H local heads, D head dim.
+Shapes: T tokens of the batch packed, B documents, L the longest, H local heads,
+D head dim.
 """
 
 import torch
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcllm.dist.comm import Comm
-from hpcllm.model.parallel import ColumnParallelLinear, Partition, RowParallelLinear, VocabParallelEmbedding
+from hpcllm.model.parallel import (ColumnParallelLinear, Partition, RowParallelLinear, VocabParallelEmbedding,
+                                   fuse_linears, linear_act)
 
 # weight-name suffix -> split (see parallel.py). Everything else is replicated.
 PLAN = {
@@ -43,33 +45,101 @@ class EncoderLayer(nn.Module):
         self.down = RowParallelLinear(ffn1 - ffn0, hidden, True, comm)
         self.mlp_norm = nn.LayerNorm(hidden, eps=cfg["norm_eps"])
 
-    def forward(self, x, mask):
-        B, L, _ = x.shape
-        heads = lambda t: t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        a = a.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
-        x = self.attn_norm(x + self.o(a))        # all-reduce 1
-        h = self.down(F.gelu(self.up(x)))         # all-reduce 2
+    def fuse(self):
+        """After loading: Q, K and V become one matmul."""
+        self.qkv = fuse_linears(self.q, self.k, self.v)
+        del self.q, self.k, self.v
+
+    def forward(self, x, seqs: "Packed"):
+        """x: [T, hidden], the batch's tokens packed without padding."""
+        H, D = self.n_heads, self.head_dim
+        qkv = self.qkv(x)
+        a = qkv.new_empty(x.shape[0], H * D)
+        for c in seqs.chunks:
+            t = c.pad(qkv[c.t0:c.t1]).view(c.n, c.width, 3, H, D)
+            q, k, v = (t[:, :, i].transpose(1, 2) for i in range(3))  # [n, H, width, D] views
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask)
+            a[c.t0:c.t1] = c.unpad(o.transpose(1, 2).reshape(c.n * c.width, H * D))
+        x = self.attn_norm(x + self.o(a))                       # all-reduce 1
+        h = self.down(linear_act(x, self.up, "gelu"))           # all-reduce 2
         return self.mlp_norm(x + h)
+
+
+class Packed:
+    """A batch of variable-length documents as one [T] token run (no padding).
+
+    The linear layers, norms and activations work on all T tokens at once;
+    only attention needs the documents apart. The documents come longest
+    first, so the batch is cut into *chunks* of consecutive documents of
+    similar length (each at least ``ratio`` times its chunk's longest), and a
+    chunk is one contiguous token range. Attention runs per chunk on a padded
+    [n, width] view: padding costs only there, and little.
+    """
+
+    def __init__(self, lengths: torch.Tensor, ratio: float = 0.9):
+        lengths = lengths.to(torch.int64).cpu()
+        self.lengths = lengths
+        self.n = len(lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        self.doc = torch.repeat_interleave(torch.arange(self.n), lengths)   # document of each token
+        self.position = torch.arange(int(lengths.sum())) - starts[self.doc]  # position in its document
+        self.chunks = []
+        lens, a = lengths.tolist(), 0
+        while a < self.n:
+            b = a + 1
+            while b < self.n and lens[b] >= ratio * lens[a] and lens[b] <= lens[a]:
+                b += 1
+            self.chunks.append(_Chunk(lengths[a:b], int(starts[a]), int(starts[b - 1]) + lens[b - 1]))
+            a = b
+
+    def to(self, device):
+        self.lengths, self.doc, self.position = (t.to(device) for t in (self.lengths, self.doc, self.position))
+        for c in self.chunks:
+            c.to(device)
+        return self
+
+
+class _Chunk:
+    """Documents a..b of a Packed batch: tokens [t0, t1), padded to the longest for attention."""
+
+    def __init__(self, lengths, t0, t1):
+        self.t0, self.t1, self.n = t0, t1, len(lengths)
+        self.width = max(1, int(lengths.max()))
+        self.uniform = bool((lengths == self.width).all())
+        keep = torch.arange(self.width)[None, :] < lengths[:, None]
+        self.mask = None if self.uniform else keep[:, None, None, :]  # keys that may be attended to
+        self.index = None if self.uniform else keep.flatten().nonzero().squeeze(1)  # token -> slot in [n * width]
+
+    def to(self, device):
+        if not self.uniform:
+            self.mask, self.index = self.mask.to(device), self.index.to(device)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[t1 - t0, C] -> [n * width, C]."""
+        if self.uniform:
+            return t
+        return t.new_zeros(self.n * self.width, t.shape[-1]).index_copy_(0, self.index, t)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.uniform else t.index_select(0, self.index)
 
 
 class Embeddings(nn.Module):
     def __init__(self, cfg, part: Partition, comm: Comm):
         super().__init__()
         self.tokens = VocabParallelEmbedding(part.range("vocab"), cfg["hidden"], comm)
-        self.positions = nn.Embedding(cfg["max_positions"], cfg["hidden"])
-        self.types = nn.Embedding(cfg["type_vocab"], cfg["hidden"])
+        # from_pretrained: no random init (nn.Embedding's normal_ on the meta device imports torch._dynamo, 1.1 s)
+        self.positions = nn.Embedding.from_pretrained(torch.empty(cfg["max_positions"], cfg["hidden"]))
+        self.types = nn.Embedding.from_pretrained(torch.empty(cfg["type_vocab"], cfg["hidden"]))
         self.norm = nn.LayerNorm(cfg["hidden"], eps=cfg["norm_eps"])
 
-    def forward(self, ids):
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.tokens(ids) + self.positions(pos)[None] + self.types.weight[0]
+    def forward(self, ids, position):
+        x = self.tokens(ids) + self.positions(position) + self.types.weight[0]
         return self.norm(x)
 
 
 class Encoder(nn.Module):
-    """ids [B, L] + attention mask [B, L] -> pooled embeddings [B, hidden] (float32)."""
+    """Packed token ids [T] + document lengths [B] -> pooled embeddings [B, hidden] (float32)."""
 
     def __init__(self, cfg: dict, part: Partition, comm: Comm):
         super().__init__()
@@ -77,22 +147,26 @@ class Encoder(nn.Module):
         self.embed = Embeddings(cfg, part, comm)
         self.layers = nn.ModuleList(EncoderLayer(cfg, part, comm) for _ in range(cfg["n_layers"]))
 
-    @torch.inference_mode()
-    def forward(self, ids, attention_mask):
-        keep = attention_mask.bool()
-        mask = keep[:, None, None, :]  # keys that may be attended to
-        x = self.embed(ids)
+    def fuse(self):
         for layer in self.layers:
-            x = layer(x, mask)
-        return pool(x.float(), keep, self.cfg["pooling"], self.cfg["normalize"])
+            layer.fuse()
+
+    @torch.inference_mode()
+    def forward(self, ids, lengths):
+        seqs = Packed(lengths).to(ids.device)
+        x = self.embed(ids, seqs.position)
+        for layer in self.layers:
+            x = layer(x, seqs)
+        return pool(x.float(), seqs, self.cfg["pooling"], self.cfg["normalize"])
 
 
-def pool(x, keep, mode: str, normalize: bool):
+def pool(x, seqs: Packed, mode: str, normalize: bool):
+    """x: [T, hidden] packed tokens -> [B, hidden]."""
     if mode == "cls":
-        out = x[:, 0]
+        out = x[torch.cumsum(seqs.lengths, 0) - seqs.lengths]
     elif mode == "mean":
-        w = keep.unsqueeze(-1).to(x.dtype)
-        out = (x * w).sum(1) / w.sum(1).clamp(min=1e-9)
+        out = x.new_zeros(seqs.n, x.shape[-1]).index_add_(0, seqs.doc, x)
+        out = out / seqs.lengths.clamp(min=1).unsqueeze(-1).to(x.dtype)
     else:
         raise ValueError(f"unknown pooling {mode!r}")
     return F.normalize(out, p=2, dim=-1) if normalize else out

@@ -15,6 +15,7 @@ mesh = Mesh.create(MPI.COMM_WORLD, MPI.COMM_WORLD.Get_size(), backend)
 with Checkpoint(ckpt_path) as ck:
     model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp)
 data = np.load(in_path)
-out = model(torch.from_numpy(data["ids"]), torch.from_numpy(data["mask"]))
+mask = data["mask"].astype(bool)
+out = model(torch.from_numpy(data["ids"][mask]), torch.from_numpy(mask.sum(1)))  # packed: tokens, lengths
 if mesh.rank == 0:
     np.savez(out_path, out=out.numpy(), comm_calls=mesh.tp.calls)
