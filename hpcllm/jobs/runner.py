@@ -63,7 +63,7 @@ class SharedCounters:
         world.Barrier()
 
     def _poll(self):
-        while not self._stop.wait(float(os.environ.get("HPCLLM_POLL", "0.002"))):
+        while not self._stop.wait(0.002):
             self._poll_comm.Iprobe()
 
     def _op(self, slot, value, op):
