@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import MPI_TIMEOUT, REPO
-from hpcllm.model.parallel import Partition
+from hpcllm.model.partition import Partition
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "encoder_forward.py")
 

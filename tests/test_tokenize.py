@@ -3,13 +3,15 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 
 import corpora
-from conftest import minilm_dir, mpirun
+from conftest import MPI_TIMEOUT, REPO, minilm_dir, mpirun
 from hpcllm.corpus.tokens import open_token_dir, tokenizer_hash
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
@@ -169,3 +171,15 @@ def test_mismatched_tokenizer_or_length_refused(tokenized, tiny_bert_h5):
         tok.check(json.dumps(spec), MAX_LEN, "m.h5")
     tok.check(text, MAX_LEN, "m.h5")
     tok.check(text, None, "m.h5")        # score never truncates: any length is fine
+
+
+def test_tokenize_never_imports_torch(tmp_path):
+    """The tokenize job needs no model: it stays free of torch (~250 MiB per rank)."""
+    _corpus(tmp_path / "c.jsonl", n=40)
+    script = os.path.join(REPO, "tests", "mpi_scripts", "tokenize_without_torch.py")
+    proc = subprocess.run(["mpiexec", "-n", "2", sys.executable, script, "--tokenizer",
+                           os.path.join(minilm_dir(), "tokenizer.json"), "--input", tmp_path / "c.jsonl",
+                           "--output", tmp_path / "tok", "--progress", "0"], capture_output=True, text=True,
+                          env=dict(os.environ, MPIEXEC_TIMEOUT=str(MPI_TIMEOUT)), timeout=MPI_TIMEOUT + 30)
+    assert proc.returncode == 0, proc.stderr
+    assert open_token_dir(str(tmp_path / "tok")).info["n_docs"] == 40 + 2

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from hpcllm.errors import HpcllmError
-from hpcllm.model.parallel import lookup_split
+from hpcllm.model.partition import lookup_split
 
 FORMAT = "hpcllm-checkpoint"
 FORMAT_VERSION = 1

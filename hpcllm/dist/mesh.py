@@ -8,7 +8,6 @@ always come from MPI, never from Slurm's environment.
 import os
 from dataclasses import dataclass
 
-from hpcllm.dist.comm import Comm, LocalComm, MPIComm, TorchComm, init_torch_distributed
 from hpcllm.errors import HpcllmError
 
 
@@ -21,7 +20,7 @@ class Mesh:
     dp_rank: int
     tp_mpi: object         # mpi4py communicator of this tp group (tp_rank order)
     dp_mpi: object         # mpi4py communicator of the ranks with this tp_rank, one per dp group
-    tp: Comm               # collectives of this tp group (what the model uses)
+    tp: object             # hpcllm.dist.comm.Comm: collectives of this tp group (what the model uses)
     local_size: int        # ranks on this node
     backend: str
 
@@ -44,6 +43,8 @@ class Mesh:
         node = world.Split_type(_shared_type(), key=rank)
         local_size = node.Get_size()
         node.Free()
+        from hpcllm.dist.comm import LocalComm, MPIComm
+
         if backend == "mpi":
             comm = MPIComm(tp_mpi) if tp > 1 else LocalComm()
         elif backend == "torch":
@@ -65,6 +66,8 @@ def _shared_type():
 
 def _torch_tp_comm(world, tp, dp_rank, tp_rank, device):
     import torch.distributed as dist
+
+    from hpcllm.dist.comm import TorchComm, init_torch_distributed
 
     init_torch_distributed(world, "nccl" if device.startswith("cuda") else "gloo")
     groups = {}
@@ -89,11 +92,13 @@ def cores_per_rank(local_size: int) -> int:
 
 
 def set_threads(local_size: int, override: int | None = None) -> int:
-    """Set torch and numba thread counts for this rank; return the count."""
+    """Set torch (if this process uses it) and numba thread counts for this rank; return the count."""
+    import sys
+
     import numba
-    import torch
 
     n = override or cores_per_rank(local_size)
-    torch.set_num_threads(n)
+    if "torch" in sys.modules:  # the tokenize job never imports torch
+        sys.modules["torch"].set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return n

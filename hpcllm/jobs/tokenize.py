@@ -67,7 +67,7 @@ def run(args) -> int:
     from hpcllm.corpus.tokens import tokenizer_hash
     from hpcllm.dist.mesh import set_threads
     from hpcllm.dist.slurm import check_launch
-    from hpcllm.jobs.runner import pending_shards
+    from hpcllm.jobs.common import pending_shards
     from hpcllm.report import log
     from hpcllm.signals import StopFlag
     from hpcllm.tokenizer import Tokenizer
@@ -107,7 +107,7 @@ class Worker:
     """One rank claiming, reading, tokenizing and writing shards."""
 
     def __init__(self, args, world, tokenizer, todo, shard_attrs):
-        from hpcllm.jobs.runner import SharedCounters
+        from hpcllm.jobs.common import SharedCounters
         from hpcllm.report import Progress, Timers
 
         self.args, self.world, self.tokenizer, self.todo = args, world, tokenizer, todo
@@ -151,7 +151,7 @@ class Worker:
 
     def write(self, shard, docs):
         from hpcllm.corpus.tokens import write_token_shard
-        from hpcllm.jobs.runner import NOT_PROCESSED, encode_docs
+        from hpcllm.jobs.common import NOT_PROCESSED, encode_docs
 
         with self.timers.phase("tokenize"):
             enc, status = encode_docs(self.tokenizer, docs, self.max_length)
@@ -167,7 +167,7 @@ class Worker:
         """Agree on the outcome; rank 0 writes tokens.json (all shards done) or the stop note."""
         from mpi4py import MPI
 
-        from hpcllm.jobs.runner import peak_rss_mb
+        from hpcllm.jobs.common import peak_rss_mb
         from hpcllm.report import breakdown_table, log
         from hpcllm.signals import EXIT_REQUEUE, signal_name, write_stop_note
 

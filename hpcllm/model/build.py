@@ -3,7 +3,8 @@
 import torch
 
 from hpcllm.errors import HpcllmError
-from hpcllm.model.parallel import load_state, partition_for
+from hpcllm.model.parallel import load_state
+from hpcllm.model.partition import partition_for
 
 
 def architecture(name: str):

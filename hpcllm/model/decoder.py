@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcllm.dist.comm import Comm
-from hpcllm.model.parallel import ColumnParallelLinear, Partition, RowParallelLinear, VocabParallelEmbedding
+from hpcllm.model.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from hpcllm.model.partition import Partition
 
 # weight-name suffix -> split (see parallel.py). Everything else (norms) is replicated.
 PLAN = {

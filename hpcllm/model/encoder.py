@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcllm.dist.comm import Comm
-from hpcllm.model.parallel import (ColumnParallelLinear, Partition, RowParallelLinear, VocabParallelEmbedding,
-                                   fuse_linears, linear_act)
+from hpcllm.model.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, fuse_linears,
+                                   linear_act)
+from hpcllm.model.partition import Partition
 
 # weight-name suffix -> split (see parallel.py). Everything else is replicated.
 PLAN = {

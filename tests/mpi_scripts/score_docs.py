@@ -21,7 +21,7 @@ from mpi4py import MPI
 from hpcllm.checkpoint.hdf5 import Checkpoint
 from hpcllm.dist.mesh import Mesh, set_threads
 from hpcllm.model.build import build_model
-from hpcllm.model.parallel import even_split
+from hpcllm.model.partition import even_split
 from hpcllm.scoring import score_documents
 
 ckpts, in_path, out_path, tp, comms, window, stride = sys.argv[1:8]

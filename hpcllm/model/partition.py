@@ -1,0 +1,100 @@
+"""How each weight is split across a tensor-parallel group (no torch: the
+checkpoint writer and the tokenize job use it too). See ``parallel.py`` for
+the split kinds and the layers that use them.
+"""
+
+from dataclasses import dataclass
+
+from hpcllm.errors import HpcllmError
+
+
+def even_split(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part ``index`` when n items are cut into ``parts`` near-equal runs (larger first)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """What tp rank ``rank`` of ``size`` owns, for a model with these shapes."""
+
+    rank: int
+    size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    def __post_init__(self):
+        if self.size > self.n_heads:
+            raise HpcllmError(f"--tp {self.size} exceeds the model's {self.n_heads} attention heads; use tp <= {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise HpcllmError(f"model config: {self.n_heads} heads is not a multiple of {self.n_kv_heads} KV heads")
+
+    @property
+    def q_heads(self) -> tuple[int, int]:
+        """[start, stop) of this rank's query heads."""
+        group = self.n_heads // self.n_kv_heads  # query heads per KV head
+        if self.size <= self.n_kv_heads:
+            g0, g1 = even_split(self.n_kv_heads, self.size, self.rank)
+            return g0 * group, g1 * group
+        kv = self.kv_heads[0]
+        first = self._first_rank_of_kv(kv)
+        n_ranks = self._first_rank_of_kv(kv + 1) - first
+        h0, h1 = even_split(group, n_ranks, self.rank - first)
+        return kv * group + h0, kv * group + h1
+
+    @property
+    def kv_heads(self) -> tuple[int, int]:
+        """[start, stop) of this rank's KV heads (one replicated head when tp > n_kv_heads)."""
+        if self.size <= self.n_kv_heads:
+            return even_split(self.n_kv_heads, self.size, self.rank)
+        kv = next(k for k in range(self.n_kv_heads) if self._first_rank_of_kv(k + 1) > self.rank)
+        return kv, kv + 1
+
+    def _first_rank_of_kv(self, kv: int) -> int:
+        # tp > n_kv: ranks are dealt to KV heads in near-equal consecutive runs
+        return sum(even_split(self.size, self.n_kv_heads, k)[1] - even_split(self.size, self.n_kv_heads, k)[0]
+                   for k in range(kv))
+
+    def range(self, unit: str) -> tuple[int, int]:
+        """[start, stop) along the split axis, in elements."""
+        if unit == "q":
+            h0, h1 = self.q_heads
+            return h0 * self.head_dim, h1 * self.head_dim
+        if unit == "kv":
+            h0, h1 = self.kv_heads
+            return h0 * self.head_dim, h1 * self.head_dim
+        if unit == "ffn":
+            return even_split(self.ffn, self.size, self.rank)
+        if unit == "vocab":
+            return even_split(self.vocab, self.size, self.rank)
+        raise ValueError(f"unknown split unit {unit!r}")
+
+    def slice(self, split, shape) -> tuple[slice, ...]:
+        """The hyperslab of a full tensor of ``shape`` that this rank loads."""
+        full = tuple(slice(None) for _ in shape)
+        if split == "replicate" or self.size == 1:
+            return full
+        kind, unit = split
+        start, stop = self.range(unit)
+        # col / vocab split axis 0 (weights are [out, in]; biases 1-D); row splits axis 1 of weights
+        axis = 1 if kind == "row" else 0
+        if kind == "row" and len(shape) == 1:
+            return full  # row-parallel bias: replicated, added after the all-reduce
+        return full[:axis] + (slice(start, stop),) + full[axis + 1:]
+
+
+def partition_for(config, rank: int, size: int) -> Partition:
+    return Partition(rank, size, config["n_heads"], config["n_kv_heads"], config["head_dim"],
+                     config["ffn"], config["vocab"])
+
+
+def lookup_split(plan: dict, name: str):
+    """Split kind of weight ``name``: plan keys are name suffixes (layer prefixes stripped)."""
+    for suffix, split in plan.items():
+        if name == suffix or name.endswith("." + suffix):
+            return split
+    return "replicate"
