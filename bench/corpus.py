@@ -12,7 +12,7 @@ Three measurements, printed as one table:
 2. overlap: ``hpcllm embed`` (all-MiniLM-L6-v2, 1 rank, all its threads) over
    ``--docs`` single fortunes, docs/s of the job loop (rank 0's final
    progress line), against compute-only: the same model forward over the same
-   documents pre-tokenized and pre-padded into the same batches, in this
+   documents pre-tokenized and packed into the same batches, in this
    process, with the same thread count.
 3. spread: the same embed at 2 ranks (2 dp groups) with group 1 slowed 3x
    (HPCLLM_DEBUG_SLOWDOWN=1:3); the spread of the ranks' finish times
@@ -112,13 +112,13 @@ def _rate(stderr):
 
 
 def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
-    """docs/s of the model forward alone over the embed job's batches (pre-tokenized, pre-padded):
+    """docs/s of the model forward alone over the embed job's batches (pre-tokenized, packed):
     [first pass, second pass] (the job, like the first pass, meets each batch shape for the first time)."""
     import numpy as np
     import torch
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.corpus.batching import make_batches, pad_batch
+    from hpcllm.corpus.batching import make_batches, pack_batch
     from hpcllm.dist.comm import LocalComm
     from hpcllm.model.build import build_model
     from hpcllm.tokenizer import Tokenizer
@@ -130,15 +130,15 @@ def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
     enc = Tokenizer.from_str(ckpt.tokenizer_json).encode_batch(texts, max_length=max_length)
     batches = []   # the job's batches: formed inside each shard
     for a in range(0, len(texts), shard_docs):
-        batches += [pad_batch(enc.ids, enc.offsets, a + b, ckpt.config["pad_id"])
-                     for b in make_batches(enc.lengths()[a:a + shard_docs], batch_tokens, window)]
+        batches += [pack_batch(enc.ids, enc.offsets, a + b)
+                     for b in make_batches(enc.lengths()[a:a + shard_docs], batch_tokens, window, padded=False)]
     batches = [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in batches]
     rates = []
     with torch.inference_mode():
         for _ in range(2):   # the first pass pays for every new batch shape, as the job does
             start = time.perf_counter()
-            for ids, mask in batches:
-                model(ids, mask)
+            for ids, lengths in batches:
+                model(ids, lengths)
             rates.append(len(texts) / (time.perf_counter() - start))
     return rates
 

@@ -34,7 +34,7 @@ class JobConfig:
     max_length: int = opt(None, "max tokens per document incl. special tokens (default: the model's)", result=True)
     max_doc_bytes: int = opt(64 << 20, "documents larger than this are not processed (status too_long)", result=True)
     shard_docs: int = opt(10000, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
-    batch_tokens: int = opt(16384, "token budget of one batch, padding included")
+    batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded tokens)")
     window: int = opt(2048, "documents sorted by length together before batching")
     threads: int = opt(None, "threads per rank (default: cores per rank on the node)")
     out_dtype: str = opt("float32", "embedding dtype in results", result=True, choices=("float32", "float16"), jobs=("embed",))

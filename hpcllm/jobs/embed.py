@@ -24,13 +24,16 @@ class EmbedJob:
 
         return embed_schema(self.dim, self.out_dtype)
 
-    def run(self, model, ids, offsets, process, tokenizer, timers, should_stop):
-        """Embeddings in input order (NaN rows for documents not processed); None if stopped."""
+    def run(self, model, ids, offsets, process, tokenizer, timers, at_batch):
+        """Embeddings in input order (NaN rows for documents not processed); None if stopped.
+
+        ``at_batch(k, n)`` is called before batch k of n and returns True to stop."""
         out = np.full((len(offsets) - 1, self.dim), np.nan, dtype=self.out_dtype)
         lengths = np.diff(offsets)[process]
         device = next(model.parameters()).device
-        for batch in make_batches(lengths, self.cfg.batch_tokens, self.cfg.window, padded=False):
-            if should_stop():
+        batches = make_batches(lengths, self.cfg.batch_tokens, self.cfg.window, padded=False)
+        for k, batch in enumerate(batches):
+            if at_batch(k, len(batches)):
                 return None
             rows = process[batch]
             flat, lengths = pack_batch(ids, offsets, rows)

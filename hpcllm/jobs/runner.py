@@ -13,7 +13,6 @@ it computes for a padded batch; it does not know how it was launched.
 import concurrent.futures
 import json
 import os
-import threading
 import time
 
 import h5py
@@ -22,74 +21,17 @@ import torch
 
 from hpcllm import __version__
 from hpcllm.checkpoint.hdf5 import Checkpoint
-from hpcllm.corpus.plan import completed_shards, load_or_create_manifest, make_plan
+from hpcllm.corpus.plan import load_or_create_manifest, make_plan
 from hpcllm.corpus.readers import DocReader, list_inputs
 from hpcllm.corpus.tokens import open_token_dir, read_token_shard
 from hpcllm.dist.mesh import Mesh, set_threads
 from hpcllm.dist.slurm import check_launch, provenance
 from hpcllm.errors import HpcllmError
+from hpcllm.jobs.common import NOT_PROCESSED, SharedCounters, encode_docs, peak_rss_mb, pending_shards
 from hpcllm.model.build import build_model
 from hpcllm.report import Progress, Timers, breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
-from hpcllm.status import Status
-from hpcllm.tokenizer import FLAG_BAD_UTF8, FLAG_TRUNCATED, Tokenizer
-
-NOT_PROCESSED = (Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG)
-
-
-class SharedCounters:
-    """Three int64 counters on world rank 0 (next shard, docs done, tokens done), MPI one-sided.
-
-    MPICH completes a one-sided op at its target only while the target is inside
-    an MPI call; rank 0 computes for seconds without one, so other ranks' claims
-    waited for its next shard (measured: a 2.8 s claim, and one of two ranks
-    idle most of a tokenize run).  A thread on rank 0 polls MPI every 2 ms, so
-    a claim takes milliseconds.
-    """
-
-    def __init__(self, world):
-        from mpi4py import MPI
-
-        self.MPI = MPI
-        nbytes = 3 * 8 if world.Get_rank() == 0 else 0
-        self.win = MPI.Win.Allocate(nbytes, 8, comm=world)
-        if world.Get_rank() == 0:
-            np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0
-        self._poll_comm = world.Dup()
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, daemon=True) if world.Get_rank() == 0 else None
-        if self._poller:
-            self._poller.start()
-        world.Barrier()
-
-    def _poll(self):
-        while not self._stop.wait(0.002):
-            self._poll_comm.Iprobe()
-
-    def _op(self, slot, value, op):
-        out = np.zeros(1, np.int64)
-        self.win.Lock(0, self.MPI.LOCK_SHARED)
-        self.win.Fetch_and_op(np.array([value], np.int64), out, 0, slot, op)
-        self.win.Unlock(0)
-        return int(out[0])
-
-    def claim(self) -> int:
-        return self._op(0, 1, self.MPI.SUM)
-
-    def add_done(self, docs: int, tokens: int):
-        self._op(1, docs, self.MPI.SUM)
-        self._op(2, tokens, self.MPI.SUM)
-
-    def done(self) -> tuple[int, int]:
-        return self._op(1, 0, self.MPI.NO_OP), self._op(2, 0, self.MPI.NO_OP)
-
-    def free(self):
-        if self._poller:
-            self._stop.set()
-            self._poller.join()
-        self._poll_comm.Free()
-        self.win.Free()
-
+from hpcllm.tokenizer import Tokenizer
 
 class ShardData:
     """A shard read and tokenized by the group leader: what every tp rank needs, plus rows to write."""
@@ -103,25 +45,6 @@ class ShardData:
         return (self.ids, self.offsets, self.process)
 
 
-def final_status(reader_status: np.ndarray, flags: np.ndarray) -> np.ndarray:
-    """One status per document: reader errors, then bad UTF-8, then truncation, else ok/empty."""
-    status = reader_status.copy()
-    open_ = ~np.isin(status, NOT_PROCESSED)
-    status[open_ & ((flags & FLAG_BAD_UTF8) != 0)] = Status.BAD_UTF8
-    status[open_ & (status != Status.BAD_UTF8) & ((flags & FLAG_TRUNCATED) != 0)] = Status.TRUNCATED
-    return status
-
-
-def encode_docs(tokenizer, docs, max_length):
-    """Tokenize a shard's documents (special tokens added) -> (Encoding, final status)."""
-    lens = np.fromiter((len(t) for t in docs.texts), np.int64, len(docs.texts))
-    offsets = np.zeros(len(lens) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    buf = np.frombuffer(b"".join(docs.texts), np.uint8)
-    enc = tokenizer.encode_bytes(buf, offsets, max_length=max_length, add_special_tokens=True)
-    return enc, final_status(docs.status, enc.flags)
-
-
 def run_job(cfg, job_cls) -> int:
     """Run a job on MPI.COMM_WORLD; returns the process exit code."""
     from mpi4py import MPI
@@ -132,12 +55,12 @@ def run_job(cfg, job_cls) -> int:
     threads = set_threads(mesh.local_size, cfg.threads)
     ckpt = Checkpoint(cfg.model)
     job = job_cls(cfg, ckpt)
+    tokens = open_token_dir(cfg.input)  # pre-tokenized input: one job shard per token shard
+    if tokens:  # checked before the model loads: a mismatch fails in a second, not after the load
+        tokens.check(ckpt.tokenizer_json, job.max_length, cfg.model)
     tokenizer = Tokenizer.from_str(ckpt.tokenizer_json)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = build_model(ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype).to(cfg.device)
-    tokens = open_token_dir(cfg.input)  # pre-tokenized input: one job shard per token shard
-    if tokens:
-        tokens.check(ckpt.tokenizer_json, job.max_length, cfg.model)
     inputs = tokens.files if tokens else list_inputs(cfg.input, cfg.format)
     manifest = load_or_create_manifest(
         cfg.output, (lambda: tokens.plan) if tokens else
@@ -152,12 +75,6 @@ def run_job(cfg, job_cls) -> int:
     with StopFlag() as stop:
         stopped = loop.run(stop)
     return finish(cfg, mesh, job, ckpt, plan, loop, stopped, stop)
-
-
-def pending_shards(out_dir, plan, world):
-    """The plan's shards without a result file yet, as rank 0 sees them, on every rank."""
-    return world.bcast([s for s in plan if s.index not in completed_shards(out_dir, plan)]
-                       if world.Get_rank() == 0 else None, root=0)
 
 
 def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):
@@ -189,6 +106,7 @@ class GroupLoop:
         self.shards_done = 0
         self.finished_at = None
         self.slowdown = _debug_slowdown(mesh.dp_rank)
+        self._computed = 0.0
         self.weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         self.progress = Progress(sum(s.n_docs for s in todo), cfg.progress) if mesh.rank == 0 else None
 
@@ -208,35 +126,58 @@ class GroupLoop:
         return ShardData(shard, docs, enc, status)
 
     def run(self, stop) -> bool:
-        """Process shards until none are left; True if stopped early by a signal."""
+        """Process shards until none are left; True if stopped early by a signal.
+
+        The next shard is claimed late, before the last eighth of the current
+        shard's batches, and read + tokenized in a thread while those run: a
+        slow group does not sit on a claimed shard that a faster group could
+        have taken, yet the next shard is ready when the current one ends.
+        """
         pool = concurrent.futures.ThreadPoolExecutor(1) if self.mesh.is_group_leader else None
-        shard = self.claim()
-        future = pool.submit(self.load, shard) if pool and shard else None
+        tp = self.mesh.tp_mpi
+
+        def claim_and_load():
+            shard = self.claim()
+            return shard, (pool.submit(self.load, shard) if pool and shard else None)
+
+        shard, future = claim_and_load()
         try:
             while shard is not None:
                 with self.timers.phase("idle"):
                     data = future.result() if future else None
-                    work = self.mesh.tp_mpi.bcast(data.for_workers() if data else None, root=0)
-                if stop.should_stop(self.mesh.tp_mpi):
+                    work = tp.bcast(data.for_workers() if data else None, root=0)
+                if stop.should_stop(tp):
                     return True
-                next_shard = self.claim()
-                future = pool.submit(self.load, next_shard) if pool and next_shard else None
-                computed = self.timers.seconds["compute"]
-                outputs = self.job.run(self.model, *work, self.tokenizer, self.timers,
-                                       lambda: stop.should_stop(self.mesh.tp_mpi))
-                if self.slowdown > 1:  # testing aid: this dp group runs `slowdown` times slower
-                    time.sleep((self.slowdown - 1) * (self.timers.seconds["compute"] - computed))
+                following = []
+
+                def at_batch(k, n):
+                    self._slow_down()
+                    if not following and k >= n - max(1, n // 8):
+                        following.append(claim_and_load())
+                    return stop.should_stop(tp)
+
+                outputs = self.job.run(self.model, *work, self.tokenizer, self.timers, at_batch)
+                self._slow_down()
                 if outputs is None:  # stopped between batches: drop this shard
                     return True
+                if not following:  # a shard with nothing to compute
+                    following.append(claim_and_load())
                 if data is not None:
                     self.write(data, outputs)
-                shard = next_shard
+                shard, future = following[0]
             return False
         finally:
             self.finished_at = time.time()
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
             self.reader.close()
+
+    def _slow_down(self):
+        """Testing aid (HPCLLM_DEBUG_SLOWDOWN): this dp group's compute takes ``slowdown`` times as long."""
+        if self.slowdown > 1:
+            computed = self.timers.seconds["compute"]
+            time.sleep((self.slowdown - 1) * (computed - self._computed))
+            self._computed = computed
 
     def write(self, data: ShardData, outputs: dict):
         from hpcllm.results import base_columns, write_shard
@@ -299,13 +240,6 @@ def _write_master(cfg, mesh, job, ckpt, plan, rows):
         counts = json.loads(f.attrs["status_counts"])
     log(f"wrote {path}: {sum(counts.values())} documents; status counts: "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _debug_slowdown(dp_rank: int) -> float:

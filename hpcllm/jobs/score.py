@@ -57,8 +57,10 @@ class ScoreJob:
         n_windows = np.array([len(plan_windows(int(n), self.window, self.stride)) for n in lengths])
         return np.maximum(1, n_windows) * np.minimum(np.maximum(lengths, 1), self.window)
 
-    def run(self, model, ids, offsets, process, tokenizer, timers, should_stop):
-        """Result columns in input order (NaN / -1 for documents not processed); None if stopped."""
+    def run(self, model, ids, offsets, process, tokenizer, timers, at_batch):
+        """Result columns in input order (NaN / -1 for documents not processed); None if stopped.
+
+        ``at_batch(k, n)`` is called before batch k of n and returns True to stop."""
         n = len(offsets) - 1
         out = {"logprob_sum": np.full(n, np.nan), "n_scored": np.full(n, -1, np.int32),
                "perplexity": np.full(n, np.nan)}
@@ -66,8 +68,9 @@ class ScoreJob:
         token_lp[:] = [np.zeros(0, np.float32)] * n
         docs = [self._prepare(ids[offsets[i]:offsets[i + 1]]) for i in process]
         lengths = np.array([len(d) for d in docs], np.int64)
-        for batch in make_batches(self._cost(lengths), self.cfg.batch_tokens, self.cfg.window):
-            if should_stop():
+        batches = make_batches(self._cost(lengths), self.cfg.batch_tokens, self.cfg.window)
+        for k, batch in enumerate(batches):
+            if at_batch(k, len(batches)):
                 return None
             with timers.phase("compute"):
                 lps = score_documents(model, [docs[j] for j in batch], self.window, self.stride,
