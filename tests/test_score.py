@@ -145,3 +145,33 @@ def test_score_job_end_to_end(smol_h5, hf_tok, tmp_path):
             np.testing.assert_allclose(ppl[i], np.exp(-total[i] / n_scored[i]), rtol=1e-9)
     assert np.isnan(ppl[12]) and n_scored[12] == 0
     assert np.isnan(total[14]) and n_scored[14] == -1 and len(token_lp[14]) == 0
+
+
+def test_score_from_token_shards_equals_raw(smol_h5, tmp_path):
+    """`hpcllm tokenize` with the model's tokenizer, then `score` from the token shards: the same rows,
+    statuses and log-probabilities as scoring the raw JSONL (sliding windows included)."""
+    import h5py
+
+    from conftest import write_jsonl
+
+    texts = [t[:120] for t in mixed(10)] + [""] + [" ".join(mixed(40)[10:])[:600]]
+    path = write_jsonl(tmp_path / "in.jsonl", texts)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    mpirun(2, ["tokenize", "--model", smol_h5, "--input", path, "--output", tmp_path / "tok", "--shard-docs", 4,
+               "--progress", 0])
+    common = ["score", "--model", smol_h5, "--token-logprobs", "--max-length", 64, "--stride", 24, "--progress", 0]
+    mpirun(2, common + ["--input", path, "--output", tmp_path / "raw"], timeout=400)
+    mpirun(2, common + ["--input", tmp_path / "tok", "--output", tmp_path / "fromtok"], timeout=400)
+    cols = ("status", "n_tokens", "n_scored", "logprob_sum", "perplexity", "token_logprobs", "doc_id", "line")
+    with h5py.File(tmp_path / "raw" / "results.h5") as a, h5py.File(tmp_path / "fromtok" / "results.h5") as b:
+        raw, tok = ({k: f[k][:] for k in cols} for f in (a, b))
+    assert raw["status"].tolist() == [0] * 10 + [2, 0, 3]
+    for k in ("status", "n_tokens", "n_scored", "doc_id", "line"):
+        np.testing.assert_array_equal(tok[k], raw[k], err_msg=k)
+    assert raw["n_scored"][11] > 64  # the long document went through several windows
+    ok = raw["n_scored"] > 0
+    np.testing.assert_allclose(tok["logprob_sum"][ok], raw["logprob_sum"][ok], rtol=1e-5)
+    np.testing.assert_allclose(tok["perplexity"][ok], raw["perplexity"][ok], rtol=1e-5)
+    for a, b in zip(tok["token_logprobs"], raw["token_logprobs"]):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
