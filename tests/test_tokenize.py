@@ -123,8 +123,10 @@ def test_embed_from_token_shards_equals_raw(tokenized, tiny_bert_h5):
     mpirun(2, common + ["--input", d / "c.jsonl", "--output", d / "raw"])
     mpirun(2, common + ["--input", d / "tok1", "--output", d / "fromtok"])
     raw, tok = _results(d / "raw"), _results(d / "fromtok")
-    for k in ("embedding", "status", "n_tokens", "doc_id", "line"):
+    for k in ("status", "n_tokens", "doc_id", "line"):
         np.testing.assert_array_equal(tok[k], raw[k], err_msg=k)
+    # same tokens; the shards (and so the batches, and the matmuls' shapes) differ: float rounding only
+    np.testing.assert_allclose(tok["embedding"], raw["embedding"], rtol=0, atol=1e-6)
     assert np.isfinite(tok["embedding"][tok["status"] == Status.OK]).all()
     # `source` indexes the token shard files; each names its corpus file
     with h5py.File(d / "fromtok" / "results.h5", "r") as f:
