@@ -81,7 +81,7 @@ def pack_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple
     lens = offsets[index + 1].astype(np.int64) - starts
     ends = np.cumsum(lens)
     src = np.arange(int(ends[-1]) if len(index) else 0) + np.repeat(starts - (ends - lens), lens)
-    return ids[src].astype(np.int64), lens
+    return ids[src].astype(np.int64, copy=False), lens
 
 
 def pad_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray,

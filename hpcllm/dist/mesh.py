@@ -6,6 +6,7 @@ always come from MPI, never from Slurm's environment.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 from hpcllm.errors import HpcllmError
@@ -93,8 +94,6 @@ def cores_per_rank(local_size: int) -> int:
 
 def set_threads(local_size: int, override: int | None = None) -> int:
     """Set torch (if this process uses it) and numba thread counts for this rank; return the count."""
-    import sys
-
     import numba
 
     n = override or cores_per_rank(local_size)

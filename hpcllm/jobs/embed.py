@@ -36,8 +36,8 @@ class EmbedJob:
             if at_batch(k, len(batches)):
                 return None
             rows = process[batch]
-            flat, lengths = pack_batch(ids, offsets, rows)
+            flat, doc_lengths = pack_batch(ids, offsets, rows)
             with timers.phase("compute"):
-                vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(lengths).to(device))
+                vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
             out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
         return {"embedding": out}

@@ -7,7 +7,7 @@
     writes the shard file -> rank 0 joins all shards into results.h5.
 
 A job (``EmbedJob``, ``ScoreJob``) supplies only its result columns and what
-it computes for a padded batch; it does not know how it was launched.
+it computes for a shard's batches; it does not know how it was launched.
 """
 
 import concurrent.futures
@@ -32,6 +32,7 @@ from hpcllm.model.build import build_model
 from hpcllm.report import Progress, Timers, breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.tokenizer import Tokenizer
+
 
 class ShardData:
     """A shard read and tokenized by the group leader: what every tp rank needs, plus rows to write."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from hpcllm.dist.comm import Comm
 from hpcllm.model.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, fuse_linears,
-                                   linear_act)
+                                   linear_gelu)
 from hpcllm.model.partition import Partition
 
 # weight-name suffix -> split (see parallel.py). Everything else is replicated.
@@ -62,7 +62,7 @@ class EncoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask)
             a[c.t0:c.t1] = c.unpad(o.transpose(1, 2).reshape(c.n * c.width, H * D))
         x = self.attn_norm(x + self.o(a))                       # all-reduce 1
-        h = self.down(linear_act(x, self.up, "gelu"))           # all-reduce 2
+        h = self.down(linear_gelu(x, self.up))                  # all-reduce 2
         return self.mlp_norm(x + h)
 
 
@@ -82,6 +82,7 @@ class Packed:
         self.lengths = lengths
         self.n = len(lengths)
         starts = torch.cumsum(lengths, 0) - lengths
+        self.starts = starts                                                 # first token of each document
         self.doc = torch.repeat_interleave(torch.arange(self.n), lengths)   # document of each token
         self.position = torch.arange(int(lengths.sum())) - starts[self.doc]  # position in its document
         self.chunks = []
@@ -94,7 +95,8 @@ class Packed:
             a = b
 
     def to(self, device):
-        self.lengths, self.doc, self.position = (t.to(device) for t in (self.lengths, self.doc, self.position))
+        self.lengths, self.starts, self.doc, self.position = (
+            t.to(device) for t in (self.lengths, self.starts, self.doc, self.position))
         for c in self.chunks:
             c.to(device)
         return self
@@ -164,7 +166,7 @@ class Encoder(nn.Module):
 def pool(x, seqs: Packed, mode: str, normalize: bool):
     """x: [T, hidden] packed tokens -> [B, hidden]."""
     if mode == "cls":
-        out = x[torch.cumsum(seqs.lengths, 0) - seqs.lengths]
+        out = x[seqs.starts]
     elif mode == "mean":
         out = x.new_zeros(seqs.n, x.shape[-1]).index_add_(0, seqs.doc, x)
         out = out / seqs.lengths.clamp(min=1).unsqueeze(-1).to(x.dtype)
