@@ -119,7 +119,7 @@ def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
     from hpcllm.corpus.batching import make_batches, pack_batch
-    from hpcllm.dist.comm import LocalComm
+    from hpcllm.world.comm import LocalComm
     from hpcllm.model.build import build_model
     from hpcllm.tokenizer import Tokenizer
 
@@ -145,7 +145,7 @@ def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
 
 def bench_embed(tmp, n_docs, table, spread=True, overlap=True):
     from hpcllm.config import JobConfig
-    from hpcllm.dist.mesh import cores_per_rank
+    from hpcllm.world.mesh import cores_per_rank
     from hpcllm.jobs.convert import convert
 
     model = os.path.join(tmp, "minilm.h5")

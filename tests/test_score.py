@@ -117,7 +117,7 @@ def test_score_job_end_to_end(smol_h5, hf_tok, tmp_path):
 
     from conftest import write_jsonl
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.dist.comm import LocalComm
+    from hpcllm.world.comm import LocalComm
     from hpcllm.model.build import build_model
     from hpcllm.scoring import score_documents
 

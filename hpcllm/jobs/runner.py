@@ -24,12 +24,12 @@ from hpcllm.checkpoint.hdf5 import Checkpoint
 from hpcllm.corpus.plan import load_or_create_manifest, make_plan
 from hpcllm.corpus.readers import DocReader, list_inputs
 from hpcllm.corpus.tokens import open_token_dir, read_token_shard
-from hpcllm.dist.mesh import Mesh, set_threads
-from hpcllm.dist.slurm import check_launch, provenance
+from hpcllm.world.mesh import Mesh, set_threads
+from hpcllm.world.slurm import check_launch, provenance
 from hpcllm.errors import HpcllmError
 from hpcllm.jobs.common import NOT_PROCESSED, SharedCounters, encode_docs, peak_rss_mb, pending_shards
 from hpcllm.model.build import build_model
-from hpcllm.report import Progress, Timers, breakdown_table, log
+from hpcllm.progress import Progress, Timers, breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.tokenizer import Tokenizer
 

@@ -65,10 +65,10 @@ def run(args) -> int:
     from hpcllm.corpus.plan import hash_config, load_or_create_manifest, make_plan
     from hpcllm.corpus.readers import list_inputs
     from hpcllm.corpus.tokens import tokenizer_hash
-    from hpcllm.dist.mesh import set_threads
-    from hpcllm.dist.slurm import check_launch
+    from hpcllm.world.mesh import set_threads
+    from hpcllm.world.slurm import check_launch
     from hpcllm.jobs.common import pending_shards
-    from hpcllm.report import log
+    from hpcllm.progress import log
     from hpcllm.signals import StopFlag
     from hpcllm.tokenizer import Tokenizer
 
@@ -108,7 +108,7 @@ class Worker:
 
     def __init__(self, args, world, tokenizer, todo, shard_attrs):
         from hpcllm.jobs.common import SharedCounters
-        from hpcllm.report import Progress, Timers
+        from hpcllm.progress import Progress, Timers
 
         self.args, self.world, self.tokenizer, self.todo = args, world, tokenizer, todo
         self.max_length = shard_attrs["max_length"]
@@ -168,7 +168,7 @@ class Worker:
         from mpi4py import MPI
 
         from hpcllm.jobs.common import peak_rss_mb
-        from hpcllm.report import breakdown_table, log
+        from hpcllm.progress import breakdown_table, log
         from hpcllm.signals import EXIT_REQUEUE, signal_name, write_stop_note
 
         rows = self.world.gather({"rank": self.world.Get_rank(), "seconds": self.timers.seconds,
@@ -205,7 +205,7 @@ def _write_info(out_dir, plan, info):
 
     from hpcllm.corpus.plan import shard_file
     from hpcllm.corpus.tokens import write_info
-    from hpcllm.report import log
+    from hpcllm.progress import log
     from hpcllm.status import Status
 
     counts, n_tokens = np.zeros(256, np.int64), 0

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.dist.comm import Comm
+from hpcllm.world.comm import Comm
 from hpcllm.model.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from hpcllm.model.partition import Partition
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.dist.comm import Comm, LocalComm
+from hpcllm.world.comm import Comm, LocalComm
 from hpcllm.errors import HpcllmError
 from hpcllm.model.partition import Partition, lookup_split
 

@@ -8,7 +8,7 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.checkpoint.hdf5 import Checkpoint
-from hpcllm.dist.mesh import Mesh
+from hpcllm.world.mesh import Mesh
 from hpcllm.model.build import build_model
 
 ckpt_path, in_path, out_path, backend = sys.argv[1:5]

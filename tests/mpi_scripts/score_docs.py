@@ -20,7 +20,7 @@ import torch
 from mpi4py import MPI
 
 from hpcllm.checkpoint.hdf5 import Checkpoint
-from hpcllm.dist.mesh import Mesh, set_threads
+from hpcllm.world.mesh import Mesh, set_threads
 from hpcllm.model.build import build_model
 from hpcllm.model.partition import even_split
 from hpcllm.scoring import score_documents

