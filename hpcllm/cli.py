@@ -16,6 +16,8 @@ from hpcllm import __version__
 from hpcllm.errors import HpcllmError
 
 MODEL_JOBS = {"embed": ("hpcllm.jobs.embed", "EmbedJob"), "score": ("hpcllm.jobs.score", "ScoreJob")}
+# Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.
+COMMAND_MODULES = ("hpcllm.jobs.tokenize",)
 
 
 def build_parser():
@@ -32,12 +34,10 @@ def build_parser():
     i.add_argument("path")
     for job in MODEL_JOBS:
         add_arguments(sub.add_parser(job, help=f"run the {job} job over a corpus"), job)
-    try:
-        from hpcllm.jobs import tokenize
+    import importlib
 
-        tokenize.add_parser(sub)
-    except ImportError:
-        pass
+    for name in COMMAND_MODULES:   # an ImportError here is a broken install: let it show
+        importlib.import_module(name).add_parsers(sub)
     return p
 
 

@@ -24,7 +24,7 @@ SHARED = ("input", "output", "text_field", "id_field", "format", "max_doc_bytes"
           "threads", "progress")
 
 
-def add_parser(sub):
+def add_parsers(sub):
     p = sub.add_parser("tokenize", help="tokenize a corpus into HDF5 token shards (input of embed/score)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HDF5 checkpoint: tokenize with its tokenizer (and its max length)")

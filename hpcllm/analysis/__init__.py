@@ -1,0 +1,1 @@
+"""Analysis of results: hpcllm report, export and filter."""

@@ -1,0 +1,1 @@
+"""Training heads on embeddings with every rank holding its shard of the data (hpcllm train-classifier)."""
