@@ -17,7 +17,7 @@ from hpcllm.errors import HpcllmError
 
 MODEL_JOBS = {"embed": ("hpcllm.jobs.embed", "EmbedJob"), "score": ("hpcllm.jobs.score", "ScoreJob")}
 # Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.
-COMMAND_MODULES = ("hpcllm.jobs.tokenize",)
+COMMAND_MODULES = ("hpcllm.jobs.tokenize", "hpcllm.analysis.commands")
 
 
 def build_parser():

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for p in fortunes fortunes-de fortunes-ru fortunes-es fortunes-zh slurm-wlm munge; do
+for p in fortunes fortunes-de fortunes-ru fortunes-es fortunes-zh slurm-wlm munge chromium; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
