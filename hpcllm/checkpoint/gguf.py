@@ -13,6 +13,7 @@ import json
 import numpy as np
 
 from hpcllm.errors import HpcllmError
+from hpcllm.model.architectures import gguf_architecture
 
 # GGUF tensor name (after "blk.{i}.") -> hpcllm decoder name (after "layers.{i}.")
 _LAYER_NAMES = {
@@ -23,7 +24,6 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 # architectures whose q/k rows llama.cpp permuted on conversion
 _PERMUTED = {"llama"}
-_SUPPORTED = {"llama", "qwen2"}
 
 
 def _field(reader, key, default=None, where=""):
@@ -37,8 +37,7 @@ def _field(reader, key, default=None, where=""):
 
 def gguf_config(reader, path: str) -> dict:
     arch = _field(reader, "general.architecture", where=path)
-    if arch not in _SUPPORTED:
-        raise HpcllmError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(sorted(_SUPPORTED))})")
+    gguf_architecture(arch, path)  # a one-line error for an architecture no importer reads
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default, path)  # noqa: E731
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
@@ -120,8 +119,9 @@ def import_gguf(path: str):
     except (ValueError, OSError) as exc:
         raise HpcllmError(f"{path}: not a readable GGUF file ({exc})") from None
     cfg = gguf_config(reader, path)
-    tensors = gguf_tensors(reader, cfg, _field(reader, "general.architecture"), path)
+    gguf_arch = _field(reader, "general.architecture")
+    tensors = gguf_tensors(reader, cfg, gguf_arch, path)
     if tensors["embed.weight"].shape[0] != cfg["vocab"]:
         cfg["vocab"] = int(tensors["embed.weight"].shape[0])
     tokenizer_json = json.dumps(ByteLevelBPE.from_gguf(path).to_json_dict(), ensure_ascii=False)
-    return "llama", cfg, tensors, tokenizer_json
+    return gguf_architecture(gguf_arch, path).name, cfg, tensors, tokenizer_json

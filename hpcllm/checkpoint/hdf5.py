@@ -3,7 +3,8 @@
     /                       attrs: format, format_version, architecture, config (JSON),
                                    source, content_hash (sha256 of names + tensor bytes), dtype
     /tensors/<name>         one dataset per tensor in its full logical shape;
-                            attrs: split ("replicate" | "col" | "row" | "vocab"), unit, axis
+                            attrs: split ("replicate" | "col" | "row" | "vocab"), unit, axis,
+                            from the architecture's plan; checked against the plan on load
     /tokenizer              the tokenizer.json text (uint8 bytes)
 
 A rank reads only its hyperslab (``Checkpoint.read``), so any tp size loads
@@ -18,26 +19,25 @@ import h5py
 import numpy as np
 
 from hpcllm.errors import HpcllmError
-from hpcllm.model.partition import lookup_split
+from hpcllm.model.partition import split_attrs, tensor_split
+from hpcllm.store.atomic import atomic_h5
 
 FORMAT = "hpcllm-checkpoint"
 FORMAT_VERSION = 1
 
 
-def _split_attrs(split):
-    if split == "replicate":
-        return {"split": "replicate", "unit": "", "axis": -1}
-    kind, unit = split
-    return {"split": kind, "unit": unit, "axis": 1 if kind == "row" else 0}
-
-
 def write_checkpoint(path, architecture: str, config: dict, tensors: dict, tokenizer_json: str,
-                     source: str, plan: dict, dtype: str = "float32") -> str:
-    """Write ``tensors`` (name -> numpy array, full shape) atomically; return the content hash."""
+                     source: str, plan: dict | None = None, dtype: str = "float32") -> str:
+    """Write ``tensors`` (name -> numpy array, full shape) atomically; return the content hash.
+
+    ``plan``: the split plan recorded with each tensor (default: the architecture's)."""
+    if plan is None:
+        from hpcllm.model.architectures import plan_for
+
+        plan = plan_for(architecture)
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": None}[dtype]
     digest = hashlib.sha256()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         group = f.create_group("tensors")
         for name in sorted(tensors):
             arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
@@ -46,7 +46,7 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
             else:
                 stored = arr.astype(np_dtype)
             ds = group.create_dataset(name, data=stored)
-            ds.attrs.update(_split_attrs(lookup_split(plan, name)))
+            ds.attrs.update(split_attrs(tensor_split(plan, name)))
             digest.update(name.encode())
             digest.update(stored.tobytes())
         tok = tokenizer_json.encode("utf-8")
@@ -56,7 +56,6 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
                         "config": json.dumps(config, sort_keys=True), "source": source,
                         "content_hash": content_hash, "dtype": dtype})
-    os.replace(tmp, path)
     return content_hash
 
 
@@ -97,11 +96,20 @@ class Checkpoint:
     def tokenizer_json(self) -> str:
         return self.file["tokenizer"][()].tobytes().decode("utf-8")
 
-    def read(self, name, slicer) -> np.ndarray:
-        """float32 array of the hyperslab ``slicer(full_shape)`` of tensor ``name``."""
+    def _dataset(self, name):
         if name not in self.file["tensors"]:
             raise HpcllmError(f"{self.path}: tensor {name!r} missing from the checkpoint")
-        ds = self.file["tensors"][name]
+        return self.file["tensors"][name]
+
+    def split_attrs(self, name) -> dict:
+        """The split attributes stored with tensor ``name`` (what ``split_attrs`` wrote)."""
+        attrs = self._dataset(name).attrs
+        return {"split": str(attrs.get("split", "")), "unit": str(attrs.get("unit", "")),
+                "axis": int(attrs.get("axis", -1))}
+
+    def read(self, name, slicer) -> np.ndarray:
+        """float32 array of the hyperslab ``slicer(full_shape)`` of tensor ``name``."""
+        ds = self._dataset(name)
         part = ds[slicer(ds.shape)]
         if self.dtype == "bfloat16":
             return (part.astype(np.uint32) << 16).view(np.float32)

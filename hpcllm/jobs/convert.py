@@ -1,11 +1,16 @@
-"""`hpcllm convert SRC DST`: an HF model directory or a GGUF file -> HDF5 checkpoint."""
+"""`hpcllm convert SRC DST`: an HF model directory or a GGUF file -> HDF5 checkpoint.
+
+Which importer reads a source comes from the architecture registry
+(``hpcllm.model.architectures``): a ``.gguf`` file by its ``general.architecture``,
+an HF directory by its config.json ``model_type``.
+"""
 
 import json
 import os
 
 from hpcllm.checkpoint.hdf5 import write_checkpoint
 from hpcllm.errors import HpcllmError
-from hpcllm.model.build import plan_for
+from hpcllm.model.architectures import hf_importer, plan_for
 
 
 def import_source(src: str):
@@ -21,19 +26,10 @@ def import_source(src: str):
         raise HpcllmError(f"convert: {src} is neither a .gguf file nor a model directory with config.json")
     with open(cfg_path) as f:
         model_type = json.load(f).get("model_type")
-    if model_type in ("bert",):
-        from hpcllm.checkpoint.hf_bert import import_bert
-
-        return import_bert(src)
-    if model_type in ("llama", "mistral", "qwen2"):
-        from hpcllm.checkpoint.hf_llama import import_llama
-
-        return import_llama(src)
-    raise HpcllmError(f"convert: {cfg_path}: model_type {model_type!r} is not supported (bert, llama, mistral, qwen2)")
+    return hf_importer(model_type, f"convert: {cfg_path}")(src)
 
 
 def convert(src: str, dst: str, dtype: str = "float32") -> str:
     arch, config, tensors, tokenizer_json = import_source(src)
-    digest = write_checkpoint(dst, arch, config, tensors, tokenizer_json, source=os.path.abspath(src),
-                              plan=plan_for(arch), dtype=dtype)
-    return digest
+    return write_checkpoint(dst, arch, config, tensors, tokenizer_json, source=os.path.abspath(src),
+                            plan=plan_for(arch), dtype=dtype)

@@ -1,11 +1,14 @@
 """Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2): RoPE, RMSNorm,
 SwiGLU, grouped-query causal attention, tied or untied LM head.
 
-Plain PyTorch. Tensor parallelism enters only through the layer classes from
-``parallel.py`` and the ``PLAN`` table: q/k/v and gate/up are column-parallel,
-o and down row-parallel (two all-reduces per layer), embedding and LM head
-vocab-parallel. The model returns final hidden states; turning them into
-log-probabilities without gathering the vocabulary is ``hpcllm.scoring``.
+Plain PyTorch at full size: the model knows nothing about ranks.
+``parallel.parallelize`` cuts it for a tp rank with the plan in
+``architectures.py`` (q/k/v and gate/up column-parallel, o and down
+row-parallel: two all-reduces per layer; embedding and LM head
+vocab-parallel; local ``n_heads`` / ``n_kv_heads`` per attention). The model
+returns final hidden states; turning them into log-probabilities without
+gathering the vocabulary is ``hpcllm.scoring``, which reads ``head_weight``,
+``vocab_start`` and ``comm``.
 Weights use HF's q/k row order (rotate-half RoPE); the GGUF importer undoes
 llama.cpp's interleaving permutation.
 Shapes: B batch, L tokens, Hq / Hkv local query / KV heads, D head dim.
@@ -17,20 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.world.comm import Comm
-from hpcllm.model.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from hpcllm.model.partition import Partition
-
-# weight-name suffix -> split (see parallel.py). Everything else (norms) is replicated.
-PLAN = {
-    "embed.weight": ("vocab", "vocab"), "lm_head.weight": ("vocab", "vocab"),
-    "q.weight": ("col", "q"), "q.bias": ("col", "q"),
-    "k.weight": ("col", "kv"), "k.bias": ("col", "kv"),
-    "v.weight": ("col", "kv"), "v.bias": ("col", "kv"),
-    "o.weight": ("row", "q"), "o.bias": ("row", "q"),
-    "gate.weight": ("col", "ffn"), "up.weight": ("col", "ffn"),
-    "down.weight": ("row", "ffn"),
-}
+from hpcllm.model.layers import frozen_embedding
+from hpcllm.world.comm import LocalComm
 
 
 class RMSNorm(nn.Module):
@@ -89,48 +80,50 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+    def __init__(self, cfg: dict):
         super().__init__()
         hidden, d = cfg["hidden"], cfg["head_dim"]
-        q0, q1 = part.range("q")
-        kv0, kv1 = part.range("kv")
-        self.n_q, self.n_kv, self.head_dim = (q1 - q0) // d, (kv1 - kv0) // d, d
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg["n_heads"], cfg["n_kv_heads"], d
         bias = cfg.get("qkv_bias", False)
-        self.q = ColumnParallelLinear(hidden, q1 - q0, bias=bias)
-        self.k = ColumnParallelLinear(hidden, kv1 - kv0, bias=bias)
-        self.v = ColumnParallelLinear(hidden, kv1 - kv0, bias=bias)
-        self.o = RowParallelLinear(q1 - q0, hidden, cfg.get("o_bias", False), comm)
+        self.q = nn.Linear(hidden, self.n_heads * d, bias=bias)
+        self.k = nn.Linear(hidden, self.n_kv_heads * d, bias=bias)
+        self.v = nn.Linear(hidden, self.n_kv_heads * d, bias=bias)
+        self.o = nn.Linear(self.n_heads * d, hidden, bias=cfg.get("o_bias", False))
+
+    def heads(self, x, cos, sin):
+        """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden], RoPE applied to q and k."""
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin):
         B, L, _ = x.shape
-        q = self.q(x).view(B, L, self.n_q, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.heads(x, cos, sin)
         # Right padding only: with a causal mask no real token ever sees a pad.
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_q != self.n_kv)
-        return self.o(a.transpose(1, 2).reshape(B, L, self.n_q * self.head_dim))  # all-reduce 1
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o(a.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))  # all-reduce 1 (row-parallel o)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+    def __init__(self, cfg: dict):
         super().__init__()
-        f0, f1 = part.range("ffn")
-        self.gate = ColumnParallelLinear(cfg["hidden"], f1 - f0, bias=False)
-        self.up = ColumnParallelLinear(cfg["hidden"], f1 - f0, bias=False)
-        self.down = RowParallelLinear(f1 - f0, cfg["hidden"], False, comm)
+        self.gate = nn.Linear(cfg["hidden"], cfg["ffn"], bias=False)
+        self.up = nn.Linear(cfg["hidden"], cfg["ffn"], bias=False)
+        self.down = nn.Linear(cfg["ffn"], cfg["hidden"], bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # all-reduce 2
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # all-reduce 2 (row-parallel down)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+    def __init__(self, cfg: dict):
         super().__init__()
         self.attn_norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
-        self.attn = Attention(cfg, part, comm)
+        self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
-        self.mlp = MLP(cfg, part, comm)
+        self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -141,25 +134,29 @@ class Decoder(nn.Module):
     """ids [B, L] (right-padded) -> final hidden states [B, L, hidden] after the last norm.
 
     ``head_weight`` is this rank's rows [V_local, hidden] of the LM head
-    (the embedding itself when tied); ``vocab_start`` is their first id.
+    (the embedding itself when tied); ``vocab_start`` is their first id;
+    ``comm`` the tp group's collectives (a no-op one until ``parallelize``).
     """
 
-    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+    def __init__(self, cfg: dict):
         super().__init__()
         self.cfg = cfg
-        self.comm = comm
-        self.vocab_start = part.range("vocab")[0]
-        self.embed = VocabParallelEmbedding(part.range("vocab"), cfg["hidden"], comm)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, part, comm) for _ in range(cfg["n_layers"]))
+        self.comm = LocalComm()
+        self.embed = frozen_embedding(cfg["vocab"], cfg["hidden"])
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg["n_layers"]))
         self.norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
         if not cfg.get("tie_embeddings", False):
-            v0, v1 = part.range("vocab")
-            self.lm_head = ColumnParallelLinear(cfg["hidden"], v1 - v0, bias=False)
+            self.lm_head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.cfg.get("tie_embeddings", False) else self.lm_head.weight
+
+    @property
+    def vocab_start(self) -> int:
+        """First vocabulary id of this rank's embedding and LM-head rows (both split alike)."""
+        return getattr(self.embed, "start", 0)
 
     @property
     def dtype(self):

@@ -1,8 +1,11 @@
 """BERT-family encoder (MiniLM, BGE, E5, ...): absolute positions, post-LN, GELU,
 bidirectional attention, then pooling (mean / CLS) and optional L2 normalisation.
 
-Plain PyTorch. Tensor parallelism enters only through the layer classes from
-``parallel.py`` and the ``PLAN`` table below; at tp = 1 the comm is a no-op.
+Plain PyTorch at full size: the model knows nothing about ranks.
+``parallel.parallelize`` cuts it for a tp rank with the plan in
+``architectures.py`` (q/k/v/up column-parallel, o/down row-parallel, token
+embedding vocab-parallel, local ``n_heads`` per layer). After loading, ``fuse``
+turns Q, K, V into one matmul.
 Shapes: T tokens of the batch packed, B documents, L the longest, H local heads,
 D head dim.
 """
@@ -11,39 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.world.comm import Comm
-from hpcllm.model.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, fuse_linears,
-                                   linear_gelu)
-from hpcllm.model.partition import Partition
-
-# weight-name suffix -> split (see parallel.py). Everything else is replicated.
-PLAN = {
-    "embed.tokens.weight": ("vocab", "vocab"),
-    "q.weight": ("col", "q"), "q.bias": ("col", "q"),
-    "k.weight": ("col", "kv"), "k.bias": ("col", "kv"),
-    "v.weight": ("col", "kv"), "v.bias": ("col", "kv"),
-    "o.weight": ("row", "q"), "o.bias": ("row", "q"),
-    "up.weight": ("col", "ffn"), "up.bias": ("col", "ffn"),
-    "down.weight": ("row", "ffn"), "down.bias": ("row", "ffn"),
-}
+from hpcllm.model.layers import frozen_embedding, fuse_linears, linear_gelu
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+    def __init__(self, cfg: dict):
         super().__init__()
         hidden, d = cfg["hidden"], cfg["head_dim"]
-        q0, q1 = part.range("q")
-        kv0, kv1 = part.range("kv")
-        ffn0, ffn1 = part.range("ffn")
-        self.n_heads = (q1 - q0) // d
+        self.n_heads = self.n_kv_heads = cfg["n_heads"]  # BERT: one K/V head per query head
         self.head_dim = d
-        self.q = ColumnParallelLinear(hidden, q1 - q0)
-        self.k = ColumnParallelLinear(hidden, kv1 - kv0)
-        self.v = ColumnParallelLinear(hidden, kv1 - kv0)
-        self.o = RowParallelLinear(q1 - q0, hidden, True, comm)
+        self.q = nn.Linear(hidden, self.n_heads * d)
+        self.k = nn.Linear(hidden, self.n_kv_heads * d)
+        self.v = nn.Linear(hidden, self.n_kv_heads * d)
+        self.o = nn.Linear(self.n_heads * d, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=cfg["norm_eps"])
-        self.up = ColumnParallelLinear(hidden, ffn1 - ffn0)
-        self.down = RowParallelLinear(ffn1 - ffn0, hidden, True, comm)
+        self.up = nn.Linear(hidden, cfg["ffn"])
+        self.down = nn.Linear(cfg["ffn"], hidden)
         self.mlp_norm = nn.LayerNorm(hidden, eps=cfg["norm_eps"])
 
     def fuse(self):
@@ -61,8 +47,8 @@ class EncoderLayer(nn.Module):
             q, k, v = (t[:, :, i].transpose(1, 2) for i in range(3))  # [n, H, width, D] views
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.mask)
             a[c.t0:c.t1] = c.unpad(o.transpose(1, 2).reshape(c.n * c.width, H * D))
-        x = self.attn_norm(x + self.o(a))                       # all-reduce 1
-        h = self.down(linear_gelu(x, self.up))                  # all-reduce 2
+        x = self.attn_norm(x + self.o(a))                       # all-reduce 1 (row-parallel o)
+        h = self.down(linear_gelu(x, self.up))                  # all-reduce 2 (row-parallel down)
         return self.mlp_norm(x + h)
 
 
@@ -128,12 +114,11 @@ class _Chunk:
 
 
 class Embeddings(nn.Module):
-    def __init__(self, cfg, part: Partition, comm: Comm):
+    def __init__(self, cfg):
         super().__init__()
-        self.tokens = VocabParallelEmbedding(part.range("vocab"), cfg["hidden"], comm)
-        # from_pretrained: no random init (nn.Embedding's normal_ on the meta device imports torch._dynamo, 1.1 s)
-        self.positions = nn.Embedding.from_pretrained(torch.empty(cfg["max_positions"], cfg["hidden"]))
-        self.types = nn.Embedding.from_pretrained(torch.empty(cfg["type_vocab"], cfg["hidden"]))
+        self.tokens = frozen_embedding(cfg["vocab"], cfg["hidden"])
+        self.positions = frozen_embedding(cfg["max_positions"], cfg["hidden"])
+        self.types = frozen_embedding(cfg["type_vocab"], cfg["hidden"])
         self.norm = nn.LayerNorm(cfg["hidden"], eps=cfg["norm_eps"])
 
     def forward(self, ids, position):
@@ -144,11 +129,11 @@ class Embeddings(nn.Module):
 class Encoder(nn.Module):
     """Packed token ids [T] + document lengths [B] -> pooled embeddings [B, hidden] (float32)."""
 
-    def __init__(self, cfg: dict, part: Partition, comm: Comm):
+    def __init__(self, cfg: dict):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embeddings(cfg, part, comm)
-        self.layers = nn.ModuleList(EncoderLayer(cfg, part, comm) for _ in range(cfg["n_layers"]))
+        self.embed = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg["n_layers"]))
 
     def fuse(self):
         for layer in self.layers:

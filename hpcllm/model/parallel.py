@@ -1,21 +1,24 @@
-"""Tensor parallelism: how each weight is split, and the layers that use the splits.
+"""Tensor parallelism: the layers a split plan turns plain modules into, and the loader.
 
-A *plan* (one per architecture, in the model file) maps a weight name to a
-split kind. The same plan drives the loader (which hyperslab of the full
-tensor a rank reads, ``Partition.slice``) and the layers (how many local
-heads, where the all-reduce goes). Split kinds:
+A *plan* (one per architecture, ``architectures.py``) maps module names to a
+``Split``. ``parallelize`` applies it to a plain model (built by encoder.py /
+decoder.py, which know nothing about ranks) and ``load_state`` reads, for each
+parameter, the hyperslab the same plan gives this rank (``Partition.slice``).
+Split kinds:
 
-    "replicate"        whole tensor on every rank (norms, position embeddings)
     ("col", unit)      output features split: rows of a [out, in] weight, and its bias
-    ("row", unit)      input features split: columns of a [out, in] weight; the bias
-                       is added once, after the all-reduce
-    ("vocab", "vocab") rows of an embedding / LM head, split evenly
+    ("row", unit)      input features split: columns of a [out, in] weight; the partial
+                       products are summed by one all-reduce, then the bias is added once
+    ("vocab", "vocab") rows of an embedding (mask, look up, all-reduce) or LM head, split evenly
+    ("heads", "")      the module's ``n_heads`` / ``n_kv_heads`` become this rank's local counts
+    not in the plan    replicated (norms, position embeddings)
 
 Units say what is split: "q" (query heads), "kv" (key/value heads), "ffn"
 (MLP intermediate columns), "vocab". Heads are split on GQA group
 boundaries, unevenly when tp does not divide the group count (9 heads / 3 KV
 heads at tp=2 gives 6 + 3 query heads). When tp exceeds the KV head count the
 KV heads are replicated: each rank keeps the one KV head its query heads use.
+The plan is applied at tp = 1 too, where every collective is a no-op.
 """
 
 import numpy as np
@@ -23,35 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.world.comm import Comm, LocalComm
 from hpcllm.errors import HpcllmError
-from hpcllm.model.partition import Partition, lookup_split
+from hpcllm.model.partition import Partition, Split, module_split, split_attrs, tensor_split
+from hpcllm.world.comm import Comm, LocalComm
 
 
 class ColumnParallelLinear(nn.Linear):
     """Output features split across the tp group; no communication."""
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear_gelu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``gelu(layer(x))`` (exact, erf form); on CPU one oneDNN call with the GELU fused into the matmul's
-    epilogue (measured 24% faster than linear then gelu at [16384, 384] x [384, 1536]), elsewhere two ops."""
-    if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
-    return F.gelu(F.linear(x, layer.weight, layer.bias))
-
-
-def fuse_linears(*layers: nn.Linear) -> nn.Linear:
-    """One linear whose output is the concatenation of ``layers``' outputs (same input), e.g. Q|K|V."""
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        fused.bias = nn.Parameter(bias, requires_grad=False)
-    return fused
 
 
 class RowParallelLinear(nn.Module):
@@ -88,18 +69,60 @@ class VocabParallelEmbedding(nn.Module):
         return self.comm.all_reduce(out)
 
 
-def load_state(module: nn.Module, read, plan: dict, part: Partition, dtype: torch.dtype):
-    """Fill every parameter of ``module`` from ``read(name, hyperslab) -> np.ndarray``.
+def parallelize(model: nn.Module, plan: dict, part: Partition, comm: Comm) -> nn.Module:
+    """Apply ``plan`` to the plain ``model`` for tp rank ``part.rank``: linears and embeddings become
+    their parallel layers (sized for this rank's slice), head counts become local, and the root
+    keeps ``comm`` (``model.comm``) for the collectives outside the layers (scoring)."""
+    for name, module in list(model.named_modules()):
+        split = module_split(plan, name)
+        if split is None:
+            continue
+        if split.kind == "heads":
+            q0, q1 = part.q_heads
+            k0, k1 = part.kv_heads
+            module.n_heads, module.n_kv_heads = q1 - q0, k1 - k0
+        else:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, _parallel_layer(name, module, split, part, comm))
+    model.comm = comm
+    return model
 
-    ``read`` loads only the rank's part of the full tensor (h5py hyperslab).
+
+def _parallel_layer(name: str, module: nn.Module, split: Split, part: Partition, comm: Comm) -> nn.Module:
+    start, stop = part.range(split.unit)
+    with torch.device(module.weight.device):
+        if split.kind == "vocab" and isinstance(module, nn.Embedding):
+            return VocabParallelEmbedding((start, stop), module.embedding_dim, comm)
+        if split.kind in ("col", "vocab") and isinstance(module, nn.Linear):
+            return ColumnParallelLinear(module.in_features, stop - start, bias=module.bias is not None)
+        if split.kind == "row" and isinstance(module, nn.Linear):
+            return RowParallelLinear(stop - start, module.out_features, module.bias is not None, comm)
+    raise TypeError(f"split plan: {name} is a {type(module).__name__}; a {split.kind!r} split needs a "
+                    f"{'Linear or Embedding' if split.kind == 'vocab' else 'Linear'}")
+
+
+def load_state(module: nn.Module, ckpt, plan: dict, part: Partition, dtype: torch.dtype):
+    """Fill every parameter of ``module`` from the checkpoint, this rank's hyperslab only.
+
+    ``ckpt.read(name, slicer) -> np.ndarray`` loads the hyperslab ``slicer(full_shape)`` (h5py);
+    ``ckpt.split_attrs(name)`` are the split attributes stored with the tensor, which must be
+    the plan's: a checkpoint split another way would load the wrong rows silently.
     """
     for name, param in list(module.named_parameters()):
-        split = lookup_split(plan, name)
-        data = read(name, lambda shape, s=split: part.slice(s, shape))
+        split = tensor_split(plan, name)
+        stored, expected = ckpt.split_attrs(name), split_attrs(split)
+        if stored != expected:
+            raise HpcllmError(f"{ckpt.path}: tensor {name} is stored with split {_show(stored)} but the "
+                              f"{ckpt.architecture} plan splits it {_show(expected)}; convert the model again")
+        data = ckpt.read(name, lambda shape, s=split: part.slice(s, shape))
         if tuple(data.shape) != tuple(param.shape):
-            raise HpcllmError(f"checkpoint tensor {name}: shape {tuple(data.shape)} does not fit the model's "
+            raise HpcllmError(f"{ckpt.path}: tensor {name}: shape {tuple(data.shape)} does not fit the model's "
                               f"{tuple(param.shape)} at tp rank {part.rank}/{part.size}")
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         tensor = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
         setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _show(attrs: dict) -> str:
+    return "/".join(str(attrs[k]) for k in ("split", "unit", "axis") if attrs.get(k) not in ("", None))

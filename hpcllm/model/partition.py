@@ -1,6 +1,11 @@
 """How each weight is split across a tensor-parallel group (no torch: the
-checkpoint writer and the tokenize job use it too). See ``parallel.py`` for
-the split kinds and the layers that use them.
+checkpoint writer and the tokenize job use it too).
+
+``Partition``: what one tp rank owns (query / KV heads on GQA boundaries, MLP
+columns, vocabulary rows) and the hyperslab it reads. ``Split`` and its
+helpers: the rows of an architecture's plan (``architectures.py``) and the
+per-tensor split they give the loader and the checkpoint's attributes. See
+``parallel.py`` for the layers the split kinds become.
 """
 
 from dataclasses import dataclass
@@ -92,9 +97,52 @@ def partition_for(config, rank: int, size: int) -> Partition:
                      config["ffn"], config["vocab"])
 
 
-def lookup_split(plan: dict, name: str):
-    """Split kind of weight ``name``: plan keys are name suffixes (layer prefixes stripped)."""
-    for suffix, split in plan.items():
-        if name == suffix or name.endswith("." + suffix):
-            return split
-    return "replicate"
+@dataclass(frozen=True)
+class Split:
+    """One row of a split plan: how a module is cut across the tp group.
+
+    kind "col" / "row" / "vocab" (a linear or embedding, see ``parallel.py``) or "heads" (a module
+    whose ``n_heads`` / ``n_kv_heads`` become this rank's local counts); unit "q", "kv", "ffn", "vocab".
+    """
+
+    kind: str
+    unit: str = ""
+
+
+def col(unit: str) -> Split:
+    return Split("col", unit)
+
+
+def row(unit: str) -> Split:
+    return Split("row", unit)
+
+
+VOCAB = Split("vocab", "vocab")
+HEADS = Split("heads")
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Plan keys are module names in which "*" stands for one dotted component (a layer index)."""
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(a == "*" or a == b for a, b in zip(p, n))
+
+
+def module_split(plan: dict, module_name: str) -> Split | None:
+    return next((split for pattern, split in plan.items() if matches(pattern, module_name)), None)
+
+
+def tensor_split(plan: dict, name: str):
+    """Split of tensor ``name`` ("<module>.weight" / "<module>.bias"): ("col" | "row" | "vocab", unit)
+    or "replicate" (norms, position embeddings, anything the plan does not name)."""
+    split = module_split(plan, name.rpartition(".")[0])
+    if split is None or split.kind == "heads":
+        return "replicate"
+    return split.kind, split.unit
+
+
+def split_attrs(split) -> dict:
+    """The attributes a checkpoint stores on a tensor with this split (and checks on load)."""
+    if split == "replicate":
+        return {"split": "replicate", "unit": "", "axis": -1}
+    kind, unit = split
+    return {"split": kind, "unit": unit, "axis": 1 if kind == "row" else 0}

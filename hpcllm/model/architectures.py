@@ -1,0 +1,111 @@
+"""The architecture registry: one entry per architecture a checkpoint can name.
+
+An entry says which family it is (what jobs may run it), which plain model
+class builds it, its tensor-parallel split plan (torchtitan-style: module
+name -> column / row / vocab parallel, and where the local head counts
+live), and which sources its importers read (HF ``model_type`` values, GGUF
+``general.architecture`` values). The plan is read by ``parallel.parallelize``
+(the layers), ``parallel.load_state`` (the hyperslab each rank reads) and the
+checkpoint writer (the split attributes it stores). Adding an architecture
+means adding an entry here, a model file and an importer.
+
+No torch here: the checkpoint writer, ``inspect`` and the tokenize job use it.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+from hpcllm.errors import HpcllmError
+from hpcllm.model.partition import HEADS, VOCAB, col, row
+
+# Module names of hpcllm's BERT encoder ("*" = layer index). q/k/v/up are column-parallel,
+# o/down row-parallel (one all-reduce after each), the token embedding vocab-parallel;
+# the layer itself holds the attention's head counts.
+BERT_PLAN = {
+    "embed.tokens": VOCAB,
+    "layers.*": HEADS,
+    "layers.*.q": col("q"), "layers.*.k": col("kv"), "layers.*.v": col("kv"), "layers.*.o": row("q"),
+    "layers.*.up": col("ffn"), "layers.*.down": row("ffn"),
+}
+
+# hpcllm's Llama decoder: the same Megatron split, GQA heads on group boundaries, vocab-parallel
+# embedding and LM head (tied or not).
+LLAMA_PLAN = {
+    "embed": VOCAB, "lm_head": VOCAB,
+    "layers.*.attn": HEADS,
+    "layers.*.attn.q": col("q"), "layers.*.attn.k": col("kv"), "layers.*.attn.v": col("kv"),
+    "layers.*.attn.o": row("q"),
+    "layers.*.mlp.gate": col("ffn"), "layers.*.mlp.up": col("ffn"), "layers.*.mlp.down": row("ffn"),
+}
+
+FAMILIES = {"encoder": "an encoder", "decoder": "a decoder"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str                      # the checkpoint's ``architecture`` attribute
+    family: str                    # "encoder" | "decoder"
+    model: str                     # "module:Class" of the plain model, imported when built
+    plan: dict                     # module-name pattern -> Split
+    hf_model_types: tuple = ()     # config.json model_type values the HF importer reads
+    hf_importer: str = ""          # "module:function", src -> (architecture, config, tensors, tokenizer_json)
+    gguf_architectures: tuple = ()  # GGUF general.architecture values (hpcllm.checkpoint.gguf)
+
+    def model_class(self):
+        return _load(self.model)
+
+
+ARCHITECTURES = {a.name: a for a in (
+    Architecture("bert", "encoder", "hpcllm.model.encoder:Encoder", BERT_PLAN,
+                 hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
+    Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
+                 hf_model_types=("llama", "mistral", "qwen2"), hf_importer="hpcllm.checkpoint.hf_llama:import_llama",
+                 gguf_architectures=("llama", "qwen2")),
+)}
+
+
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise HpcllmError(f"unknown architecture {name!r} (this hpcllm knows {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[name]
+
+
+def plan_for(name: str) -> dict:
+    return architecture(name).plan
+
+
+def family_members(family: str) -> list[str]:
+    return [a.name for a in ARCHITECTURES.values() if a.family == family]
+
+
+def require_family(ckpt, family: str, job: str) -> Architecture:
+    """The checkpoint's architecture, or a one-line error when ``job`` cannot run it, e.g.
+    "score: m.h5 is a bert model; score needs a decoder (llama)"."""
+    arch = architecture(ckpt.architecture)
+    if arch.family != family:
+        raise HpcllmError(f"{job}: {ckpt.path} is a {arch.name} model; {job} needs "
+                          f"{FAMILIES[family]} ({', '.join(family_members(family))})")
+    return arch
+
+
+def hf_importer(model_type, where: str):
+    """The import function for an HF directory whose config.json says ``model_type``."""
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.hf_model_types:
+            return _load(arch.hf_importer)
+    known = sorted(t for a in ARCHITECTURES.values() for t in a.hf_model_types)
+    raise HpcllmError(f"{where}: model_type {model_type!r} is not supported ({', '.join(known)})")
+
+
+def gguf_architecture(gguf_arch: str, where: str) -> Architecture:
+    """The architecture a GGUF file with ``general.architecture = gguf_arch`` is imported as."""
+    for arch in ARCHITECTURES.values():
+        if gguf_arch in arch.gguf_architectures:
+            return arch
+    known = sorted(g for a in ARCHITECTURES.values() for g in a.gguf_architectures)
+    raise HpcllmError(f"{where}: GGUF architecture {gguf_arch!r} is not supported ({', '.join(known)})")

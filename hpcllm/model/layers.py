@@ -1,0 +1,40 @@
+"""Plain building blocks the model files share (no ranks here).
+
+``fuse_linears`` and ``linear_gelu`` are fusions for the CPU: exact rewrites
+of plain PyTorch (the same numbers up to float rounding), so the model files
+stay readable and the fast paths stay optional.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# oneDNN's fused linear + pointwise op; without it ``linear_gelu`` takes the two-op path.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear_gelu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``gelu(layer(x))`` (exact, erf form); on CPU one oneDNN call with the GELU fused into the matmul's
+    epilogue (measured 24% faster than linear then gelu at [16384, 384] x [384, 1536]), elsewhere two ops."""
+    if ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, layer.weight, layer.bias))
+
+
+def fuse_linears(*layers: nn.Linear) -> nn.Linear:
+    """One linear whose output is the concatenation of ``layers``' outputs (same input), e.g. Q|K|V."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
+def frozen_embedding(n: int, dim: int) -> nn.Embedding:
+    """An [n, dim] embedding left uninitialised (the loader fills it).
+
+    from_pretrained: no random init (nn.Embedding's normal_ on the meta device imports torch._dynamo, 1.1 s).
+    """
+    return nn.Embedding.from_pretrained(torch.empty(n, dim))
