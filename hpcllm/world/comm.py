@@ -3,23 +3,29 @@
 One small interface, two implementations:
 
 * ``MPIComm``: mpi4py on the CPU tensor's memory (zero-copy for contiguous
-  float32/float64; other dtypes are reduced in float32, since MPI has no
-  bfloat16). The default on CPU.
+  float32/float64/int32/int64; bfloat16 and float16 are reduced in float32,
+  since MPI has no bfloat16). The default on CPU.
 * ``TorchComm``: ``torch.distributed`` (gloo on CPU, NCCL on GPU) on a process
   group made of the same ranks; the rendezvous goes through MPI (world rank 0
   picks a free port and broadcasts it), so no launcher variables are needed.
 
-Both count the seconds spent communicating, for the timing report.
+The only collective is an in-place all-reduce (sum or max): the model's two
+per layer and the vocab-parallel embedding, and scoring's distributed
+logsumexp. Batches reach the tp group through the group's mpi4py
+communicator (``Mesh.tp_mpi``), not through here. A gather of a few values
+per rank (e.g. merging each rank's top-k candidates when sampling) is an
+all-reduce sum of a [size, k] buffer in which each rank fills its own row.
+Both count the seconds and calls spent communicating, for the timing report.
 """
 
 import os
 import socket
 import time
 
-import numpy as np
 import torch
 
-_MPI_REDUCE_DTYPES = (torch.float32, torch.float64)
+_MPI_NATIVE_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+OPS = ("sum", "max")
 
 
 class Comm:
@@ -34,6 +40,8 @@ class Comm:
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``t`` in place over the group ("sum" or "max") and return it."""
+        if op not in OPS:
+            raise ValueError(f"all_reduce op {op!r}: use one of {', '.join(OPS)}")
         if self.size == 1:
             return t
         start = time.perf_counter()
@@ -42,24 +50,8 @@ class Comm:
         self.calls += 1
         return t
 
-    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenate every rank's ``t`` along ``dim`` (sizes along ``dim`` may differ)."""
-        if self.size == 1:
-            return t
-        start = time.perf_counter()
-        out = self._all_gather(t, dim)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
-
-    def broadcast(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
-        if self.size == 1:
-            return t
-        start = time.perf_counter()
-        self._broadcast(t, root)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return t
+    def _all_reduce(self, t, op):
+        raise NotImplementedError
 
 
 class LocalComm(Comm):
@@ -77,30 +69,12 @@ class MPIComm(Comm):
         from mpi4py import MPI
 
         mpi_op = MPI.SUM if op == "sum" else MPI.MAX
-        if t.dtype in _MPI_REDUCE_DTYPES and t.is_contiguous() and t.device.type == "cpu":
+        if t.dtype in _MPI_NATIVE_DTYPES and t.is_contiguous() and t.device.type == "cpu":
             self.mpi.Allreduce(MPI.IN_PLACE, t.numpy(), op=mpi_op)
         else:
-            buf = t.detach().to("cpu", torch.float32).contiguous()
+            work = t.dtype if t.dtype in _MPI_NATIVE_DTYPES else torch.float32
+            buf = t.detach().to("cpu", work).contiguous()
             self.mpi.Allreduce(MPI.IN_PLACE, buf.numpy(), op=mpi_op)
-            t.copy_(buf)
-
-    def _all_gather(self, t, dim):
-        dim = dim % t.dim()
-        moved = t.detach().movedim(dim, 0).to("cpu").contiguous()
-        sizes = self.mpi.allgather(moved.shape[0])
-        row = int(np.prod(moved.shape[1:], dtype=np.int64))
-        work = moved.float() if moved.dtype not in _MPI_REDUCE_DTYPES else moved
-        out = torch.empty((sum(sizes),) + tuple(moved.shape[1:]), dtype=work.dtype)
-        counts = [s * row for s in sizes]
-        self.mpi.Allgatherv(work.numpy(), [out.numpy(), counts])
-        return out.to(t.dtype).movedim(0, dim).to(t.device)
-
-    def _broadcast(self, t, root):
-        if t.is_contiguous() and t.device.type == "cpu" and t.dtype in _MPI_REDUCE_DTYPES:
-            self.mpi.Bcast(t.numpy(), root=root)
-        else:
-            buf = t.detach().to("cpu").contiguous()
-            self.mpi.Bcast(buf.view(torch.uint8).numpy(), root=root)
             t.copy_(buf)
 
 
@@ -118,34 +92,13 @@ class TorchComm(Comm):
         import torch.distributed as dist
 
         red = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
-        if t.dtype == torch.bfloat16 and t.device.type == "cpu":  # gloo lacks bf16 sums
-            buf = t.float()
+        cpu_bf16 = t.dtype == torch.bfloat16 and t.device.type == "cpu"  # gloo lacks bf16 sums
+        if cpu_bf16 or not t.is_contiguous():  # and collectives need dense buffers
+            buf = (t.float() if cpu_bf16 else t).contiguous()
             dist.all_reduce(buf, op=red, group=self.group)
             t.copy_(buf)
         else:
             dist.all_reduce(t, op=red, group=self.group)
-
-    def _all_gather(self, t, dim):
-        import torch.distributed as dist
-
-        dim = dim % t.dim()
-        local = torch.tensor([t.shape[dim]], dtype=torch.int64, device=t.device)
-        sizes = [torch.zeros_like(local) for _ in range(self.size)]
-        dist.all_gather(sizes, local, group=self.group)
-        sizes = [int(s) for s in sizes]
-        pad = max(sizes) - t.shape[dim]
-        moved = t.movedim(dim, 0)
-        if pad:
-            moved = torch.cat([moved, moved.new_zeros((pad,) + tuple(moved.shape[1:]))])
-        parts = [torch.empty_like(moved) for _ in range(self.size)]
-        dist.all_gather(parts, moved.contiguous(), group=self.group)
-        out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
-        return out.movedim(0, dim)
-
-    def _broadcast(self, t, root):
-        import torch.distributed as dist
-
-        dist.broadcast(t, src=self.ranks[root], group=self.group)
 
 
 def init_torch_distributed(world, backend: str, timeout_s: float = 600.0):
