@@ -1,4 +1,4 @@
-"""Command line: `hpcllm {convert,inspect,embed,score,tokenize} ...`.
+"""Command line: `hpcllm {convert,inspect,embed,score,tokenize,report,export,filter} ...`.
 
 Every rank runs the same command. A user error (HpcllmError) prints one line,
 ``hpcllm: error: ...``, and exits 2 on every rank that hits it (the checks run
@@ -15,9 +15,14 @@ import traceback
 from hpcllm import __version__
 from hpcllm.errors import HpcllmError
 
-MODEL_JOBS = {"embed": ("hpcllm.jobs.embed", "EmbedJob"), "score": ("hpcllm.jobs.score", "ScoreJob")}
+# Jobs of the executor (hpcllm.executor): subcommand -> (module, class, help). Options come from JobConfig.
+JOBS = {
+    "embed": ("hpcllm.jobs.embed", "EmbedJob", "sentence embeddings of every document (encoder models)"),
+    "score": ("hpcllm.jobs.score", "ScoreJob", "log-likelihood / perplexity of every document (decoder models)"),
+    "tokenize": ("hpcllm.jobs.tokenize", "TokenizeJob", "tokenize a corpus into HDF5 token shards (input of the jobs)"),
+}
 # Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.
-COMMAND_MODULES = ("hpcllm.jobs.tokenize", "hpcllm.analysis.commands")
+COMMAND_MODULES = ("hpcllm.analysis.commands",)
 
 
 def build_parser():
@@ -32,8 +37,8 @@ def build_parser():
     c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weight dtype")
     i = sub.add_parser("inspect", help="summarise a checkpoint or a results file")
     i.add_argument("path")
-    for job in MODEL_JOBS:
-        add_arguments(sub.add_parser(job, help=f"run the {job} job over a corpus"), job)
+    for job, (_, _, text) in JOBS.items():
+        add_arguments(sub.add_parser(job, help=text), job)
     import importlib
 
     for name in COMMAND_MODULES:   # an ImportError here is a broken install: let it show
@@ -50,17 +55,17 @@ def run(argv=None) -> int:
         print(f"wrote {args.dest} (content hash {digest[:16]})")
         return 0
     if args.command == "inspect":
-        from hpcllm.summary import inspect_file
+        from hpcllm.store.inspect import inspect_file
 
         print(inspect_file(args.path))
         return 0
-    if args.command in MODEL_JOBS:
+    if args.command in JOBS:
         import importlib
 
         from hpcllm.config import load_config
-        from hpcllm.jobs.runner import run_job
+        from hpcllm.executor.run import run_job
 
-        module, name = MODEL_JOBS[args.command]
+        module, name, _ = JOBS[args.command]
         return run_job(load_config(args, args.command), getattr(importlib.import_module(module), name))
     return args.func(args)
 

@@ -15,27 +15,35 @@ from dataclasses import dataclass, field
 from hpcllm.errors import HpcllmError
 
 
+# Jobs that run a model (every job but tokenize): options of the model and its batches apply to them.
+MODEL_JOBS = ("embed", "score")
+
+
 def opt(default, help, result=False, choices=None, jobs=None):
     return field(default=default, metadata={"help": help, "result": result, "choices": choices, "jobs": jobs})
 
 
 @dataclass
 class JobConfig:
-    model: str = opt(None, "HDF5 checkpoint written by `hpcllm convert`", result=False)
+    model: str = opt(None, "HDF5 checkpoint written by `hpcllm convert` (tokenize: use its tokenizer and max length)", result=False)
+    tokenizer: str = opt(None, "a HF tokenizer.json to tokenize with, instead of --model", jobs=("tokenize",))
     input: str = opt(None, "corpus: a .jsonl / .jsonl.gz / .txt file, a directory, a glob, or HDF5 token shards", result=True)
     output: str = opt(None, "output directory (results.h5, shards/, manifest.json)")
-    tp: int = opt(1, "tensor-parallel ranks per model replica (must divide the world size)")
-    comm: str = opt("mpi", "collectives backend", choices=("mpi", "torch"))
-    device: str = opt("cpu", "torch device (cpu, cuda)")
-    dtype: str = opt("float32", "compute dtype", result=True, choices=("float32", "bfloat16"))
+    tp: int = opt(1, "tensor-parallel ranks per model replica (must divide the world size)", jobs=MODEL_JOBS)
+    comm: str = opt("mpi", "collectives backend", choices=("mpi", "torch"), jobs=MODEL_JOBS)
+    device: str = opt("cpu", "torch device (cpu, cuda)", jobs=MODEL_JOBS)
+    dtype: str = opt("float32", "compute dtype", result=True, choices=("float32", "bfloat16"), jobs=MODEL_JOBS)
     text_field: str = opt("text", "JSONL field holding the document text", result=True)
-    id_field: str = opt(None, "JSONL field holding the document id (default: file:line)", result=True)
+    id_field: str = opt(None, "JSONL field holding the document id (default: the `id` field where a line has one, else file:line)", result=True)
     format: str = opt("auto", "input format", result=True, choices=("auto", "jsonl", "text"))
-    max_length: int = opt(None, "max tokens per document incl. special tokens (default: the model's)", result=True)
+    max_length: int = opt(None, "max tokens per document incl. special tokens (default: an encoder's own; "
+                          "a decoder scores longer documents with a sliding window of this length; "
+                          "tokenize --tokenizer: no limit)", result=True)
     max_doc_bytes: int = opt(64 << 20, "documents larger than this are not processed (status too_long)", result=True)
     shard_docs: int = opt(10000, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
-    batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded tokens)")
-    window: int = opt(2048, "documents sorted by length together before batching")
+    batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded tokens)",
+                            jobs=MODEL_JOBS)
+    window: int = opt(2048, "documents sorted by length together before batching", jobs=MODEL_JOBS)
     threads: int = opt(None, "threads per rank (default: cores per rank on the node)")
     out_dtype: str = opt("float32", "embedding dtype in results", result=True, choices=("float32", "float16"), jobs=("embed",))
     stride: int = opt(None, "sliding-window stride for documents longer than the context (default: half the context)",
@@ -43,9 +51,9 @@ class JobConfig:
     token_logprobs: bool = opt(False, "also write per-token log-probabilities", result=True, jobs=("score",))
     progress: float = opt(10.0, "seconds between progress lines on rank 0 (0: none)")
 
-    def result_hash(self, job: str) -> str:
-        """Hash of the options that change results (stored in the manifest)."""
-        keep = {"job": job}
+    def result_hash(self, job: str, **extra) -> str:
+        """Hash of the options that change results (stored in the manifest); ``extra``: derived values."""
+        keep = {"job": job, **extra}
         for f in dataclasses.fields(self):
             if f.metadata["result"] and (f.metadata["jobs"] is None or job in f.metadata["jobs"]):
                 keep[f.name] = getattr(self, f.name)
@@ -82,7 +90,7 @@ def load_config(args, job: str) -> JobConfig:
         if given is not None:
             values[f.name] = given
     cfg = JobConfig(**values)
-    for name in ("model", "input", "output"):
+    for name in ("model", "input", "output") if job in MODEL_JOBS else ("input", "output"):
         if getattr(cfg, name) is None:
             raise HpcllmError(f"{job}: --{name} is required (or set `{name}` in the --config file)")
     if cfg.tp < 1:

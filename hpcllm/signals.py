@@ -25,6 +25,8 @@ import signal
 import socket
 import time
 
+from hpcllm.store.atomic import write_text
+
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
 EXIT_REQUEUE = 75
 
@@ -56,16 +58,17 @@ class StopFlag:
     def __bool__(self):
         return self.signum is not None
 
-    def should_stop(self, comm=None) -> bool:
+    def should_stop(self, comm=None, elsewhere: int = 0) -> bool:
         """Whether every rank of ``comm`` should stop now (call at a batch boundary).
 
         All ranks of ``comm`` must call it at the same point: it is a
         collective (allreduce MAX of the signal number, 0 for none), so if any
         rank got a signal they all return True together. ``agreed_signum`` is
         then the (largest) signal number received. ``comm=None``: this
-        process alone.
+        process alone. ``elsewhere``: a signal another rank received, as the
+        world's shared counters carry it (hpcllm.world.counters).
         """
-        local = int(self.signum or 0)
+        local = max(int(self.signum or 0), int(elsewhere))
         agreed = local if comm is None else _allreduce_max(comm, local)
         self.agreed_signum = agreed or None
         return agreed != 0
@@ -105,7 +108,7 @@ def write_stop_note(out_dir, info: dict) -> str:
 
     ``info`` says where the job stopped (completed shards, signal, rank...);
     the time, host and pid are added unless given. Call it on one rank only.
-    Written to a temporary name and renamed, so a reader never sees half a
+    Written atomically (hpcllm.store.atomic), so a reader never sees half a
     note, even if the job is killed while writing it.
     """
     note = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
@@ -113,15 +116,7 @@ def write_stop_note(out_dir, info: dict) -> str:
     note.update(info)
     if isinstance(note.get("signal"), int):
         note["signal"] = signal_name(note["signal"])
-    path = os.path.join(os.fspath(out_dir), STOP_NOTE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(note, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_text(os.path.join(os.fspath(out_dir), STOP_NOTE), json.dumps(note, indent=1, sort_keys=True) + "\n")
 
 
 def read_stop_note(out_dir) -> dict | None:

@@ -2,6 +2,8 @@
 
 import enum
 
+import numpy as np
+
 
 class Status(enum.IntEnum):
     OK = 0
@@ -17,3 +19,20 @@ class Status(enum.IntEnum):
 
 
 STATUS_DTYPE = "u1"
+
+# Rows the reader could not turn into a text: never tokenized, kept with fill outputs.
+NOT_PROCESSED = (Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG)
+
+
+def named_counts(counts) -> dict[str, int]:
+    """A 256-bin count per status code -> {name: count} of the codes that occur."""
+    out = {}
+    for code in np.flatnonzero(counts):
+        name = Status(code).name if code in Status._value2member_map_ else f"code_{code}"
+        out[name] = int(counts[code])
+    return out
+
+
+def status_counts(status) -> dict[str, int]:
+    """Documents per status name (only statuses that occur), e.g. {"OK": 998, "BAD_JSON": 2}."""
+    return named_counts(np.bincount(np.asarray(status, dtype=np.uint8).ravel(), minlength=256))

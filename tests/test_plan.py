@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from hpcllm.corpus import plan as planmod
-from hpcllm.corpus.plan import (Shard, completed_shards, hash_config, load_or_create_manifest,
-                                make_plan, shard_file)
+from hpcllm.corpus.plan import Shard, make_plan
+from hpcllm.store.manifest import completed_shards, hash_config, load_or_create_manifest, shard_file
 from hpcllm.errors import HpcllmError
 
 HERE = os.path.abspath(__file__)

@@ -130,7 +130,9 @@ def test_score_job_end_to_end(smol_h5, hf_tok, tmp_path):
                "--token-logprobs", "--max-length", window, "--stride", stride, "--shard-docs", 5], timeout=400)
     with h5py.File(tmp_path / "out" / "results.h5") as f:
         status, n_scored, total = f["status"][:], f["n_scored"][:], f["logprob_sum"][:]
-        ppl, token_lp = f["perplexity"][:], f["token_logprobs"][:]
+        ppl, flat, offsets = f["perplexity"][:], f["token_logprobs"][:], f["token_offsets"][:]
+        token_lp = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        assert len(offsets) == len(ppl) + 1 and offsets[-1] == len(flat)
     assert status.tolist() == [0] * 12 + [2, 0, 3]  # ok, empty, ok, bad JSON
     ids = [np.array(hf_tok(t)["input_ids"], np.int64) for t in texts]
     assert len(ids[-1]) > 3 * window  # several windows
@@ -163,7 +165,8 @@ def test_score_from_token_shards_equals_raw(smol_h5, tmp_path):
     common = ["score", "--model", smol_h5, "--token-logprobs", "--max-length", 64, "--stride", 24, "--progress", 0]
     mpirun(2, common + ["--input", path, "--output", tmp_path / "raw"], timeout=400)
     mpirun(2, common + ["--input", tmp_path / "tok", "--output", tmp_path / "fromtok"], timeout=400)
-    cols = ("status", "n_tokens", "n_scored", "logprob_sum", "perplexity", "token_logprobs", "doc_id", "line")
+    cols = ("status", "n_tokens", "n_scored", "logprob_sum", "perplexity", "token_logprobs", "token_offsets",
+            "doc_id", "line")
     with h5py.File(tmp_path / "raw" / "results.h5") as a, h5py.File(tmp_path / "fromtok" / "results.h5") as b:
         raw, tok = ({k: f[k][:] for k in cols} for f in (a, b))
     assert raw["status"].tolist() == [0] * 10 + [2, 0, 3]
@@ -173,5 +176,5 @@ def test_score_from_token_shards_equals_raw(smol_h5, tmp_path):
     ok = raw["n_scored"] > 0
     np.testing.assert_allclose(tok["logprob_sum"][ok], raw["logprob_sum"][ok], rtol=1e-5)
     np.testing.assert_allclose(tok["perplexity"][ok], raw["perplexity"][ok], rtol=1e-5)
-    for a, b in zip(tok["token_logprobs"], raw["token_logprobs"]):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(tok["token_offsets"], raw["token_offsets"])
+    np.testing.assert_allclose(tok["token_logprobs"], raw["token_logprobs"], atol=1e-4, rtol=0)

@@ -9,14 +9,22 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcllm.corpus.plan import make_plan, shard_file
+from hpcllm.corpus.plan import make_plan
 from hpcllm.corpus.readers import read_docs
 from hpcllm.errors import HpcllmError
-from hpcllm.results import (BASE_COLUMNS, base_columns, build_master, embed_schema, read_dataset,
-                            status_counts, summarize, write_shard)
 from hpcllm.status import Status as S
+from hpcllm.status import status_counts
+from hpcllm.store.inspect import summarize
+from hpcllm.store.manifest import shard_file
+from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, build_master, ragged,
+                                  ragged_rows, read_dataset, write_shard)
 
 DIM = 8
+
+
+def embed_schema(dim, dtype="float32"):
+    """The embed job's columns (hpcllm.jobs.embed), without importing torch."""
+    return (Column("embedding", np.dtype(dtype), (dim,), np.nan), N_TOKENS) + BASE_COLUMNS
 
 
 def _corpus(tmp_path):
@@ -151,8 +159,10 @@ def test_empty_plan_and_counts(tmp_path):
         assert f["embedding"].shape == (0, 4) and f["doc_id"].shape == (0,)
     assert status_counts(np.array([0, 0, 5, 255, 3], np.uint8)) == {"OK": 2, "BAD_JSON": 1, "BAD_UTF8": 1, "MISSING": 1}
     assert [c.name for c in BASE_COLUMNS] == ["status", "doc_id", "line", "source"]
-    with pytest.raises(HpcllmError, match="float32 or float16"):
-        embed_schema(4, "float64")
+    from hpcllm.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["embed", "--out-dtype", "float64"])
 
 
 def test_summarize(tmp_path):
@@ -194,3 +204,29 @@ def test_many_sources_under_a_low_open_file_limit(tmp_path):
         assert 'status counts: {"OK": 150}' in summarize(path)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_ragged_columns_join_in_input_order(tmp_path):
+    """Flat per-token values + offsets per shard read back, through the master, as one flat run in input order."""
+    plan = _corpus(tmp_path)
+    out = str(tmp_path / "out")
+    schema = (ragged("token_logprobs", np.float32, "token_offsets"), N_TOKENS) + BASE_COLUMNS
+    rng = np.random.default_rng(0)
+    expect = []
+    for s in plan:
+        cols = base_columns(s, read_docs(s, id_field="id"))
+        rows = [rng.standard_normal(int(rng.integers(0, 5))).astype(np.float32) for _ in range(s.n_docs)]
+        cols["token_logprobs"], cols["token_offsets"] = ragged_rows(rows, np.float32)
+        cols["n_tokens"] = np.array([len(r) for r in rows], np.int32)
+        write_shard(out, s, cols, schema=schema)
+        expect += rows
+    with pytest.raises(ValueError, match="token_offsets ends at"):
+        bad = dict(cols, token_logprobs=cols["token_logprobs"][:-1] if len(cols["token_logprobs"]) else np.ones(1))
+        write_shard(str(tmp_path / "bad"), s, bad, schema=schema)
+    path = build_master(out, plan, schema, {})
+    with h5py.File(path, "r") as f:
+        flat, offsets = f["token_logprobs"][:], f["token_offsets"][:]
+        assert f["token_logprobs"].is_virtual and not f["token_offsets"].is_virtual
+    assert len(offsets) == len(expect) + 1 and offsets[0] == 0
+    for i, row in enumerate(expect):
+        np.testing.assert_array_equal(flat[offsets[i]:offsets[i + 1]], row)

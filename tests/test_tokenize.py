@@ -12,7 +12,7 @@ import pytest
 
 import corpora
 from conftest import MPI_TIMEOUT, REPO, minilm_dir, mpirun
-from hpcllm.corpus.tokens import open_token_dir, tokenizer_hash
+from hpcllm.store.tokens import open_token_dir, tokenizer_hash
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from hpcllm.corpus.plan import Shard
 
 DEFAULT_MAX_DOC_BYTES = 64 << 20
+DEFAULT_ID_FIELD = "id"     # used when --id-field is not given and a line has it (else file:line)
 READ_SIZE = 4 << 20
 _BOM = codecs.BOM_UTF8
 _JSON_EXTS = (".jsonl", ".json", ".ndjson")
@@ -258,7 +259,7 @@ def _parse_json(raw: bytes, text_field: str, id_field: str | None):
         return b"", Status.BAD_JSON, None
     if not isinstance(obj, dict):
         return b"", Status.BAD_JSON, None
-    value = obj.get(id_field) if id_field else None
+    value = obj.get(id_field or DEFAULT_ID_FIELD)   # no --id-field: a line's `id`, where it has one
     doc_id = None if value is None else _safe_str(value)
     value = obj.get(text_field)
     if not isinstance(value, str):

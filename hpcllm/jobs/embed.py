@@ -1,43 +1,46 @@
-"""`hpcllm embed`: one pooled (and, per the model, normalised) vector per document."""
+"""`hpcllm embed`: one pooled (and, per the model, normalised) vector per document.
+
+Batches pack documents without padding (``make_batches(..., padded=False)``
+counts real tokens); the encoder runs on the packed run (hpcllm.model.encoder).
+"""
+
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from hpcllm.corpus.batching import make_batches, pack_batch
 from hpcllm.errors import HpcllmError
+from hpcllm.executor.job import Job
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column
 
 
-class EmbedJob:
+class EmbedJob(Job):
     name = "embed"
 
     def __init__(self, cfg, ckpt):
+        super().__init__(cfg, ckpt)
         if ckpt.architecture != "bert":
             raise HpcllmError(f"embed: {cfg.model} is a {ckpt.architecture} model; embed needs an encoder (bert)")
-        self.cfg = cfg
         self.dim = ckpt.config["hidden"]
-        model_max = ckpt.config["max_length"]
-        self.max_length = min(cfg.max_length or model_max, ckpt.config["max_positions"])
+        self.max_length = min(cfg.max_length or ckpt.config["max_length"], ckpt.config["max_positions"])
         self.out_dtype = np.dtype(cfg.out_dtype)
 
     def schema(self):
-        from hpcllm.results import embed_schema
+        return (Column("embedding", self.out_dtype, (int(self.dim),), np.nan), N_TOKENS) + BASE_COLUMNS
 
-        return embed_schema(self.dim, self.out_dtype)
+    def start(self, work):
+        lengths = np.diff(work.offsets)[work.process]
+        out = np.full((work.n_docs, self.dim), np.nan, dtype=self.out_dtype)
+        return SimpleNamespace(work=work, out=out,
+                               batches=make_batches(lengths, self.cfg.batch_tokens, self.cfg.window, padded=False))
 
-    def run(self, model, ids, offsets, process, tokenizer, timers, at_batch):
-        """Embeddings in input order (NaN rows for documents not processed); None if stopped.
-
-        ``at_batch(k, n)`` is called before batch k of n and returns True to stop."""
-        out = np.full((len(offsets) - 1, self.dim), np.nan, dtype=self.out_dtype)
-        lengths = np.diff(offsets)[process]
+    def compute(self, model, state, batch):
+        rows = state.work.process[batch]
+        flat, doc_lengths = pack_batch(state.work.ids, state.work.offsets, rows)
         device = next(model.parameters()).device
-        batches = make_batches(lengths, self.cfg.batch_tokens, self.cfg.window, padded=False)
-        for k, batch in enumerate(batches):
-            if at_batch(k, len(batches)):
-                return None
-            rows = process[batch]
-            flat, doc_lengths = pack_batch(ids, offsets, rows)
-            with timers.phase("compute"):
-                vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
-            out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
-        return {"embedding": out}
+        vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
+        state.out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
+
+    def outputs(self, state):
+        return {"embedding": state.out}

@@ -6,11 +6,14 @@ import os
 import h5py
 import numpy as np
 
-from hpcllm.checkpoint.hdf5 import FORMAT
 from hpcllm.errors import HpcllmError
+from hpcllm.status import named_counts
+from hpcllm.store.results import row_blocks
 
 
 def inspect_file(path: str) -> str:
+    from hpcllm.checkpoint.hdf5 import FORMAT
+
     if not os.path.exists(path):
         raise HpcllmError(f"inspect: file not found: {path}")
     try:
@@ -20,8 +23,6 @@ def inspect_file(path: str) -> str:
         raise HpcllmError(f"inspect: {path} is not an HDF5 file") from None
     if is_checkpoint:
         return checkpoint_summary(path)
-    from hpcllm.results import summarize
-
     return summarize(path)
 
 
@@ -54,3 +55,34 @@ def checkpoint_summary(path: str) -> str:
 
 def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _short(v, width: int = 160) -> str:
+    s = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return s if len(s) <= width else s[:width - 3] + "..."
+
+
+def summarize(path: str) -> str:
+    """A human-readable summary of a results, shard or token file."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise HpcllmError(f"cannot open {path} as HDF5: {e}") from None
+    lines = [f"{path}"]
+    with f:
+        lines.append("attributes:")
+        lines += [f"  {k} = {_short(f.attrs[k])}" for k in sorted(f.attrs)]
+        lines.append("datasets:")
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                kind = (f"virtual, {len(obj.virtual_sources())} sources" if obj.is_virtual
+                        else f"compression={obj.compression}")
+                lines.append(f"  {name}  shape={obj.shape}  dtype={obj.dtype}  ({kind})")
+        f.visititems(visit)
+        if "status" in f and f["status"].ndim == 1:
+            counts = np.zeros(256, np.int64)
+            for rows in row_blocks(f, "status"):
+                counts += np.bincount(f["status"][rows], minlength=256)
+            lines.append("status counts: " + json.dumps(named_counts(counts)))
+    return "\n".join(lines)

@@ -1,8 +1,8 @@
-"""Result files: the HDF5 schema, per-shard files and the master ``results.h5``.
+"""Result files: the HDF5 schema, per-shard files, the master ``results.h5`` and reading it.
 
 Layout of an output directory::
 
-    out/manifest.json               the plan (hpcllm.corpus.plan)
+    out/manifest.json               the plan (hpcllm.store.manifest)
     out/shards/shard-00012.h5       one file per corpus shard, rows in input order
     out/results.h5                  one virtual dataset (VDS) per column joining
                                     all shard files in input order
@@ -17,6 +17,12 @@ Decisions, in one place:
 * ``doc_id`` is a variable-length UTF-8 string in every file.  HDF5 virtual
   datasets map vlen strings fine (checked with h5py 3.16 / HDF5 2.0), so ids
   of any length survive; fixed-length bytes would truncate long ids.
+* Ragged per-document values (score's per-token log-probabilities,
+  generate's output ids) are a flat dataset plus an offsets dataset of
+  ``n_docs + 1`` int64 (row i is ``flat[offsets[i]:offsets[i+1]]``), as token
+  shards are: one flat VDS in the master, and the master's offsets are a
+  plain dataset (each shard's offsets shifted by the values before it).
+  Several flat columns may share one offsets column.
 * Integer columns are gzip(4)+shuffle compressed (portable: every HDF5 build
   has it; shuffle makes small ints compress well).  Float columns (embeddings)
   are stored uncompressed: they barely compress and the write is on the
@@ -29,15 +35,13 @@ Decisions, in one place:
   ``f["status"][:]`` came back as 255.  A dataset handle also keeps the
   sources it has read open until it is closed.  So read big masters in blocks
   of rows that span few sources, each through a fresh handle
-  (``read_dataset(f, name)``), or raise the limit (``raise_open_file_limit``); a
-  MISSING status always flags such a row.
-* Files are written under a temporary name in the same directory and
-  ``os.replace``d into place: a final name always holds a complete file.
+  (``read_dataset(f, name)``); a MISSING status always flags such a row.
+* Files are written through ``hpcllm.store.atomic``: a final name always
+  holds a complete file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -47,10 +51,12 @@ import h5py
 import numpy as np
 
 from hpcllm import __version__
-from hpcllm.corpus.plan import Shard, shard_file, shard_filename
+from hpcllm.corpus.plan import Shard
 from hpcllm.corpus.readers import Docs
 from hpcllm.errors import HpcllmError
-from hpcllm.status import Status
+from hpcllm.status import Status, named_counts
+from hpcllm.store.atomic import atomic_h5
+from hpcllm.store.manifest import shard_file, shard_filename
 
 RESULTS_NAME = "results.h5"
 RESULTS_FORMAT = "hpcllm-results"
@@ -64,6 +70,7 @@ class Column:
     dtype: Any                     # a numpy dtype, or STRING
     shape_tail: tuple = ()         # per-row shape, e.g. (384,) for an embedding
     fill: Any = None               # what a row reads as when no source covers it
+    offsets: str | None = None     # ragged: a flat column whose rows are cut by this offsets column
 
     @property
     def is_string(self) -> bool:
@@ -79,6 +86,24 @@ class Column:
         return np.dtype(self.dtype)
 
 
+def ragged(name: str, dtype, offsets: str, fill=np.nan) -> Column:
+    """A flat column of per-document runs cut by the ``offsets`` column (n_docs + 1 int64)."""
+    return Column(name, np.dtype(dtype), (), fill, offsets=offsets)
+
+
+def offsets_names(schema) -> list[str]:
+    """The offsets columns the ragged columns of ``schema`` use, in schema order."""
+    return list(dict.fromkeys(c.offsets for c in schema if c.offsets))
+
+
+def ragged_rows(values: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document arrays -> (flat values, offsets [n + 1] int64)."""
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    flat = np.concatenate(values).astype(dtype, copy=False) if len(values) else np.zeros(0, dtype)
+    return flat, offsets
+
+
 # Columns every job writes: the provenance and outcome of each input line.
 BASE_COLUMNS = (
     Column("status", np.uint8, (), int(Status.MISSING)),
@@ -86,14 +111,8 @@ BASE_COLUMNS = (
     Column("line", np.int64, (), -1),       # 1-based line in the source file
     Column("source", np.int32, (), -1),     # index into the root attribute "sources"
 )
-
-
-def embed_schema(dim: int, dtype="float32") -> tuple[Column, ...]:
-    """Columns of an embed job: embedding [N, dim] (float32/float16), n_tokens, base columns."""
-    if np.dtype(dtype) not in (np.float32, np.float16):
-        raise HpcllmError(f"embedding dtype must be float32 or float16, got {dtype}")
-    return (Column("embedding", np.dtype(dtype), (int(dim),), np.nan),
-            Column("n_tokens", np.int32, (), -1)) + BASE_COLUMNS
+# Tokens fed to the model per document (model jobs; the executor fills it).
+N_TOKENS = Column("n_tokens", np.int32, (), -1)
 
 
 def base_columns(shard: Shard, docs: Docs) -> dict[str, np.ndarray]:
@@ -121,26 +140,8 @@ def _set_attrs(obj, attrs: dict | None) -> None:
         obj.attrs[k] = _attr_value(v)
 
 
-@contextlib.contextmanager
-def _atomic_h5(final: str):
-    """Open ``final`` for writing under a temporary name; rename into place on success."""
-    d, name = os.path.split(final)
-    tmp = os.path.join(d, f".{name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)           # data on disk before the name says "complete"
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_column(f: h5py.File, col: Column | None, name: str, data) -> None:
+def write_column(f: h5py.File, col: Column | None, name: str, data) -> None:
+    """One dataset of a shard file, with the column's dtype and the compression rules above."""
     if (col.is_object if col is not None else np.asarray(data).dtype == object):
         f.create_dataset(name, data=np.asarray(data, dtype=object), dtype=col.dtype if col is not None else STRING)
         return
@@ -151,25 +152,53 @@ def _write_column(f: h5py.File, col: Column | None, name: str, data) -> None:
         f.create_dataset(name, data=arr)
 
 
+def _check_shapes(shard: Shard, columns: dict, by_name: dict) -> None:
+    """Every row column has n_docs rows; every offsets column is n_docs + 1 and fits its flat columns."""
+    flat_of = {}
+    for c in by_name.values():
+        if c.offsets:
+            flat_of.setdefault(c.offsets, []).append(c.name)
+    for name, data in columns.items():
+        col = by_name.get(name)
+        if name in flat_of:
+            shape = (shard.n_docs + 1,)
+        elif col is not None and col.offsets:
+            continue                       # checked with its offsets
+        else:
+            shape = (shard.n_docs,) + (col.shape_tail if col is not None else np.shape(data)[1:])
+        if np.shape(data) != shape:
+            raise ValueError(f"shard {shard.index}: column {name} has shape {np.shape(data)}, expected {shape}")
+    for off, flats in flat_of.items():
+        o = np.asarray(columns[off])
+        if o[0] != 0 or np.any(np.diff(o) < 0):
+            raise ValueError(f"shard {shard.index}: {off} must start at 0 and never decrease")
+        for name in flats:
+            if len(columns[name]) != o[-1]:
+                raise ValueError(f"shard {shard.index}: column {name} has {len(columns[name])} values, "
+                                 f"{off} ends at {o[-1]}")
+
+
 def write_shard(out_dir: str, shard: Shard, columns: dict[str, np.ndarray],
                 attrs: dict | None = None, schema: tuple[Column, ...] | None = None) -> str:
     """Write ``<out>/shards/shard-NNNNN.h5`` atomically; returns its path.
 
-    Every column must have ``shard.n_docs`` rows in input order.  With a
-    schema, the columns must be exactly the schema's and are cast to its dtypes.
+    Every column must have ``shard.n_docs`` rows in input order (ragged
+    columns: their flat values, and their offsets column ``n_docs + 1``).
+    With a schema, the columns must be exactly the schema's plus its offsets
+    columns, and are cast to the schema's dtypes.
     """
     by_name = {c.name: c for c in schema} if schema else {}
-    if schema and set(columns) != set(by_name):
-        raise ValueError(f"shard {shard.index}: columns {sorted(columns)} != schema {sorted(by_name)}")
-    for name, data in columns.items():
-        shape = (shard.n_docs,) + (by_name[name].shape_tail if name in by_name else np.shape(data)[1:])
-        if np.shape(data) != shape:
-            raise ValueError(f"shard {shard.index}: column {name} has shape {np.shape(data)}, expected {shape}")
+    if schema:
+        want = set(by_name) | set(offsets_names(schema))
+        if set(columns) != want:
+            raise ValueError(f"shard {shard.index}: columns {sorted(columns)} != schema {sorted(want)}")
+    _check_shapes(shard, columns, by_name)
+    offsets_col = {n: Column(n, np.int64) for n in offsets_names(schema or ())}
     path = shard_file(out_dir, shard.index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _atomic_h5(path) as f:
+    with atomic_h5(path) as f:
         for name, data in columns.items():
-            _write_column(f, by_name.get(name), name, data)
+            write_column(f, by_name.get(name) or offsets_col.get(name), name, data)
         f.attrs.update({"format": RESULTS_FORMAT + "-shard", "version": RESULTS_VERSION,
                         "shard_index": shard.index, "row_start": shard.row_start,
                         "n_docs": shard.n_docs, "source_path": shard.path,
@@ -180,29 +209,22 @@ def write_shard(out_dir: str, shard: Shard, columns: dict[str, np.ndarray],
 
 # --------------------------------------------------------------------------- the master file
 
-def status_counts(status: np.ndarray) -> dict[str, int]:
-    """Documents per status name (only statuses that occur), e.g. {"OK": 998, "BAD_JSON": 2}."""
-    return _named_counts(np.bincount(np.asarray(status, dtype=np.uint8).ravel(), minlength=256))
-
-
-def _named_counts(counts: np.ndarray) -> dict[str, int]:
-    out = {}
-    for code in np.flatnonzero(counts):
-        name = Status(code).name if code in Status._value2member_map_ else f"code_{code}"
-        out[name] = int(counts[code])
-    return out
-
-
 def _check_source(path: str, shard: Shard, schema) -> str | None:
     """Why a shard file cannot serve as a VDS source, or None if it can."""
     if not os.path.exists(path):
         return "missing"
     try:
         with h5py.File(path, "r") as f:
+            ends = {}
+            for name in offsets_names(schema):
+                if name not in f or f[name].shape != (shard.n_docs + 1,):
+                    return f"has no dataset {name} of {shard.n_docs + 1} offsets"
+                ends[name] = int(f[name][-1])
             for col in schema:
                 if col.name not in f:
                     return f"has no dataset {col.name}"
-                ds, want = f[col.name], (shard.n_docs,) + tuple(col.shape_tail)
+                ds = f[col.name]
+                want = (ends[col.offsets],) if col.offsets else (shard.n_docs,) + tuple(col.shape_tail)
                 if ds.shape != want:
                     return f"dataset {col.name} has shape {ds.shape}, expected {want}"
                 ok = (h5py.check_string_dtype(ds.dtype) is not None) if col.is_string else ds.dtype == col.np_dtype
@@ -214,7 +236,7 @@ def _check_source(path: str, shard: Shard, schema) -> str | None:
 
 
 def _verify_sources(out_dir: str, plan: list[Shard], schema) -> np.ndarray:
-    """Check every shard file; return the status counts over all of them (uint64[256])."""
+    """Check every shard file; return the status counts over all of them (int64[256])."""
     bad = []
     for s in plan:
         why = _check_source(shard_file(out_dir, s.index), s, schema)
@@ -232,6 +254,42 @@ def _verify_sources(out_dir: str, plan: list[Shard], schema) -> np.ndarray:
     return counts
 
 
+def _write_offsets(out_dir: str, f: h5py.File, name: str, plan: list[Shard], n_rows: int) -> list[tuple]:
+    """The master's ``name``: every shard's offsets shifted by the values before it (a plain dataset).
+
+    Returns each shard's (start, length) in the flat columns these offsets cut.
+    """
+    ds = f.create_dataset(name, shape=(n_rows + 1,), dtype=np.int64, compression="gzip",
+                          compression_opts=4, shuffle=True)
+    ds[0], base, spans = 0, 0, []
+    for s in plan:
+        with h5py.File(shard_file(out_dir, s.index), "r") as src:
+            o = src[name][:]
+        ds[s.row_start + 1:s.row_start + s.n_docs + 1] = o[1:] + base
+        spans.append((base, int(o[-1])))
+        base += int(o[-1])
+    return spans
+
+
+def _virtual_column(f: h5py.File, col: Column, plan: list[Shard], spans: list[tuple] | None) -> None:
+    """One VDS joining the shards' ``col``: rows at each shard's row_start, or flat values at its span."""
+    if spans is None:
+        spans = [(s.row_start, s.n_docs) for s in plan]
+    shape = (sum(n for _, n in spans),) + tuple(col.shape_tail)
+    fill = None if col.is_object else np.array(col.fill, dtype=col.np_dtype)
+    dtype = STRING if col.is_string else col.np_dtype
+    if shape[0] == 0:   # nothing to map; an empty plain dataset keeps the schema visible
+        f.create_dataset(col.name, shape=shape, dtype=dtype)
+        return
+    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+    for s, (start, n) in zip(plan, spans):
+        if n:
+            src = h5py.VirtualSource(os.path.join("shards", shard_filename(s.index)), col.name,
+                                     shape=(n,) + tuple(col.shape_tail))
+            layout[start:start + n] = src
+    f.create_virtual_dataset(col.name, layout, fillvalue=fill)
+
+
 def _sources(plan: list[Shard], inputs: list[str] | None) -> list[str | None]:
     if inputs is not None:
         return list(inputs)
@@ -240,20 +298,6 @@ def _sources(plan: list[Shard], inputs: list[str] | None) -> list[str | None]:
     for s in plan:
         out[s.file_index] = s.path
     return out
-
-
-def _virtual_column(f: h5py.File, col: Column, plan: list[Shard], n_rows: int) -> None:
-    shape = (n_rows,) + tuple(col.shape_tail)
-    fill = None if col.is_object else np.array(col.fill, dtype=col.np_dtype)
-    if n_rows == 0:   # nothing to map; an empty plain dataset keeps the schema visible
-        f.create_dataset(col.name, shape=shape, dtype=STRING if col.is_string else col.np_dtype)
-        return
-    layout = h5py.VirtualLayout(shape=shape, dtype=STRING if col.is_string else col.np_dtype)
-    for s in plan:
-        src = h5py.VirtualSource(os.path.join("shards", shard_filename(s.index)), col.name,
-                                 shape=(s.n_docs,) + tuple(col.shape_tail))
-        layout[s.row_start:s.row_start + s.n_docs] = src
-    f.create_virtual_dataset(col.name, layout, fillvalue=fill)
 
 
 def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
@@ -276,29 +320,19 @@ def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
         expect += s.n_docs
     counts = _verify_sources(out_dir, plan, schema)
     path = os.path.join(out_dir, RESULTS_NAME)
-    with _atomic_h5(path) as f:
+    with atomic_h5(path) as f:
+        spans = {name: _write_offsets(out_dir, f, name, plan, n_rows) for name in offsets_names(schema)}
         for col in schema:
-            _virtual_column(f, col, plan, n_rows)
+            _virtual_column(f, col, plan, spans.get(col.offsets))
         f.attrs.update({"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "n_docs": n_rows,
                         "n_shards": len(plan), "code_version": __version__})
         _set_attrs(f, attrs)
-        f.attrs["status_counts"] = json.dumps(_named_counts(counts))
+        f.attrs["status_counts"] = json.dumps(named_counts(counts))
         f.attrs["sources"] = json.dumps(_sources(plan, inputs))
     return path
 
 
 # --------------------------------------------------------------------------- reading
-
-def raise_open_file_limit() -> int:
-    """Raise this process's soft limit on open files to its hard limit; returns it."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
 
 def row_blocks(f: h5py.File, name: str, max_sources: int = 64, max_rows: int = 1 << 22) -> list[slice]:
     """Row slices covering dataset ``name`` such that each read touches at most
@@ -325,36 +359,3 @@ def read_dataset(f: h5py.File, name: str, max_sources: int = 64) -> np.ndarray:
     if not blocks:
         return f[name][()]
     return np.concatenate([f[name][b] for b in blocks])
-
-
-# --------------------------------------------------------------------------- inspection
-
-def _short(v, width: int = 160) -> str:
-    s = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-    return s if len(s) <= width else s[:width - 3] + "..."
-
-
-def summarize(path: str) -> str:
-    """A human-readable summary of a result file (used by ``hpcllm inspect``)."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise HpcllmError(f"cannot open {path} as HDF5: {e}") from None
-    lines = [f"{path}"]
-    with f:
-        lines.append("attributes:")
-        lines += [f"  {k} = {_short(f.attrs[k])}" for k in sorted(f.attrs)]
-        lines.append("datasets:")
-
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                kind = (f"virtual, {len(obj.virtual_sources())} sources" if obj.is_virtual
-                        else f"compression={obj.compression}")
-                lines.append(f"  {name}  shape={obj.shape}  dtype={obj.dtype}  ({kind})")
-        f.visititems(visit)
-        if "status" in f and f["status"].ndim == 1:
-            counts = np.zeros(256, np.int64)
-            for rows in row_blocks(f, "status"):
-                counts += np.bincount(f["status"][rows], minlength=256)
-            lines.append("status counts: " + json.dumps(_named_counts(counts)))
-    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 Layout of a token directory (one home for it)::
 
-    tok/manifest.json            the corpus plan (hpcllm.corpus.plan), model_hash = tokenizer hash
+    tok/manifest.json            the corpus plan (hpcllm.store.manifest), model_hash = tokenizer hash
     tok/shards/shard-00012.h5    one file per corpus shard, rows in input order
     tok/tokens.json              written last, when every shard is complete: what made the
                                  shards (tokenizer hash, max_length, options) and totals
@@ -21,7 +21,7 @@ Documents that were not tokenized (BAD_JSON, MISSING_FIELD, TOO_LONG) keep their
 row with zero tokens.  Root attributes record the tokenizer hash (sha256 of the
 tokenizer.json text), ``max_length`` (-1: no limit) and the source shard
 (path, byte and line range), so a shard file explains itself.  Files are
-written under a temporary name and renamed into place (as results are).
+written through hpcllm.store.atomic, as results are.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ import h5py
 import numpy as np
 
 from hpcllm import __version__
-from hpcllm.corpus.plan import MANIFEST_NAME, Plan, Shard, _read_manifest, shard_file
+from hpcllm.corpus.plan import Plan, Shard
 from hpcllm.corpus.readers import Docs
 from hpcllm.errors import HpcllmError
-from hpcllm.results import BASE_COLUMNS, Column, _atomic_h5, _write_column, base_columns
-from hpcllm.tokenizer import Encoding
+from hpcllm.status import NOT_PROCESSED
+from hpcllm.store.atomic import atomic_h5, write_text
+from hpcllm.store.manifest import MANIFEST_NAME, read_manifest, shard_file
+from hpcllm.store.results import BASE_COLUMNS, Column, base_columns, write_column
 
 TOKENS_FORMAT = "hpcllm-tokens"
 TOKENS_VERSION = 1
@@ -56,22 +58,22 @@ def tokenizer_hash(tokenizer_json: str) -> str:
 # --------------------------------------------------------------------------- writing
 
 def write_token_shard(out_dir: str, shard: Shard, docs: Docs, ids: np.ndarray, offsets: np.ndarray,
-                      status: np.ndarray, not_processed, attrs: dict) -> tuple[str, int]:
-    """Write one token shard atomically; rows whose status is in ``not_processed`` get no tokens.
+                      status: np.ndarray, attrs: dict) -> tuple[str, int]:
+    """Write one token shard atomically; rows the reader could not read (NOT_PROCESSED) get no tokens.
 
     Returns (path, tokens written).
     """
     lengths = np.diff(offsets)
-    keep = ~np.isin(status, not_processed)
+    keep = ~np.isin(status, NOT_PROCESSED)
     ids = ids[np.repeat(keep, lengths)]      # drop the empty-text encoding of unread rows
     new_offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths * keep, out=new_offsets[1:])
     columns = {**base_columns(shard, docs), "status": status, "tokens": ids, "offsets": new_offsets}
     path = shard_file(out_dir, shard.index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _atomic_h5(path) as f:
+    with atomic_h5(path) as f:
         for col in TOKEN_COLUMNS:
-            _write_column(f, col, col.name, columns[col.name])
+            write_column(f, col, col.name, columns[col.name])
         f.attrs.update({"format": TOKENS_FORMAT + "-shard", "version": TOKENS_VERSION,
                         "shard_index": shard.index, "row_start": shard.row_start, "n_docs": shard.n_docs,
                         "source_path": shard.path, "source_format": shard.fmt, "compressed": shard.compressed,
@@ -82,13 +84,9 @@ def write_token_shard(out_dir: str, shard: Shard, docs: Docs, ids: np.ndarray, o
 
 def write_info(out_dir: str, info: dict) -> str:
     """Write ``tokens.json`` (the completion marker) atomically."""
-    path = os.path.join(out_dir, INFO_NAME)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "code_version": __version__, **info},
-                  f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
-    return path
+    text = json.dumps({"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "code_version": __version__, **info},
+                      indent=1, sort_keys=True, default=str)
+    return write_text(os.path.join(out_dir, INFO_NAME), text)
 
 
 # --------------------------------------------------------------------------- reading
@@ -133,7 +131,7 @@ def open_token_dir(path: str) -> TokenDir | None:
             raise ValueError(f"format {info.get('format')} version {info.get('version')}")
     except (OSError, ValueError) as e:
         raise HpcllmError(f"{info_path} is not a readable {TOKENS_FORMAT} v{TOKENS_VERSION} file ({e})") from None
-    manifest = _read_manifest(os.path.join(path, MANIFEST_NAME))
+    manifest = read_manifest(os.path.join(path, MANIFEST_NAME))
     if manifest is None:
         raise HpcllmError(f"{path} has {INFO_NAME} but no {MANIFEST_NAME}; tokenize the corpus again")
     files = [shard_file(path, s.index) for s in manifest.shards]
@@ -148,11 +146,8 @@ def open_token_dir(path: str) -> TokenDir | None:
     return TokenDir(path, info, Plan(shards, files))
 
 
-def read_token_shard(shard: Shard) -> tuple[Docs, Encoding, np.ndarray]:
-    """(docs without texts, encoding, status) of the token shard file ``shard.path``.
-
-    The encoding's flags are zero: what they said is already in ``status``.
-    """
+def read_token_shard(shard: Shard) -> tuple[Docs, np.ndarray, np.ndarray, np.ndarray]:
+    """(docs without texts, token ids, offsets, final status) of the token shard file ``shard.path``."""
     try:
         with h5py.File(shard.path, "r") as f:
             n = int(f.attrs["n_docs"])
@@ -165,4 +160,4 @@ def read_token_shard(shard: Shard) -> tuple[Docs, Encoding, np.ndarray]:
     except (OSError, KeyError) as e:
         raise HpcllmError(f"cannot read token shard {shard.path}: {e}") from None
     docs = Docs(texts=[b""] * n, status=status, doc_id=doc_id, line=line, source=source)
-    return docs, Encoding(ids, offsets, np.zeros(n, np.uint8)), status.copy()
+    return docs, ids, offsets, status.copy()

@@ -20,8 +20,7 @@ class Mesh:
     tp_rank: int
     dp_rank: int
     tp_mpi: object         # mpi4py communicator of this tp group (tp_rank order)
-    dp_mpi: object         # mpi4py communicator of the ranks with this tp_rank, one per dp group
-    tp: object             # hpcllm.world.comm.Comm: collectives of this tp group (what the model uses)
+    tp: object             # hpcllm.world.comm.Comm: collectives of this tp group (what the model uses); None: no model
     local_size: int        # ranks on this node
     backend: str
 
@@ -40,19 +39,20 @@ class Mesh:
             raise HpcllmError(f"--tp {tp} does not divide the world of {size} ranks; use a world size that is a multiple of tp")
         dp_rank, tp_rank = divmod(rank, tp)
         tp_mpi = world.Split(color=dp_rank, key=tp_rank)
-        dp_mpi = world.Split(color=tp_rank, key=dp_rank)
         node = world.Split_type(_shared_type(), key=rank)
         local_size = node.Get_size()
         node.Free()
-        from hpcllm.world.comm import LocalComm, MPIComm
+        if backend == "none":    # a job without a model (tokenize): no collectives, and no torch
+            comm = None
+        elif backend == "mpi":
+            from hpcllm.world.comm import LocalComm, MPIComm
 
-        if backend == "mpi":
             comm = MPIComm(tp_mpi) if tp > 1 else LocalComm()
         elif backend == "torch":
             comm = _torch_tp_comm(world, tp, dp_rank, tp_rank, device)
         else:
             raise HpcllmError(f"unknown --comm {backend!r}; choose mpi or torch")
-        return cls(world, tp, size // tp, tp_rank, dp_rank, tp_mpi, dp_mpi, comm, local_size, backend)
+        return cls(world, tp, size // tp, tp_rank, dp_rank, tp_mpi, comm, local_size, backend)
 
     def describe(self) -> dict:
         return {"world": self.world.Get_size(), "dp": self.dp_size, "tp": self.tp_size,

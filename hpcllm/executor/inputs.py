@@ -1,0 +1,89 @@
+"""A job's input: a raw corpus (read + tokenized per shard) or a directory of token shards.
+
+Both give the same thing per shard, a ``ShardData`` (documents, token ids,
+offsets, final status), so everything after this point is the same whichever
+the input was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcllm.corpus.plan import make_plan
+from hpcllm.corpus.readers import DocReader, list_inputs
+from hpcllm.executor.job import ShardData
+from hpcllm.status import NOT_PROCESSED, Status
+from hpcllm.store.tokens import open_token_dir, read_token_shard
+
+
+def final_status(reader_status: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """One status per document: reader errors, then bad UTF-8, then truncation, else ok/empty."""
+    from hpcllm.tokenizer import FLAG_BAD_UTF8, FLAG_TRUNCATED
+
+    status = reader_status.copy()
+    open_ = ~np.isin(status, NOT_PROCESSED)
+    status[open_ & ((flags & FLAG_BAD_UTF8) != 0)] = Status.BAD_UTF8
+    status[open_ & (status != Status.BAD_UTF8) & ((flags & FLAG_TRUNCATED) != 0)] = Status.TRUNCATED
+    return status
+
+
+def encode_docs(tokenizer, docs, max_length):
+    """Tokenize a shard's documents (special tokens added) -> (ids, offsets, final status)."""
+    lens = np.fromiter((len(t) for t in docs.texts), np.int64, len(docs.texts))
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    buf = np.frombuffer(b"".join(docs.texts), np.uint8)
+    enc = tokenizer.encode_bytes(buf, offsets, max_length=max_length, add_special_tokens=True)
+    return enc.ids, enc.offsets, final_status(docs.status, enc.flags)
+
+
+def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):
+    """The shard plan, cut finer when the corpus is small so that every dp group gets work.
+
+    ``--shard-docs`` is the most documents a shard holds; a corpus with fewer
+    than ``shards_per_group`` shards per dp group is re-cut into that many
+    (the plan is stored in the manifest, so a resumed run keeps it).
+    """
+    plan = make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format)
+    total, want = sum(s.n_docs for s in plan), shards_per_group * dp_size
+    if len(plan) < want and total > len(plan):
+        plan = make_plan(inputs, max(1, -(-total // want)), comm=world, fmt=cfg.format)
+    return plan
+
+
+class Inputs:
+    """The input of a run: its files, how to plan it, and how a shard becomes a ShardData."""
+
+    def __init__(self, cfg, shards_per_group: int = 4):
+        self.cfg = cfg
+        self.tokens = open_token_dir(cfg.input)   # pre-tokenized: one job shard per token shard
+        self.files = self.tokens.files if self.tokens else list_inputs(cfg.input, cfg.format)
+        self.shards_per_group = shards_per_group
+        self._reader = None
+
+    def check_tokens(self, tokenizer_json: str, max_length, model: str) -> None:
+        """Refuse token shards made with another tokenizer or longer than the job allows."""
+        if self.tokens:
+            self.tokens.check(tokenizer_json, max_length, model)
+
+    def plan(self, world, dp_size: int):
+        if self.tokens:
+            return self.tokens.plan
+        return plan_corpus(self.files, self.cfg, world, dp_size, self.shards_per_group)
+
+    def load(self, shard, tokenizer, max_length, timers) -> ShardData:
+        """Read (and tokenize) one shard. Called from one thread at a time (the prefetch thread)."""
+        if self.tokens:
+            with timers.phase("read"):
+                return ShardData(shard, *read_token_shard(shard))
+        if self._reader is None:   # one reader per group: a gz file's shards continue its stream
+            self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes)
+        with timers.phase("read"):
+            docs = self._reader.read(shard)
+        with timers.phase("tokenize"):
+            ids, offsets, status = encode_docs(tokenizer, docs, max_length)
+        return ShardData(shard, docs, ids, offsets, status)
+
+    def close(self):
+        if self._reader is not None:
+            self._reader.close()

@@ -1,0 +1,117 @@
+"""What a job is to the executor: its options, its schema, its batches, one batch's computation.
+
+A job is a class with a ``name`` and these methods (``Job`` gives the
+defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
+
+    __init__(cfg, ckpt)          options (a JobConfig) and the checkpoint (None without a model)
+    max_length                   tokens a document is cut to when tokenized (None: never cut)
+    schema()                     result columns (hpcllm.store.results.Column), base columns included
+    start(work) -> state         a shard's batches (``state.batches``: index arrays into
+                                 ``work.process``) and the output arrays they fill
+    compute(model, state, batch) one batch, on every rank of the tp group
+    outputs(state) -> dict       the job's result columns for the whole shard, input order
+
+The executor does the rest: world and mesh, the plan and resume, claiming
+shards, reading and tokenizing (prefetched), stopping on signals, writing
+shard files, progress, timings and the master file.  A job that writes
+something else than a results shard (``tokenize``) overrides ``write_shard``
+and ``finish``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hpcllm.status import NOT_PROCESSED
+
+
+class ShardData:
+    """A shard read and tokenized by the group leader: what every tp rank needs, plus rows to write."""
+
+    def __init__(self, shard, docs, ids, offsets, status):
+        self.shard, self.docs, self.status = shard, docs, status
+        self.ids, self.offsets = ids, offsets
+        self.process = np.flatnonzero(~np.isin(status, NOT_PROCESSED))
+
+    def for_workers(self) -> "Work":
+        return Work(self.ids, self.offsets, self.process)
+
+    def n_tokens(self) -> np.ndarray:
+        """Tokens fed to the model per row (0 for rows not processed), int32."""
+        n = np.zeros(len(self.status), np.int32)
+        n[self.process] = np.diff(self.offsets)[self.process]
+        return n
+
+
+class Work:
+    """What every rank of a tp group gets for a shard: the token ids and which rows to process."""
+
+    def __init__(self, ids, offsets, process):
+        self.ids, self.offsets, self.process = ids, offsets, process
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc(self, row: int) -> np.ndarray:
+        return self.ids[self.offsets[row]:self.offsets[row + 1]]
+
+
+class Job:
+    name = "job"
+    needs_model = True     # False: no weights and no torch (tokenize)
+    max_length = None
+
+    def __init__(self, cfg, ckpt):
+        self.cfg, self.ckpt = cfg, ckpt
+
+    def tokenizer_json(self) -> str:
+        return self.ckpt.tokenizer_json
+
+    def model_hash(self) -> str:
+        """What the output directory was made with (the manifest refuses another)."""
+        return self.ckpt.content_hash
+
+    def config_hash(self) -> str:
+        """Hash of the options that change results (the manifest refuses others)."""
+        return self.cfg.result_hash(self.name)
+
+    def describe(self) -> str:
+        return f"model {os.path.basename(self.cfg.model)} ({self.model_hash()[:12]})"
+
+    def schema(self):
+        raise NotImplementedError
+
+    def start(self, work: Work):
+        raise NotImplementedError
+
+    def compute(self, model, state, batch):
+        raise NotImplementedError
+
+    def outputs(self, state) -> dict:
+        raise NotImplementedError
+
+    def write_shard(self, out_dir: str, data: ShardData, outputs: dict, attrs: dict) -> int:
+        """Write one shard's results; returns the tokens it holds."""
+        from hpcllm.store.results import base_columns, write_shard
+
+        n_tokens = data.n_tokens()
+        columns = {**base_columns(data.shard, data.docs), "status": data.status, "n_tokens": n_tokens, **outputs}
+        write_shard(out_dir, data.shard, columns, attrs=attrs, schema=self.schema())
+        return int(n_tokens.sum())
+
+    def finish(self, out_dir: str, plan, attrs: dict) -> str:
+        """After every shard is done (rank 0): join them; returns a one-line summary."""
+        import json
+
+        import h5py
+
+        from hpcllm.store.results import build_master
+
+        path = build_master(out_dir, plan, self.schema(), attrs)
+        with h5py.File(path, "r") as f:
+            counts = json.loads(f.attrs["status_counts"])
+        return (f"wrote {path}: {sum(counts.values())} documents; status counts: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items() if v))

@@ -1,0 +1,117 @@
+"""One tp group working through the shards it claims.
+
+    claim (leader, shared counter) -> read + tokenize in a thread (leader) ->
+    broadcast to the tp group, so every rank sees the identical batch ->
+    job.start / job.compute per batch / job.outputs -> the leader writes the shard
+
+The next shard is claimed late, before the last eighth of the current shard's
+batches (at once for a shard without batches), and read + tokenized in a
+thread while those run: a slow group does not sit on a claimed shard that a
+faster group could have taken, yet the next shard is ready when the current
+one ends.  At every batch boundary the group agrees whether to stop: a stop
+signal received by any rank of the world reaches every group through the
+shared counters.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+
+from hpcllm.progress import Progress, Timers
+from hpcllm.world.counters import SharedCounters
+
+
+class GroupLoop:
+    def __init__(self, mesh, job, model, tokenizer, inputs, todo, out_dir, progress_s):
+        self.mesh, self.job, self.model, self.tokenizer = mesh, job, model, tokenizer
+        self.inputs, self.todo, self.out_dir = inputs, todo, out_dir
+        self.timers = Timers()
+        self.counters = SharedCounters(mesh.world)
+        self.docs_done = self.tokens_done = self.shards_done = 0
+        self.finished_at = None
+        self.progress = Progress(sum(s.n_docs for s in todo), progress_s) if mesh.rank == 0 else None
+        self._stop = None
+        self._raised = False
+
+    # ------------------------------------------------------------------ claiming and loading
+
+    def claim(self):
+        i = self.counters.claim() if self.mesh.is_group_leader else None
+        i = self.mesh.tp_mpi.bcast(i, root=0)
+        return self.todo[i] if i < len(self.todo) else None
+
+    def load(self, shard):
+        return self.inputs.load(shard, self.tokenizer, self.job.max_length, self.timers)
+
+    def _claim_and_load(self, pool):
+        shard = self.claim()
+        return shard, (pool.submit(self.load, shard) if pool and shard else None)
+
+    # ------------------------------------------------------------------ stopping
+
+    def should_stop(self) -> bool:
+        """Collective over the tp group, at a batch boundary: has any rank of the world been signalled?"""
+        if self._stop.signum and not self._raised:
+            self.counters.raise_stop(self._stop.signum)
+            self._raised = True
+        return self._stop.should_stop(self.mesh.tp_mpi, self.counters.stop_signal())
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop) -> bool:
+        """Process shards until none are left; True if stopped early by a signal."""
+        self._stop = stop
+        pool = concurrent.futures.ThreadPoolExecutor(1) if self.mesh.is_group_leader else None
+        shard, future = self._claim_and_load(pool)
+        try:
+            while shard is not None:
+                with self.timers.phase("idle"):
+                    data = future.result() if future else None
+                    work = self.mesh.tp_mpi.bcast(data.for_workers() if data else None, root=0)
+                started = time.time()
+                if self.should_stop():
+                    return True
+                following = self._run_shard(work, lambda: self._claim_and_load(pool))
+                if following is None:   # stopped between batches: drop this shard
+                    return True
+                if data is not None:
+                    self.write(data, following.pop("outputs"), started)
+                shard, future = following["next"]
+            return False
+        finally:
+            self.finished_at = time.time()
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self.inputs.close()
+
+    def _run_shard(self, work, claim_next) -> dict | None:
+        """The job's batches of one shard; claims the next shard on the way. None if stopped."""
+        state = self.job.start(work)
+        batches = state.batches
+        following = {}
+        if not batches:
+            following["next"] = claim_next()
+        for k, batch in enumerate(batches):
+            if "next" not in following and k >= len(batches) - max(1, len(batches) // 8):
+                following["next"] = claim_next()
+            if k and self.should_stop():
+                return None
+            with self.timers.phase("compute"):
+                self.job.compute(self.model, state, batch)
+        following["outputs"] = self.job.outputs(state)
+        return following
+
+    def write(self, data, outputs: dict, started: float):
+        """Write the shard file; its attributes say who computed it and how long it took (seconds)."""
+        attrs = {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "host": socket.gethostname(),
+                 "seconds": time.time() - started, "finished_at": time.time()}
+        with self.timers.phase("write"):
+            tokens = self.job.write_shard(self.out_dir, data, outputs, attrs)
+        self.shards_done += 1
+        self.docs_done += len(data.status)
+        self.tokens_done += tokens
+        self.counters.add_done(len(data.status), tokens)
+        if self.progress:
+            self.progress.maybe_print(*self.counters.done())

@@ -1,0 +1,130 @@
+"""Running a job on MPI.COMM_WORLD: set up, loop, agree on the outcome, finish.
+
+    world + mesh (dp groups x tp ranks) -> threads -> the job and its model ->
+    the plan (manifest: resume, or refuse a changed model/options/input) ->
+    every group's GroupLoop -> the world agrees (stopped or done) -> rank 0
+    writes the master file (or the stop note) and the timing table.
+
+Exit codes: 0 done, 75 (EXIT_REQUEUE) stopped early by SIGUSR1/SIGTERM (the
+sbatch templates requeue; a rerun resumes), an HpcllmError is raised on every
+rank alike (the CLI prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from hpcllm import __version__
+from hpcllm.errors import HpcllmError
+from hpcllm.executor.inputs import Inputs
+from hpcllm.executor.loop import GroupLoop
+from hpcllm.progress import breakdown_table, log
+from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
+from hpcllm.store.manifest import completed_shards, load_or_create_manifest
+from hpcllm.world.mesh import Mesh, set_threads
+from hpcllm.world.slurm import check_launch, provenance
+
+
+def run_job(cfg, job_cls) -> int:
+    """Run ``job_cls`` with options ``cfg`` on every rank; returns the process exit code."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    check_launch(world.Get_size())
+    job = job_cls(cfg, _checkpoint(cfg.model) if cfg.model else None)
+    if job.needs_model:
+        import torch  # noqa: F401  (loaded before set_threads, which sets its thread count)
+    mesh = Mesh.create(world, cfg.tp if job.needs_model else 1, cfg.comm if job.needs_model else "none", cfg.device)
+    threads = set_threads(mesh.local_size, cfg.threads)
+    inputs = Inputs(cfg)
+    if inputs.tokens and not job.needs_model:
+        raise HpcllmError(f"{job.name}: {cfg.input} is a directory of token shards already; give the raw corpus")
+    # checked before the model loads: a mismatch fails in a second, not after the load
+    inputs.check_tokens(job.tokenizer_json(), job.max_length, cfg.model or cfg.tokenizer)
+    from hpcllm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_str(job.tokenizer_json(), source=cfg.model or cfg.tokenizer)
+    model = _build_model(job, mesh) if job.needs_model else None
+    manifest = load_or_create_manifest(cfg.output, lambda: inputs.plan(world, mesh.dp_size), job.model_hash(),
+                                       job.config_hash(), comm=world, inputs=inputs.files)
+    plan = manifest.shards
+    todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
+                       if world.Get_rank() == 0 else None, root=0)
+    if world.Get_rank() == 0:
+        log(f"{job.name}: {len(plan)} shards ({len(plan) - len(todo)} already done), world {mesh.describe()}, "
+            f"{threads} threads/rank, {job.describe()}")
+    loop = GroupLoop(mesh, job, model, tokenizer, inputs, todo, cfg.output, cfg.progress)
+    with StopFlag() as stop:
+        stopped = loop.run(stop)
+    return finish(cfg, mesh, job, manifest, loop, stopped, stop, model)
+
+
+def _checkpoint(path):
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+
+    return Checkpoint(path)
+
+
+def _build_model(job, mesh):
+    import torch
+
+    from hpcllm.model.build import build_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job.cfg.dtype]
+    return build_model(job.ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype).to(job.cfg.device)
+
+
+def _rank_row(mesh, loop, model) -> dict:
+    """This rank's line of the timing table (also stored in the master's ``timings``)."""
+    seconds = dict(loop.timers.seconds)
+    if mesh.tp is not None:   # collectives run inside the forward pass
+        seconds["comm"] = mesh.tp.seconds
+        seconds["compute"] -= mesh.tp.seconds
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 if model is not None else 0.0
+    return {"rank": mesh.rank, "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank, "seconds": seconds,
+            "docs": loop.docs_done, "tokens": loop.tokens_done, "shards": loop.shards_done,
+            "finished_at": loop.finished_at, "peak_rss_mb": peak_rss_mb(), "weights_mb": weights}
+
+
+def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
+    """Agree on the outcome world-wide; rank 0 writes the master file or the stop note."""
+    from mpi4py import MPI
+
+    world = mesh.world
+    rows = world.gather(_rank_row(mesh, loop, model), root=0)
+    any_stopped = world.allreduce(int(stopped), op=MPI.MAX)
+    error = None
+    if world.Get_rank() == 0:
+        loop.progress.maybe_print(*loop.counters.done(), force=True)
+        try:
+            if any_stopped:
+                write_stop_note(cfg.output, {"signal": signal_name(stop.agreed_signum or stop.signum),
+                                             "shards_total": len(manifest.shards)})
+            else:
+                attrs = {"job": job.name, "model": os.path.abspath(cfg.model) if cfg.model else None,
+                         "model_hash": job.model_hash(),
+                         "model_source": job.ckpt.source if job.ckpt is not None else None,
+                         "config": cfg.as_dict(), "config_hash": manifest.config_hash,
+                         "code_version": __version__, "world": mesh.describe(), "timings": rows,
+                         "slurm": provenance(), "finished": time.time()}
+                log(job.finish(cfg.output, manifest.shards, attrs))
+        except (HpcllmError, OSError) as exc:
+            error = str(exc)
+        log("time per rank (s):\n" + breakdown_table(rows))
+    loop.counters.free()
+    error = world.bcast(error, root=0)
+    if error:
+        raise HpcllmError(error)
+    if any_stopped:
+        if world.Get_rank() == 0:
+            log(f"stopped early by a signal; rerun the same command to finish (exit {EXIT_REQUEUE})")
+        return EXIT_REQUEUE
+    return 0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
