@@ -1,0 +1,223 @@
+"""`hpcllm report`: statistics of results dirs in one streaming pass, a text summary and an HTML page.
+
+What is computed (``collect``), in one pass over blocks of rows:
+
+* status counts over all rows, and the first ``EXAMPLES`` rows of each non-ok
+  status (their doc ids are read at the end, a few rows each);
+* every numeric column: a ``Sketch`` (quantiles within 2**-8 relative, exact
+  moments) over the rows the job processed (status not bad_json /
+  missing_field / too_long / missing), NaN skipped;
+* every enum column (uint8/int with names, e.g. generate's finish_reason,
+  classify's label): counts per code over processed rows;
+* vectors (embedding): a Sketch of the L2 norms and an evenly strided sample
+  of ``SAMPLE`` rows for a 2-D PCA projection;
+* ragged columns (token_logprobs, output_ids): Sketches of row lengths and of
+  the values;
+* per dir: throughput and the per-rank phase breakdown from the ``timings``
+  attribute, per-shard durations from the shard files' ``seconds`` / ``rank``
+  / ``dp_rank`` / ``started_at`` attributes when the executor wrote them, and
+  provenance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from hpcllm.analysis.columns import Ragged, Results, distinct_columns
+from hpcllm.analysis.sketch import RELATIVE_ERROR, Sketch
+from hpcllm.status import Status
+
+EXAMPLES = 5
+SAMPLE = 2000
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+UNPROCESSED = np.array([Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG, Status.MISSING], np.uint8)
+SKIP = {"status", "line", "source", "doc_id"}
+SHARD_ATTRS = ("seconds", "rank", "dp_rank", "tp_rank", "started_at", "finished_at", "docs", "tokens")
+
+
+class Collector:
+    """Streaming state of every statistic the report shows."""
+
+    def __init__(self, res: Results):
+        self.res = res
+        self.status = np.zeros(256, np.int64)
+        self.examples: dict[int, list[int]] = {}
+        self.numeric, self.enums, self.vectors, self.ragged = {}, {}, {}, {}
+        for name in distinct_columns(res):
+            info = res.info(name)
+            if name.split(".")[-1] in SKIP or info.kind == "string":
+                continue
+            if info.kind == "numeric":
+                self.numeric[name] = Sketch()
+            elif info.kind == "enum":
+                self.enums[name] = np.zeros(max(256, len(info.names or ())), np.int64)
+            elif info.kind == "vector":
+                step = max(1, -(-res.n_rows // SAMPLE))
+                self.vectors[name] = {"norm": Sketch(), "step": step, "sample": [], "status": []}
+            elif info.kind == "ragged":
+                self.ragged[name] = {"length": Sketch(), "values": Sketch()}
+        self.names = ["status", *self.numeric, *self.enums, *self.vectors, *self.ragged]
+
+    def add(self, rows: slice, block: dict) -> None:
+        st = block["status"]
+        self.status += np.bincount(st, minlength=256)
+        for code in np.unique(st[st != Status.OK]):
+            have = self.examples.setdefault(int(code), [])
+            if len(have) < EXAMPLES:
+                have += (rows.start + np.flatnonzero(st == code)[:EXAMPLES - len(have)]).tolist()
+        done = ~np.isin(st, UNPROCESSED)
+        for n, sk in self.numeric.items():
+            sk.add(block[n][done])
+        for n, counts in self.enums.items():
+            v = block[n][done].astype(np.int64)
+            v = v[(v >= 0) & (v < len(counts))]
+            counts += np.bincount(v, minlength=len(counts))
+        for n, state in self.vectors.items():
+            self._add_vector(rows, block[n], st, done, state)
+        for n, state in self.ragged.items():
+            r: Ragged = block[n]
+            state["length"].add(r.lengths()[done])
+            state["values"].add(r.values)
+
+    @staticmethod
+    def _add_vector(rows, x, st, done, state):
+        x = np.asarray(x, np.float32)
+        state["norm"].add(np.linalg.norm(x[done], axis=1))
+        step = state["step"]
+        first = (-rows.start) % step
+        pick = np.arange(first, len(x), step)
+        state["sample"].append(x[pick])
+        state["status"].append(st[pick])
+
+
+def collect(res: Results) -> Collector:
+    c = Collector(res)
+    for rows, block in res.blocks(c.names):
+        c.add(rows, block)
+    return c
+
+
+def _examples(res: Results, examples: dict[int, list[int]]) -> dict[str, list[str]]:
+    out = {}
+    if "doc_id" not in res.columns:
+        return out
+    for code, rows in sorted(examples.items()):
+        name = Status(code).name if code in Status._value2member_map_ else f"code_{code}"
+        out[name] = [str(res.read(["doc_id"], r, r + 1)["doc_id"][0]) for r in rows]
+    return out
+
+
+def sketch_stats(sk: Sketch) -> dict:
+    return {"count": sk.n, "nan": sk.nan, "mean": sk.mean if sk.n else None, "std": sk.std if sk.n else None,
+            "quantiles": {f"{p:g}": sk.quantile(p) for p in QUANTILES} if sk.n else {}}
+
+
+def _enum_counts(info, counts) -> dict[str, int]:
+    names = info.names or []
+    return {(names[c] if c < len(names) and names[c] else str(c)): int(counts[c]) for c in np.flatnonzero(counts)}
+
+
+def _projection(state) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled rows' first two principal components (rows with NaN left out) and their status."""
+    x = np.concatenate(state["sample"]) if state["sample"] else np.zeros((0, 2), np.float32)
+    st = np.concatenate(state["status"]) if state["status"] else np.zeros(0, np.uint8)
+    keep = np.isfinite(x).all(axis=1)
+    x, st = x[keep].astype(np.float64), st[keep]
+    if len(x) < 3:
+        return np.zeros((0, 2)), st[:0]
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T, st
+
+
+def shard_timings(d) -> list[dict]:
+    """Per-shard attributes the executor records (``SHARD_ATTRS``), for the shards that have ``seconds``."""
+    out = []
+    folder = os.path.join(d.path, "shards")
+    for s in d.shards():
+        path = os.path.join(folder, f"shard-{int(s['index']):05d}.h5")
+        if not os.path.exists(path):
+            continue
+        with h5py.File(path, "r") as f:
+            a = {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
+                 for k in SHARD_ATTRS if k in f.attrs}
+        if "seconds" in a:
+            out.append({"shard": int(s["index"]), "n_docs": int(s["n_docs"]), **a})
+    return out
+
+
+def throughput(attrs: dict) -> dict:
+    """Docs/s and tokens/s of a job from its per-rank timings (wall = the slowest rank's phase sum)."""
+    rows = attrs.get("timings") or []
+    if not isinstance(rows, list) or not rows:
+        return {}
+    wall = max(sum((r.get("seconds") or {}).values()) for r in rows) or float("nan")
+    leaders = [r for r in rows if not r.get("tp_rank")]          # tp ranks of a group share its documents
+    docs, tokens = sum(int(r.get("docs", 0)) for r in leaders), sum(int(r.get("tokens", 0)) for r in leaders)
+    return {"wall_s": wall, "docs": docs, "tokens": tokens, "docs_per_s": docs / wall, "tokens_per_s": tokens / wall}
+
+
+def summarize(res: Results, c: Collector) -> dict:
+    """Everything the page and the text summary show, as plain JSON-able values."""
+    out = {"n_rows": res.n_rows, "relative_error": RELATIVE_ERROR,
+           "status_counts": _enum_counts(res.info("status"), c.status),
+           "examples": _examples(res, c.examples),
+           "numeric": {n: sketch_stats(sk) for n, sk in c.numeric.items()},
+           "enums": {n: _enum_counts(res.info(n), counts) for n, counts in c.enums.items()},
+           "vectors": {n: {"norm": sketch_stats(s["norm"]), "dim": res.info(n).width} for n, s in c.vectors.items()},
+           "ragged": {n: {k: sketch_stats(s[k]) for k in ("length", "values")} for n, s in c.ragged.items()},
+           "dirs": []}
+    for d in res.dirs:
+        a = d.attrs
+        out["dirs"].append({"path": d.path, "job": d.job, "throughput": throughput(a),
+                            "timings": a.get("timings") or [], "shards": shard_timings(d),
+                            "provenance": {k: a.get(k) for k in ("job", "model", "model_hash", "model_source",
+                                                                 "code_version", "world", "slurm", "finished",
+                                                                 "config", "sources") if k in a}})
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def text_summary(s: dict) -> str:
+    lines = [f"{s['n_rows']} rows; status: " + ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())]
+    for k, ids in s["examples"].items():
+        lines.append(f"  {k}: e.g. {', '.join(ids)}")
+    for n, st in {**s["numeric"], **{f"{n} norm": v["norm"] for n, v in s["vectors"].items()},
+                  **{f"{n} length": v["length"] for n, v in s["ragged"].items()}}.items():
+        q = st["quantiles"]
+        lines.append(f"  {n}: n={st['count']} mean={_fmt(st['mean'])} p5={_fmt(q.get('0.05'))} "
+                     f"p50={_fmt(q.get('0.5'))} p95={_fmt(q.get('0.95'))} max={_fmt(q.get('1'))}")
+    for n, counts in s["enums"].items():
+        lines.append(f"  {n}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for d in s["dirs"]:
+        t = d["throughput"]
+        if t:
+            lines.append(f"{d['job']} {d['path']}: {t['docs']} docs in {t['wall_s']:.1f} s "
+                         f"({t['docs_per_s']:.1f} docs/s, {t['tokens_per_s']:.0f} tokens/s)")
+        if not d["shards"]:
+            lines.append(f"  per-shard durations: not recorded in {d['path']}/shards (no 'seconds' attribute)")
+    return "\n".join(lines)
+
+
+def report(paths, output: str | None = None) -> tuple[str, str]:
+    """Write ``index.html`` and its PNGs to ``output`` (default FIRST_DIR/report); returns (page, text)."""
+    from hpcllm.analysis.page import write_page
+
+    res = Results(paths)
+    c = collect(res)
+    s = summarize(res, c)
+    output = output or os.path.join(res.dirs[0].path, "report")
+    os.makedirs(output, exist_ok=True)
+    projections = {n: _projection(state) for n, state in c.vectors.items()}
+    page = write_page(output, s, c, projections)
+    return page, text_summary(s) + f"\nwrote {page}"
