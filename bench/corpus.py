@@ -15,7 +15,7 @@ Three measurements, printed as one table:
    documents pre-tokenized and packed into the same batches, in this
    process, with the same thread count.
 3. spread: the same embed at 2 ranks (2 dp groups) with group 1 slowed 3x
-   (HPCLLM_DEBUG_SLOWDOWN=1:3); the spread of the ranks' finish times
+   (run under bench/duty.py, stopped 2/3 of the time); the spread of the ranks' finish times
    (results.h5 ``timings``) against the time one shard takes the slow group.
 
 Everything runs on this machine's CPUs; numbers move with other load on it.
@@ -66,9 +66,16 @@ def make_corpus(path, mb, seed=0):
     return written
 
 
-def hpcllm(n, args, env=None):
-    """Run `mpiexec -n N python -m hpcllm ARGS`; returns (wall seconds, stderr)."""
-    cmd = ["mpiexec", "-n", str(n), sys.executable, "-m", "hpcllm", *map(str, args)]
+def hpcllm(n, args, env=None, slow_last=None):
+    """Run `mpiexec -n N python -m hpcllm ARGS`; returns (wall seconds, stderr).
+
+    ``slow_last=F``: the last rank runs under bench/duty.py, at 1/F of the CPU time.
+    """
+    run = [sys.executable, "-m", "hpcllm", *map(str, args)]
+    cmd = ["mpiexec", "-n", str(n), *run]
+    if slow_last:
+        cmd = ["mpiexec", "-n", str(n - 1), *run, ":", "-n", "1", sys.executable,
+               os.path.join(HERE, "duty.py"), str(slow_last), *run]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), cwd=REPO)
     wall = time.perf_counter() - start
@@ -164,14 +171,13 @@ def bench_embed(tmp, n_docs, table, spread=True, overlap=True):
                       f"{shard_docs}-doc shards, all-MiniLM-L6-v2, {cores_per_rank(1)} threads)"))
     if spread:    # 16 shards: the unit of claiming
         out = os.path.join(tmp, "spread")
-        hpcllm(2, common + ["--shard-docs", max(1, len(texts) // 16), "--output", out],
-               env={"HPCLLM_DEBUG_SLOWDOWN": "1:3"})
+        hpcllm(2, common + ["--shard-docs", max(1, len(texts) // 16), "--output", out], slow_last=3)
         import h5py
         with h5py.File(os.path.join(out, "results.h5"), "r") as f:
             rows = json.loads(f.attrs["timings"])
         ends = [r["finished_at"] for r in rows]
         slow = [r for r in rows if r["dp_rank"] == 1][0]
-        per_shard = 3 * slow["seconds"]["compute"] / max(1, slow["shards"])   # compute + the 2x sleep
+        per_shard = sum(slow["seconds"].values()) / max(1, slow["shards"])    # wall time, stopped time included
         table.append(("finish spread, group 1 slowed 3x", f"{max(ends) - min(ends):.2f} s",
                       f"one shard of the slow group {per_shard:.2f} s; shards per group "
                       + ", ".join(f"{r['dp_rank']}:{r['shards']}" for r in rows)))

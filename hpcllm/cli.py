@@ -55,7 +55,7 @@ def run(argv=None) -> int:
         print(f"wrote {args.dest} (content hash {digest[:16]})")
         return 0
     if args.command == "inspect":
-        from hpcllm.store.inspect import inspect_file
+        from hpcllm.inspect import inspect_file
 
         print(inspect_file(args.path))
         return 0

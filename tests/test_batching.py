@@ -1,11 +1,16 @@
-"""Token-budget batching and padding."""
+"""Token-budget batching and packing."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hpcllm.corpus.batching import make_batches, pad_batch, padded_tokens
+from hpcllm.corpus.batching import make_batches, pack_batch
 from hpcllm.errors import HpcllmError
+
+
+def padded_tokens(lengths, batch) -> int:
+    """Tokens a batch costs once padded: n_docs * longest (zero lengths count as 1)."""
+    return len(batch) * max(1, int(np.asarray(lengths)[batch].max())) if len(batch) else 0
 
 
 def test_known_batches():
@@ -34,12 +39,16 @@ def test_batch_invariants(lengths, max_tokens, window, max_batch):
     batches = make_batches(lengths, max_tokens, window, max_batch)
     allidx = np.concatenate(batches) if batches else np.array([], np.int64)
     assert sorted(allidx.tolist()) == list(range(len(lengths)))          # a permutation
-    for b in batches:
+    cost = np.maximum(lengths, 1)
+    for i, b in enumerate(batches):
         assert len(b) >= 1 and b.dtype == np.int64
         assert len(set((b // window).tolist())) == 1                      # never crosses a window
         assert max_batch is None or len(b) <= max_batch
         assert padded_tokens(lengths, b) <= max_tokens or len(b) == 1     # budget, padding counted
-        # greedy: the next document of the window would not have fitted
+        assert (np.diff(cost[b]) <= 0).all()                              # longest first
+        nxt = batches[i + 1] if i + 1 < len(batches) else None
+        if nxt is not None and nxt[0] // window == b[0] // window and (max_batch is None or len(b) < max_batch):
+            assert (len(b) + 1) * cost[b[0]] > max_tokens                 # greedy: the next did not fit
     # restoring order: writing result i of each batch to row batch[i] gives back the input
     out = np.empty(len(lengths), np.int64)
     for b in batches:
@@ -79,27 +88,24 @@ def test_greedy_is_tight():
     assert used / padded > 0.95            # sorting inside windows keeps padding small
 
 
-def test_pad_batch():
+def test_pack_batch():
     docs = [[5, 6, 7], [], [8], [9, 10, 11, 12]]
     ids = np.array(sum(docs, []), dtype=np.int32)
     offsets = np.cumsum([0] + [len(d) for d in docs]).astype(np.int64)
-    x, m = pad_batch(ids, offsets, np.array([3, 1, 0]), pad_id=0)
-    assert x.dtype == np.int64 and m.dtype == np.int64
-    assert x.tolist() == [[9, 10, 11, 12], [0, 0, 0, 0], [5, 6, 7, 0]]
-    assert m.tolist() == [[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]]
-    x, m = pad_batch(ids, offsets, np.array([1]), pad_id=-7)
-    assert x.tolist() == [[-7]] and m.tolist() == [[0]]
+    flat, lens = pack_batch(ids, offsets, np.array([3, 1, 0]))
+    assert flat.dtype == np.int64 and lens.dtype == np.int64
+    assert flat.tolist() == [9, 10, 11, 12, 5, 6, 7] and lens.tolist() == [4, 0, 3]
+    flat, lens = pack_batch(ids, offsets, np.array([1]))
+    assert flat.tolist() == [] and lens.tolist() == [0]
 
 
 @settings(max_examples=100, deadline=None)
 @given(docs=st.lists(st.lists(st.integers(0, 30000), max_size=20), min_size=1, max_size=30),
        data=st.data())
-def test_pad_batch_matches_loop(docs, data):
+def test_pack_batch_matches_loop(docs, data):
     ids = np.array(sum(docs, []), dtype=np.int32)
     offsets = np.cumsum([0] + [len(d) for d in docs]).astype(np.int64)
     index = np.array(data.draw(st.permutations(range(len(docs)))), dtype=np.int64)
-    x, m = pad_batch(ids, offsets, index, pad_id=1)
-    width = max(1, max(len(docs[i]) for i in index))
-    for r, i in enumerate(index):
-        assert x[r].tolist() == docs[i] + [1] * (width - len(docs[i]))
-        assert m[r].tolist() == [1] * len(docs[i]) + [0] * (width - len(docs[i]))
+    flat, lens = pack_batch(ids, offsets, index)
+    assert flat.tolist() == sum((docs[i] for i in index), [])
+    assert lens.tolist() == [len(docs[i]) for i in index]

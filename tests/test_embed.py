@@ -198,8 +198,13 @@ def test_killed_rank_ends_job_and_rerun_completes(tmp_path, tiny_bert_h5):
     assert not (out / "results.h5").exists()
     done = len(os.listdir(shards))
     assert 3 <= done < 40, done
-    assert not [p for p in os.listdir(shards) if not p.endswith(".h5")] or True
+    visible = [p for p in os.listdir(shards) if not p.startswith(".")]   # temporaries are hidden
+    assert visible and all(p.startswith("shard-") and p.endswith(".h5") for p in visible)
+    for p in visible:   # a final name only ever holds a complete shard file
+        with h5py.File(shards / p, "r") as f:
+            assert f["status"].shape == (int(f.attrs["n_docs"]),)
     rerun = mpirun(2, args + ["--output", out])
+    assert not [p for p in os.listdir(shards) if p.startswith(".")]      # the rerun removed stale temporaries
     assert "already done" in rerun.stderr
     res, _ = read_results(out)
     for k in ref:

@@ -14,7 +14,7 @@ from hpcllm.corpus.readers import read_docs
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status as S
 from hpcllm.status import status_counts
-from hpcllm.store.inspect import summarize
+from hpcllm.inspect import summarize
 from hpcllm.store.manifest import shard_file
 from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, build_master, ragged,
                                   ragged_rows, read_dataset, write_shard)

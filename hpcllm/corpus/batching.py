@@ -1,4 +1,4 @@
-"""Token-budget batches: sort by length inside windows, pack, pad.
+"""Token-budget batches: sort by length inside windows, then pack.
 
 A shard's documents are taken in consecutive windows of ``window`` documents;
 inside a window they are sorted by token count (longest first, stable, so the
@@ -67,13 +67,6 @@ def _pack_sum(lens_desc: np.ndarray, max_tokens: int, cap: int) -> list[tuple[in
     return runs
 
 
-def padded_tokens(lengths: np.ndarray, batch: np.ndarray) -> int:
-    """Tokens a batch costs once padded: n_docs * longest (zero lengths count as 1)."""
-    if len(batch) == 0:
-        return 0
-    return len(batch) * max(1, int(np.asarray(lengths)[batch].max()))
-
-
 def pack_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Documents ``index`` of a ragged encoding as one flat int64 token run and their int64 lengths."""
     index = np.asarray(index, dtype=np.int64)
@@ -82,20 +75,3 @@ def pack_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple
     ends = np.cumsum(lens)
     src = np.arange(int(ends[-1]) if len(index) else 0) + np.repeat(starts - (ends - lens), lens)
     return ids[src].astype(np.int64, copy=False), lens
-
-
-def pad_batch(ids: np.ndarray, offsets: np.ndarray, index: np.ndarray,
-              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gather documents ``index`` of a ragged encoding into padded int64 arrays.
-
-    ``ids`` is the flat token array and ``offsets`` its n_docs + 1 row
-    boundaries.  Returns ``(input_ids, attention_mask)``, both int64 [B, L]
-    with L the longest document in the batch (at least 1); padding is on the
-    right and masked with 0.
-    """
-    flat, lens = pack_batch(ids, offsets, index)
-    width = max(1, int(lens.max())) if len(lens) else 1
-    mask = np.arange(width)[None, :] < lens[:, None]
-    input_ids = np.full((len(lens), width), pad_id, dtype=np.int64)
-    input_ids[mask] = flat  # row by row, the order mask[mask] visits
-    return input_ids, mask.astype(np.int64)

@@ -21,6 +21,7 @@ from hpcllm.executor.inputs import Inputs
 from hpcllm.executor.loop import GroupLoop
 from hpcllm.progress import breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
+from hpcllm.store.atomic import remove_temporaries
 from hpcllm.store.manifest import completed_shards, load_or_create_manifest
 from hpcllm.world.mesh import Mesh, set_threads
 from hpcllm.world.slurm import check_launch, provenance
@@ -49,6 +50,8 @@ def run_job(cfg, job_cls) -> int:
     manifest = load_or_create_manifest(cfg.output, lambda: inputs.plan(world, mesh.dp_size), job.model_hash(),
                                        job.config_hash(), comm=world, inputs=inputs.files)
     plan = manifest.shards
+    if world.Get_rank() == 0:   # before any group writes: what a killed run left half-written
+        remove_temporaries(os.path.join(cfg.output, "shards"))
     todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
                        if world.Get_rank() == 0 else None, root=0)
     if world.Get_rank() == 0:

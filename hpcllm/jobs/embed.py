@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from hpcllm.corpus.batching import make_batches, pack_batch
-from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job
+from hpcllm.model.architectures import require_family
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column
 
 
@@ -20,8 +20,7 @@ class EmbedJob(Job):
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)
-        if ckpt.architecture != "bert":
-            raise HpcllmError(f"embed: {cfg.model} is a {ckpt.architecture} model; embed needs an encoder (bert)")
+        require_family(ckpt, "encoder", self.name)
         self.dim = ckpt.config["hidden"]
         self.max_length = min(cfg.max_length or ckpt.config["max_length"], ckpt.config["max_positions"])
         self.out_dtype = np.dtype(cfg.out_dtype)

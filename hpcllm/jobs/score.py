@@ -21,6 +21,7 @@ import numpy as np
 from hpcllm.corpus.batching import make_batches
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job
+from hpcllm.model.architectures import require_family
 from hpcllm.scoring import plan_windows, score_documents, summarize, with_bos
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, ragged, ragged_rows
 
@@ -30,8 +31,7 @@ class ScoreJob(Job):
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)
-        if ckpt.architecture != "llama":
-            raise HpcllmError(f"score: {cfg.model} is a {ckpt.architecture} model; score needs a decoder (llama)")
+        require_family(ckpt, "decoder", self.name)
         self.model_cfg = ckpt.config
         context = ckpt.config["max_positions"]
         self.window = min(cfg.max_length or context, context)

@@ -17,6 +17,7 @@ import numpy as np
 
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job
+from hpcllm.model.architectures import architecture
 from hpcllm.status import named_counts
 from hpcllm.store.manifest import shard_file
 from hpcllm.store.tokens import NO_LIMIT, TOKEN_COLUMNS, tokenizer_hash, write_info, write_token_shard
@@ -33,7 +34,7 @@ class TokenizeJob(Job):
         if ckpt is not None:
             self._json, self.source = ckpt.tokenizer_json, os.path.abspath(cfg.model)
             default = None
-            if ckpt.architecture == "bert":   # what `embed` truncates to (EmbedJob)
+            if architecture(ckpt.architecture).family == "encoder":   # what `embed` truncates to (EmbedJob)
                 default = min(ckpt.config["max_length"], ckpt.config["max_positions"])
             self.max_length = cfg.max_length or default
         else:

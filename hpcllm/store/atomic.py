@@ -56,3 +56,20 @@ def write_text(final: str, text: str) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     return final
+
+
+def remove_temporaries(directory: str) -> int:
+    """Delete the temporary files a killed writer left in ``directory``; returns how many.
+
+    Call it only where nothing writes to ``directory`` at the same time (an
+    output directory at the start of a run: one run owns it).
+    """
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    stale = [n for n in names if n.startswith(".") and ".tmp-" in n]
+    for n in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, n))
+    return len(stale)

@@ -28,7 +28,7 @@ def inspect_file(path: str) -> str:
 
 def checkpoint_summary(path: str) -> str:
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.model.build import plan_for
+    from hpcllm.model.architectures import plan_for
 
     with Checkpoint(path) as ck:
         tensors = ck.file["tensors"]
