@@ -1,0 +1,124 @@
+"""`hpcllm export`: per-document columns to Parquet, CSV or JSONL, in input order, block by block.
+
+Types: numeric and enum columns keep their HDF5 dtype (``status`` stays its
+uint8 code; hpcllm.status.Status names them), strings are UTF-8, vectors
+(embeddings) a Parquet fixed-size list, ragged columns (per-token
+log-probabilities, output ids) a list per row.  Parquet gets one row group per
+block of about 64 MiB (``--row-group`` overrides); CSV and JSONL write list
+columns as JSON arrays; NaN is written as an empty CSV field / JSON null.
+Outputs ending in ``.gz`` (CSV, JSONL) are gzip-compressed.  The file appears
+under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from hpcllm.analysis.columns import Results, distinct_columns
+from hpcllm.errors import HpcllmError
+from hpcllm.store.atomic import atomic_path
+
+FORMATS = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz")
+
+
+def format_of(path: str) -> str:
+    for ext in FORMATS:
+        if path.endswith(ext):
+            return ext.split(".")[1]
+    raise HpcllmError(f"export: cannot tell the format of {path}; name it {', '.join('*' + e for e in FORMATS)}")
+
+
+def default_columns(res: Results, embeddings: bool = True) -> list[str]:
+    names = distinct_columns(res)
+    first = [n for n in ("doc_id", "source", "line", "status") if n in names]
+    return first + [n for n in names if n not in first and (embeddings or res.info(n).kind != "vector")]
+
+
+def arrow_column(info, data) -> pa.Array:
+    """One block of one column as an Arrow array."""
+    if info.kind == "string":
+        return pa.array(list(data), pa.string())
+    if info.kind == "vector":
+        x = np.ascontiguousarray(data)
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), info.width)
+    if info.kind == "ragged":
+        off = data.offsets
+        typ = pa.int32() if off[-1] < 2**31 else pa.int64()
+        cls = pa.ListArray if typ == pa.int32() else pa.LargeListArray
+        return cls.from_arrays(pa.array(off.astype(typ.to_pandas_dtype())), pa.array(data.values))
+    return pa.array(np.asarray(data))
+
+
+def tables(res: Results, names: list[str]):
+    """Yield one Arrow table per block of rows, columns in ``names`` order."""
+    infos = [res.info(n) for n in names]
+    for _, block in res.blocks(names):
+        yield pa.table({n: arrow_column(i, block[n]) for n, i in zip(names, infos)})
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _write_parquet(tmp: str, res: Results, names: list[str], row_group: int | None) -> int:
+    import pyarrow.parquet as pq
+
+    n, writer = 0, None
+    try:
+        for t in tables(res, names):
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, t.schema, compression="zstd")
+            writer.write_table(t, row_group_size=row_group or max(1, t.num_rows))
+            n += t.num_rows
+        if writer is None:     # no rows: still a valid file with the schema
+            empty = {nm: arrow_column(res.info(nm), v) for nm, v in res.read(names, 0, 0).items()}
+            pq.write_table(pa.table(empty), tmp)
+    finally:
+        if writer is not None:
+            writer.close()
+    return n
+
+
+def _write_text(tmp: str, res: Results, names: list[str], fmt: str, compressed: bool) -> int:
+    import pyarrow.csv as pcsv
+
+    n = 0
+    opener = gzip.open if compressed else open
+    with opener(tmp, "wb") as fh:
+        for i, t in enumerate(tables(res, names)):
+            n += t.num_rows
+            if fmt == "jsonl":
+                rows = t.to_pylist()
+                fh.write("".join(json.dumps({k: _json_value(v) for k, v in r.items()}, ensure_ascii=False) + "\n"
+                                 for r in rows).encode("utf-8"))
+                continue
+            for j, col in enumerate(t.columns):       # CSV has no lists: JSON text in the cell
+                if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) \
+                        or pa.types.is_large_list(col.type):
+                    t = t.set_column(j, t.column_names[j],
+                                     pa.array([json.dumps(_json_value(v)) for v in col.to_pylist()]))
+            pcsv.write_csv(t, fh, pcsv.WriteOptions(include_header=(i == 0)))
+    return n
+
+
+def export(paths, output: str, columns: list[str] | None = None, embeddings: bool = True,
+           row_group: int | None = None) -> int:
+    """Write the chosen columns of the results dir(s) to ``output``; returns the number of rows."""
+    fmt = format_of(output)
+    res = Results(paths)
+    names = columns or default_columns(res, embeddings)
+    for n in names:
+        res.column(n)                   # unknown names: one line before anything is written
+    with atomic_path(output) as tmp:
+        if fmt == "parquet":
+            return _write_parquet(tmp, res, names, row_group)
+        return _write_text(tmp, res, names, fmt, output.endswith(".gz"))

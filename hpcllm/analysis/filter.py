@@ -1,0 +1,330 @@
+"""`hpcllm filter`: the original input lines of the documents that satisfy ``--where``.
+
+Rows join input lines by source file and line: each shard of the plan (the
+manifest, else the shard files' attributes) is a run of consecutive lines of
+one input file, read from its byte range (plain files) or by skipping lines
+(gzip), and its rows' ``source`` / ``line`` columns must say exactly that.
+A corpus file whose size differs from the manifest's, that was modified after
+the job planned it, or whose line count does not match the rows, is a
+one-line error (and nothing is written).
+
+Lines are written byte for byte (a last line without a newline gets one), in
+input order, gzip-compressed when the output name ends with ``.gz``.  The work
+is split by shard: under ``mpiexec -n N`` each rank filters a contiguous run of
+shards into part files (gzip members concatenate into one valid gzip stream)
+and rank 0 joins them, so the output equals the single-rank run;
+``--per-shard`` keeps one file per shard instead (``NAME-NNNNN.EXT``).
+
+``q(p)`` cut-offs are exact quantiles over the rows with status ok (NaN left
+out), per value of ``--by`` when given: one pass builds Sketches, usually one
+more pass pins the exact order statistics (hpcllm.analysis.sketch).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import os
+import shutil
+
+import numpy as np
+
+from hpcllm.analysis.columns import Results
+from hpcllm.analysis.expr import Bound
+from hpcllm.analysis.sketch import Local, Sketch, exact_quantiles
+from hpcllm.errors import HpcllmError
+from hpcllm.status import Status
+from hpcllm.store.atomic import atomic_path
+
+MAX_GROUPS = 10_000
+
+
+class MpiReduce(Local):
+    """Local's reductions over an mpi4py communicator."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def _op(self, a, op):
+        out = np.empty_like(a)
+        self.comm.Allreduce(np.ascontiguousarray(a), out, op=op)
+        return out
+
+    def sum(self, a):
+        from mpi4py import MPI
+        return self._op(a, MPI.SUM)
+
+    def min(self, a):
+        from mpi4py import MPI
+        return self._op(a, MPI.MIN)
+
+    def max(self, a):
+        from mpi4py import MPI
+        return self._op(a, MPI.MAX)
+
+    def concat(self, a):
+        return np.concatenate(self.comm.allgather(a))
+
+
+def _world():
+    """(comm, rank, size): mpi4py's world when launched with several ranks, else (None, 0, 1)."""
+    if not any(v in os.environ for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")):
+        return None, 0, 1
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    return (comm, comm.Get_rank(), comm.Get_size()) if comm.Get_size() > 1 else (None, 0, 1)
+
+
+def _agree(comm, fn):
+    """Run ``fn`` on every rank; if any raised an HpcllmError, all raise the first one."""
+    try:
+        out, err = fn(), None
+    except HpcllmError as e:
+        out, err = None, str(e)
+    errors = comm.allgather(err) if comm is not None else [err]
+    first = next((e for e in errors if e), None)
+    if first:
+        raise HpcllmError(first)
+    return out
+
+
+# --------------------------------------------------------------------------- quantiles
+
+def _group_keys(values) -> np.ndarray:
+    return np.asarray(values, dtype=object) if getattr(values, "dtype", None) == object else np.asarray(values)
+
+
+def _quantile_blocks(res, rows, col, by):
+    """A function yielding (values, groups) of ``col`` over the ok rows in my ``rows`` ranges."""
+    names = ["status", col] + ([by] if by else [])
+
+    def gen():
+        for a, b in rows:
+            for _, blk in res.blocks(names, a, b):
+                ok = blk["status"] == Status.OK
+                yield blk[col][ok], (_group_keys(blk[by])[ok] if by else None)
+    return gen
+
+
+def _sketches(blocks, red) -> dict:
+    local = {}
+    for values, groups in blocks():
+        if groups is None:
+            local.setdefault(None, Sketch()).add(values)
+            continue
+        for g in np.unique(groups):
+            local.setdefault(g.item() if hasattr(g, "item") else g, Sketch()).add(values[groups == g])
+        if len(local) > MAX_GROUPS:
+            raise HpcllmError(f"--by has more than {MAX_GROUPS} distinct values; group by a coarser column")
+    parts = red.comm.allgather(local) if isinstance(red, MpiReduce) else [local]
+    merged = {}
+    for part in parts:
+        for g, sk in part.items():
+            merged.setdefault(g, Sketch()).merge(sk)
+    return merged
+
+
+def quantiles(res, bound: Bound, rows, by, red) -> dict:
+    """``{column: {group: {p: value}}}`` for every q() of the expression."""
+    out = {}
+    for col, probs in bound.quantiles.items():
+        blocks = _quantile_blocks(res, rows, col, by)
+        sketches = _sketches(blocks, red)
+        out[col] = exact_quantiles(blocks, sketches, sorted(probs), red)
+    return out
+
+
+def _lookup(qs: dict, by):
+    def qv(col, p, block):
+        table = qs[col]
+        if not by:
+            return table[None][p] if None in table else np.nan
+        keys = _group_keys(block[by])
+        uniq, inv = np.unique(keys, return_inverse=True)
+        vals = np.array([table.get(u.item() if hasattr(u, "item") else u, {}).get(p, np.nan) for u in uniq])
+        return vals[inv.ravel()]
+    return qv
+
+
+# --------------------------------------------------------------------------- input files
+
+def _match_inputs(res, inputs) -> list[str]:
+    """Paths to read for each source index: the job's sources, or --input files matched by path or name."""
+    sources = res.dirs[0].sources or sorted({s.get("path") for s in res.dirs[0].shards()})
+    if not inputs:
+        return list(sources)
+    out = list(sources)
+    for p in inputs:
+        ap = os.path.abspath(p)
+        hits = [i for i, s in enumerate(sources) if s and (os.path.abspath(s) == ap)] or \
+               [i for i, s in enumerate(sources) if s and os.path.basename(s) == os.path.basename(p)]
+        if len(hits) != 1:
+            raise HpcllmError(f"--input {p}: not one of the job's inputs ({', '.join(map(str, sources))})")
+        out[hits[0]] = ap
+    return out
+
+
+def check_inputs(res, files: list[str], used: set[int]) -> None:
+    """Every used corpus file exists and is unchanged since the job (size and mtime vs the manifest)."""
+    m = res.dirs[0].manifest or {}
+    sizes = m.get("input_sizes") or []
+    created = m.get("created")
+    t0 = datetime.datetime.fromisoformat(created).timestamp() if created else None
+    for i in sorted(used):
+        path = files[i]
+        if not path or not os.path.exists(path):
+            raise HpcllmError(f"input {path} of {res.dirs[0].path} is missing; pass its new place with --input")
+        st = os.stat(path)
+        if i < len(sizes) and st.st_size != sizes[i]:
+            raise HpcllmError(f"{path} has {st.st_size} bytes, the job read {sizes[i]}: the corpus changed "
+                              f"since {res.dirs[0].path} was computed; rerun the job")
+        if t0 is not None and st.st_mtime > t0 + 1:
+            raise HpcllmError(f"{path} was modified after {res.dirs[0].path} was planned ({created}): the "
+                              "corpus may have changed since the job; rerun the job")
+
+
+class LineReader:
+    """Lines of one input file, shard by shard, in plan order (plain: seek; gzip: stream on)."""
+
+    def __init__(self, path: str):
+        self.path, self.gz = path, path.endswith(".gz")
+        self.fh = gzip.open(path, "rb") if self.gz else open(path, "rb", buffering=1 << 20)
+        self.line = 0
+
+    def lines(self, shard: dict):
+        if not self.gz and "byte_start" in shard:
+            self.fh.seek(int(shard["byte_start"]))
+            self.line = int(shard["line_start"])
+        elif self.line > int(shard["line_start"]):
+            self.fh.close()
+            self.__init__(self.path)
+        while self.line < int(shard["line_start"]):
+            if not self.fh.readline():
+                break
+            self.line += 1
+        for _ in range(int(shard["n_docs"])):
+            raw = self.fh.readline()
+            if not raw:
+                raise HpcllmError(f"{self.path} has {self.line} lines, the results have rows for line "
+                                  f"{self.line + 1} (shard {shard['index']}): the corpus changed since the job")
+            self.line += 1
+            yield raw if raw.endswith(b"\n") else raw + b"\n"
+        if not self.gz and "byte_end" in shard and self.fh.tell() != int(shard["byte_end"]):
+            raise HpcllmError(f"{self.path}: shard {shard['index']} ends at byte {self.fh.tell()}, the job's "
+                              f"plan says {shard['byte_end']}: the corpus changed since the job")
+
+    def close(self):
+        self.fh.close()
+
+
+def _shard_mask(res, bound, qv, shard: dict) -> np.ndarray:
+    a, b = int(shard["row_start"]), int(shard["row_start"]) + int(shard["n_docs"])
+    names = list(dict.fromkeys(bound.columns + ["line", "source"] + ([qv.by] if qv.by else [])))
+    masks = []
+    for rows, blk in res.blocks(names, a, b):
+        want = np.arange(rows.start - a, rows.stop - a) + int(shard["line_start"]) + 1
+        if not np.array_equal(blk["line"], want) or \
+                ("file_index" in shard and (blk["source"] != int(shard["file_index"])).any()):
+            raise HpcllmError(f"{res.dirs[0].path}: rows {rows.start}..{rows.stop - 1} do not hold lines "
+                              f"{want[0]}..{want[-1]} of {shard.get('path')} as its plan says (damaged results?)")
+        masks.append(np.asarray(bound.evaluate(blk, qv), bool))
+    return np.concatenate(masks) if masks else np.zeros(0, bool)
+
+
+def _open_out(path: str):
+    return gzip.open(path, "wb", compresslevel=6) if path.endswith(".gz") else open(path, "wb")
+
+
+def _filter_shards(res, bound, qv, shards, files, part_dir, outputs: dict) -> tuple[int, int]:
+    """Write each of ``shards``' kept (and, with outputs["rejected"], rejected) lines to part files."""
+    kept = dropped = 0
+    readers: dict[int, LineReader] = {}
+    try:
+        for s in shards:
+            fi = int(s.get("file_index", 0))
+            reader = readers.setdefault(fi, LineReader(files[fi]))
+            mask = _shard_mask(res, bound, qv, s)
+            with _open_out(_part(part_dir, "kept", s, outputs["kept"])) as out, \
+                    (_open_out(_part(part_dir, "rejected", s, outputs["rejected"])) if outputs["rejected"]
+                     else open(os.devnull, "wb")) as rej:
+                for keep, line in zip(mask, reader.lines(s)):
+                    (out if keep else rej).write(line)
+            kept += int(mask.sum())
+            dropped += int((~mask).sum())
+    finally:
+        for r in readers.values():
+            r.close()
+    return kept, dropped
+
+
+def _part(part_dir: str, which: str, shard: dict, output: str) -> str:
+    return os.path.join(part_dir, f"{which}-{int(shard['index']):05d}" + (".gz" if output.endswith(".gz") else ""))
+
+
+def _per_shard_name(path: str, index: int) -> str:
+    for ext in (".jsonl.gz", ".txt.gz", ".jsonl", ".txt", ".gz"):
+        if path.endswith(ext):
+            return f"{path[:-len(ext)]}-{index:05d}{ext}"
+    root, ext = os.path.splitext(path)
+    return f"{root}-{index:05d}{ext}"
+
+
+def _join_parts(part_dir: str, which: str, shards, output: str, per_shard: bool) -> None:
+    if per_shard:
+        for s in shards:
+            with atomic_path(_per_shard_name(output, int(s["index"]))) as tmp:
+                shutil.move(_part(part_dir, which, s, output), tmp)
+        return
+    with atomic_path(output) as tmp, open(tmp, "wb") as out:
+        for s in shards:                 # gzip members concatenate into one valid stream
+            with open(_part(part_dir, which, s, output), "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _my_shards(shards, rank: int, size: int) -> list:
+    """A contiguous run of shards per rank, balanced by rows."""
+    total = sum(int(s["n_docs"]) for s in shards) or 1
+    out, acc = [], 0
+    for s in shards:
+        if min(size - 1, acc * size // total) == rank:
+            out.append(s)
+        acc += int(s["n_docs"])
+    return out
+
+
+def run_filter(paths, where: str, output: str, inputs=None, rejected: str | None = None,
+               by: str | None = None, per_shard: bool = False) -> str:
+    """Filter the corpus of the results dir(s); returns the one-line summary (rank 0) or ''."""
+    comm, rank, size = _world()
+    res = Results(paths)
+    bound = Bound(where, res)
+    if by:
+        res.column(by)
+    shards = res.dirs[0].shards()
+    files = _match_inputs(res, inputs)
+    check_inputs(res, files, {int(s.get("file_index", 0)) for s in shards})
+    mine = _my_shards(shards, rank, size)
+    red = MpiReduce(comm) if comm is not None else Local()
+    rows = [(int(s["row_start"]), int(s["row_start"]) + int(s["n_docs"])) for s in mine]
+    qv = _lookup(_agree(comm, lambda: quantiles(res, bound, rows, by, red)), by)
+    qv.by = by
+    part_dir = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.parts")
+    if rank == 0:
+        os.makedirs(part_dir, exist_ok=True)
+    _agree(comm, lambda: None)                                  # the part dir exists before anyone writes
+    counts = _agree(comm, lambda: _filter_shards(res, bound, qv, mine, files, part_dir,
+                                                           {"kept": output, "rejected": rejected}))
+    totals = comm.allreduce(np.array(counts)) if comm is not None else np.array(counts)
+    if rank == 0:
+        try:
+            _join_parts(part_dir, "kept", shards, output, per_shard)
+            if rejected:
+                _join_parts(part_dir, "rejected", shards, rejected, per_shard)
+        finally:
+            shutil.rmtree(part_dir, ignore_errors=True)
+    _agree(comm, lambda: None)
+    if rank:
+        return ""
+    kept, dropped = int(totals[0]), int(totals[1])
+    return (f"kept {kept} of {kept + dropped} lines ({100 * kept / max(1, kept + dropped):.1f} %) -> {output}"
+            + (f"; rejected -> {rejected}" if rejected else ""))
