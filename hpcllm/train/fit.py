@@ -11,11 +11,18 @@ Determinism: for a given seed, data and world size the result is bit-for-bit
 reproducible (fixed initialisation from ``seed``, full-batch optimisers with
 no sampling, fixed-order reductions).  Across world sizes only the
 floating-point summation order of the per-rank partial sums changes (the
-rows a rank sums, then the tree over ranks); the optimiser sees gradients
-that differ in the last bits, so iterates drift by ~1e-7 relative and the
-converged head agrees to ~1e-6 (tests/test_train_fit.py checks 1 vs 2 vs 3
-ranks).  ``X``'s dtype is the compute dtype: float32 embeddings train in
-float32 with float64 reductions, float64 data entirely in float64.
+rows a rank sums, then the tree over ranks), so the gradients differ in the
+last bits.  What that does to the result (measured in tests/test_train_fit.py,
+1 vs 2 vs 3 ranks):
+
+* converged (convex logistic regression; an MLP run to its gradient
+  tolerance): weights agree to ~1e-6, loss curves to ~1e-6 relative;
+* stopped mid-descent in float32 (early stopping): probabilities ~1e-5;
+* a float32 MLP stopped by ``max_iter`` (non-convex, L-BFGS's line-search
+  branches amplify the drift): probabilities ~1e-3, labels agree.
+
+``X``'s dtype is the compute dtype: float32 embeddings train in float32 with
+float64 reductions; pass float64 for the tighter agreement above.
 
 Early stopping: with validation rows, the class-weighted validation loss is
 measured every ``eval_every`` iterations; after ``patience`` rounds without
