@@ -42,7 +42,7 @@ def _tiny_models():
 
 @pytest.fixture(scope="module")
 def smol_tokenizer_json():
-    from hpcllm.tokenizer_bpe import ByteLevelBPE
+    from hpcllm.tokenizer.bpe import ByteLevelBPE
 
     return json.dumps(ByteLevelBPE.from_gguf(GGUF_PATH).to_json_dict())
 
@@ -147,3 +147,67 @@ def test_tiny_tensor_parallel_matches_transformers(tiny, tmp_path, tp):
         assert off[-1] == len(ref)
         for comm in ("mpi", "torch"):
             np.testing.assert_allclose(got[f"lp{k}_{comm}"], ref, atol=5e-5, rtol=0, err_msg=f"{name} {comm}")
+
+
+@pytest.mark.parametrize("tp,heads", [(2, [(6, 2), (3, 1)]), (4, [(2, 1), (1, 1), (3, 1), (3, 1)])])
+def test_plan_makes_the_layers(tp, heads):
+    """SmolLM2's 9 heads / 3 KV heads: tp=2 splits 6 + 3 on GQA boundaries, tp=4 replicates KV heads;
+    q/k/v/gate/up column-parallel, o/down row-parallel, embedding and untied LM head vocab-parallel."""
+    from hpcllm.model.architectures import architecture
+    from hpcllm.model.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, parallelize
+    from hpcllm.model.partition import partition_for
+
+    cfg = {"vocab": 101, "hidden": 576, "n_layers": 2, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64,
+           "ffn": 1536, "rms_eps": 1e-5, "rope_theta": 1e4, "tie_embeddings": False}
+    arch = architecture("llama")
+
+    class Group(LocalComm):  # the layers' shapes only: no collective runs here
+        size = tp
+
+    comm = Group()
+    starts = []
+    for rank, (n_q, n_kv) in enumerate(heads):
+        with torch.device("meta"):
+            m = parallelize(arch.model_class()(cfg), arch.plan, partition_for(cfg, rank, tp), comm)
+        a, mlp = m.layers[1].attn, m.layers[1].mlp
+        assert (a.n_heads, a.n_kv_heads) == (n_q, n_kv)
+        assert isinstance(a.q, ColumnParallelLinear) and a.q.weight.shape == (n_q * 64, 576)
+        assert isinstance(a.k, ColumnParallelLinear) and a.k.weight.shape == (n_kv * 64, 576)
+        assert isinstance(a.o, RowParallelLinear) and a.o.weight.shape == (576, n_q * 64) and a.o.comm is comm
+        assert isinstance(mlp.gate, ColumnParallelLinear) and isinstance(mlp.down, RowParallelLinear)
+        assert mlp.down.weight.shape == (576, len(range(*partition_for(cfg, rank, tp).range("ffn"))))
+        assert isinstance(m.embed, VocabParallelEmbedding) and isinstance(m.lm_head, ColumnParallelLinear)
+        assert m.lm_head.weight.shape == m.embed.weight.shape and m.comm is comm
+        starts.append((m.vocab_start, m.vocab_start + m.head_weight.shape[0]))
+    assert starts[0][0] == 0 and starts[-1][1] == 101 and all(a[1] == b[0] for a, b in zip(starts, starts[1:]))
+
+
+def test_bfloat16_scores_match_float32(tiny):
+    """bf16 weights and activations (no oneDNN-only path in the decoder): log-probabilities near fp32's."""
+    hf, h5 = tiny["qwen2"]
+    docs = _docs(seed=7)[:8]
+    with Checkpoint(h5) as ck:
+        ref = score_documents(build_model(ck, 0, 1, LocalComm(), torch.float32), docs, 32, 16)
+        got = score_documents(build_model(ck, 0, 1, LocalComm(), torch.bfloat16), docs, 32, 16)
+    ref, got = np.concatenate(ref), np.concatenate(got)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() < 0.1 and abs(got.mean() - ref.mean()) < 0.01
+
+
+def test_require_family_refuses_a_decoder_for_an_encoder_job(tiny):
+    from hpcllm.errors import HpcllmError
+    from hpcllm.model.architectures import require_family
+
+    with Checkpoint(tiny["mistral"][1]) as ck:
+        assert require_family(ck, "decoder", "score").family == "decoder"
+        with pytest.raises(HpcllmError, match=r"^embed: .*model\.h5 is a llama model; embed needs an encoder \(bert\)$"):
+            require_family(ck, "encoder", "embed")
+
+
+def test_unknown_model_type_is_one_line_error(tmp_path):
+    from hpcllm.errors import HpcllmError
+    from hpcllm.jobs.convert import convert
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported \(bert, llama, mistral, qwen2\)$"):
+        convert(str(tmp_path), str(tmp_path / "x.h5"))

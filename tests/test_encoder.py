@@ -11,6 +11,7 @@ import torch
 
 from conftest import MPI_TIMEOUT, REPO
 from hpcllm.model.partition import Partition
+from hpcllm.world.comm import LocalComm
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "encoder_forward.py")
 
@@ -86,3 +87,112 @@ def test_checkpoint_records_splits(tiny_bert):
         assert f["tensors/embed.tokens.weight"].attrs["split"] == "vocab"
         assert f["tensors/layers.1.attn_norm.weight"].attrs["split"] == "replicate"
         assert f["tensors/layers.0.q.weight"].shape == (60, 60)
+
+
+def _tp1_encoder(h5, dtype):
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.build import build_model
+    from hpcllm.world.comm import LocalComm
+
+    with Checkpoint(h5) as ck:
+        return build_model(ck, 0, 1, LocalComm(), dtype)
+
+
+def _packed_inputs(seed=3):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 40, size=9)
+    return torch.from_numpy(rng.integers(1, 30522, size=int(lens.sum()))), torch.from_numpy(lens)
+
+
+def test_linear_gelu_fallback_equals_fused(monkeypatch):
+    """The two-op path (no oneDNN) and oneDNN's fused epilogue compute the same exact GELU."""
+    from hpcllm.model import layers
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 96).requires_grad_(False)
+    x = torch.randn(37, 48)
+    ref = torch.nn.functional.gelu(x.double() @ lin.weight.double().T + lin.bias.double())
+    fused = layers.linear_gelu(x, lin)
+    monkeypatch.setattr(layers, "ONEDNN", False)
+    fallback = layers.linear_gelu(x, lin)
+    np.testing.assert_allclose(fallback.double(), ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(fused.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_bfloat16_matches_float32(tiny_bert_h5, monkeypatch, onednn):
+    """bf16 through the oneDNN linear+GELU when this torch has it, and through the plain fallback always."""
+    from hpcllm.model import layers
+
+    if onednn and not layers.ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear+pointwise op; the fallback case still runs")
+    monkeypatch.setattr(layers, "ONEDNN", onednn)
+    ids, lens = _packed_inputs()
+    ref = _tp1_encoder(tiny_bert_h5, torch.float32)(ids, lens).numpy()
+    got = _tp1_encoder(tiny_bert_h5, torch.bfloat16)(ids, lens)
+    assert got.dtype == torch.float32  # pooled in float32
+    assert np.abs(got.numpy() - ref).max() < 0.05 * np.abs(ref).max()  # bf16: ~3 significant digits
+    cos = (got.numpy() * ref).sum(1) / np.linalg.norm(got.numpy(), axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999
+
+
+def test_fallback_path_equals_fused_path_fp32(tiny_bert_h5, monkeypatch):
+    from hpcllm.model import layers
+
+    ids, lens = _packed_inputs(seed=4)
+    fused = _tp1_encoder(tiny_bert_h5, torch.float32)(ids, lens).numpy()
+    monkeypatch.setattr(layers, "ONEDNN", False)
+    plain = _tp1_encoder(tiny_bert_h5, torch.float32)(ids, lens).numpy()
+    np.testing.assert_allclose(plain, fused, atol=2e-6, rtol=1e-5)
+
+
+def test_split_attributes_are_checked_on_load(tiny_bert_h5, tmp_path):
+    """A checkpoint whose stored split disagrees with the plan is refused, naming the file and the tensor."""
+    import shutil
+
+    import h5py
+
+    from hpcllm.errors import HpcllmError
+
+    bad = tmp_path / "resplit.h5"
+    shutil.copy(tiny_bert_h5, bad)
+    with h5py.File(bad, "r+") as f:
+        f["tensors/layers.1.o.weight"].attrs.update({"split": "col", "axis": 0})
+    with pytest.raises(HpcllmError) as err:
+        _tp1_encoder(str(bad), torch.float32)
+    msg = str(err.value)
+    assert "\n" not in msg and str(bad) in msg and "layers.1.o.weight" in msg and "row/q/1" in msg
+
+
+def test_plan_makes_the_layers(tiny_bert_h5):
+    """parallelize: linears become column / row parallel as the plan says, heads become local (5 heads, tp=2: 3 + 2)."""
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.build import build_model
+    from hpcllm.model.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    class TwoRanks(LocalComm):  # the layers' shapes only: no collective runs here
+        size = 2
+
+    with Checkpoint(tiny_bert_h5) as ck:
+        for rank, heads in [(0, 3), (1, 2)]:
+            m = build_model(ck, rank, 2, TwoRanks())
+            layer = m.layers[0]
+            assert (layer.n_heads, layer.n_kv_heads) == (heads, heads)
+            assert isinstance(layer.up, ColumnParallelLinear) and layer.up.weight.shape == (45, 60)
+            assert isinstance(layer.o, RowParallelLinear) and layer.o.weight.shape == (60, heads * 12)
+            assert isinstance(layer.down, RowParallelLinear) and layer.down.comm is m.comm
+            assert layer.qkv.weight.shape == (3 * heads * 12, 60)  # fused after load
+            assert isinstance(m.embed.tokens, VocabParallelEmbedding)
+            assert m.embed.tokens.start == (0 if rank == 0 else 15261)
+            assert not isinstance(m.embed.positions, VocabParallelEmbedding)  # replicated
+
+
+def test_require_family(tiny_bert_h5):
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.errors import HpcllmError
+    from hpcllm.model.architectures import require_family
+
+    with Checkpoint(tiny_bert_h5) as ck:
+        assert require_family(ck, "encoder", "embed").name == "bert"
+        with pytest.raises(HpcllmError, match=f"^score: {ck.path} is a bert model; score needs a decoder \\(llama\\)$"):
+            require_family(ck, "decoder", "score")

@@ -4,13 +4,14 @@ loading the same GGUF file itself."""
 
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from test_decoder import GGUF_PATH, hf_logprobs
 
-T = pytest.importorskip("gguf").GGMLQuantizationType
+T = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV, FFN = 256, 4, 2, 512  # rows of 256: the K-quants' block size
 
 # Per layer, the type of each weight: all eight quantised / float types appear at least once.
@@ -61,7 +62,7 @@ def tiny_gguf(request, tmp_path_factory):
     does; "qwen2": not permuted (NEOX rope in llama.cpp), with q/k/v biases."""
     import gguf
 
-    from hpcllm.tokenizer_bpe import BYTE_CHARS
+    from hpcllm.tokenizer.bpe import BYTE_CHARS
 
     arch = request.param
     rng = np.random.default_rng(1)

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+from hpcllm.checkpoint.sources import rename
 from hpcllm.errors import HpcllmError
 from hpcllm.model.architectures import gguf_architecture
 
@@ -75,23 +76,12 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rename(name: str):
-    base, _, kind = name.rpartition(".")
-    if base in _TOP_NAMES:
-        return f"{_TOP_NAMES[base]}.{kind}"
-    if base.startswith("blk."):
-        _, i, rest = base.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return f"layers.{i}.{_LAYER_NAMES[rest]}.{kind}"
-    return None
-
-
 def gguf_tensors(reader, cfg: dict, arch: str, path: str) -> dict:
     from gguf.quants import dequantize
 
     out = {}
     for t in reader.tensors:
-        name = _rename(t.name)
+        name = rename(t.name, _TOP_NAMES, _LAYER_NAMES, "blk.")
         if name is None:
             raise HpcllmError(f"{path}: unexpected GGUF tensor {t.name!r} for a {arch} model")
         try:
@@ -112,7 +102,7 @@ def import_gguf(path: str):
     """-> (architecture, config, tensors, tokenizer_json) of a GGUF file."""
     from gguf import GGUFReader
 
-    from hpcllm.tokenizer_bpe import ByteLevelBPE
+    from hpcllm.tokenizer.bpe import ByteLevelBPE
 
     try:
         reader = GGUFReader(path)

@@ -2,11 +2,11 @@
 tokenizer.json, and sentence-transformers' modules.json / pooling config when
 present) into hpcllm's names and config."""
 
-import json
 import os
 
 from safetensors.numpy import load_file
 
+from hpcllm.checkpoint.sources import read_json, read_tokenizer_json, safetensors_files
 from hpcllm.errors import HpcllmError
 
 # HF name (after the optional "bert." prefix) -> hpcllm name; "{i}" is the layer index
@@ -21,25 +21,16 @@ _EMBED_NAMES = {
 }
 
 
-def _read_json(path, default=None):
-    if not os.path.exists(path):
-        if default is not None:
-            return default
-        raise HpcllmError(f"missing {path}")
-    with open(path) as f:
-        return json.load(f)
-
-
 def bert_config(src: str, hf: dict) -> dict:
     """hpcllm's encoder config from HF config.json plus sentence-transformers' files."""
     if hf.get("hidden_act", "gelu") != "gelu":
         raise HpcllmError(f"{src}/config.json: hidden_act {hf['hidden_act']!r} is not supported (gelu only)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise HpcllmError(f"{src}/config.json: position_embedding_type {hf['position_embedding_type']!r} is not supported")
-    modules = _read_json(os.path.join(src, "modules.json"), default=[])
+    modules = read_json(os.path.join(src, "modules.json"), default=[])
     pooling_dir = next((m["path"] for m in modules if m["type"].endswith("Pooling")), None)
-    pooling = _read_json(os.path.join(src, pooling_dir, "config.json")) if pooling_dir else {}
-    st_cfg = _read_json(os.path.join(src, "sentence_bert_config.json"), default={})
+    pooling = read_json(os.path.join(src, pooling_dir, "config.json")) if pooling_dir else {}
+    st_cfg = read_json(os.path.join(src, "sentence_bert_config.json"), default={})
     if pooling.get("pooling_mode_cls_token"):
         mode = "cls"
     elif pooling.get("pooling_mode_mean_tokens", True):
@@ -60,11 +51,8 @@ def bert_config(src: str, hf: dict) -> dict:
 
 def bert_tensors(src: str, n_layers: int) -> dict:
     raw = {}
-    for name in sorted(os.listdir(src)):
-        if name.endswith(".safetensors"):
-            raw.update(load_file(os.path.join(src, name)))
-    if not raw:
-        raise HpcllmError(f"{src}: no *.safetensors weights found")
+    for path in safetensors_files(src):
+        raw.update(load_file(path))
     out = {}
     for key, arr in raw.items():
         key = key.removeprefix("bert.")
@@ -103,11 +91,6 @@ def _rename(key: str):
 
 def import_bert(src: str):
     """-> (architecture, config, tensors, tokenizer_json)"""
-    hf = _read_json(os.path.join(src, "config.json"))
+    hf = read_json(os.path.join(src, "config.json"))
     cfg = bert_config(src, hf)
-    tok_path = os.path.join(src, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise HpcllmError(f"{src}: tokenizer.json missing (hpcllm needs the fast-tokenizer file)")
-    with open(tok_path, encoding="utf-8") as f:
-        tokenizer_json = f.read()
-    return "bert", cfg, bert_tensors(src, cfg["n_layers"]), tokenizer_json
+    return "bert", cfg, bert_tensors(src, cfg["n_layers"]), read_tokenizer_json(src)

@@ -9,6 +9,7 @@ from the tensors themselves, so Qwen2's q/k/v bias and Llama's
 import json
 import os
 
+from hpcllm.checkpoint.sources import read_json, read_tokenizer_json, rename, safetensors_files
 from hpcllm.errors import HpcllmError
 
 _LAYER_NAMES = {
@@ -19,15 +20,6 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
 _ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def _read_json(path, default=None):
-    if not os.path.exists(path):
-        if default is not None:
-            return default
-        raise HpcllmError(f"missing {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _rope(src: str, hf: dict):
@@ -45,7 +37,7 @@ def _rope(src: str, hf: dict):
 
 def _add_bos(src: str, tokenizer: dict) -> bool:
     """tokenizer_config.json's add_bos_token, else whether tokenizer.json's template starts with a special token."""
-    tcfg = _read_json(os.path.join(src, "tokenizer_config.json"), default={})
+    tcfg = read_json(os.path.join(src, "tokenizer_config.json"), default={})
     if "add_bos_token" in tcfg:
         return bool(tcfg["add_bos_token"])
     post = tokenizer.get("post_processor") or {}
@@ -80,24 +72,6 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
     }
 
 
-def _rename(key: str):
-    base, _, kind = key.rpartition(".")
-    if base in _TOP_NAMES:
-        return f"{_TOP_NAMES[base]}.{kind}"
-    if base.startswith("model.layers."):
-        i, rest = base[len("model.layers."):].split(".", 1)
-        if rest in _LAYER_NAMES:
-            return f"layers.{i}.{_LAYER_NAMES[rest]}.{kind}"
-    return None
-
-
-def _safetensors_files(src: str):
-    files = sorted(os.path.join(src, n) for n in os.listdir(src) if n.endswith(".safetensors"))
-    if not files:
-        raise HpcllmError(f"{src}: no *.safetensors weights found")
-    return files
-
-
 def llama_tensors(src: str, files) -> dict:
     """hpcllm name -> float32 numpy array (bf16/fp16 files are widened through torch)."""
     import torch
@@ -109,7 +83,7 @@ def llama_tensors(src: str, files) -> dict:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):
                     continue  # derived from the config
-                name = _rename(key)
+                name = rename(key, _TOP_NAMES, _LAYER_NAMES, "model.layers.")
                 if name is None:
                     raise HpcllmError(f"{path}: unexpected tensor {key!r} for a Llama-family model")
                 out[name] = f.get_tensor(key).to(torch.float32).numpy()
@@ -120,13 +94,9 @@ def import_llama(src: str):
     """-> (architecture, config, tensors, tokenizer_json)"""
     from safetensors import safe_open
 
-    hf = _read_json(os.path.join(src, "config.json"))
-    tok_path = os.path.join(src, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise HpcllmError(f"{src}: tokenizer.json missing (hpcllm needs the fast-tokenizer file)")
-    with open(tok_path, encoding="utf-8") as f:
-        tokenizer_json = f.read()
-    files = _safetensors_files(src)
+    hf = read_json(os.path.join(src, "config.json"))
+    tokenizer_json = read_tokenizer_json(src)
+    files = safetensors_files(src)
     names = set()
     for path in files:
         with safe_open(path, framework="pt") as f:
