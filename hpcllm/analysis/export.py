@@ -5,7 +5,8 @@ uint8 code; hpcllm.status.Status names them), strings are UTF-8, vectors
 (embeddings) a Parquet fixed-size list, ragged columns (per-token
 log-probabilities, output ids) a list per row.  Parquet gets one row group per
 block of about 64 MiB (``--row-group`` overrides); CSV and JSONL write list
-columns as JSON arrays; NaN is written as an empty CSV field / JSON null.
+columns as JSON arrays; a NaN per-document value is written as null (pandas reads it as NaN,
+DuckDB's aggregates skip it; NaN inside lists and embeddings stays NaN), an empty CSV field.
 Outputs ending in ``.gz`` (CSV, JSONL) are gzip-compressed.  The file appears
 under its name only when complete.
 """
@@ -51,7 +52,8 @@ def arrow_column(info, data) -> pa.Array:
         typ = pa.int32() if off[-1] < 2**31 else pa.int64()
         cls = pa.ListArray if typ == pa.int32() else pa.LargeListArray
         return cls.from_arrays(pa.array(off.astype(typ.to_pandas_dtype())), pa.array(data.values))
-    return pa.array(np.asarray(data))
+    x = np.asarray(data)
+    return pa.array(x, from_pandas=x.dtype.kind == "f")     # NaN -> null: SQL aggregates skip it, pandas reads NaN
 
 
 def tables(res: Results, names: list[str]):

@@ -35,7 +35,7 @@ SAMPLE = 2000
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 UNPROCESSED = np.array([Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG, Status.MISSING], np.uint8)
 SKIP = {"status", "line", "source", "doc_id"}
-SHARD_ATTRS = ("seconds", "rank", "dp_rank", "tp_rank", "started_at", "finished_at", "docs", "tokens")
+SHARD_ATTRS = ("seconds", "rank", "dp_rank", "tp_rank", "host", "started_at", "finished_at", "docs", "tokens")
 
 
 class Collector:
