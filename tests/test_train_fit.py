@@ -9,15 +9,12 @@ import pytest
 from conftest import REPO, mpirun
 from hpcllm.train.fit import FitOptions, fit
 from hpcllm.train.heads import predict, predict_proba
+from test_train_fixtures import one_torch_thread, warm_kernel_cache  # noqa: F401 (autouse)
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "train_fit.py")
 L2 = 1e-3
 WORLDS = (1, 2, 3)
 
-
-@pytest.fixture(scope="session", autouse=True)
-def warm_kernel_cache():
-    """Overrides conftest's tokenizer warm-up: training on embeddings never tokenizes."""
 
 
 def blobs(n=600, d=8, seed=0):

@@ -8,6 +8,7 @@ import json
 import sys
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from hpcllm.train.fit import FitOptions, fit
@@ -18,6 +19,7 @@ from hpcllm.train.split import data_fingerprint, validation_mask
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
+torch.set_num_threads(1)   # tiny problems: a thread pool only spins on a shared machine
 data = np.load(sys.argv[1], allow_pickle=False)
 out = {}
 
