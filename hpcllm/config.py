@@ -50,6 +50,12 @@ class JobConfig:
                       result=True, jobs=("score",))
     token_logprobs: bool = opt(False, "also write per-token log-probabilities", result=True, jobs=("score",))
     progress: float = opt(10.0, "seconds between progress lines on rank 0 (0: none)")
+    follow: bool = opt(False, "follow mode: keep polling the --input directory and process files as they land")
+    poll_s: float = opt(10.0, "follow mode: seconds between polls of the input directory")
+    idle_exit: float = opt(None, "follow mode: exit 0 after this many seconds with no new file and nothing left to do")
+    max_files: int = opt(None, "follow mode: admit at most this many files, then finish")
+    complete: str = opt("rename", "follow mode: when a file is complete: `rename` (moved in; same size and mtime at "
+                        "two polls) or `marker` (NAME.done exists)", choices=("rename", "marker"))
 
     def result_hash(self, job: str, **extra) -> str:
         """Hash of the options that change results (stored in the manifest); ``extra``: derived values."""

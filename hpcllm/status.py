@@ -13,6 +13,7 @@ class Status(enum.IntEnum):
     MISSING_FIELD = 4    # JSON object without the text field (or not a string)
     BAD_UTF8 = 5         # invalid UTF-8 / lone surrogates, replaced by U+FFFD and processed
     TOO_LONG = 6         # larger than --max-doc-bytes: not processed
+    CHANGED = 7          # follow mode: the file changed (or went away) after it was admitted: not processed
     # Fill value of result datasets: a row nobody wrote. Never produced by a
     # job; a master file that reads it has lost a source (see results.py).
     MISSING = 255
@@ -21,7 +22,7 @@ class Status(enum.IntEnum):
 STATUS_DTYPE = "u1"
 
 # Rows the reader could not turn into a text: never tokenized, kept with fill outputs.
-NOT_PROCESSED = (Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG)
+NOT_PROCESSED = (Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG, Status.CHANGED)
 
 
 def named_counts(counts) -> dict[str, int]:

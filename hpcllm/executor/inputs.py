@@ -56,8 +56,11 @@ class Inputs:
 
     def __init__(self, cfg, shards_per_group: int = 4):
         self.cfg = cfg
-        self.tokens = open_token_dir(cfg.input)   # pre-tokenized: one job shard per token shard
-        self.files = self.tokens.files if self.tokens else list_inputs(cfg.input, cfg.format)
+        if cfg.follow:     # the files come later (hpcllm.executor.follow)
+            self.tokens, self.files = None, []
+        else:
+            self.tokens = open_token_dir(cfg.input)   # pre-tokenized: one job shard per token shard
+            self.files = self.tokens.files if self.tokens else list_inputs(cfg.input, cfg.format)
         self.shards_per_group = shards_per_group
         self._reader = None
 

@@ -62,6 +62,7 @@ class Work:
 class Job:
     name = "job"
     needs_model = True     # False: no weights and no torch (tokenize)
+    partial_results = True  # follow mode: finish() may also run on the files done so far
     max_length = None
 
     def __init__(self, cfg, ckpt):

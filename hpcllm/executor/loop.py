@@ -19,35 +19,56 @@ import concurrent.futures
 import socket
 import time
 
+from hpcllm.executor.follow import END, SKIP
+from hpcllm.executor.job import ShardData
 from hpcllm.progress import Progress, Timers
 from hpcllm.world.counters import SharedCounters
 
 
 class GroupLoop:
-    def __init__(self, mesh, job, model, tokenizer, inputs, todo, out_dir, progress_s):
+    """``todo``: the shards to do (a list), or, in follow mode, a FollowShards that grows."""
+
+    def __init__(self, mesh, job, model, tokenizer, inputs, todo, out_dir, progress_s, first=0):
         self.mesh, self.job, self.model, self.tokenizer = mesh, job, model, tokenizer
         self.inputs, self.todo, self.out_dir = inputs, todo, out_dir
+        self.follow = None if isinstance(todo, list) else todo
         self.timers = Timers()
-        self.counters = SharedCounters(mesh.world)
+        self.counters = SharedCounters(mesh.world, first)
         self.docs_done = self.tokens_done = self.shards_done = 0
         self.finished_at = None
-        self.progress = Progress(sum(s.n_docs for s in todo), progress_s) if mesh.rank == 0 else None
+        self.progress = (Progress(sum(s.n_docs for s in todo), progress_s)
+                         if mesh.rank == 0 and self.follow is None else None)
         self._stop = None
         self._raised = False
 
     # ------------------------------------------------------------------ claiming and loading
 
     def claim(self):
+        """The next shard for this group (None: no more); in follow mode its index, resolved by load."""
         i = self.counters.claim() if self.mesh.is_group_leader else None
-        i = self.mesh.tp_mpi.bcast(i, root=0)
+        if self.mesh.tp_size > 1:
+            i = self.mesh.tp_mpi.bcast(i, root=0)
+        if self.follow is not None:
+            return i
         return self.todo[i] if i < len(self.todo) else None
 
     def load(self, shard):
+        if self.follow is not None:    # wait until admitted; may be END / SKIP
+            got = self.follow.resolve(shard, self._stopping)
+            if not isinstance(got, tuple):
+                return got
+            shard, entry = got
+            if self.follow.changed(shard, entry):
+                return self.follow.changed_rows(shard)
         return self.inputs.load(shard, self.tokenizer, self.job.max_length, self.timers)
+
+    def _stopping(self) -> bool:
+        """A stop signal here or anywhere in the world (no collective: for the prefetch thread)."""
+        return bool(self._stop.signum) or self.counters.stop_signal() != 0
 
     def _claim_and_load(self, pool):
         shard = self.claim()
-        return shard, (pool.submit(self.load, shard) if pool and shard else None)
+        return shard, (pool.submit(self.load, shard) if pool and shard is not None else None)
 
     # ------------------------------------------------------------------ stopping
 
@@ -69,7 +90,14 @@ class GroupLoop:
             while shard is not None:
                 with self.timers.phase("idle"):
                     data = future.result() if future else None
-                    work = self.mesh.tp_mpi.bcast(data.for_workers() if data else None, root=0)
+                    work = data.for_workers() if isinstance(data, ShardData) else data
+                    if self.mesh.tp_size > 1:
+                        work = self.mesh.tp_mpi.bcast(work, root=0)
+                if work == SKIP:               # follow mode: an earlier run did this shard
+                    shard, future = self._claim_and_load(pool)
+                    continue
+                if work == END:                # follow mode: the job is to end, or stop
+                    return self.should_stop()
                 started = time.time()
                 if self.should_stop():
                     return True

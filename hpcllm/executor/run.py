@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 from hpcllm import __version__
 from hpcllm.errors import HpcllmError
@@ -47,6 +48,31 @@ def run_job(cfg, job_cls) -> int:
 
     tokenizer = Tokenizer.from_str(job.tokenizer_json(), source=cfg.model or cfg.tokenizer)
     model = _build_model(job, mesh) if job.needs_model else None
+    manifest, todo, first = (_follow_plan if cfg.follow else _static_plan)(cfg, job, world, mesh, inputs)
+    if world.Get_rank() == 0:
+        log(f"{job.name}: {len(manifest.shards)} shards ({'following ' + cfg.input + ', ' if cfg.follow else ''}"
+            f"{first if cfg.follow else len(manifest.shards) - len(todo)} already done), world {mesh.describe()}, "
+            f"{threads} threads/rank, {job.describe()}")
+    loop = GroupLoop(mesh, job, model, tokenizer, inputs, todo, cfg.output, cfg.progress, first)
+    with StopFlag() as stop:
+        if cfg.follow:
+            todo.start(loop.counters, stop)
+        try:
+            stopped = loop.run(stop)
+        finally:
+            if cfg.follow:
+                todo.stop()
+    if cfg.follow:
+        world.Barrier()      # rank 0 compacted the log: everyone sees every admitted shard
+        todo.admissions.reload()
+        manifest = SimpleNamespace(shards=todo.admissions.plan(), config_hash=job.config_hash())
+        if todo.error:
+            raise HpcllmError(todo.error)
+    return finish(cfg, mesh, job, manifest, loop, stopped, stop, model)
+
+
+def _static_plan(cfg, job, world, mesh, inputs):
+    """The manifest (created, or reused and checked), the shards still to do, and 0."""
     manifest = load_or_create_manifest(cfg.output, lambda: inputs.plan(world, mesh.dp_size), job.model_hash(),
                                        job.config_hash(), comm=world, inputs=inputs.files)
     plan = manifest.shards
@@ -54,13 +80,21 @@ def run_job(cfg, job_cls) -> int:
         remove_temporaries(os.path.join(cfg.output, "shards"))
     todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
                        if world.Get_rank() == 0 else None, root=0)
+    return manifest, todo, 0
+
+
+def _follow_plan(cfg, job, world, mesh, inputs):
+    """Follow mode: the admitted files so far, the growing shard list, and where claiming starts."""
+    from hpcllm.executor.follow import FollowShards
+
     if world.Get_rank() == 0:
-        log(f"{job.name}: {len(plan)} shards ({len(plan) - len(todo)} already done), world {mesh.describe()}, "
-            f"{threads} threads/rank, {job.describe()}")
-    loop = GroupLoop(mesh, job, model, tokenizer, inputs, todo, cfg.output, cfg.progress)
-    with StopFlag() as stop:
-        stopped = loop.run(stop)
-    return finish(cfg, mesh, job, manifest, loop, stopped, stop, model)
+        os.makedirs(cfg.output, exist_ok=True)
+        remove_temporaries(os.path.join(cfg.output, "shards"))
+        remove_temporaries(cfg.output)
+    world.Barrier()
+    follow = FollowShards(cfg, job, world)
+    first = world.bcast(follow.first_pending() if world.Get_rank() == 0 else None, root=0)
+    return SimpleNamespace(shards=follow.admissions.plan()), follow, first
 
 
 def _checkpoint(path):
@@ -99,7 +133,8 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
     any_stopped = world.allreduce(int(stopped), op=MPI.MAX)
     error = None
     if world.Get_rank() == 0:
-        loop.progress.maybe_print(*loop.counters.done(), force=True)
+        if loop.progress:
+            loop.progress.maybe_print(*loop.counters.done(), force=True)
         try:
             if any_stopped:
                 write_stop_note(cfg.output, {"signal": signal_name(stop.agreed_signum or stop.signum),

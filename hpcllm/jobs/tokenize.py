@@ -26,6 +26,7 @@ from hpcllm.store.tokens import NO_LIMIT, TOKEN_COLUMNS, tokenizer_hash, write_i
 class TokenizeJob(Job):
     name = "tokenize"
     needs_model = False
+    partial_results = False   # tokens.json marks a finished token directory: written once, at the end
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)

@@ -6,6 +6,8 @@ together.  ``add_done`` / ``done`` feed rank 0's progress line.  ``stop``
 carries a stop signal world-wide: a rank that got SIGUSR1/SIGTERM raises it,
 and every group sees it at its next batch boundary, although groups are at
 different batches (a blocking all-reduce over the world cannot be used there).
+In follow mode rank 0 publishes how many shards are admitted so far and, once
+the job is to end, the total (``FINAL``; -1 while open).
 
 MPICH completes a one-sided op at its target only while the target is inside
 an MPI call; rank 0 computes for seconds without one, so other ranks' claims
@@ -18,18 +20,20 @@ import threading
 
 import numpy as np
 
-NEXT, DOCS, TOKENS, STOP = range(4)
+NEXT, DOCS, TOKENS, STOP, ADMITTED, FINAL = range(6)   # ADMITTED, FINAL: follow mode (shards known, last one)
 
 
 class SharedCounters:
-    def __init__(self, world):
+    def __init__(self, world, first: int = 0):
         from mpi4py import MPI
 
         self.MPI = MPI
-        nbytes = 4 * 8 if world.Get_rank() == 0 else 0
+        nbytes = 6 * 8 if world.Get_rank() == 0 else 0
         self.win = MPI.Win.Allocate(nbytes, 8, comm=world)
         if world.Get_rank() == 0:
-            np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0
+            slots = np.frombuffer(self.win.tomemory(), dtype=np.int64)
+            slots[:] = 0
+            slots[NEXT], slots[FINAL] = first, -1
         self._poll_comm = world.Dup()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, daemon=True) if world.Get_rank() == 0 else None
@@ -66,6 +70,12 @@ class SharedCounters:
     def stop_signal(self) -> int:
         """The stop signal some rank raised, or 0."""
         return self._op(STOP, 0, self.MPI.NO_OP)
+
+    def get(self, slot: int) -> int:
+        return self._op(slot, 0, self.MPI.NO_OP)
+
+    def set(self, slot: int, value: int):
+        self._op(slot, value, self.MPI.REPLACE)
 
     def free(self):
         if self._poller:
