@@ -9,8 +9,11 @@ bytes: lowest merge rank first, leftmost on ties (HF's heap order). Pieces
 are looked up in a per-thread word cache first, as HF does.
 
 All lookup structures are open-addressing hash tables in numpy arrays
-(see bpe_tables.py), passed in as one tuple `T`; the scalar settings as `P`.
+(see bpe_tables.py), passed in as one `BpeTables`; the scalar settings as
+one `BpeParams`; each thread's buffers and word cache as one `Scratch`.
 """
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -18,19 +21,61 @@ from numba import njit, prange
 
 from .regex_pretok import digits_end, piece_end
 from .utf8 import decode_range, encode_one
-from .bpe_tables import (CACHE_MAX_PIECE, EMPTY, cache_get, cache_new, cache_put,
+from .bpe_tables import (CACHE_MAX_PIECE, EMPTY, WordCache, cache_get, cache_new, cache_put,
                          find_bytes, hash_bytes, lookup, trie_step)
 
 SMALL = 24  # pieces up to this many bytes merge by linear scan; longer ones use a heap
 NO_RANK = np.int64(1) << 62
 
 CACHE_MIN, CACHE_MAX = 1024, 1 << 16  # word cache entries per thread, by the bytes it will see
-# T = (cls, fold, byte_ids, mtab, vslots, tok_bytes, tok_off, ttab, term, first)
-#   cls/fold: regex_tables.npz (fold = exact_fold() for GPT-2); byte_ids: id of each byte's
-#   symbol; mtab: merges; vslots/tok_bytes/tok_off: vocab spellings; ttab/term:
-#   added-token trie (root 0: non-normalized tokens, root 1: normalized ones); first: bit r
-#   set for code points that start a token under root r.
-# P = (mode, digits, ignore_merges, unk_id, roots_used)
+
+
+class BpeTables(NamedTuple):
+    """The lookup arrays of one tokenizer (built once, read by every thread)."""
+    cls: np.ndarray        # uint8 per code point: regex classes (regex_tables.npz)
+    fold: np.ndarray       # case fold of the contraction letters (exact_fold() for GPT-2)
+    byte_ids: np.ndarray   # int32[256]: id of each byte's symbol, -1 if the vocab lacks it
+    merges: np.ndarray     # int table (a << 32 | b) -> rank << 32 | merged id
+    vslots: np.ndarray     # bytes table over the vocab spellings below (ignore_merges)
+    tok_bytes: np.ndarray  # uint8: every vocab token's bytes, concatenated
+    tok_off: np.ndarray    # int64: token t is tok_bytes[tok_off[t]:tok_off[t + 1]]
+    ttab: np.ndarray       # added-token trie edges (root 0: non-normalized, root 1: normalized)
+    term: np.ndarray       # int32 per trie node: the token id ending there, or -1
+    first: np.ndarray      # uint8 per code point: bit r set if it starts a token under root r
+
+
+class BpeParams(NamedTuple):
+    """Scalar settings (np.int64 each)."""
+    mode: int              # pre-tokenizer regex: regex_pretok.GPT2 / LLAMA3 / QWEN2
+    digits: int            # 1: HF's Digits(individual_digits) step first
+    ignore_merges: int     # 1: a piece that is a whole vocab token is emitted as is
+    unk_id: int            # the model's unk id for bytes without a symbol, -1: drop them
+    roots: int             # bit r set if trie root r has any token
+
+
+class Scratch(NamedTuple):
+    """One thread's buffers for pieces of up to len(piece) bytes, and its word cache."""
+    sym: np.ndarray        # int32 symbol ids of the piece being merged
+    nxt: np.ndarray        # int32 linked list of live symbols
+    prv: np.ndarray
+    rank: np.ndarray       # int64 rank of the pair starting at each symbol
+    new: np.ndarray        # int32 id that pair merges into
+    heap: np.ndarray       # int64 heap keys (long pieces)
+    piece: np.ndarray      # uint8 bytes of the piece
+    work: np.ndarray       # int32 content ids of the document being encoded
+    cache: WordCache
+
+
+class Batch(NamedTuple):
+    """Per-document arrays of one encode_batch call."""
+    cps: np.ndarray        # int32 code points, document d at its byte offset
+    offsets: np.ndarray    # int64 byte offsets into the caller's buffer
+    ncp: np.ndarray        # int64 code points per document
+    nbytes: np.ndarray     # int64 UTF-8 bytes after decoding (U+FFFD counts 3)
+    bad: np.ndarray        # bool: ill-formed UTF-8 was replaced
+    slot_off: np.ndarray   # int64 where each document's content ids go in tmp
+    tmp: np.ndarray        # int32 content ids
+    counts: np.ndarray     # int64 content ids each document produced
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -149,20 +194,20 @@ def _merge_heap(sym, nxt, prv, n, mtab, rank, new, hk):
 
 
 @njit(nogil=True, cache=True)
-def _bpe(pb, nb, T, P, S, out, o):
-    """BPE-merge the bytes pb[:nb] of one piece; append the ids to out[o:]. Returns o."""
-    byte_ids, mtab = T[2], T[3]
-    sym, nxt, prv, rank, new, hk = S
-    if P[2]:  # ignore_merges: a piece that is a whole vocab token is emitted as is
-        t = find_bytes(T[4], T[5], T[6], pb, nb)
+def _bpe(nb, T, P, S, o):
+    """BPE-merge the bytes S.piece[:nb] of one piece; append the ids to S.work[o:]. Returns o."""
+    pb, out, mtab = S.piece, S.work, T.merges
+    sym, nxt, prv = S.sym, S.nxt, S.prv
+    if P.ignore_merges:
+        t = find_bytes(T.vslots, T.tok_bytes, T.tok_off, pb, nb)
         if t >= 0:
             out[o] = t
             return o + 1
     n = 0
     for k in range(nb):
-        b = byte_ids[pb[k]]
+        b = T.byte_ids[pb[k]]
         if b < 0:
-            b = P[3]  # unk (HF drops the byte when the model has no unk token)
+            b = P.unk_id  # HF drops the byte when the model has no unk token
         if b >= 0:
             sym[n] = b
             n += 1
@@ -173,9 +218,9 @@ def _bpe(pb, nb, T, P, S, out, o):
         prv[k] = k - 1
     nxt[n - 1] = -1
     if n <= SMALL:
-        _merge_scan(sym, nxt, prv, n, mtab, rank, new)
+        _merge_scan(sym, nxt, prv, n, mtab, S.rank, S.new)
     else:
-        _merge_heap(sym, nxt, prv, n, mtab, rank, new, hk)
+        _merge_heap(sym, nxt, prv, n, mtab, S.rank, S.new, S.heap)
     k = 0
     while k >= 0:
         out[o] = sym[k]
@@ -185,36 +230,36 @@ def _bpe(pb, nb, T, P, S, out, o):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _piece(cps, a, b, T, P, S, C, pb, work, o):
-    """Encode one pre-tokenized piece cps[a:b] into work[o:]; returns the new o."""
+def _piece(cps, a, b, T, P, S, o):
+    """Encode one pre-tokenized piece cps[a:b] into S.work[o:]; returns the new o."""
+    pb, work = S.piece, S.work
     nb = 0
     for k in range(a, b):
         nb = encode_one(cps[k], pb, nb)
-    if nb == 1 and T[2][pb[0]] >= 0:
-        work[o] = T[2][pb[0]]
+    if nb == 1 and T.byte_ids[pb[0]] >= 0:
+        work[o] = T.byte_ids[pb[0]]
         return o + 1
     if nb > CACHE_MAX_PIECE:
-        return _bpe(pb, nb, T, P, S, work, o)
+        return _bpe(nb, T, P, S, o)
     h = hash_bytes(pb, 0, nb)
-    r = cache_get(C, h, pb, nb, work, o)
+    r = cache_get(S.cache, h, pb, nb, work, o)
     if r >= 0:
         return r
-    r = _bpe(pb, nb, T, P, S, work, o)
-    cache_put(C, h, pb, nb, work, o, r)
+    r = _bpe(nb, T, P, S, o)
+    cache_put(S.cache, h, pb, nb, work, o, r)
     return r
 
 
 @njit(nogil=True, cache=True)
-def _plain(cps, a, b, T, P, S, C, pb, work, o, o0, limit):
+def _plain(cps, a, b, T, P, S, o, limit):
     """Pre-tokenize and BPE the text cps[a:b] between added tokens. Stops past `limit` ids."""
-    cls, fold = T[0], T[1]
     i = a
     while i < b:
-        e = digits_end(cps, i, b, cls) if P[1] else b
+        e = digits_end(cps, i, b, T.cls) if P.digits else b
         while i < e:
-            k = piece_end(P[0], cps, i, e, cls, fold)
-            o = _piece(cps, i, k, T, P, S, C, pb, work, o)
-            if limit >= 0 and o - o0 > limit:
+            k = piece_end(P.mode, cps, i, e, T.cls, T.fold)
+            o = _piece(cps, i, k, T, P, S, o)
+            if limit >= 0 and o > limit:
                 return o
             i = k
     return o
@@ -223,9 +268,9 @@ def _plain(cps, a, b, T, P, S, C, pb, work, o, o0, limit):
 @njit(nogil=True, cache=True)
 def _find_added(cps, i, n, T, P, root):
     """Leftmost-longest added token of trie `root` in cps[i:n]: (start, end, id); (n, n, -1) if none."""
-    ttab, term, first = T[7], T[8], T[9]
+    ttab, term, first = T.ttab, T.term, T.first
     bit = 1 << root
-    if not (P[4] & bit):
+    if not (P.roots & bit):
         return n, n, -1
     for s in range(i, n):
         if first[cps[s]] & bit:
@@ -243,8 +288,8 @@ def _find_added(cps, i, n, T, P, root):
 
 
 @njit(nogil=True, cache=True)
-def _encode_doc(cps, a, n, T, P, S, C, pb, work, limit):
-    """All content ids of one document (code points cps[a:n]) into work; returns the count.
+def _encode_doc(cps, a, n, T, P, S, limit):
+    """All content ids of one document (code points cps[a:n]) into S.work; returns the count.
 
     A count above `limit` (>= 0) means the document was cut there (the rest is not encoded).
     """
@@ -255,15 +300,15 @@ def _encode_doc(cps, a, n, T, P, S, C, pb, work, limit):
         j = i
         while j < s1:  # normalized added tokens are looked for in the gaps only
             s2, e2, id2 = _find_added(cps, j, s1, T, P, 1)
-            o = _plain(cps, j, s2, T, P, S, C, pb, work, o, 0, limit)
+            o = _plain(cps, j, s2, T, P, S, o, limit)
             if s2 < s1:
-                work[o] = id2
+                S.work[o] = id2
                 o += 1
             if limit >= 0 and o > limit:
                 return o
             j = e2
         if s1 < n:
-            work[o] = id1
+            S.work[o] = id1
             o += 1
             if limit >= 0 and o > limit:
                 return o
@@ -272,29 +317,29 @@ def _encode_doc(cps, a, n, T, P, S, C, pb, work, limit):
 
 
 @njit(nogil=True, cache=True)
-def _scratch(nb):
+def _scratch(nb, cache_entries):
     """Per-thread buffers for pieces of up to nb bytes."""
     m = max(nb, 1)
-    S = (np.empty(m, np.int32), np.empty(m, np.int32), np.empty(m, np.int32),
-         np.empty(m, np.int64), np.empty(m, np.int32),
-         np.empty(3 * m, np.int64))
-    return S, np.empty(m, np.uint8), np.empty(m + 1, np.int32)
+    return Scratch(np.empty(m, np.int32), np.empty(m, np.int32), np.empty(m, np.int32),
+                   np.empty(m, np.int64), np.empty(m, np.int32), np.empty(3 * m, np.int64),
+                   np.empty(m, np.uint8), np.empty(m + 1, np.int32), cache_new(cache_entries))
 
 
 @njit(nogil=True, cache=True)
-def _decode_all(buf, offsets, cps, ncp, nbytes, bad):
-    """Decode each document into cps at its byte offset; count its code points and re-encoded bytes."""
+def _decode_all(buf, B):
+    """Decode each document into B.cps at its byte offset; count its code points and re-encoded bytes."""
+    offsets, cps = B.offsets, B.cps
     base = offsets[0]
     for d in range(len(offsets) - 1):
         a = offsets[d] - base
         n, b = decode_range(buf, offsets[d], offsets[d + 1], cps[a:])
-        ncp[d] = n
-        bad[d] = b
+        B.ncp[d] = n
+        B.bad[d] = b
         m = 0
         for k in range(a, a + n):
             c = cps[k]
             m += 1 if c < 0x80 else (2 if c < 0x800 else (3 if c < 0x10000 else 4))
-        nbytes[d] = m
+        B.nbytes[d] = m
 
 
 def _chunks(nbytes, n_chunks):
@@ -306,29 +351,28 @@ def _chunks(nbytes, n_chunks):
 
 
 @njit(nogil=True, cache=True)
-def _encode_chunk(d0, d1, cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp, counts):
-    """Content ids of documents d0..d1-1 into tmp[slot_off[d]:], with this thread's buffers."""
+def _encode_chunk(d0, d1, B, limit, T, P):
+    """Content ids of documents d0..d1-1 into B.tmp[B.slot_off[d]:], with this thread's buffers."""
     if d0 == d1:
         return
-    base = offsets[0]
-    S, pb, work = _scratch(np.max(nbytes[d0:d1]))
+    base = B.offsets[0]
     entries = CACHE_MIN
-    total = np.sum(nbytes[d0:d1])
+    total = np.sum(B.nbytes[d0:d1])
     while entries < CACHE_MAX and entries * 16 < total:
         entries *= 2
-    C = cache_new(entries)
+    S = _scratch(np.max(B.nbytes[d0:d1]), entries)
     for d in range(d0, d1):
-        a = offsets[d] - base
-        cnt = _encode_doc(cps, a, a + ncp[d], T, P, S, C, pb, work, limit)
-        counts[d] = cnt
+        a = B.offsets[d] - base
+        cnt = _encode_doc(B.cps, a, a + B.ncp[d], T, P, S, limit)
+        B.counts[d] = cnt
         keep = cnt if limit < 0 else min(cnt, limit)
-        tmp[slot_off[d]:slot_off[d] + keep] = work[:keep]
+        B.tmp[B.slot_off[d]:B.slot_off[d] + keep] = S.work[:keep]
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _encode_parallel(bounds, cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp, counts):
+def _encode_parallel(bounds, B, limit, T, P):
     for c in prange(len(bounds) - 1):
-        _encode_chunk(bounds[c], bounds[c + 1], cps, offsets, ncp, nbytes, slot_off, limit, T, P, tmp, counts)
+        _encode_chunk(bounds[c], bounds[c + 1], B, limit, T, P)
 
 
 # Launching a parallel region costs more than a small batch takes (far more on a busy
@@ -337,8 +381,9 @@ PARALLEL_MIN_BYTES = 1 << 18
 
 
 @njit(nogil=True, cache=True)
-def _assemble(tmp, slot_off, counts, limit, prefix, suffix, bad):
+def _assemble(B, limit, prefix, suffix):
     """Final ids (prefix + content + suffix per document), offsets and flags."""
+    tmp, slot_off, counts, bad = B.tmp, B.slot_off, B.counts, B.bad
     nd = len(counts)
     out_off = np.zeros(nd + 1, np.int64)
     flags = np.zeros(nd, np.uint8)
@@ -359,30 +404,26 @@ def _assemble(tmp, slot_off, counts, limit, prefix, suffix, bad):
 
 
 def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
-    """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8 bytes).
+    """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8 bytes) with tables T, settings P.
 
     limit: the most content ids a document keeps (-1: no limit); prefix/suffix:
     the special ids the post-processor puts around each document (int32).
     Returns (ids int32, offsets int64 n+1, flags uint8: 1 truncated, 2 bad UTF-8).
     """
     nd = len(offsets) - 1
-    cps = np.empty(offsets[-1] - offsets[0], np.int32)
-    ncp = np.empty(nd, np.int64)
     nbytes = np.empty(nd, np.int64)
-    bad = np.zeros(nd, np.bool_)
+    B = Batch(np.empty(offsets[-1] - offsets[0], np.int32), offsets, np.empty(nd, np.int64), nbytes,
+              np.zeros(nd, np.bool_), np.zeros(nd + 1, np.int64), np.empty(0, np.int32), np.zeros(nd, np.int64))
     if nd:
-        _decode_all(buf, offsets, cps, ncp, nbytes, bad)
+        _decode_all(buf, B)
     slots = nbytes if limit < 0 else np.minimum(nbytes, limit)
-    slot_off = np.zeros(nd + 1, np.int64)
-    np.cumsum(slots, out=slot_off[1:])
-    tmp = np.empty(slot_off[-1], np.int32)
-    counts = np.zeros(nd, np.int64)
+    np.cumsum(slots, out=B.slot_off[1:])
+    B = B._replace(tmp=np.empty(B.slot_off[-1], np.int32))
+    limit = np.int64(limit)
     if nd:
         threads = numba.get_num_threads()
-        parallel = threads > 1 and nd > 1 and len(cps) >= PARALLEL_MIN_BYTES
-        args = (cps, offsets, ncp, nbytes, slot_off, np.int64(limit), T, P, tmp, counts)
-        if parallel:
-            _encode_parallel(_chunks(nbytes, min(nd, 4 * threads)), *args)
+        if threads > 1 and nd > 1 and len(B.cps) >= PARALLEL_MIN_BYTES:
+            _encode_parallel(_chunks(nbytes, min(nd, 4 * threads)), B, limit, T, P)
         else:
-            _encode_chunk(0, nd, *args)
-    return _assemble(tmp, slot_off, counts, np.int64(limit), prefix, suffix, bad)
+            _encode_chunk(0, nd, B, limit, T, P)
+    return _assemble(B, limit, prefix, suffix)

@@ -7,6 +7,8 @@
   (HF caches words too; most pieces of real text repeat).
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -119,22 +121,26 @@ def find_bytes(slots, tok_bytes, tok_off, pb, nb):
     return -1
 
 
+class WordCache(NamedTuple):
+    slots: np.ndarray     # int32 hash slots -> entry, -1 empty (twice the entries)
+    entries: np.ndarray   # int64 (n, 5): hash, key start, key length, ids start, ids count
+    keys: np.ndarray      # uint8 pool of piece bytes
+    ids: np.ndarray       # int32 pool of their ids
+    state: np.ndarray     # int64 [entries used, key bytes used, ids used]
+
+
 @njit(nogil=True, cache=True)
 def cache_new(n_entries):
-    """A word cache for up to n_entries pieces: (slots, entries, key pool, id pool, state)."""
-    slots = np.full(2 * n_entries, -1, dtype=np.int32)  # power of two if n_entries is
-    # entry e: hash, key start, key length, ids start, ids count
-    entries = np.empty((n_entries, 5), dtype=np.int64)
-    keys = np.empty(n_entries * 16, dtype=np.uint8)
-    ids = np.empty(n_entries * 8, dtype=np.int32)
-    state = np.zeros(3, dtype=np.int64)  # entries used, key bytes used, ids used
-    return slots, entries, keys, ids, state
+    """A word cache for up to n_entries pieces (a power of two)."""
+    return WordCache(np.full(2 * n_entries, -1, dtype=np.int32), np.empty((n_entries, 5), dtype=np.int64),
+                     np.empty(n_entries * 16, dtype=np.uint8), np.empty(n_entries * 8, dtype=np.int32),
+                     np.zeros(3, dtype=np.int64))
 
 
 @njit(nogil=True, cache=True)
 def cache_get(C, h, pb, nb, out, o):
     """Append the cached ids of piece pb[:nb] (hash h) to out[o:]; -1 on a miss."""
-    slots, entries, keys, ids = C[0], C[1], C[2], C[3]
+    slots, entries, keys, ids = C.slots, C.entries, C.keys, C.ids
     mask = len(slots) - 1
     s = _slot(h, mask)
     while slots[s] >= 0:
@@ -150,7 +156,7 @@ def cache_get(C, h, pb, nb, out, o):
 @njit(nogil=True, cache=True)
 def cache_put(C, h, pb, nb, out, o0, o1):
     """Remember piece pb[:nb] -> out[o0:o1]; clears the cache when it is full."""
-    slots, entries, keys, ids, state = C
+    slots, entries, keys, ids, state = C.slots, C.entries, C.keys, C.ids, C.state
     if state[0] == len(entries) or state[1] + nb > len(keys) or state[2] + (o1 - o0) > len(ids):
         slots[:] = -1
         state[:] = 0

@@ -19,6 +19,18 @@ DROP, SPACE, CHINESE, WS, PUNCT, MN = 1, 2, 4, 8, 16, 32
 DATA = os.path.join(os.path.dirname(__file__), "bert_unicode.npz")
 
 
+class BertArrays(NamedTuple):
+    """BertTables without the version: what the kernels take."""
+    cls: np.ndarray
+    ccc: np.ndarray
+    nfd_idx: np.ndarray
+    nfd_off: np.ndarray
+    nfd_data: np.ndarray
+    low_idx: np.ndarray
+    low_off: np.ndarray
+    low_data: np.ndarray
+
+
 class BertTables(NamedTuple):
     cls: np.ndarray        # uint8[N_CP] class bits
     ccc: np.ndarray        # uint8[N_CP] canonical combining class rank (0 = starter)
@@ -31,8 +43,8 @@ class BertTables(NamedTuple):
     version: str           # tokenizers version the tables were measured from
 
     def as_kernel_args(self):
-        """The tuple of arrays the kernels take (version dropped)."""
-        return tuple(self[:8])
+        """The arrays the kernels take (version dropped)."""
+        return BertArrays(*self[:8])
 
 
 def _dense_index(keys):

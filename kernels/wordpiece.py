@@ -14,20 +14,79 @@ next starter and are put in class order there.
 A vocabulary is a trie over code points whose edges live in one open-address
 hash table: key = node * 0x110000 + code point. Continuation pieces ("##x")
 are found by walking the same trie from the node of the "##" prefix.
+
+Kernels take the tokenizer as one `WordPieceTables` (W) and each thread's
+buffers and per-document state as one `Doc` (D).
 """
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
+from hpcllm.kernels.unicode_tables import BertArrays
 from hpcllm.kernels.utf8 import decode_range
 
 N_CP = 0x110000
 DROP, SPACE, CHINESE, WS, PUNCT, MN = 1, 2, 4, 8, 16, 32
 FM_DROP, FM_SPLIT, FM_SLOW, FM_ISOLATE, FM_SEQ = -1, -2, -3, -16, -0x200000  # unicode_tables.fast_map
-# cfg: int64 settings array; st: int64 per-document state
-C_CLEAN, C_CHINESE, C_STRIP, C_LOWER, C_MAXCHARS, C_UNK, C_CONT = range(7)
-S_N, S_W, S_P = range(3)   # tokens written, word length, pending marks
+# Doc.st: tokens written, word length, pending marks, where the document's output starts, its capacity
+S_N, S_W, S_P, S_BASE, S_CAP = range(5)
 _MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+class Trie(NamedTuple):
+    keys: np.ndarray      # int64 edge keys node * N_CP + code point, -1 empty
+    vals: np.ndarray      # int32 child node of each edge
+    node_id: np.ndarray   # int32 token id of each node, -1 none
+    mask: int             # len(keys) - 1
+
+
+class WordPieceConfig(NamedTuple):
+    """Settings (np.int64 each)."""
+    clean: int            # BertNormalizer clean_text
+    chinese: int          # handle_chinese_chars
+    strip: int            # strip_accents
+    lower: int            # lowercase
+    max_chars: int        # max_input_chars_per_word
+    unk_id: int
+    cont: int             # trie node of the continuing-subword prefix ("##"), -1 none
+    max_nfd: int          # longest NFD expansion of one code point
+
+
+class FastMap(NamedTuple):
+    fm: np.ndarray        # unicode_tables.fast_map: int32 code per code point
+    seq_off: np.ndarray   # its multi-code-point rows
+    seq_data: np.ndarray
+    afirst: np.ndarray    # bool[4096]: code point & 4095 may start an added token
+
+
+class WordPieceTables(NamedTuple):
+    ut: BertArrays
+    fast: FastMap
+    vocab: Trie
+    added: Trie
+    cfg: WordPieceConfig
+
+
+class Batch(NamedTuple):
+    buf: np.ndarray       # uint8 UTF-8 documents
+    offsets: np.ndarray   # int64 document d is buf[offsets[d]:offsets[d + 1]]
+    blocks: np.ndarray    # int64 document ranges, one thread each
+    out_base: np.ndarray  # int64 where document d's output starts in out
+    caps: np.ndarray      # int64 content tokens document d may store
+    out: np.ndarray       # int32 output
+    counts: np.ndarray    # int64 tokens kept per document
+    flags: np.ndarray     # uint8 per document
+
+
+class Doc(NamedTuple):
+    """One thread's buffers; st is the state of the document being encoded."""
+    out: np.ndarray       # int32 output of the whole batch (shared)
+    cps: np.ndarray       # int32 decoded code points
+    pend: np.ndarray      # int32 non-starters waiting for canonical ordering
+    wbuf: np.ndarray      # int32 the current word (max_chars + 1)
+    st: np.ndarray        # int64[5], indexed by S_*
 
 
 # ---------------------------------------------------------------- tries
@@ -37,25 +96,22 @@ def _slot(key, mask):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def child(keys, vals, mask, node, cp):
+def child(t, node, cp):
     """Child of trie node `node` along code point cp, or -1."""
     key = np.int64(node) * N_CP + cp
-    s = _slot(key, mask)
+    s = _slot(key, t.mask)
     while True:
-        k = keys[s]
+        k = t.keys[s]
         if k == key:
-            return vals[s]
+            return t.vals[s]
         if k < 0:
             return -1
-        s = (s + 1) & mask
+        s = (s + 1) & t.mask
 
 
 @njit(nogil=True, cache=True)
 def build_trie(data, off, ids):
-    """Trie of strings data[off[t]:off[t+1]] (code points) -> ids[t].
-
-    Returns (keys, vals, node_id, mask): edge hash table and each node's id (-1: none).
-    """
+    """Trie of strings data[off[t]:off[t+1]] (code points) -> ids[t]."""
     size = 16
     while size < 2 * len(data) + 2:
         size *= 2
@@ -77,7 +133,7 @@ def build_trie(data, off, ids):
                 n_nodes += 1
             node = vals[s]
         node_id[node] = ids[t]
-    return keys, vals, node_id[:n_nodes].copy(), mask
+    return Trie(keys, vals, node_id[:n_nodes].copy(), np.int64(mask))
 
 
 @njit(nogil=True, cache=True)
@@ -85,7 +141,7 @@ def walk(trie, cps):
     """Node reached from the root along cps, or -1."""
     node = 0
     for cp in cps:
-        node = child(trie[0], trie[1], trie[3], node, cp)
+        node = child(trie, node, cp)
         if node < 0:
             return -1
     return node
@@ -93,93 +149,96 @@ def walk(trie, cps):
 
 # ---------------------------------------------------------------- emitting
 @njit(nogil=True, cache=True, inline="always")
-def _emit(out, base, cap, st, tok):
-    # Writes past cap are dropped but counted: the caller sees truncation (or
-    # an overflow it reports) from st[S_N] > cap.
-    if st[S_N] < cap:
-        out[base + st[S_N]] = tok
+def _emit(D, tok):
+    # Writes past the capacity are dropped but counted: the caller sees
+    # truncation (or an overflow it reports) from st[S_N] > cap.
+    st = D.st
+    if st[S_N] < st[S_CAP]:
+        D.out[st[S_BASE] + st[S_N]] = tok
     st[S_N] += 1
 
 
 @njit(nogil=True, cache=True)
-def _wordpiece(wbuf, n, vt, cfg, out, base, cap, st):
-    """Greedy longest-match-first pieces of wbuf[:n]; one [UNK] if any piece fails."""
-    keys, vals, node_id, mask = vt
+def _wordpiece(n, W, D):
+    """Greedy longest-match-first pieces of D.wbuf[:n]; one [UNK] if any piece fails."""
+    vt, wbuf, st = W.vocab, D.wbuf, D.st
     start_n = st[S_N]
     pos = 0
     while pos < n:
-        node = 0 if pos == 0 else cfg[C_CONT]
+        node = 0 if pos == 0 else W.cfg.cont
         best_end = -1
         best_id = -1
         j = pos
         while j < n and node >= 0:
-            node = child(keys, vals, mask, node, wbuf[j])
+            node = child(vt, node, wbuf[j])
             j += 1
-            if node >= 0 and node_id[node] >= 0:
+            if node >= 0 and vt.node_id[node] >= 0:
                 best_end = j
-                best_id = node_id[node]
+                best_id = vt.node_id[node]
         if best_id < 0:
             st[S_N] = start_n
-            _emit(out, base, cap, st, cfg[C_UNK])
+            _emit(D, W.cfg.unk_id)
             return
-        _emit(out, base, cap, st, best_id)
+        _emit(D, best_id)
         pos = best_end
 
 
 @njit(nogil=True, cache=True)
-def _end_word(wbuf, vt, cfg, out, base, cap, st):
-    n = st[S_W]
+def _end_word(W, D):
+    n = D.st[S_W]
     if n == 0:
         return
-    st[S_W] = 0
-    if n > cfg[C_MAXCHARS]:
-        _emit(out, base, cap, st, cfg[C_UNK])
+    D.st[S_W] = 0
+    if n > W.cfg.max_chars:
+        _emit(D, W.cfg.unk_id)
     else:
-        _wordpiece(wbuf, n, vt, cfg, out, base, cap, st)
+        _wordpiece(n, W, D)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _append(wbuf, st, c):
-    w = st[S_W]
-    if w < len(wbuf):   # longer words only need their length
-        wbuf[w] = c
-    st[S_W] = w + 1
+def _append(D, c):
+    w = D.st[S_W]
+    if w < len(D.wbuf):   # longer words only need their length
+        D.wbuf[w] = c
+    D.st[S_W] = w + 1
 
 
 @njit(nogil=True, cache=True)
-def _split(c, ut, wbuf, vt, cfg, out, base, cap, st):
+def _split(c, W, D):
     """BertPreTokenizer on one normalized code point."""
-    cls = ut[0][c]
+    cls = W.ut.cls[c]
     if cls & (WS | PUNCT):
-        _end_word(wbuf, vt, cfg, out, base, cap, st)
+        _end_word(W, D)
         if cls & PUNCT:
-            wbuf[0] = c
-            st[S_W] = 1
-            _end_word(wbuf, vt, cfg, out, base, cap, st)
+            D.wbuf[0] = c
+            D.st[S_W] = 1
+            _end_word(W, D)
     else:
-        _append(wbuf, st, c)
+        _append(D, c)
 
 
 @njit(nogil=True, cache=True)
-def _pretok(cp, ut, wbuf, vt, cfg, out, base, cap, st):
+def _pretok(cp, W, D):
     """Lowercase (the last normalizer step) then pre-tokenize."""
-    li = ut[5][cp] if cfg[C_LOWER] else -1
+    ut = W.ut
+    li = ut.low_idx[cp] if W.cfg.lower else -1
     if li < 0:
-        _split(cp, ut, wbuf, vt, cfg, out, base, cap, st)
+        _split(cp, W, D)
     else:
-        for m in range(ut[6][li], ut[6][li + 1]):
-            _split(ut[7][m], ut, wbuf, vt, cfg, out, base, cap, st)
+        for m in range(ut.low_off[li], ut.low_off[li + 1]):
+            _split(ut.low_data[m], W, D)
 
 
 @njit(nogil=True, cache=True)
-def _flush_pending(pend, ut, wbuf, vt, cfg, out, base, cap, st):
+def _flush_pending(W, D):
     """Emit the waiting non-starters in canonical order (stable by combining class)."""
+    pend, st = D.pend, D.st
     n = st[S_P]
     st[S_P] = 0
     if n == 1:
-        _pretok(pend[0], ut, wbuf, vt, cfg, out, base, cap, st)
+        _pretok(pend[0], W, D)
         return
-    ccc = ut[1]
+    ccc = W.ut.ccc
     present = np.zeros(256, np.bool_)
     for i in range(n):
         present[ccc[pend[i]]] = True
@@ -187,124 +246,163 @@ def _flush_pending(pend, ut, wbuf, vt, cfg, out, base, cap, st):
         if present[r]:
             for i in range(n):
                 if ccc[pend[i]] == r:
-                    _pretok(pend[i], ut, wbuf, vt, cfg, out, base, cap, st)
+                    _pretok(pend[i], W, D)
 
 
 @njit(nogil=True, cache=True)
-def _decomposed(x, pend, ut, wbuf, vt, cfg, out, base, cap, st):
+def _decomposed(x, W, D):
     """One code point of the NFD stream, with accents stripped."""
-    if ut[1][x] == 0:
-        if st[S_P] > 0:
-            _flush_pending(pend, ut, wbuf, vt, cfg, out, base, cap, st)
-        if not ut[0][x] & MN:
-            _pretok(x, ut, wbuf, vt, cfg, out, base, cap, st)
-    elif not ut[0][x] & MN:
-        pend[st[S_P]] = x
-        st[S_P] += 1
+    if W.ut.ccc[x] == 0:
+        if D.st[S_P] > 0:
+            _flush_pending(W, D)
+        if not W.ut.cls[x] & MN:
+            _pretok(x, W, D)
+    elif not W.ut.cls[x] & MN:
+        D.pend[D.st[S_P]] = x
+        D.st[S_P] += 1
 
 
 @njit(nogil=True, cache=True)
-def _normalized(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st):
-    if not cfg[C_STRIP]:
-        _pretok(cp, ut, wbuf, vt, cfg, out, base, cap, st)
+def _normalized(cp, W, D):
+    if not W.cfg.strip:
+        _pretok(cp, W, D)
         return
-    i = ut[2][cp]
+    ut = W.ut
+    i = ut.nfd_idx[cp]
     if i < 0:
-        _decomposed(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st)
+        _decomposed(cp, W, D)
     else:
-        for k in range(ut[3][i], ut[3][i + 1]):
-            _decomposed(ut[4][k], pend, ut, wbuf, vt, cfg, out, base, cap, st)
+        for k in range(ut.nfd_off[i], ut.nfd_off[i + 1]):
+            _decomposed(ut.nfd_data[k], W, D)
 
 
 @njit(nogil=True, cache=True)
-def _raw_char(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st):
+def _raw_char(cp, W, D):
     """BertNormalizer's clean_text and handle_chinese_chars on one raw code point."""
-    cls = ut[0][cp]
-    if cfg[C_CLEAN]:
+    cls = W.ut.cls[cp]
+    if W.cfg.clean:
         if cls & DROP:
             return
         if cls & SPACE:
             cp = 0x20
-    if cfg[C_CHINESE] and cls & CHINESE:
-        _normalized(0x20, pend, ut, wbuf, vt, cfg, out, base, cap, st)
-        _normalized(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st)
-        _normalized(0x20, pend, ut, wbuf, vt, cfg, out, base, cap, st)
+    if W.cfg.chinese and cls & CHINESE:
+        _normalized(0x20, W, D)
+        _normalized(cp, W, D)
+        _normalized(0x20, W, D)
     else:
-        _normalized(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st)
+        _normalized(cp, W, D)
 
 
 @njit(nogil=True, cache=True)
-def _end_segment(pend, ut, wbuf, vt, cfg, out, base, cap, st):
-    if st[S_P] > 0:
-        _flush_pending(pend, ut, wbuf, vt, cfg, out, base, cap, st)
-    _end_word(wbuf, vt, cfg, out, base, cap, st)
+def _end_segment(W, D):
+    if D.st[S_P] > 0:
+        _flush_pending(W, D)
+    _end_word(W, D)
 
 
 @njit(nogil=True, cache=True)
 def _match_added(cps, i, n, at):
     """Longest added token starting at cps[i]: (length, id), length 0 if none."""
-    keys, vals, node_id, mask = at
     node = 0
     best_len, best_id = 0, -1
     j = i
     while j < n:
-        node = child(keys, vals, mask, node, cps[j])
+        node = child(at, node, cps[j])
         if node < 0:
             break
         j += 1
-        if node_id[node] >= 0:
-            best_len, best_id = j - i, node_id[node]
+        if at.node_id[node] >= 0:
+            best_len, best_id = j - i, at.node_id[node]
     return best_len, best_id
 
 
 @njit(nogil=True, cache=True)
-def encode_doc(buf, b0, b1, cps, pend, wbuf, st, ut, ft, vt, at, cfg, out, base, cap, max_content):
-    """Content tokens of document buf[b0:b1] into out[base:base+cap].
+def _fast_char(f, cp, W, D):
+    """One code point by its fast_map code f (see unicode_tables.fast_map)."""
+    if f >= 0:
+        _append(D, f)
+    elif f == FM_DROP:
+        pass
+    elif f == FM_SPLIT:
+        _end_word(W, D)
+    elif f <= FM_SEQ:
+        for k in range(W.fast.seq_off[FM_SEQ - f], W.fast.seq_off[FM_SEQ - f + 1]):
+            _append(D, W.fast.seq_data[k])
+    elif f <= FM_ISOLATE:
+        _end_word(W, D)
+        _append(D, FM_ISOLATE - f)
+        _end_word(W, D)
+    else:
+        _raw_char(cp, W, D)
+
+
+@njit(nogil=True, cache=True)
+def encode_doc(buf, b0, b1, W, D, max_content):
+    """Content tokens of document buf[b0:b1] into D.out[st[S_BASE]:] (at most st[S_CAP] kept).
 
     Returns (n, bad): n tokens produced (stops once n > max_content, the sign
-    of truncation; only the first cap are stored) and the bad-UTF-8 flag.
-    Most characters take the fast path through ft = (fast_map, seq_off,
-    seq_data) (see unicode_tables.fast_map); the rest go through _raw_char.
+    of truncation) and the bad-UTF-8 flag. Most characters take the fast path
+    through W.fast; the rest go through _raw_char.
     """
+    cps, st = D.cps, D.st
     n, bad = decode_range(buf, b0, b1, cps)
-    fm, seq_off, seq_data, afirst = ft
-    st[:] = 0   # scratch state, reused across a block's documents
-    has_added = len(at[2]) > 1
+    st[S_N] = 0
+    st[S_W] = 0
+    st[S_P] = 0
+    has_added = len(W.added.node_id) > 1
     i = 0
     while i < n and st[S_N] <= max_content:
         cp = cps[i]
-        if has_added and afirst[cp & 4095]:
-            m, tok = _match_added(cps, i, n, at)
+        if has_added and W.fast.afirst[cp & 4095]:
+            m, tok = _match_added(cps, i, n, W.added)
             if m > 0:   # an added token ends the segment before it
-                _end_segment(pend, ut, wbuf, vt, cfg, out, base, cap, st)
-                _emit(out, base, cap, st, tok)
+                _end_segment(W, D)
+                _emit(D, tok)
                 i += m
                 continue
         i += 1
-        f = fm[cp] if st[S_P] == 0 else FM_SLOW
-        if f >= 0:
-            _append(wbuf, st, f)
-        elif f == FM_DROP:
-            pass
-        elif f == FM_SPLIT:
-            _end_word(wbuf, vt, cfg, out, base, cap, st)
-        elif f <= FM_SEQ:
-            for k in range(seq_off[FM_SEQ - f], seq_off[FM_SEQ - f + 1]):
-                _append(wbuf, st, seq_data[k])
-        elif f <= FM_ISOLATE:
-            _end_word(wbuf, vt, cfg, out, base, cap, st)
-            _append(wbuf, st, FM_ISOLATE - f)
-            _end_word(wbuf, vt, cfg, out, base, cap, st)
-        else:
-            _raw_char(cp, pend, ut, wbuf, vt, cfg, out, base, cap, st)
+        _fast_char(W.fast.fm[cp] if st[S_P] == 0 else FM_SLOW, cp, W, D)
     if st[S_N] <= max_content:
-        _end_segment(pend, ut, wbuf, vt, cfg, out, base, cap, st)
+        _end_segment(W, D)
     return st[S_N], bad
 
 
+@njit(nogil=True, cache=True)
+def _encode_block(b, B, W, prefix, suffix, max_content):
+    """Documents B.blocks[b]:B.blocks[b + 1], with buffers of their own."""
+    npre, nsuf = len(prefix), len(suffix)
+    d0, d1 = B.blocks[b], B.blocks[b + 1]
+    longest = 1
+    for d in range(d0, d1):
+        longest = max(longest, B.offsets[d + 1] - B.offsets[d])
+    D = Doc(B.out, np.empty(longest, np.int32), np.empty(longest * W.cfg.max_nfd + 1, np.int32),
+            np.empty(W.cfg.max_chars + 1, np.int32), np.zeros(5, np.int64))
+    for d in range(d0, d1):
+        base = B.out_base[d]
+        B.out[base:base + npre] = prefix
+        D.st[S_BASE] = base + npre
+        D.st[S_CAP] = B.caps[d]
+        n, bad = encode_doc(B.buf, B.offsets[d], B.offsets[d + 1], W, D, max_content)
+        f = 2 if bad else 0
+        if n > max_content:
+            f |= 1
+        elif n > B.caps[d]:
+            f |= 128
+        B.flags[d] = f
+        n = min(n, max_content, B.caps[d])
+        B.out[base + npre + n:base + npre + n + nsuf] = suffix
+        B.counts[d] = npre + n + nsuf
+
+
 @njit(nogil=True, cache=True, parallel=True)
-def encode_batch(buf, offsets, blocks, out_base, caps, ut, ft, vt, at, cfg, prefix, suffix,
-                 max_content, max_nfd):
+def _encode_blocks(B, ut, fast, vocab, added, cfg, prefix, suffix, max_content):
+    # A parallel loop cannot take a tuple nested in a tuple (numba 0.6x: "scalar type
+    # given for non scalar argument"), so WordPieceTables travels in parts.
+    for b in prange(len(B.blocks) - 1):
+        _encode_block(b, B, WordPieceTables(ut, fast, vocab, added, cfg), prefix, suffix, max_content)
+
+
+def encode_batch(buf, offsets, blocks, out_base, caps, W, prefix, suffix, max_content):
     """Tokenize every document; block b (docs blocks[b]:blocks[b+1]) runs on one thread.
 
     Document d owns out[out_base[d]:...]: prefix, up to caps[d] content
@@ -313,33 +411,10 @@ def encode_batch(buf, offsets, blocks, out_base, caps, ut, ft, vt, at, cfg, pref
     128 more tokens than caps[d] without truncation (a sizing bug the caller reports).
     """
     n_docs = len(offsets) - 1
-    out = np.empty(out_base[n_docs], np.int32)
-    counts = np.zeros(n_docs, np.int64)
-    flags = np.zeros(n_docs, np.uint8)
-    npre, nsuf = len(prefix), len(suffix)
-    for b in prange(len(blocks) - 1):
-        longest = 1
-        for d in range(blocks[b], blocks[b + 1]):
-            longest = max(longest, offsets[d + 1] - offsets[d])
-        cps = np.empty(longest, np.int32)
-        pend = np.empty(longest * max_nfd + 1, np.int32)
-        wbuf = np.empty(cfg[C_MAXCHARS] + 1, np.int32)
-        st = np.zeros(3, np.int64)
-        for d in range(blocks[b], blocks[b + 1]):
-            base = out_base[d]
-            out[base:base + npre] = prefix
-            n, bad = encode_doc(buf, offsets[d], offsets[d + 1], cps, pend, wbuf, st, ut, ft,
-                                vt, at, cfg, out, base + npre, caps[d], max_content)
-            f = 2 if bad else 0
-            if n > max_content:
-                f |= 1
-            elif n > caps[d]:
-                f |= 128
-            flags[d] = f
-            n = min(n, max_content, caps[d])
-            out[base + npre + n:base + npre + n + nsuf] = suffix
-            counts[d] = npre + n + nsuf
-    return out, counts, flags
+    B = Batch(buf, offsets, blocks, out_base, caps, np.empty(out_base[n_docs], np.int32),
+              np.zeros(n_docs, np.int64), np.zeros(n_docs, np.uint8))
+    _encode_blocks(B, W.ut, W.fast, W.vocab, W.added, W.cfg, prefix, suffix, max_content)
+    return B.out, B.counts, B.flags
 
 
 @njit(nogil=True, cache=True)

@@ -1,4 +1,4 @@
-"""Byte-level BPE (hpcllm.tokenizer_bpe + kernels/bpe.py) against the real oracles.
+"""Byte-level BPE (hpcllm.tokenizer.bpe + kernels/bpe.py) against the real oracles.
 
 SmolLM2 from its GGUF: HF transformers loading the same GGUF is the oracle
 (it maps tokenizer.ggml.pre "smollm" to the plain GPT-2 ByteLevel regex).
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import corpora
 from hpcllm.errors import HpcllmError
 from hpcllm.kernels.regex_pretok import LLAMA3_PATTERN, QWEN2_PATTERN, load_tables
-from hpcllm.tokenizer_bpe import BYTE_CHARS, ByteLevelBPE
+from hpcllm.tokenizer.bpe import BYTE_CHARS, ByteLevelBPE
 
 tokenizers = pytest.importorskip("tokenizers")
 Tokenizer = tokenizers.Tokenizer
@@ -42,7 +42,8 @@ def pack(texts):
 
 
 def ids_of(tok, texts, **kw):
-    ids, off, _ = tok.encode_bytes(*pack(texts), **kw)
+    enc = tok.encode_bytes(*pack(texts), **kw)
+    ids, off = enc.ids, enc.offsets
     return [ids[off[i]:off[i + 1]].tolist() for i in range(len(texts))]
 
 
@@ -205,7 +206,8 @@ BAD_UTF8 = [b"\xff", b"abc\x80def", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80 lone hi
 
 def test_invalid_utf8_replaced_and_flagged(smol, configs):
     for ours, hf in [(smol, Tokenizer.from_str(json.dumps(smol.to_json_dict())))] + list(configs.values()):
-        ids, off, flags = ours.encode_bytes(*pack(BAD_UTF8))
+        enc = ours.encode_bytes(*pack(BAD_UTF8))
+        ids, off, flags = enc.ids, enc.offsets, enc.flags
         decoded = [b.decode("utf-8", errors="replace") for b in BAD_UTF8]
         ref = hf_ids(hf, decoded)
         for i, b in enumerate(BAD_UTF8):
@@ -221,7 +223,8 @@ def test_empty_documents_get_the_empty_encoding(smol, configs):
     gpt2, _ = configs["gpt2"]
     assert ids_of(llama3, ["", ""]) == [[1], [1]]
     assert ids_of(gpt2, [""]) == [[0]] and ids_of(gpt2, [""], add_special_tokens=False) == [[]]
-    ids, off, flags = smol.encode_bytes(np.zeros(0, np.uint8), np.zeros(1, np.int64))
+    enc = smol.encode_bytes(np.zeros(0, np.uint8), np.zeros(1, np.int64))
+    ids, off, flags = enc.ids, enc.offsets, enc.flags
     assert len(ids) == 0 and off.tolist() == [0] and len(flags) == 0
 
 
@@ -234,7 +237,8 @@ def test_truncation_counts_special_tokens(smol, configs, name):
     hf = Tokenizer.from_str(hf.to_str())
     for max_length in (1, 2, 7, 64):
         hf.enable_truncation(max_length)
-        ids, off, flags = ours.encode_bytes(*pack(texts), max_length=max_length)
+        enc = ours.encode_bytes(*pack(texts), max_length=max_length)
+        ids, off, flags = enc.ids, enc.offsets, enc.flags
         full = ids_of(ours, texts)
         ref = hf_ids(hf, texts)
         for i in range(len(texts)):
@@ -262,7 +266,8 @@ def test_random_unicode_matches_oracles(smol, smol_hf, configs, texts):
 @HYP
 @given(docs=st.lists(st.binary(max_size=30), min_size=1, max_size=4))
 def test_random_bytes_match_replace_decoding(smol, smol_hf, docs):
-    ids, off, flags = smol.encode_bytes(*pack(docs))
+    enc = smol.encode_bytes(*pack(docs))
+    ids, off, flags = enc.ids, enc.offsets, enc.flags
     texts = [d.decode("utf-8", errors="replace") for d in docs]
     ref = hf_ids(smol_hf.backend_tokenizer, texts)
     for i, d in enumerate(docs):
@@ -402,5 +407,5 @@ def test_parallel_and_threads_give_the_same_ids(smol):
     for t in threads:
         t.join()
     for res in [one] + got:
-        for a, b in zip(res, want):
+        for a, b in zip((res.ids, res.offsets, res.flags), (want.ids, want.offsets, want.flags)):
             np.testing.assert_array_equal(a, b)

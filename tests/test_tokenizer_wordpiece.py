@@ -39,7 +39,7 @@ ADVERSARIAL = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_file(PATH)
+    return Tokenizer.from_file(PATH, apply_file_settings=False)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_decode_matches_hf(tok, hf, skip):
 
 
 def test_to_str_roundtrip(tok):
-    again = Tokenizer.from_str(tok.to_str())
+    again = Tokenizer.from_str(tok.to_str(), apply_file_settings=False)
     texts = fortunes("fortunes-zh", 200)
     assert again.encode_batch(texts).to_lists() == tok.encode_batch(texts).to_lists()
 
