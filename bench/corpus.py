@@ -134,7 +134,7 @@ def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
     ckpt = Checkpoint(model_path)
     model = build_model(ckpt, 0, 1, LocalComm(), torch.float32)
     max_length = min(ckpt.config["max_length"], ckpt.config["max_positions"])
-    enc = Tokenizer.from_str(ckpt.tokenizer_json).encode_batch(texts, max_length=max_length)
+    enc = Tokenizer.from_str(ckpt.tokenizer_json, apply_file_settings=False).encode_batch(texts, max_length=max_length)
     batches = []   # the job's batches: formed inside each shard
     for a in range(0, len(texts), shard_docs):
         batches += [pack_batch(enc.ids, enc.offsets, a + b)

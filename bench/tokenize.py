@@ -42,7 +42,7 @@ def tokenizer_pairs():
 
     from hpcllm.tokenizer import Tokenizer
     hf = HFTokenizer.from_file(minilm_json())
-    pairs = {"wordpiece (all-MiniLM-L6-v2)": (Tokenizer.from_file(minilm_json()), hf)}
+    pairs = {"wordpiece (all-MiniLM-L6-v2)": (Tokenizer.from_file(minilm_json(), apply_file_settings=False), hf)}
     try:
         from transformers import AutoTokenizer
         path = smollm2_gguf()
