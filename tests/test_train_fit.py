@@ -16,7 +16,6 @@ L2 = 1e-3
 WORLDS = (1, 2, 3)
 
 
-
 def blobs(n=600, d=8, seed=0):
     """4 overlapping gaussian classes of unequal size (40/30/20/10 %), off-centre, unequal feature scales."""
     rng = np.random.default_rng(seed)
@@ -96,6 +95,7 @@ def test_all_reduced_training_equals_single_rank(worlds, world):
     for name in ("plain", "balanced"):
         np.testing.assert_allclose(many[f"{name}_W"], one[f"{name}_W"], rtol=0, atol=1e-6)
         np.testing.assert_allclose(many[f"{name}_curve"], one[f"{name}_curve"], rtol=1e-6)
+    np.testing.assert_allclose(many["empty_rank_W"], one["plain_W"], rtol=0, atol=1e-6)   # a rank without rows
     # float32 compute, stopped early mid-descent: the summation-order drift is not damped by convergence
     for key, atol in (("f32_probs", 1e-4), ("mlp_probs", 1e-5), ("adam_probs", 1e-5), ):
         diff = np.abs(many[key] - one[key]).max()
