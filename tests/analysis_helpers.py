@@ -37,10 +37,13 @@ def _plan(path, lines, shard_docs):
 
 
 def make_results(out, corpus, n, shard_docs=None, seed=0, token_lp=False, dim=0, enum=False,
-                 shard_attrs=True, doc_ids=True):
-    """A finished score-like results dir over ``corpus`` (written here): returns the full columns."""
+                 shard_attrs=True, doc_ids=True, write=True):
+    """A finished score-like results dir over ``corpus`` (written here unless it exists or not ``write``):
+    returns the full columns (and the corpus ``lines``)."""
     os.makedirs(out, exist_ok=True)
-    lines = write_corpus(corpus, n, seed) if corpus and not os.path.exists(corpus) else None
+    lines = write_corpus(corpus, n, seed) if write and not os.path.exists(corpus) else None
+    if not os.path.exists(corpus):
+        open(corpus, "wb").close()
     corpus = os.path.abspath(corpus)
     lines = lines or [b""] * n
     rng = np.random.default_rng(seed)

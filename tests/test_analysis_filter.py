@@ -114,7 +114,15 @@ def test_changed_corpus_is_refused(data, tmp_path):
         run_filter([d / "out"], "n_tokens > 0", str(tmp_path / "k.jsonl"), inputs=[str(changed)])
     same_size = tmp_path / "s" / "corpus.jsonl"
     same_size.parent.mkdir()
-    same_size.write_bytes(lines[1] + lines[0] + b"".join(lines[2:]))      # two lines swapped
-    if len(lines[0]) != len(lines[1]):
-        with pytest.raises(HpcllmError, match="corpus changed since the job"):
-            run_filter([d / "out"], "n_tokens > 0", str(tmp_path / "k.jsonl"), inputs=[str(same_size)])
+    same_size.write_bytes(lines[0][:-1] + b" " + b"".join(lines[1:]))     # one newline less, same size
+    with pytest.raises(HpcllmError, match="corpus changed since the job"):
+        run_filter([d / "out"], "n_tokens > 0", str(tmp_path / "k.jsonl"), inputs=[str(same_size)])
+    import json
+    import shutil
+    shutil.copytree(d / "out", tmp_path / "old")
+    m = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    m["created"] = "2000-01-01T00:00:00+00:00"                        # the corpus is newer than the job
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(HpcllmError, match="was modified after"):
+        run_filter([tmp_path / "old"], "n_tokens > 0", str(tmp_path / "k.jsonl"))
+    assert not os.path.exists(tmp_path / "k.jsonl")

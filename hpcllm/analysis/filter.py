@@ -209,6 +209,9 @@ class LineReader:
                                   f"{self.line + 1} (shard {shard['index']}): the corpus changed since the job")
             self.line += 1
             yield raw if raw.endswith(b"\n") else raw + b"\n"
+
+    def check_end(self, shard: dict) -> None:
+        """The shard's lines ended where the plan says (a plain file's byte_end)."""
         if not self.gz and "byte_end" in shard and self.fh.tell() != int(shard["byte_end"]):
             raise HpcllmError(f"{self.path}: shard {shard['index']} ends at byte {self.fh.tell()}, the job's "
                               f"plan says {shard['byte_end']}: the corpus changed since the job")
@@ -249,6 +252,7 @@ def _filter_shards(res, bound, qv, shards, files, part_dir, outputs: dict) -> tu
                      else open(os.devnull, "wb")) as rej:
                 for keep, line in zip(mask, reader.lines(s)):
                     (out if keep else rej).write(line)
+            reader.check_end(s)
             kept += int(mask.sum())
             dropped += int((~mask).sum())
     finally:
