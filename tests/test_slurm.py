@@ -1,10 +1,14 @@
 """Slurm: the launch check and provenance, and the sbatch templates on a real one-node cluster.
 
-The cluster tests start Slurm with slurm/start-test-cluster.sh (root only;
-skipped otherwise). They submit the real templates in slurm/ with HPCLLM_CMD
-pointing at this file, which, run as a script, is a small stand-in for
-`hpcllm JOB`: an MPI program that reports its world and Slurm provenance,
-works through resumable steps, and stops on a signal with EXIT_REQUEUE.
+slurm/hpcllm.sbatch is the one template (`sbatch slurm/hpcllm.sbatch JOB
+ARGS...`); embed.sbatch, score.sbatch, tokenize.sbatch and embed-array.sbatch
+are thin wrappers that source it. The cluster tests start Slurm with
+slurm/start-test-cluster.sh (root only; skipped otherwise). They submit the
+real templates in slurm/ with HPCLLM_CMD pointing at this file, which, run as
+a script, is a small stand-in for `hpcllm JOB`: an MPI program that reports
+its world and Slurm provenance, works through resumable steps, and stops on a
+signal with EXIT_REQUEUE. The real embed and tokenize jobs run through
+sbatch too, and must give files equal to `mpiexec`.
 """
 
 import json
@@ -51,6 +55,47 @@ def test_provenance_only_what_slurm_set():
                                "job_name": "hpcllm-embed"}
 
 
+# --- the templates as files ----------------------------------------------------
+
+TEMPLATES = ["hpcllm.sbatch", "embed.sbatch", "score.sbatch", "tokenize.sbatch", "embed-array.sbatch"]
+DIRECTIVES = ["--requeue", "--signal=B:USR1@300", "--open-mode=append", "--export=ALL"]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_asks_for_requeue_signal_and_append(name):
+    path = os.path.join(SLURM_DIR, name)
+    text = open(path).read()
+    directives = [line.split(None, 1)[1].strip() for line in text.splitlines() if line.startswith("#SBATCH ")]
+    assert all(d in directives for d in DIRECTIVES), directives
+    job = "hpcllm" if name == "hpcllm.sbatch" else "hpcllm-" + name.removesuffix(".sbatch")
+    assert f"--job-name={job}" in directives
+    r = subprocess.run(["bash", "-n", path], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    if name != "hpcllm.sbatch":   # a wrapper: the run logic lives once, in hpcllm.sbatch
+        assert ". \"$d/hpcllm.sbatch\"" in text and "srun" not in text and "trap" not in text
+
+
+def test_the_one_template_holds_the_signal_and_requeue_logic():
+    text = open(os.path.join(SLURM_DIR, "hpcllm.sbatch")).read()
+    for needle in ("srun --mpi=pmi2 ${HPCLLM_SRUN_ARGS:-} ${HPCLLM_CMD:-hpcllm}", "trap '_hpcllm_forward USR1' USR1",
+                   "trap '_hpcllm_forward TERM' TERM", "HPCLLM_EXIT_REQUEUE=75", 'scontrol requeue "${SLURM_JOB_ID}"',
+                   "HPCLLM_MAX_RESTARTS", "HPCLLM_SLURM_DIR"):
+        assert needle in text, needle
+
+
+def test_tokenize_template_does_not_advertise_tp():
+    text = open(os.path.join(SLURM_DIR, "tokenize.sbatch")).read()
+    assert "--tp" not in text and "tokenize.sbatch" in text and "--tokenizer" in text
+
+
+@pytest.mark.parametrize("args", [[], ["--model", "M.h5"]])
+def test_template_without_a_job_prints_usage(args):
+    # Refused before anything Slurm is needed: it runs outside a job too.
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "hpcllm.sbatch"), *args], capture_output=True, text=True,
+                       timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    assert r.returncode == 2 and "usage: sbatch" in r.stderr and "hpcllm.sbatch JOB" in r.stderr, r.stderr
+
+
 # --- the one-node cluster ------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -83,10 +128,10 @@ def _fake_env(**extra):
     return dict(os.environ, HPCLLM_CMD=f"{sys.executable} {HERE}", **extra)
 
 
-def _sbatch(args, tmp_path, env):
-    """Submit ``sbatch ARGS`` from tmp_path; returns the job id."""
+def _sbatch(args, tmp_path, env, cwd=None):
+    """Submit ``sbatch ARGS`` to run in tmp_path (submitted from ``cwd``, default ours); returns the job id."""
     r = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", *map(str, args)], capture_output=True,
-                       text=True, timeout=60, env=env)
+                       text=True, timeout=60, env=env, cwd=cwd)
     assert r.returncode == 0, f"sbatch {args} failed: {r.stderr}"
     return int(r.stdout.strip().split(";")[0])
 
@@ -106,10 +151,10 @@ def _wait_gone(job_id, timeout=JOB_TIMEOUT):
         raise
 
 
-def _sbatch_wait(args, tmp_path, env):
+def _sbatch_wait(args, tmp_path, env, cwd=None):
     """Submit ``sbatch ARGS`` with its log in tmp_path/log, wait for its end; returns (job id, state, log)."""
     log = tmp_path / "log"
-    job_id = _sbatch([f"--output={log}", *args], tmp_path, env)
+    job_id = _sbatch([f"--output={log}", *args], tmp_path, env, cwd)
     _wait_gone(job_id)
     return job_id, _job_state(job_id)[0], (log.read_text() if log.exists() else "")
 
@@ -121,20 +166,41 @@ def _reports(log):
 
 @pytest.mark.slurm
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
-@pytest.mark.parametrize("ntasks", [2, 4])
-def test_sbatch_template_runs_an_mpi_world(slurm_cluster, tmp_path, ntasks):
-    job_id, state, log = _sbatch_wait(["-n", ntasks, os.path.join(SLURM_DIR, "embed.sbatch"), "--out", tmp_path,
-                                       "--steps", 1, "--extra", "a b"], tmp_path, _fake_env())
+@pytest.mark.parametrize("ntasks, template, job", [(2, "embed.sbatch", "embed"), (4, "embed.sbatch", "embed"),
+                                                   (2, "tokenize.sbatch", "tokenize"), (2, "hpcllm.sbatch", "score")])
+def test_sbatch_template_runs_an_mpi_world(slurm_cluster, tmp_path, ntasks, template, job):
+    generic = template == "hpcllm.sbatch"   # the job is its first argument
+    job_id, state, log = _sbatch_wait(["-n", ntasks, os.path.join(SLURM_DIR, template), *([job] if generic else []),
+                                       "--out", tmp_path, "--steps", 1, "--extra", "a b"], tmp_path, _fake_env())
     assert state == "COMPLETED", log
     reports = _reports(log)
     assert sorted(x["rank"] for x in reports) == list(range(ntasks))
     assert {x["size"] for x in reports} == {ntasks}
     # The template forwarded its arguments unchanged (one argument with a space stays one).
-    assert all(x["argv"] == ["embed", "--out", str(tmp_path), "--steps", "1", "--extra", "a b"] for x in reports)
+    assert all(x["argv"] == [job, "--out", str(tmp_path), "--steps", "1", "--extra", "a b"] for x in reports)
     for x in reports:
         assert (x["slurm"]["job_id"], x["slurm"]["ntasks"], x["slurm"]["restart_count"]) == (job_id, ntasks, 0)
-        assert x["slurm"]["job_name"] == "hpcllm-embed" and "array_job_id" not in x["slurm"]
+        assert x["slurm"]["job_name"] == ("hpcllm" if generic else f"hpcllm-{job}")
+        assert "array_job_id" not in x["slurm"]
     assert f"start job {job_id} restart_count=0 ntasks={ntasks}" in log and f"end job {job_id} exit=0" in log
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_wrapper_finds_the_template_through_hpcllm_slurm_dir(slurm_cluster, tmp_path):
+    # A wrapper copied away from slurm/ and submitted from a directory without slurm/ (SLURM_SUBMIT_DIR)
+    # finds hpcllm.sbatch only through HPCLLM_SLURM_DIR, and says so when it is not set.
+    alone = tmp_path / "mine"
+    alone.mkdir()
+    (alone / "embed.sbatch").write_text(open(os.path.join(SLURM_DIR, "embed.sbatch")).read())
+    args = ["-n", 2, alone / "embed.sbatch", "--out", tmp_path, "--steps", 1]
+    _, state, log = _sbatch_wait(args, tmp_path, _fake_env(HPCLLM_SLURM_DIR=SLURM_DIR), cwd=alone)
+    assert state == "COMPLETED" and len(_reports(log)) == 2, log
+    (tmp_path / "log").unlink()
+    env = {k: v for k, v in _fake_env().items() if k != "HPCLLM_SLURM_DIR"}
+    _, state, log = _sbatch_wait(args, tmp_path, env, cwd=alone)
+    assert state == "FAILED" and "cannot find slurm/hpcllm.sbatch; set HPCLLM_SLURM_DIR" in log, log
+    assert not _reports(log)
 
 
 @pytest.mark.slurm
@@ -296,6 +362,33 @@ def test_sbatch_embed_signalled_requeues_and_matches(slurm_cluster, tmp_path, em
     done_before = [int(m) for m in re.findall(r"\((\d+) already done\)", text)]
     assert len(done_before) == 2 and done_before[0] == 0 and done_before[1] >= 1, text
     _assert_same_results(reference, out / "results.h5")
+
+
+# --- the real tokenize job: sbatch vs mpiexec ----------------------------------
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
+def test_sbatch_tokenize_matches_mpiexec(slurm_cluster, tmp_path):
+    from conftest import minilm_dir, mpirun, write_jsonl
+    from corpora import mixed
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", mixed(96), id_prefix="d")
+    args = ["--tokenizer", os.path.join(minilm_dir(), "tokenizer.json"), "--input", corpus, "--shard-docs", 8,
+            "--progress", "0"]
+    mpirun(2, ["tokenize", *args, "--output", tmp_path / "mpiexec"])
+    _, state, log = _sbatch_wait(["-n", 2, os.path.join(SLURM_DIR, "tokenize.sbatch"), *args,
+                                  "--output", tmp_path / "sbatch"], tmp_path, _embed_env())
+    assert state == "COMPLETED", log
+    names = sorted(os.listdir(tmp_path / "mpiexec" / "shards"))
+    assert len(names) == 12 and sorted(os.listdir(tmp_path / "sbatch" / "shards")) == names
+    for name in names:
+        _assert_same_results(tmp_path / "mpiexec" / "shards" / name, tmp_path / "sbatch" / "shards" / name)
+    info = [json.loads((tmp_path / d / "tokens.json").read_text()) for d in ("mpiexec", "sbatch")]
+    assert info[1]["slurm"]["job_name"] == "hpcllm-tokenize" and info[0]["slurm"] == {}
+    for x in info:   # what differs between the two runs: when, how long, where to, and Slurm's record
+        del x["finished"], x["timings"], x["config"]["output"], x["slurm"]
+    assert info[0] == info[1] and info[0]["n_docs"] == 96
 
 
 # --- run as a script: a stand-in for `hpcllm JOB --out DIR --steps N` -----------
