@@ -71,15 +71,7 @@ def make_results(out, corpus, n, shard_docs=None, seed=0, token_lp=False, dim=0,
         cols["token_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         cols["token_logprobs"] = -rng.exponential(2.0, int(lengths.sum())).astype(np.float32)
         schema.append(ragged("token_logprobs", np.float32, "token_offsets"))
-    for s in plan:
-        a, b = s.row_start, s.row_start + s.n_docs
-        part = {k: v[a:b] for k, v in cols.items() if k not in ("token_offsets", "token_logprobs")}
-        if token_lp:
-            o = cols["token_offsets"][a:b + 1]
-            part["token_offsets"], part["token_logprobs"] = o - o[0], cols["token_logprobs"][o[0]:o[-1]]
-        attrs = {"seconds": float(1 + rng.random() + (s.index == 1) * 3), "rank": s.index % 2,
-                 "dp_rank": s.index % 2, "host": "node0"} if shard_attrs else None
-        write_shard(str(out), s, part, attrs=attrs, schema=tuple(schema))
+    _write_shards(out, plan, cols, schema, rng, token_lp, shard_attrs)
     timings = [{"rank": r, "dp_rank": r, "tp_rank": 0, "docs": n // 2, "tokens": 1000 * r + 5000, "shards": 2,
                 "seconds": {"read": 0.5, "tokenize": 1.0 + r, "compute": 5.0, "comm": 0.1, "write": 0.2,
                             "idle": 0.3}, "peak_rss_mb": 500.0, "weights_mb": 100.0} for r in range(2)]
@@ -110,3 +102,15 @@ def run_cli(*args, timeout=120, mpi=0):
         cmd = ["mpiexec", "-n", str(mpi), *cmd]
     env = dict(os.environ, MPIEXEC_TIMEOUT=str(timeout))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30, env=env)
+
+
+def _write_shards(out, plan, cols, schema, rng, token_lp, shard_attrs):
+    for s in plan:
+        a, b = s.row_start, s.row_start + s.n_docs
+        part = {k: v[a:b] for k, v in cols.items() if k not in ("token_offsets", "token_logprobs")}
+        if token_lp:
+            o = cols["token_offsets"][a:b + 1]
+            part["token_offsets"], part["token_logprobs"] = o - o[0], cols["token_logprobs"][o[0]:o[-1]]
+        attrs = {"seconds": float(1 + rng.random() + (s.index == 1) * 3), "rank": s.index % 2,
+                 "dp_rank": s.index % 2, "host": "node0"} if shard_attrs else None
+        write_shard(str(out), s, part, attrs=attrs, schema=tuple(schema))

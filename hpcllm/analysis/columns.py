@@ -44,7 +44,7 @@ except ImportError:        # pragma: no cover - older layout
 RESULTS_NAME = "results.h5"
 MANIFEST_NAME = "manifest.json"
 BLOCK_BYTES = 64 << 20
-MIN_BLOCK, MAX_BLOCK = 1024, 1 << 20
+MIN_BLOCK, MAX_BLOCK = 1024, 1 << 18
 NAME_ATTRS = ("names", "enum_names", "class_names", "labels")
 STATUS_NAMES = [Status(c).name if c in Status._value2member_map_ else None for c in range(256)]
 

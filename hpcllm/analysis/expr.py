@@ -101,18 +101,18 @@ class Parser:
         return node
 
     def expr(self) -> Node:
-        items = [self.conj()]
-        while self.at("kw", "or"):
-            self.i += 1
-            items.append(self.conj())
-        return items[0] if len(items) == 1 else Node("or", items[0].pos, tuple(items))
+        return self._chain("or", self.conj)
 
     def conj(self) -> Node:
-        items = [self.neg()]
-        while self.at("kw", "and"):
+        return self._chain("and", self.neg)
+
+    def _chain(self, keyword: str, operand) -> Node:
+        """``operand (keyword operand)*`` as one n-ary node (or the single operand)."""
+        items = [operand()]
+        while self.at("kw", keyword):
             self.i += 1
-            items.append(self.neg())
-        return items[0] if len(items) == 1 else Node("and", items[0].pos, tuple(items))
+            items.append(operand())
+        return items[0] if len(items) == 1 else Node(keyword, items[0].pos, tuple(items))
 
     def neg(self) -> Node:
         t = self.peek()

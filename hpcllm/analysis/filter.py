@@ -250,8 +250,14 @@ def _filter_shards(res, bound, qv, shards, files, part_dir, outputs: dict) -> tu
             with _open_out(_part(part_dir, "kept", s, outputs["kept"])) as out, \
                     (_open_out(_part(part_dir, "rejected", s, outputs["rejected"])) if outputs["rejected"]
                      else open(os.devnull, "wb")) as rej:
-                for keep, line in zip(mask, reader.lines(s)):
-                    (out if keep else rej).write(line)
+                bufs = ([], [])                      # rejected, kept: written in chunks (one compress call each)
+                for keep, line in zip(mask.tolist(), reader.lines(s)):
+                    bufs[keep].append(line)
+                    if len(bufs[keep]) >= 4096:
+                        (out if keep else rej).write(b"".join(bufs[keep]))
+                        bufs[keep].clear()
+                out.write(b"".join(bufs[1]))
+                rej.write(b"".join(bufs[0]))
             reader.check_end(s)
             kept += int(mask.sum())
             dropped += int((~mask).sum())

@@ -1,0 +1,82 @@
+"""Benchmark: `hpcllm export` / `hpcllm filter` vs what a user writes by hand, on a synthetic score
+results dir (score columns + doc ids, 8 shards, written with hpcllm's own write_shard / build_master).
+
+    python bench/export.py --rows 2000000
+
+export: hpcllm export -> Parquet, against h5py -> pandas.DataFrame -> to_parquet (pyarrow).
+filter: `status == ok and perplexity <= q(0.6)` -> kept.jsonl.gz, against h5py columns + numpy.quantile +
+the corpus read line by line into a gzip file.  Each side runs as its own process on the same cores
+(start-up and imports included); prints seconds, peak RSS and the ratio.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+PEER_EXPORT = """
+import sys, h5py, pandas as pd
+with h5py.File(sys.argv[1] + "/results.h5") as f:
+    df = pd.DataFrame({k: (f[k].asstr()[:] if k == "doc_id" else f[k][:]) for k in
+                       ("doc_id", "source", "line", "status", "logprob_sum", "n_tokens", "perplexity")})
+df.to_parquet(sys.argv[2], engine="pyarrow")
+"""
+PEER_FILTER = """
+import gzip, sys, h5py, numpy as np
+with h5py.File(sys.argv[1] + "/results.h5") as f:
+    status, ppl = f["status"][:], f["perplexity"][:]
+keep = (status == 0) & (ppl <= np.quantile(ppl[status == 0], 0.6))
+with open(sys.argv[2], "rb") as src, gzip.open(sys.argv[3], "wb", compresslevel=6) as out:
+    for k, line in zip(keep, src):
+        if k:
+            out.write(line)
+"""
+
+
+def timed(cmd) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of one child process."""
+    wrapper = ("import subprocess, sys, resource; subprocess.run(sys.argv[1:], check=True); "
+               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", wrapper, *map(str, cmd)], capture_output=True, text=True, check=True)
+    secs = time.perf_counter() - t
+    return secs, float(out.stdout.strip().split()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--dir", default=None)
+    a = ap.parse_args()
+    from analysis_helpers import make_results
+
+    d = a.dir or tempfile.mkdtemp(prefix="bench-export-")
+    out, corpus = os.path.join(d, "out"), os.path.join(d, "corpus.jsonl")
+    if not os.path.exists(os.path.join(out, "results.h5")):
+        make_results(out, corpus, a.rows, shard_docs=-(-a.rows // 8), shard_attrs=False)
+    hp = [sys.executable, "-m", "hpcllm"]
+    rows = []
+    for what, ours, peer in (
+            ("export -> Parquet", hp + ["export", out, "--output", os.path.join(d, "a.parquet")],
+             [sys.executable, "-c", PEER_EXPORT, out, os.path.join(d, "b.parquet")]),
+            ("filter q(0.6) -> .jsonl.gz", hp + ["filter", out, "--where", "status == ok and perplexity <= q(0.6)",
+                                                 "--output", os.path.join(d, "a.jsonl.gz")],
+             [sys.executable, "-c", PEER_FILTER, out, corpus, os.path.join(d, "b.jsonl.gz")])):
+        (ts, ms), (tp, mp) = timed(ours), timed(peer)
+        rows.append({"what": what, "rows": a.rows, "hpcllm_s": round(ts, 2), "hpcllm_peak_mib": round(ms),
+                     "peer_s": round(tp, 2), "peer_peak_mib": round(mp), "speed_ratio": round(tp / ts, 2)})
+        print(f"{what}: {a.rows:,} rows  hpcllm {ts:.2f} s, peak {ms:.0f} MiB | peer {tp:.2f} s, peak {mp:.0f} MiB"
+              f" | ratio {tp / ts:.2f}x", flush=True)
+    import gzip
+    same = gzip.open(os.path.join(d, "a.jsonl.gz")).read() == gzip.open(os.path.join(d, "b.jsonl.gz")).read()
+    print(json.dumps({"filter_outputs_identical": same, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
