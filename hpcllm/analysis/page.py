@@ -16,8 +16,8 @@ from hpcllm.store.atomic import write_text
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:1.6em}h3{margin-bottom:.3em}
 table{border-collapse:collapse;margin:.4em 0;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px;
-text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}.fig{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:1px solid #eee;padding:6px;margin:6px 0}img{max-width:100%}code{font-size:.9em}.note{color:#666}"""
+text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}.fig{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+.fig>img{flex:0 0 auto;max-width:100%;height:auto}code{font-size:.9em}.note{color:#666}"""
 
 
 def _e(v) -> str:
@@ -60,8 +60,8 @@ def _columns_section(out: str, s: dict, c) -> str:
     for n, st in c.vectors.items():
         parts.append(_img(plots.histogram(out, f"{n}-norm", st["norm"], "L2 norm of the embedding"), n))
     for n, st in c.ragged.items():
-        parts.append(_img(plots.histogram(out, f"{n}-length", st["length"], f"{plots.unit(n)}: values per row"), n))
-        parts.append(_img(plots.histogram(out, n, st["values"]), n))
+        parts.append(_img(plots.histogram(out, f"{n}-length", st["length"], f"{n}: values per document"), n))
+        parts.append(_img(plots.histogram(out, n, st["values"], ylabel="values (all documents)"), n))
     for n, counts in s["enums"].items():
         parts.append(_img(plots.counts_bar(out, n, counts), n))
     return "".join(parts) + "</div>"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,7 +35,7 @@ def unit(name: str) -> str:
     return UNITS.get(name.split(".")[-1], name.split(".")[-1])
 
 
-def histogram(out_dir: str, name: str, sk: Sketch, label: str | None = None) -> str | None:
+def histogram(out_dir: str, name: str, sk: Sketch, label: str | None = None, ylabel: str = "documents") -> str | None:
     """Distribution of a column from its sketch over [p0.1, p99.9]; log x when positive and wide."""
     if not sk.n:
         return None
@@ -53,7 +54,7 @@ def histogram(out_dir: str, name: str, sk: Sketch, label: str | None = None) -> 
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{name}: {sk.n:,} values (0.1-99.9th percentile shown)", fontsize=10)
     ax.set_xlabel(label or unit(name) + (" (log scale)" if log else ""))
-    ax.set_ylabel("documents" if "token_logprobs" not in name else "tokens")
+    ax.set_ylabel(ylabel)
     return _save(fig, out_dir, f"hist-{name}")
 
 
@@ -89,7 +90,7 @@ def phases(out_dir: str, job: str, timings: list) -> str | None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title(f"{job}: time per rank by phase", fontsize=10)
-    ax.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.5 / len(rows) - 0.25), frameon=False)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, out_dir, f"phases-{job}")
 
 
@@ -105,6 +106,8 @@ def shards(out_dir: str, job: str, rows: list) -> str | None:
         m = groups == g
         ax.bar(np.array([r["shard"] for r in rows])[m], sec[m], color=cmap(g % 10), label=f"dp group {g}")
     ax.axhline(np.median(sec), color="black", lw=1, ls="--", label=f"median {np.median(sec):.3g} s")
+    ax.set_ylim(0, sec.max() * 1.3)                       # room for the legend above the bars
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("shard (input order)")
     ax.set_ylabel("seconds")
     ax.set_title(f"{job}: seconds per shard", fontsize=10)
