@@ -74,10 +74,13 @@ class GroupLoop:
 
     def should_stop(self) -> bool:
         """Collective over the tp group, at a batch boundary: has any rank of the world been signalled?"""
+        stop = self._stop.should_stop(self.mesh.tp_mpi, self.counters.stop_signal())
+        # Raised after agreeing: a signal landing while this group agrees makes it stop, so it must
+        # reach the other groups too (raised before, it could miss them: they then ran to the end).
         if self._stop.signum and not self._raised:
             self.counters.raise_stop(self._stop.signum)
             self._raised = True
-        return self._stop.should_stop(self.mesh.tp_mpi, self.counters.stop_signal())
+        return stop
 
     # ------------------------------------------------------------------ the loop
 
