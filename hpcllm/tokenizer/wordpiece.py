@@ -12,7 +12,7 @@ NO_LIMIT = np.int64(1) << 62
 
 def _trie(strings, ids):
     """A kernels.wordpiece.Trie of strings (by code point) -> ids."""
-    from hpcllm.kernels.wordpiece import build_trie
+    from hpcllm.kernels.trie import build_trie
     data = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), np.int32).copy()
     off = np.zeros(len(strings) + 1, np.int64)
     np.cumsum([len(s) for s in strings], out=off[1:])
@@ -96,7 +96,8 @@ class WordPiece:
 
     def _kernel_tables(self, model, vocab, added):
         from hpcllm.kernels.unicode_tables import bert_tables, fast_map, max_expansion, max_nfd_len
-        from hpcllm.kernels.wordpiece import FastMap, WordPieceConfig, WordPieceTables, walk
+        from hpcllm.kernels.trie import walk
+        from hpcllm.kernels.wordpiece import FastMap, WordPieceConfig, WordPieceTables
         toks = list(vocab)
         vt = _trie(toks, [vocab[t] for t in toks])
         plain = [t for t in added if t["content"]]

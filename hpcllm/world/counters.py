@@ -35,6 +35,7 @@ class SharedCounters:
             slots[:] = 0
             slots[NEXT], slots[FINAL] = first, -1
         self._poll_comm = world.Dup()
+        self._lock = threading.Lock()     # rank 0's admitter thread and the loop share the window
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, daemon=True) if world.Get_rank() == 0 else None
         if self._poller:
@@ -47,9 +48,10 @@ class SharedCounters:
 
     def _op(self, slot, value, op):
         out = np.zeros(1, np.int64)
-        self.win.Lock(0, self.MPI.LOCK_SHARED)
-        self.win.Fetch_and_op(np.array([value], np.int64), out, 0, slot, op)
-        self.win.Unlock(0)
+        with self._lock:              # one access epoch per process at a time (MPICH asserts otherwise)
+            self.win.Lock(0, self.MPI.LOCK_SHARED)
+            self.win.Fetch_and_op(np.array([value], np.int64), out, 0, slot, op)
+            self.win.Unlock(0)
         return int(out[0])
 
     def claim(self) -> int:
