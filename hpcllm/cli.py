@@ -19,6 +19,9 @@ from hpcllm.errors import HpcllmError
 JOBS = {
     "embed": ("hpcllm.jobs.embed", "EmbedJob", "sentence embeddings of every document (encoder models)"),
     "score": ("hpcllm.jobs.score", "ScoreJob", "log-likelihood / perplexity of every document (decoder models)"),
+    "train-classifier": ("hpcllm.jobs.train_classifier", "TrainClassifierJob",
+                         "embed a labelled corpus and train a classifier head on it (classifier.h5)"),
+    "classify": ("hpcllm.jobs.classify", "ClassifyJob", "label every document with a classifier (encoder + head)"),
     "tokenize": ("hpcllm.jobs.tokenize", "TokenizeJob", "tokenize a corpus into HDF5 token shards (input of the jobs)"),
 }
 # Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.
@@ -49,10 +52,13 @@ def build_parser():
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        from hpcllm.jobs.convert import convert
+        from hpcllm.jobs.convert import convert, launched_world
 
-        digest = convert(args.source, args.dest, args.dtype)
-        print(f"wrote {args.dest} (content hash {digest[:16]})")
+        world = launched_world()
+        digest = convert(args.source, args.dest, args.dtype, comm=world)
+        if world is None or world.Get_rank() == 0:
+            shards = f", {world.Get_size()} shard files" if world is not None else ""
+            print(f"wrote {args.dest} (content hash {digest[:16]}{shards})")
         return 0
     if args.command == "inspect":
         from hpcllm.inspect import inspect_file

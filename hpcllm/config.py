@@ -16,7 +16,8 @@ from hpcllm.errors import HpcllmError
 
 
 # Jobs that run a model (every job but tokenize): options of the model and its batches apply to them.
-MODEL_JOBS = ("embed", "score")
+MODEL_JOBS = ("embed", "score", "train-classifier", "classify")
+TRAIN = ("train-classifier",)
 
 
 def opt(default, help, result=False, choices=None, jobs=None):
@@ -49,6 +50,18 @@ class JobConfig:
     stride: int = opt(None, "sliding-window stride for documents longer than the context (default: half the context)",
                       result=True, jobs=("score",))
     token_logprobs: bool = opt(False, "also write per-token log-probabilities", result=True, jobs=("score",))
+    label_field: str = opt("label", "JSONL field holding the label (any JSON value; rows without one are skipped)", jobs=TRAIN)
+    head: str = opt("linear", "classifier head: multinomial logistic regression or a one-hidden-layer MLP",
+                    choices=("linear", "mlp"), jobs=TRAIN)
+    validation: float = opt(0.1, "held-out fraction (stratified, by document id) for metrics and early stopping", jobs=TRAIN)
+    epochs: int = opt(1000, "most full-batch optimiser iterations (each sees every training row once)", jobs=TRAIN)
+    l2: float = opt(1e-4, "L2 penalty on the head's weight matrices", jobs=TRAIN)
+    class_weight: str = opt("none", "class weights in the loss", choices=("none", "balanced"), jobs=TRAIN)
+    hidden: int = opt(256, "hidden units of the mlp head", jobs=TRAIN)
+    patience: int = opt(5, "validation rounds (of 20 iterations) without improvement before stopping", jobs=TRAIN)
+    seed: int = opt(0, "seed of the validation split and the head's initialisation", jobs=TRAIN)
+    encoder: str = opt(None, "the classifier's encoder checkpoint (default: the path the classifier records)",
+                       jobs=("classify",))
     progress: float = opt(10.0, "seconds between progress lines on rank 0 (0: none)")
     follow: bool = opt(False, "follow mode: keep polling the --input directory and process files as they land")
     poll_s: float = opt(10.0, "follow mode: seconds between polls of the input directory")

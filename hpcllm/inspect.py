@@ -18,10 +18,14 @@ def inspect_file(path: str) -> str:
         raise HpcllmError(f"inspect: file not found: {path}")
     try:
         with h5py.File(path, "r") as f:
-            is_checkpoint = f.attrs.get("format") == FORMAT
+            kind = f.attrs.get("format")
     except OSError:
         raise HpcllmError(f"inspect: {path} is not an HDF5 file") from None
-    if is_checkpoint:
+    if kind == "hpcllm-classifier":
+        from hpcllm.train.checkpoint import describe
+
+        return describe(path)
+    if kind == FORMAT:
         return checkpoint_summary(path)
     return summarize(path)
 
@@ -42,6 +46,8 @@ def checkpoint_summary(path: str) -> str:
             f"  content hash {ck.content_hash}",
             f"  source {ck.source}",
             f"  config {json.dumps(ck.config, sort_keys=True)}",
+            *([f"  {len(json.loads(ck.file.attrs['shards']))} shard files (joined by virtual datasets)"]
+              if "shards" in ck.file.attrs else []),
             "  parameters by split: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(split.items())),
             f"  tokenizer.json {len(ck.tokenizer_json):,} chars; {len(ck.names)} tensors, plan entries {len(plan_for(ck.architecture))}",
         ]

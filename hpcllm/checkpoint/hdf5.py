@@ -27,36 +27,48 @@ FORMAT_VERSION = 1
 
 
 def write_checkpoint(path, architecture: str, config: dict, tensors: dict, tokenizer_json: str,
-                     source: str, plan: dict | None = None, dtype: str = "float32") -> str:
+                     source: str, plan: dict | None = None, dtype: str = "float32", comm=None) -> str:
     """Write ``tensors`` (name -> numpy array, full shape) atomically; return the content hash.
 
-    ``plan``: the split plan recorded with each tensor (default: the architecture's)."""
+    ``plan``: the split plan recorded with each tensor (default: the architecture's).
+    ``comm`` of several ranks (collective; the same ``tensors`` on each): one file per rank
+    cut along the split axes plus a VDS master at ``path`` (``hpcllm.checkpoint.sharded``)."""
     if plan is None:
         from hpcllm.model.architectures import plan_for
 
         plan = plan_for(architecture)
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": None}[dtype]
+    stored, attrs = {}, {}
     digest = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        # bfloat16: stored as its 16 raw bits, marked by the root attribute
+        stored[name] = _round_bf16(arr) if np_dtype is None else arr.astype(np_dtype)
+        attrs[name] = split_attrs(tensor_split(plan, name))
+        digest.update(name.encode())
+        digest.update(stored[name].tobytes())
+    tok = tokenizer_json.encode("utf-8")
+    digest.update(tok)
+    content_hash = digest.hexdigest()
+    master = None
+    if comm is not None and comm.Get_size() > 1:
+        from hpcllm.checkpoint.sharded import write_shards
+
+        master = write_shards(path, comm, stored, {n: a["axis"] for n, a in attrs.items()}, attrs)
+        if comm.Get_rank() != 0:
+            return comm.bcast(None, root=0)
     with atomic_h5(path) as f:
         group = f.create_group("tensors")
-        for name in sorted(tensors):
-            arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
-            if np_dtype is None:  # bfloat16: stored as its 16 raw bits, marked by an attribute
-                stored = _round_bf16(arr)
-            else:
-                stored = arr.astype(np_dtype)
-            ds = group.create_dataset(name, data=stored)
-            ds.attrs.update(split_attrs(tensor_split(plan, name)))
-            digest.update(name.encode())
-            digest.update(stored.tobytes())
-        tok = tokenizer_json.encode("utf-8")
-        digest.update(tok)
+        if master is not None:
+            master(f, "tensors/")
+        else:
+            for name in sorted(stored):
+                group.create_dataset(name, data=stored[name]).attrs.update(attrs[name])
         f.create_dataset("tokenizer", data=np.frombuffer(tok, dtype=np.uint8))
-        content_hash = digest.hexdigest()
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
                         "config": json.dumps(config, sort_keys=True), "source": source,
                         "content_hash": content_hash, "dtype": dtype})
-    return content_hash
+    return comm.bcast(content_hash, root=0) if master is not None else content_hash
 
 
 def _round_bf16(arr: np.ndarray) -> np.ndarray:
@@ -79,6 +91,9 @@ class Checkpoint:
         attrs = self.file.attrs
         if attrs.get("format") != FORMAT:
             raise HpcllmError(f"{path}: not an hpcllm checkpoint (convert it first: hpcllm convert SRC {path})")
+        from hpcllm.checkpoint.sharded import verify_shards
+
+        verify_shards(self.file, path)
         if int(attrs["format_version"]) > FORMAT_VERSION:
             raise HpcllmError(f"{path}: checkpoint format version {attrs['format_version']} is newer than this hpcllm reads")
         self.path = path

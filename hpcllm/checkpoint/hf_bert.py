@@ -1,6 +1,14 @@
 """Import a Hugging Face BERT-family directory (config.json, model.safetensors,
 tokenizer.json, and sentence-transformers' modules.json / pooling config when
-present) into hpcllm's names and config."""
+present) into hpcllm's names and config.
+
+A ``BertForSequenceClassification`` (config ``architectures``) keeps its
+pooler and classifier as ``head.dense.*`` / ``head.out.*`` (replicated: the
+plan does not name them) and gets ``config["classifier"]``: the head
+(``hpcllm.train.heads.PoolerHead``) and the class names from ``id2label`` in
+id order; it pools the [CLS] vector, unnormalised, as HF does.  So `hpcllm
+classify` runs it, and `hpcllm embed` gives its [CLS] hidden states.
+"""
 
 import os
 
@@ -49,13 +57,37 @@ def bert_config(src: str, hf: dict) -> dict:
     }
 
 
-def bert_tensors(src: str, n_layers: int) -> dict:
+_HEAD_NAMES = {"pooler.dense.": "head.dense.", "classifier.": "head.out."}
+
+
+def is_sequence_classifier(hf: dict) -> bool:
+    return "BertForSequenceClassification" in (hf.get("architectures") or [])
+
+
+def classifier_config(src: str, hf: dict) -> dict:
+    """``config["classifier"]`` of a BertForSequenceClassification: its head and class names."""
+    if hf.get("problem_type") not in (None, "single_label_classification") or hf.get("num_labels", 2) < 2:
+        raise HpcllmError(f"{src}/config.json: problem_type {hf.get('problem_type')!r} with "
+                          f"{hf.get('num_labels')} labels; classify runs single-label classifiers (softmax) only")
+    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+    n = len(id2label) or hf.get("num_labels", 2)
+    names = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+    if len(set(names)) != n:
+        raise HpcllmError(f"{src}/config.json: id2label has repeated names {names}")
+    return {"head": {"kind": "pooler", "d": hf["hidden_size"], "n_classes": n}, "class_names": names}
+
+
+def bert_tensors(src: str, n_layers: int, keep_head: bool = False) -> dict:
     raw = {}
     for path in safetensors_files(src):
         raw.update(load_file(path))
     out = {}
     for key, arr in raw.items():
         key = key.removeprefix("bert.")
+        head = next((ours for hf, ours in _HEAD_NAMES.items() if key.startswith(hf)), None)
+        if keep_head and head is not None:
+            out[head + key.split(".")[-1]] = arr
+            continue
         if key == "embeddings.position_ids" or key.startswith(("pooler.", "cls.")):
             continue
         new = _rename(key)
@@ -93,4 +125,10 @@ def import_bert(src: str):
     """-> (architecture, config, tensors, tokenizer_json)"""
     hf = read_json(os.path.join(src, "config.json"))
     cfg = bert_config(src, hf)
-    return "bert", cfg, bert_tensors(src, cfg["n_layers"]), read_tokenizer_json(src)
+    seq_cls = is_sequence_classifier(hf)
+    if seq_cls:
+        cfg.update(pooling="cls", normalize=False, classifier=classifier_config(src, hf))
+    tensors = bert_tensors(src, cfg["n_layers"], keep_head=seq_cls)
+    if seq_cls and not {"head.dense.weight", "head.out.weight"} <= set(tensors):
+        raise HpcllmError(f"{src}: a BertForSequenceClassification without pooler or classifier weights")
+    return "bert", cfg, tensors, read_tokenizer_json(src)

@@ -10,6 +10,8 @@ defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
                                  ``work.process``) and the output arrays they fill
     compute(model, state, batch) one batch, on every rank of the tp group
     outputs(state) -> dict       the job's result columns for the whole shard, input order
+    open_model(cfg)              (class) the checkpoint ``__init__`` gets (default: cfg.model's Checkpoint)
+    finish_all(out, plan, mesh)  after every shard is done, on every rank (collective), before ``finish``
 
 The executor does the rest: world and mesh, the plan and resume, claiming
 shards, reading and tokenizing (prefetched), stopping on signals, writing
@@ -68,6 +70,12 @@ class Job:
     def __init__(self, cfg, ckpt):
         self.cfg, self.ckpt = cfg, ckpt
 
+    @classmethod
+    def open_model(cls, cfg):
+        from hpcllm.checkpoint.hdf5 import Checkpoint
+
+        return Checkpoint(cfg.model)
+
     def tokenizer_json(self) -> str:
         return self.ckpt.tokenizer_json
 
@@ -102,6 +110,9 @@ class Job:
         columns = {**base_columns(data.shard, data.docs), "status": data.status, "n_tokens": n_tokens, **outputs}
         write_shard(out_dir, data.shard, columns, attrs=attrs, schema=self.schema())
         return int(n_tokens.sum())
+
+    def finish_all(self, out_dir: str, plan, mesh) -> None:
+        """After every shard is done, on every rank of ``mesh.world`` (collective); default: nothing."""
 
     def finish(self, out_dir: str, plan, attrs: dict) -> str:
         """After every shard is done (rank 0): join them; returns a one-line summary."""

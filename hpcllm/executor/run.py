@@ -34,7 +34,7 @@ def run_job(cfg, job_cls) -> int:
 
     world = MPI.COMM_WORLD
     check_launch(world.Get_size())
-    job = job_cls(cfg, _checkpoint(cfg.model) if cfg.model else None)
+    job = job_cls(cfg, job_cls.open_model(cfg) if cfg.model else None)
     if job.needs_model:
         import torch  # noqa: F401  (loaded before set_threads, which sets its thread count)
     mesh = Mesh.create(world, cfg.tp if job.needs_model else 1, cfg.comm if job.needs_model else "none", cfg.device)
@@ -97,12 +97,6 @@ def _follow_plan(cfg, job, world, mesh, inputs):
     return SimpleNamespace(shards=follow.admissions.plan()), follow, first
 
 
-def _checkpoint(path):
-    from hpcllm.checkpoint.hdf5 import Checkpoint
-
-    return Checkpoint(path)
-
-
 def _build_model(job, mesh):
     import torch
 
@@ -131,6 +125,8 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
     world = mesh.world
     rows = world.gather(_rank_row(mesh, loop, model), root=0)
     any_stopped = world.allreduce(int(stopped), op=MPI.MAX)
+    if not any_stopped:
+        job.finish_all(cfg.output, manifest.shards, mesh)   # collective: train-classifier trains here
     error = None
     if world.Get_rank() == 0:
         if loop.progress:

@@ -3,6 +3,13 @@
 Which importer reads a source comes from the architecture registry
 (``hpcllm.model.architectures``): a ``.gguf`` file by its ``general.architecture``,
 an HF directory by its config.json ``model_type``.
+
+Under ``mpiexec -n K`` (K > 1) every rank imports the source and writes its
+share of the tensors in parallel: a sharded checkpoint (one file per rank plus
+a master joining them with virtual datasets, ``hpcllm.checkpoint.sharded``)
+that reads, and loads at any tp, like a single file and has the same content
+hash.  The importers still read whole sources on each rank; making them read
+only a rank's tensors is what would split the dequantising work of a large GGUF.
 """
 
 import json
@@ -29,7 +36,21 @@ def import_source(src: str):
     return hf_importer(model_type, f"convert: {cfg_path}")(src)
 
 
-def convert(src: str, dst: str, dtype: str = "float32") -> str:
+def convert(src: str, dst: str, dtype: str = "float32", comm=None) -> str:
+    """Convert ``src`` into ``dst``; returns the content hash.  ``comm`` (default: the MPI world when
+    launched by mpiexec with several ranks): write a sharded checkpoint, one file per rank."""
+    comm = comm if comm is not None else launched_world()
     arch, config, tensors, tokenizer_json = import_source(src)
     return write_checkpoint(dst, arch, config, tensors, tokenizer_json, source=os.path.abspath(src),
-                            plan=plan_for(arch), dtype=dtype)
+                            plan=plan_for(arch), dtype=dtype, comm=comm)
+
+
+def launched_world():
+    """MPI.COMM_WORLD when this process is one of several ranks started by mpiexec / srun, else None
+    (a plain ``hpcllm convert`` never initialises MPI)."""
+    size = next((os.environ[k] for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE") if k in os.environ), "1")
+    if int(size) <= 1:
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD

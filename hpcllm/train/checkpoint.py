@@ -16,6 +16,11 @@ embeddings.  Both an absolute and a relative path are kept, so moving the
 classifier together with its encoder (the usual ``clf/`` + ``minilm.h5``
 layout) keeps working; ``resolve_encoder`` also takes an explicit path.
 
+Written by a tp group (train-classifier --tp K), the head's tensors are cut
+by rows into one file per rank, ``classifier.h5.shards/rank-*.h5``, joined by
+virtual datasets in ``classifier.h5`` (``hpcllm.checkpoint.sharded``); it
+reads the same, and a missing or changed shard is an error on load.
+
 ``content_hash`` is a sha256 over the head config, the class names and values,
 the encoder hash and the head's tensors: what the predictions depend on.
 """
@@ -74,16 +79,28 @@ def _content_hash(config: dict, class_names: list, class_values: list, encoder_h
 
 
 def write_classifier(path: str, head: torch.nn.Module, class_names: list, class_values: list,
-                     encoder: EncoderRef, provenance: dict) -> str:
-    """Write the classifier atomically (call on one rank: the head is replicated); return its content hash."""
+                     encoder: EncoderRef, provenance: dict, comm=None) -> str:
+    """Write the classifier atomically; return its content hash.  Call on one rank (the head is
+    replicated), or on every rank of a tp group ``comm`` (collective): then each rank writes its rows
+    of the head's tensors to its own file and rank 0 the master (``hpcllm.checkpoint.sharded``)."""
     tensors = {k: v.detach().float().numpy() for k, v in head.state_dict().items()}
     config = head.config()
     content_hash = _content_hash(config, class_names, class_values, encoder.content_hash, tensors)
     relpath = os.path.relpath(encoder.path, os.path.dirname(os.path.abspath(path)))
+    master = None
+    if comm is not None and comm.Get_size() > 1:
+        from hpcllm.checkpoint.sharded import write_shards
+
+        master = write_shards(path, comm, tensors, {name: 0 for name in tensors})
+        if comm.Get_rank() != 0:
+            return comm.bcast(None, root=0)
     with atomic_h5(path) as f:
         group = f.create_group("head")
-        for name in sorted(tensors):
-            group.create_dataset(name, data=tensors[name])
+        if master is not None:
+            master(f, "head/")
+        else:
+            for name in sorted(tensors):
+                group.create_dataset(name, data=tensors[name])
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "head": json.dumps(config, sort_keys=True),
             "class_names": json.dumps(class_names, ensure_ascii=False),
@@ -92,7 +109,7 @@ def write_classifier(path: str, head: torch.nn.Module, class_names: list, class_
             "pooling": encoder.pooling, "normalize": encoder.normalize,
             "provenance": json.dumps(provenance, sort_keys=True, default=_json_default),
             "content_hash": content_hash})
-    return content_hash
+    return comm.bcast(content_hash, root=0) if master is not None else content_hash
 
 
 def _json_default(value):
@@ -117,6 +134,9 @@ def read_classifier(path: str) -> Classifier:
             raise HpcllmError(f"{path}: not an hpcllm classifier (train one with hpcllm train-classifier)")
         if int(attrs["format_version"]) > FORMAT_VERSION:
             raise HpcllmError(f"{path}: classifier format version {attrs['format_version']} is newer than this hpcllm reads")
+        from hpcllm.checkpoint.sharded import verify_shards
+
+        verify_shards(f, path)
         tensors = {name: f["head"][name][()] for name in f["head"]}
         config = json.loads(attrs["head"])
         names, values = json.loads(attrs["class_names"]), json.loads(attrs["class_values"])
@@ -148,3 +168,32 @@ def resolve_encoder(clf: Classifier, override: str = None) -> str:
             raise HpcllmError(f"{found}: content hash {ck.content_hash[:12]} is not the {clf.encoder.content_hash[:12]} "
                               f"{clf.path} was trained on; use that encoder or retrain the classifier")
     return found
+
+
+def describe(path: str) -> str:
+    """What `hpcllm inspect` prints for a classifier: head, classes, encoder, provenance, scores."""
+    import h5py
+
+    clf = read_classifier(path)
+    with h5py.File(path, "r") as f:
+        shards = json.loads(f.attrs.get("shards", "[]"))
+    p, n_params = clf.provenance, sum(v.numel() for v in clf.head.state_dict().values())
+    lines = [f"{path}: hpcllm classifier, head {json.dumps(clf.head.config(), sort_keys=True)} "
+             f"({n_params:,} values{f', in {len(shards)} shard files' if shards else ''})",
+             f"  content hash {clf.content_hash}",
+             f"  classes ({len(clf.class_names)}): " + ", ".join(clf.class_names),
+             f"  encoder {clf.encoder.path} ({clf.encoder.content_hash[:16]}), pooling {clf.encoder.pooling}, "
+             f"normalize {clf.encoder.normalize}"]
+    data = p.get("data", {})
+    if data:
+        lines.append(f"  data {data.get('input')} field {data.get('label_field')!r}: {data.get('n_train')} train, "
+                     f"{data.get('n_validation')} validation rows, fingerprint {data.get('fingerprint')}, "
+                     f"skipped {json.dumps(data.get('skipped', {}))}")
+    if "options" in p:
+        lines.append(f"  options {json.dumps(p['options'], sort_keys=True)}")
+    if "fit" in p:
+        lines.append(f"  fit: {p['fit']['n_iter']} iterations, best {p['fit']['best_iteration']}, converged "
+                     f"{p['fit']['converged']}, stopped early {p['fit']['stopped_early']}; world {json.dumps(p.get('world'))}")
+    for part, s in p.get("scores", {}).items():
+        lines.append(f"  {part}: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} ({s['n']} rows)")
+    return "\n".join(lines)

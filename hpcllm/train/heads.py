@@ -8,6 +8,8 @@ and the stored head applies to raw embeddings.
 * ``LinearHead``: multinomial logistic regression, ``logits = z @ W.T + b``.
 * ``MLPHead``: one hidden layer, ``logits = W2 act(W1 z + b1) + b2``; dropout
   is off by default, so training is deterministic.
+* ``PoolerHead``: HF BERT sequence classification's pooler + classifier, for
+  imported fine-tuned models.
 
 ``penalised()`` names the weight matrices the L2 penalty applies to (never the
 biases, as in scikit-learn). ``config()`` is what ``build_head`` needs to
@@ -85,17 +87,41 @@ class MLPHead(_Standardised):
                 "activation": self.activation, "dropout": self.dropout}
 
 
+class PoolerHead(_Standardised):
+    """HF ``BertForSequenceClassification``'s head on the [CLS] vector: ``out(tanh(dense(x)))``.
+
+    Imported (``hpcllm convert``), never trained here; standardisation stays the identity."""
+
+    kind = "pooler"
+
+    def __init__(self, d: int, n_classes: int):
+        super().__init__(d)
+        self.d, self.n_classes = d, n_classes
+        self.dense = nn.Linear(d, d)
+        self.out = nn.Linear(d, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.dense(self.standardise(x))))
+
+    def penalised(self):
+        return [self.dense.weight, self.out.weight]
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "d": self.d, "n_classes": self.n_classes}
+
+
+HEADS = {h.kind: h for h in (LinearHead, MLPHead, PoolerHead)}
+
+
 def build_head(config: dict, seed: int = 0) -> nn.Module:
     """The head ``config`` describes, initialised from ``seed`` without touching torch's global RNG."""
     options = dict(config)
     kind = options.pop("kind")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if kind == "linear":
-            return LinearHead(**options)
-        if kind == "mlp":
-            return MLPHead(**options)
-    raise ValueError(f"unknown head kind {kind!r} (linear or mlp)")
+        if kind in HEADS:
+            return HEADS[kind](**options)
+    raise ValueError(f"unknown head kind {kind!r} ({', '.join(HEADS)})")
 
 
 @torch.no_grad()

@@ -1,0 +1,143 @@
+"""Sharded checkpoint writes: one file per rank plus a master that joins them with virtual datasets.
+
+    DEST.h5                   the master: every tensor a VDS in its full logical shape, plus the
+                              file's own attributes and small datasets (tokenizer, ...);
+                              root attribute ``shards`` (JSON list: file, size, sha256 of each)
+    DEST.h5.shards/rank-00003.h5
+                              rank 3's rows of the split tensors (and the replicated tensors
+                              it was dealt); attribute ``shard_sha256`` over its contents
+
+Each rank writes its part at once, so writing a checkpoint costs the time of
+its largest part.  A split tensor is cut along its split axis (its
+``axis`` attribute) in ``size`` near-equal slabs; that cut is for storage
+only, the master reads as whole tensors and a reader takes any hyperslab, so
+any tp size loads it.  A replicated tensor goes whole to one rank, dealt in
+name order.
+
+A VDS whose source is missing reads as fill values without an error, the trap
+results.h5 guards against too, so ``verify_shards`` (called by every reader
+when it opens a master) checks that each shard exists, has its recorded size
+and sha256 attribute, before anything is read: a missing, truncated or
+rewritten shard is a one-line error.  The byte size catches truncation
+without reading the data; the attribute catches a shard rewritten by another
+run.
+"""
+
+import hashlib
+import json
+import os
+
+import h5py
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+from hpcllm.store.atomic import atomic_h5
+
+SHARDS_ATTR = "shards"
+
+
+def shard_dir(path: str) -> str:
+    return path + ".shards"
+
+
+def shard_path(path: str, rank: int) -> str:
+    return os.path.join(shard_dir(path), f"rank-{rank:05d}.h5")
+
+
+def parts(shape: tuple, axis: int, size: int) -> list:
+    """The ``size`` slabs [start, stop) of ``shape`` along ``axis`` (np.array_split's cut)."""
+    n = shape[axis]
+    bounds = [n * r // size for r in range(size + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _slab(shape: tuple, axis: int, start: int, stop: int) -> tuple:
+    return tuple(slice(start, stop) if a == axis else slice(None) for a in range(len(shape)))
+
+
+def layout(tensors: dict, axes: dict, size: int) -> dict:
+    """name -> [(rank, slab index tuple)]: who stores which part of each tensor.
+
+    ``axes[name]``: the axis to cut (None or -1: replicated, whole on one rank)."""
+    out, dealt = {}, 0
+    for name in sorted(tensors):
+        shape, axis = tuple(tensors[name].shape), axes.get(name)
+        if axis is not None and axis >= len(shape):     # a split layer's bias: cut its one axis
+            axis = len(shape) - 1
+        if axis is None or axis < 0 or shape[axis] < size:
+            out[name] = [(dealt % size, tuple(slice(None) for _ in shape))]
+            dealt += 1
+        else:
+            out[name] = [(r, _slab(shape, axis, a, b)) for r, (a, b) in enumerate(parts(shape, axis, size))]
+    return out
+
+
+def _file_digest(f: h5py.File) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(f):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(f[name][()]).tobytes())
+    return digest.hexdigest()
+
+
+def write_shards(path: str, comm, tensors: dict, axes: dict, dataset_attrs: dict | None = None):
+    """Collective over ``comm``: every rank writes its shard file of ``tensors`` (name -> full array,
+    the same on every rank; each stores only its slabs).
+
+    Returns, on rank 0, ``master(f, group)``: adds the virtual datasets (under ``group``, with
+    ``dataset_attrs[name]``) and the ``shards`` attribute to the open master file ``f``, which
+    rank 0 then writes; None on the other ranks.  Every shard is complete before it returns."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    plan = layout(tensors, axes, size)
+    mine = shard_path(path, rank)
+    os.makedirs(shard_dir(path), exist_ok=True)
+    with atomic_h5(mine) as f:
+        for name, pieces in plan.items():
+            for r, slab in pieces:
+                if r == rank:
+                    f.create_dataset(name, data=np.ascontiguousarray(tensors[name][slab]))
+        f.attrs["shard_sha256"] = _file_digest(f)
+        f.attrs["shard_of"] = os.path.basename(path)
+        digest = str(f.attrs["shard_sha256"])
+    records = comm.gather({"file": os.path.relpath(mine, os.path.dirname(os.path.abspath(path))),
+                           "size": os.path.getsize(mine), "sha256": digest}, root=0)
+    if rank != 0:
+        return None
+
+    def master(f: h5py.File, group: str = "") -> None:
+        for name, pieces in plan.items():
+            arr = tensors[name]
+            vlayout = h5py.VirtualLayout(shape=arr.shape, dtype=arr.dtype)
+            for r, slab in pieces:
+                part_shape = np.empty(arr.shape, dtype=bool)[slab].shape if arr.ndim else ()
+                vlayout[slab] = h5py.VirtualSource(records[r]["file"], name, shape=part_shape)
+            fill = np.nan if np.issubdtype(arr.dtype, np.floating) else np.iinfo(arr.dtype).max
+            ds = f.create_virtual_dataset(group + name, vlayout, fillvalue=fill)
+            ds.attrs.update((dataset_attrs or {}).get(name, {}))
+        f.attrs[SHARDS_ATTR] = json.dumps(records)
+
+    return master
+
+
+def verify_shards(f: h5py.File, path: str) -> None:
+    """For a master file ``f`` (opened from ``path``): every shard it names is there, whole and the same
+    as when written; a plain (unsharded) file passes.  Errors name the shard and what to do."""
+    if SHARDS_ATTR not in f.attrs:
+        return
+    base = os.path.dirname(os.path.abspath(path))
+    for rec in json.loads(f.attrs[SHARDS_ATTR]):
+        shard = os.path.join(base, rec["file"])
+        fix = f"restore it or write {path} again"
+        if not os.path.isfile(shard):
+            raise HpcllmError(f"{path}: its shard file {shard} is missing; {fix}")
+        if os.path.getsize(shard) != rec["size"]:
+            raise HpcllmError(f"{path}: its shard file {shard} has {os.path.getsize(shard)} bytes, not the "
+                              f"{rec['size']} it was written with (truncated or changed); {fix}")
+        try:
+            with h5py.File(shard, "r") as s:
+                digest = str(s.attrs.get("shard_sha256", ""))
+        except OSError as exc:
+            raise HpcllmError(f"{path}: its shard file {shard} cannot be read ({exc}); {fix}") from None
+        if digest != rec["sha256"]:
+            raise HpcllmError(f"{path}: its shard file {shard} was rewritten since (sha256 "
+                              f"{digest[:12]}, expected {rec['sha256'][:12]}); {fix}")

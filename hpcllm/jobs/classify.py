@@ -1,0 +1,129 @@
+"""`hpcllm classify`: encoder + classifier head over a corpus; one label per document.
+
+``--model`` is either
+
+* a ``classifier.h5`` from `hpcllm train-classifier` (head + the encoder it
+  references by content hash, found where the classifier records it or at
+  ``--encoder``), or
+* an encoder checkpoint that carries its own head: `hpcllm convert` of a HF
+  ``BertForSequenceClassification`` (``config["classifier"]``, tensors ``head.*``).
+
+Columns: ``label`` (class name, UTF-8; "" for rows not processed),
+``label_id`` (int32, -1), ``probs`` ``[N, C]`` float32 (softmax; NaN) whose
+dataset attribute ``class_names`` (JSON, id order) is also a root attribute,
+``top_p`` (float32, the largest probability; NaN), plus ``n_tokens`` and the
+base columns.  The encoder runs as in `hpcllm embed` (packed batches, dp x tp);
+the head is replicated and runs on every rank of the group on the same pooled
+vectors, so every tp rank computes the same probabilities.
+"""
+
+import json
+import os
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import torch
+
+from hpcllm.errors import HpcllmError
+from hpcllm.jobs.embed import EmbedJob
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, RESULTS_NAME, STRING, Column
+
+
+def open_classifier(path: str, encoder: str = None):
+    """The encoder Checkpoint to run, with ``.classifier`` (head, class_names, content_hash) attached."""
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.train.checkpoint import FORMAT, read_classifier, resolve_encoder
+
+    try:
+        with h5py.File(path, "r") as f:
+            is_classifier = f.attrs.get("format") == FORMAT
+    except OSError:
+        is_classifier = False          # Checkpoint(path) says what is wrong with it
+    if is_classifier:
+        clf = read_classifier(path)
+        ck = Checkpoint(resolve_encoder(clf, encoder))
+        if (ck.config["pooling"], bool(ck.config["normalize"])) != (clf.encoder.pooling, clf.encoder.normalize):
+            raise HpcllmError(f"{path}: trained on {clf.encoder.pooling} pooling (normalize {clf.encoder.normalize}) "
+                              f"but {ck.path} pools {ck.config['pooling']} (normalize {ck.config['normalize']})")
+        ck.classifier = SimpleNamespace(head=clf.head, class_names=clf.class_names, content_hash=clf.content_hash)
+        return ck
+    ck = Checkpoint(path)
+    if "classifier" not in ck.config:
+        raise HpcllmError(f"classify: {path} has no classifier head; train one with `hpcllm train-classifier` "
+                          "or convert a BertForSequenceClassification model")
+    ck.classifier = SimpleNamespace(head=_embedded_head(ck), class_names=ck.config["classifier"]["class_names"],
+                                    content_hash=ck.content_hash)
+    return ck
+
+
+def _embedded_head(ck):
+    from hpcllm.train.heads import build_head
+
+    head = build_head(ck.config["classifier"]["head"])
+    state = head.state_dict()
+    for name in state:
+        if name not in ("shift", "scale"):      # an imported head is not standardised
+            state[name] = torch.from_numpy(ck.read("head." + name, lambda shape: ()))
+    head.load_state_dict(state)
+    return head.eval()
+
+
+class ClassifyJob(EmbedJob):
+    name = "classify"
+
+    @classmethod
+    def open_model(cls, cfg):
+        return open_classifier(cfg.model, cfg.encoder)
+
+    def __init__(self, cfg, ckpt):
+        super().__init__(cfg, ckpt)
+        self.head = ckpt.classifier.head.float()
+        self.class_names = list(ckpt.classifier.class_names)
+        self.n_classes = len(self.class_names)
+
+    def model_hash(self) -> str:
+        return self.ckpt.classifier.content_hash      # covers the encoder's hash
+
+    def config_hash(self) -> str:
+        return self.cfg.result_hash(self.name)
+
+    def describe(self) -> str:
+        return (f"classifier {os.path.basename(self.cfg.model)} ({self.model_hash()[:12]}, {self.n_classes} classes) "
+                f"on {os.path.basename(self.ckpt.path)}")
+
+    def schema(self):
+        return (Column("label", STRING, (), ""), Column("label_id", np.int32, (), -1),
+                Column("probs", np.float32, (self.n_classes,), np.nan), Column("top_p", np.float32, (), np.nan),
+                N_TOKENS) + BASE_COLUMNS
+
+    def start(self, work):
+        state = super().start(work)
+        n = work.n_docs
+        state.out = {"label_id": np.full(n, -1, np.int32), "probs": np.full((n, self.n_classes), np.nan, np.float32)}
+        return state
+
+    @torch.no_grad()
+    def compute(self, model, state, batch):
+        from hpcllm.corpus.batching import pack_batch
+
+        rows = state.work.process[batch]
+        flat, doc_lengths = pack_batch(state.work.ids, state.work.offsets, rows)
+        device = next(model.parameters()).device
+        vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
+        probs = torch.softmax(self.head(vec.float().cpu()), dim=-1).numpy()
+        state.out["probs"][rows] = probs
+        state.out["label_id"][rows] = probs.argmax(axis=1)
+
+    def outputs(self, state):
+        ids, probs = state.out["label_id"], state.out["probs"]
+        names = np.array([""] + self.class_names, dtype=object)
+        return {"label": names[ids + 1], "label_id": ids, "probs": probs,
+                "top_p": np.where(ids >= 0, np.nan_to_num(probs).max(axis=1, initial=0.0), np.nan).astype(np.float32)}
+
+    def finish(self, out_dir: str, plan, attrs: dict) -> str:
+        names = json.dumps(self.class_names, ensure_ascii=False)
+        line = super().finish(out_dir, plan, dict(attrs, class_names=names))
+        with h5py.File(os.path.join(out_dir, RESULTS_NAME), "r+") as f:
+            f["probs"].attrs["class_names"] = names
+        return line

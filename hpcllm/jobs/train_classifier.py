@@ -1,0 +1,132 @@
+"""`hpcllm train-classifier`: embed a labelled corpus, then train a head on the embeddings -> classifier.h5.
+
+Phase 1 is `hpcllm embed` as it is (dp x tp, token shards accepted, the same
+result shards and resume): ``OUT/shards/`` + ``OUT/results.h5`` hold every
+document's embedding.  Phase 2 runs on every rank once all shards are done
+(``finish_all``): each rank reads the shards ``index % world == rank`` and
+their labels (``hpcllm.train.data``), and the head is trained with the loss
+and gradient all-reduced (``hpcllm.train.fit``), so nothing is gathered and a
+rank holds ~1/world of the embeddings.  A rerun resumes phase 1 from its
+shards and redoes phase 2, which takes seconds; training options are not part
+of the manifest's config hash, so a rerun with another head or validation
+fraction reuses the embeddings.
+
+``OUT/classifier.h5`` references the encoder by content hash
+(``hpcllm.train.checkpoint``); with tp > 1 the first tp group writes it
+sharded, one file per rank plus the master (``hpcllm.checkpoint.sharded``).
+
+Determinism: the split hashes document ids, the head starts from ``--seed``
+and the optimiser is full-batch, so a rerun at the same world size gives the
+same bits.  Another world size changes which rows each rank sums (then the
+order of the per-rank sums): the head differs in the last bits (linear heads
+converge to ~1e-6; see ``hpcllm.train.fit``), the split and the metrics'
+inputs do not change.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+from hpcllm.jobs.embed import EmbedJob
+from hpcllm.progress import log
+
+CLASSIFIER_NAME = "classifier.h5"
+
+
+class TrainClassifierJob(EmbedJob):
+    name = "train-classifier"
+
+    def __init__(self, cfg, ckpt):
+        super().__init__(cfg, ckpt)
+        self.out_dtype = np.dtype(np.float32)     # the head trains on full-precision embeddings
+        if not 0.0 <= cfg.validation < 1.0:
+            raise HpcllmError(f"train-classifier: --validation {cfg.validation} must be in [0, 1)")
+        if cfg.epochs < 1:
+            raise HpcllmError(f"train-classifier: --epochs {cfg.epochs} must be at least 1")
+
+    def config_hash(self) -> str:
+        return self.cfg.result_hash("embed", out_dtype="float32")   # the embeddings depend on nothing else
+
+    def fit_options(self):
+        from hpcllm.train.fit import FitOptions
+
+        c = self.cfg
+        return FitOptions(head=c.head, l2=c.l2, class_weight=None if c.class_weight == "none" else c.class_weight,
+                          max_iter=c.epochs, hidden=c.hidden, patience=c.patience, seed=c.seed)
+
+    def finish_all(self, out_dir: str, plan, mesh) -> None:
+        from hpcllm.train.data import load_local_rows
+        from hpcllm.train.labels import encode_labels
+        from hpcllm.train.split import data_fingerprint, validation_mask
+
+        started, comm, cfg = time.time(), mesh.world, self.cfg
+        rows = load_local_rows(out_dir, plan, cfg.label_field, self.dim, comm)
+        labels = encode_labels(rows.labels, comm)
+        if labels.n_classes < 2:
+            raise HpcllmError(f"train-classifier: {cfg.input} has {labels.n_classes} distinct value(s) of the "
+                              f"label field {cfg.label_field!r} on the rows it could embed; a classifier needs 2 or more")
+        val = validation_mask(rows.doc_ids, labels.ids, cfg.validation, cfg.seed, comm)
+        fingerprint = data_fingerprint(rows.doc_ids, [labels.class_names[i] for i in labels.ids], cfg.seed, comm)
+        result, scores = self._fit(rows.X, labels, val, comm)
+        provenance = {"data": {"input": os.path.abspath(cfg.input), "fingerprint": fingerprint,
+                               "label_field": cfg.label_field, "skipped": rows.skipped,
+                               "n_train": result.n_train, "n_validation": result.n_val},
+                      "options": {k: getattr(cfg, k) for k in ("head", "validation", "epochs", "l2", "class_weight",
+                                                               "hidden", "patience", "seed")},
+                      "fit": {"n_iter": result.n_iter, "converged": result.converged,
+                              "stopped_early": result.stopped_early, "best_iteration": result.best_iteration,
+                              "history": result.history, "class_weights": result.class_weights.tolist()},
+                      "scores": scores, "world": mesh.describe(), "seconds": time.time() - started,
+                      "embeddings": os.path.abspath(out_dir)}
+        path = self._write(out_dir, result.head, labels, provenance, mesh)
+        if mesh.rank == 0:
+            log(summary(path, provenance, labels.class_names))
+
+    def _fit(self, X, labels, val, comm):
+        from hpcllm.train.fit import fit
+        from hpcllm.train.heads import predict
+        from hpcllm.train.metrics import evaluate
+
+        X = X.astype(np.float64)     # float64 optimisation: tighter agreement across world sizes
+        y, C = labels.ids, labels.n_classes
+        result = fit(X[~val], y[~val], C, comm, self.fit_options(), X[val], y[val])
+        scores = {"train": evaluate(y[~val], predict(result.head, X[~val]), C, comm)}
+        if result.n_val:
+            scores["validation"] = evaluate(y[val], predict(result.head, X[val]), C, comm)
+        return result, scores
+
+    def _write(self, out_dir, head, labels, provenance, mesh) -> str:
+        """The first tp group writes classifier.h5 (sharded when tp > 1); every rank returns after it."""
+        from hpcllm.train.checkpoint import EncoderRef, write_classifier
+
+        path = os.path.join(out_dir, CLASSIFIER_NAME)
+        if mesh.dp_rank == 0:
+            encoder = EncoderRef.of(self.cfg.model, self.ckpt.config["pooling"], self.ckpt.config["normalize"])
+            write_classifier(path, head, labels.class_names, labels.class_values, encoder, provenance,
+                             comm=mesh.tp_mpi if mesh.tp_size > 1 else None)
+        mesh.world.Barrier()
+        return path
+
+    def finish(self, out_dir: str, plan, attrs: dict) -> str:
+        line = super().finish(out_dir, plan, attrs)
+        return line + f"; classifier in {os.path.join(out_dir, CLASSIFIER_NAME)}"
+
+
+def summary(path: str, provenance: dict, class_names: list) -> str:
+    """What rank 0 logs after training: counts, scores, the validation confusion matrix."""
+    data, fit = provenance["data"], provenance["fit"]
+    skipped = ", ".join(f"{k} {v}" for k, v in data["skipped"].items() if v) or "none"
+    lines = [f"train-classifier: wrote {path}: {len(class_names)} classes, {data['n_train']} training and "
+             f"{data['n_validation']} validation rows (skipped: {skipped}); {fit['n_iter']} iterations"
+             f"{', stopped early' if fit['stopped_early'] else ''}, best at {fit['best_iteration']}, "
+             f"{provenance['seconds']:.1f} s"]
+    for part, s in provenance["scores"].items():
+        lines.append(f"  {part}: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} ({s['n']} rows)")
+    val = provenance["scores"].get("validation")
+    if val:
+        lines.append("  validation confusion (rows: true, columns: predicted): "
+                     + json.dumps(dict(zip(class_names, val["confusion"])), ensure_ascii=False))
+    return "\n".join(lines)

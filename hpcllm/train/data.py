@@ -1,0 +1,108 @@
+"""A rank's share of the training data, from the embed phase's result shards and the corpus' labels.
+
+Rank r of a world of size W takes the shards whose index is r mod W (not the
+ones its group happened to claim: claiming is dynamic, this is not), reads
+their embeddings and statuses, and reads the label field of the same lines
+from the source files (for token-shard input, the raw corpus their
+``source_path`` attribute names).  So memory per rank is about 1/W of the
+embeddings, and which rows a rank holds depends only on the plan and W.
+
+A row trains when its status is one the model embedded from real text (OK,
+TRUNCATED, BAD_UTF8) and it has a label; EMPTY texts, reader errors (bad JSON,
+missing text field, too long) and rows without a label are counted, per
+reason, and skipped.
+"""
+
+import dataclasses
+import gzip
+import json
+
+import h5py
+import numpy as np
+
+from hpcllm.corpus.readers import format_of
+from hpcllm.errors import HpcllmError
+from hpcllm.status import Status
+from hpcllm.store.manifest import shard_file
+from hpcllm.train.collective import sum_all
+from hpcllm.train.labels import MISSING
+
+TRAINABLE = (Status.OK, Status.TRUNCATED, Status.BAD_UTF8)
+
+
+@dataclasses.dataclass
+class LocalRows:
+    X: np.ndarray          # [n_local, d] float32 embeddings of the rows that train
+    labels: list           # their label values (JSON values)
+    doc_ids: list          # their document ids
+    skipped: dict          # global counts of rows skipped: status name (lower case) or "unlabelled" -> rows
+
+
+def my_shards(plan, rank: int, size: int) -> list:
+    return [s for s in sorted(plan, key=lambda s: s.index) if s.index % size == rank]
+
+
+def _source_of(shard) -> tuple:
+    """(raw corpus path, format, first byte, 1-based number of the line at that byte) of a shard."""
+    if shard.path.endswith(".h5"):      # a token shard: its raw corpus
+        with h5py.File(shard.path, "r") as f:
+            return str(f.attrs["source_path"]), str(f.attrs["source_format"]), 0, 1
+    if shard.compressed:
+        return shard.path, shard.fmt, 0, 1
+    return shard.path, shard.fmt, shard.byte_start, shard.line_start + 1
+
+
+def read_labels(path: str, fmt: str, lines: np.ndarray, field: str, byte_start: int = 0, first_line: int = 1) -> list:
+    """The ``field`` value of each 1-based line number in ``lines`` (MISSING if absent / not JSON)."""
+    if format_of(path, fmt) != "jsonl":
+        raise HpcllmError(f"train-classifier: {path} is plain text; labels need JSONL input with a "
+                          f"{field!r} field")
+    want = {int(n): None for n in lines}
+    last = max(want, default=0)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        if byte_start:
+            f.seek(byte_start)
+        for number, raw in enumerate(f, start=first_line):
+            if number > last:
+                break
+            if number in want:
+                want[number] = _field(raw, field)
+    return [MISSING if want[int(n)] is None else want[int(n)] for n in lines]
+
+
+def _field(raw: bytes, field: str):
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return MISSING
+    return row.get(field, MISSING) if isinstance(row, dict) else MISSING
+
+
+def load_local_rows(out_dir: str, plan, field: str, dim: int, comm) -> LocalRows:
+    """This rank's training rows, ``dim`` features each (collective: the counts are summed over ``comm``)."""
+    from hpcllm.train.collective import world_rank, world_size
+
+    parts, labels, doc_ids = [], [], []
+    counts = np.zeros(len(Status) + 1, np.int64)      # one per status, then unlabelled
+    for shard in my_shards(plan, world_rank(comm), world_size(comm)):
+        with h5py.File(shard_file(out_dir, shard.index), "r") as f:
+            emb, status, line = f["embedding"][()], f["status"][()], f["line"][()]
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["doc_id"][()]]
+        ok = np.isin(status, TRAINABLE)
+        for code in np.unique(status[~ok]):
+            counts[list(Status).index(Status(code))] += int((status[~ok] == code).sum())
+        path, fmt, byte_start, first_line = _source_of(shard)
+        values = read_labels(path, fmt, line[ok], field, byte_start, first_line)
+        has = np.array([v is not MISSING and v is not None for v in values], bool)
+        counts[-1] += int((~has).sum())
+        rows = np.flatnonzero(ok)[has]
+        parts.append(emb[rows])
+        labels += [v for v, h in zip(values, has) if h]
+        doc_ids += [ids[r] for r in rows]
+    total = sum_all(comm, counts)
+    skipped = {s.name.lower(): int(total[i]) for i, s in enumerate(Status) if total[i]}
+    skipped["unlabelled"] = int(total[-1])
+    skipped.pop("ok", None)
+    X = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    return LocalRows(X, labels, doc_ids, skipped)
