@@ -18,6 +18,10 @@ from hpcllm.errors import HpcllmError
 # Jobs that run a model (every job but tokenize): options of the model and its batches apply to them.
 MODEL_JOBS = ("embed", "score", "train-classifier", "classify")
 TRAIN = ("train-classifier",)
+# Jobs that read whole documents (no context of their own cuts them): --max-doc-tokens / --long-docs apply
+# (a job honours them through Job.limit_documents, hpcllm/executor/job.py).
+DOC_JOBS = ("score", "generate", "classify")
+DEFAULT_MAX_DOC_TOKENS = 32768
 
 
 def opt(default, help, result=False, choices=None, jobs=None):
@@ -41,6 +45,12 @@ class JobConfig:
                           "a decoder scores longer documents with a sliding window of this length; "
                           "tokenize --tokenizer: no limit)", result=True)
     max_doc_bytes: int = opt(64 << 20, "documents larger than this are not processed (status too_long)", result=True)
+    max_doc_tokens: int = opt(DEFAULT_MAX_DOC_TOKENS, "most tokens of one document (special tokens included; 0: no "
+                              "limit): a longer one is processed on its first N tokens (status truncated) or, with "
+                              "--long-docs skip, not at all (status too_long)", result=True, jobs=DOC_JOBS)
+    long_docs: str = opt("truncate", "documents longer than --max-doc-tokens: `truncate` (keep the first N tokens) "
+                         "or `skip` (status too_long, NaN outputs)", result=True, choices=("truncate", "skip"),
+                         jobs=DOC_JOBS)
     shard_docs: int = opt(10000, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
     batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded tokens)",
                             jobs=MODEL_JOBS)
@@ -114,6 +124,8 @@ def load_config(args, job: str) -> JobConfig:
             raise HpcllmError(f"{job}: --{name} is required (or set `{name}` in the --config file)")
     if cfg.tp < 1:
         raise HpcllmError(f"--tp must be >= 1, got {cfg.tp}")
+    if cfg.max_doc_tokens < 0:
+        raise HpcllmError(f"--max-doc-tokens must be >= 0 (0: no limit), got {cfg.max_doc_tokens}")
     return cfg
 
 

@@ -82,6 +82,22 @@ def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
     return out
 
 
+def window_pieces(lengths, window: int, stride: int) -> np.ndarray:
+    """Every window of every document, int64 [P, 4] rows (doc, begin, end, first_target), in
+    document order then window order (``plan_windows`` per document; documents under 2 tokens
+    have none).  Windows are independent units of work: score them in any batches, then
+    ``join_windows`` puts each document's back in this order."""
+    rows = [(d, b, e, t) for d, n in enumerate(lengths) for b, e, t in plan_windows(int(n), window, stride)]
+    return np.array(rows, np.int64).reshape(-1, 4)
+
+
+def join_windows(pieces: np.ndarray, piece_lps, n_docs: int) -> list[np.ndarray]:
+    """Per-document float32 log-probabilities from per-window ones (``pieces`` order, as window_pieces)."""
+    bounds = np.searchsorted(pieces[:, 0], np.arange(n_docs + 1))
+    return [np.concatenate(piece_lps[bounds[d]:bounds[d + 1]]) if bounds[d + 1] > bounds[d]
+            else np.zeros(0, np.float32) for d in range(n_docs)]
+
+
 def score_documents(model, docs, window: int, stride: int, batch_tokens: int = 8192):
     """Per-document float32 arrays of token log-probabilities (``len(doc) - 1`` each, none for <2 tokens).
 
@@ -89,24 +105,26 @@ def score_documents(model, docs, window: int, stride: int, batch_tokens: int = 8
     Windows of all documents are sorted by length and batched so that
     rows x longest row <= ``batch_tokens`` (padding counted).
     """
-    pieces = [(d, b, e, t) for d, ids in enumerate(docs) for b, e, t in plan_windows(len(ids), window, stride)]
-    pieces.sort(key=lambda p: p[2] - p[1])
-    results = {}
+    pieces = window_pieces([len(d) for d in docs], window, stride)
+    width = pieces[:, 2] - pieces[:, 1]
+    order = np.argsort(width, kind="stable")
+    piece_lps = [None] * len(pieces)
     start = 0
-    while start < len(pieces):
+    while start < len(order):
         stop = start + 1
-        while stop < len(pieces) and (stop + 1 - start) * (pieces[stop][2] - pieces[stop][1]) <= batch_tokens:
+        while stop < len(order) and (stop + 1 - start) * width[order[stop]] <= batch_tokens:
             stop += 1
-        batch = pieces[start:stop]
-        for piece, lp in zip(batch, _score_windows(model, [docs[p[0]][p[1]:p[2]] for p in batch],
-                                                   [p[3] - p[1] for p in batch])):
-            results[piece[0], piece[1]] = lp
+        batch = order[start:stop]
+        for k, lp in zip(batch, score_windows(model, docs, pieces[batch])):
+            piece_lps[k] = lp
         start = stop
-    out = []
-    for d, ids in enumerate(docs):
-        parts = [results[d, b] for b, _, _ in plan_windows(len(ids), window, stride)]
-        out.append(np.concatenate(parts) if parts else np.zeros(0, np.float32))
-    return out
+    return join_windows(pieces, piece_lps, len(docs))
+
+
+def score_windows(model, docs, pieces: np.ndarray) -> list[np.ndarray]:
+    """Log-probabilities of each window's new targets (rows of ``pieces``, see window_pieces), one forward pass."""
+    return _score_windows(model, [docs[d][b:e] for d, b, e, _ in pieces.tolist()],
+                          (pieces[:, 3] - pieces[:, 1]).tolist())
 
 
 def _score_windows(model, rows, first):

@@ -16,25 +16,53 @@ from hpcllm.status import NOT_PROCESSED, Status
 from hpcllm.store.tokens import open_token_dir, read_token_shard
 
 
-def final_status(reader_status: np.ndarray, flags: np.ndarray) -> np.ndarray:
-    """One status per document: reader errors, then bad UTF-8, then truncation, else ok/empty."""
+def final_status(reader_status: np.ndarray, flags: np.ndarray, skip_long: bool = False) -> np.ndarray:
+    """One status per document: reader errors, then bad UTF-8, then truncation, else ok/empty.
+
+    ``skip_long`` (--long-docs skip): a document cut to max_length is TOO_LONG instead
+    (before bad UTF-8: it is not processed at all).
+    """
     from hpcllm.tokenizer import FLAG_BAD_UTF8, FLAG_TRUNCATED
 
     status = reader_status.copy()
     open_ = ~np.isin(status, NOT_PROCESSED)
+    cut = open_ & ((flags & FLAG_TRUNCATED) != 0)
+    if skip_long:
+        status[cut] = Status.TOO_LONG
+        open_ &= ~cut
     status[open_ & ((flags & FLAG_BAD_UTF8) != 0)] = Status.BAD_UTF8
-    status[open_ & (status != Status.BAD_UTF8) & ((flags & FLAG_TRUNCATED) != 0)] = Status.TRUNCATED
+    status[open_ & (status != Status.BAD_UTF8) & cut] = Status.TRUNCATED
     return status
 
 
-def encode_docs(tokenizer, docs, max_length):
-    """Tokenize a shard's documents (special tokens added) -> (ids, offsets, final status)."""
+def encode_docs(tokenizer, docs, max_length, skip_long: bool = False):
+    """Tokenize a shard's documents (special tokens added) -> (ids, offsets, final status).
+
+    With ``max_length`` the tokenizer stops encoding a document there, so a
+    multi-megabyte line costs about what its first ``max_length`` tokens do.
+    """
     lens = np.fromiter((len(t) for t in docs.texts), np.int64, len(docs.texts))
     offsets = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
     buf = np.frombuffer(b"".join(docs.texts), np.uint8)
     enc = tokenizer.encode_bytes(buf, offsets, max_length=max_length, add_special_tokens=True)
-    return enc.ids, enc.offsets, final_status(docs.status, enc.flags)
+    return enc.ids, enc.offsets, final_status(docs.status, enc.flags, skip_long)
+
+
+def cut_long(ids, offsets, status, max_length, skip_long: bool = False):
+    """Token shards read back: documents longer than ``max_length`` keep their first ``max_length``
+    ids (TRUNCATED), or with ``skip_long`` none (TOO_LONG).  Returns (ids, offsets, status)."""
+    lens = np.diff(offsets)
+    long = (lens > max_length) & ~np.isin(status, NOT_PROCESSED)
+    if not long.any():
+        return ids, offsets, status
+    keep = np.where(long, 0 if skip_long else max_length, lens)
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(keep, out=new_offsets[1:])
+    src = np.arange(int(new_offsets[-1])) + np.repeat(offsets[:-1] - new_offsets[:-1], keep)
+    status = status.copy()
+    status[long] = Status.TOO_LONG if skip_long else Status.TRUNCATED
+    return ids[src], new_offsets, status
 
 
 def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):
@@ -74,17 +102,21 @@ class Inputs:
             return self.tokens.plan
         return plan_corpus(self.files, self.cfg, world, dp_size, self.shards_per_group)
 
-    def load(self, shard, tokenizer, max_length, timers) -> ShardData:
-        """Read (and tokenize) one shard. Called from one thread at a time (the prefetch thread)."""
+    def load(self, shard, tokenizer, max_length, timers, skip_long: bool = False) -> ShardData:
+        """Read (and tokenize) one shard, documents cut to ``max_length`` (or skipped beyond it,
+        ``skip_long``). Called from one thread at a time (the prefetch thread)."""
         if self.tokens:
             with timers.phase("read"):
-                return ShardData(shard, *read_token_shard(shard))
+                docs, ids, offsets, status = read_token_shard(shard)
+                if max_length is not None:
+                    ids, offsets, status = cut_long(ids, offsets, status, max_length, skip_long)
+                return ShardData(shard, docs, ids, offsets, status)
         if self._reader is None:   # one reader per group: a gz file's shards continue its stream
             self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes)
         with timers.phase("read"):
             docs = self._reader.read(shard)
         with timers.phase("tokenize"):
-            ids, offsets, status = encode_docs(tokenizer, docs, max_length)
+            ids, offsets, status = encode_docs(tokenizer, docs, max_length, skip_long)
         return ShardData(shard, docs, ids, offsets, status)
 
     def close(self):

@@ -4,11 +4,16 @@ A job is a class with a ``name`` and these methods (``Job`` gives the
 defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
 
     __init__(cfg, ckpt)          options (a JobConfig) and the checkpoint (None without a model)
-    max_length                   tokens a document is cut to when tokenized (None: never cut)
+    max_length                   tokens a document is cut to when tokenized (None: never cut);
+                                 a job that reads whole documents sets it with
+                                 ``self.limit_documents(own)`` (honours --max-doc-tokens/--long-docs)
     schema()                     result columns (hpcllm.store.results.Column), base columns included
     start(work) -> state         a shard's batches (``state.batches``: index arrays into
-                                 ``work.process``) and the output arrays they fill
+                                 ``work.process``, or into the job's own units, e.g. score's
+                                 windows) and the output arrays they fill
     compute(model, state, batch) one batch, on every rank of the tp group
+    batch_progress(state, batch) document tokens the batch completes, for the progress line
+                                 (default 0: a shard's tokens count when it is written)
     outputs(state) -> dict       the job's result columns for the whole shard, input order
     open_model(cfg)              (class) the checkpoint ``__init__`` gets (default: cfg.model's Checkpoint)
     finish_all(out, plan, mesh)  after every shard is done, on every rank (collective), before ``finish``
@@ -65,10 +70,35 @@ class Job:
     name = "job"
     needs_model = True     # False: no weights and no torch (tokenize)
     partial_results = True  # follow mode: finish() may also run on the files done so far
-    max_length = None
+    max_length = None       # tokens a document is cut to (None: never); status TRUNCATED
+    skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
+    _own_limit = False      # limit_documents: the job's own limit (False: never called)
 
     def __init__(self, cfg, ckpt):
         self.cfg, self.ckpt = cfg, ckpt
+
+    def limit_documents(self, own=None) -> None:
+        """Honour --max-doc-tokens / --long-docs (call in ``__init__``; the option is in config.DOC_JOBS).
+
+        ``own``: the job's own limit on a document's tokens (None: none).  Sets
+        ``max_length`` to the lower of ``own`` and --max-doc-tokens (0: no
+        limit); where --max-doc-tokens is that limit and --long-docs is skip,
+        a longer document is not processed (status TOO_LONG, fill outputs).
+        The executor does the cutting, for raw corpora (the tokenizer stops
+        there) and token shards (cut at load) alike.
+        """
+        cap = self.cfg.max_doc_tokens or None
+        self._own_limit = own
+        self.max_length = min(x for x in (own, cap) if x is not None) if (own or cap) else None
+        self.skip_long = cap is not None and self.max_length == cap and self.cfg.long_docs == "skip"
+
+    def token_shard_limit(self):
+        """The most tokens per document a token-shard input may hold (None: any; longer ones are refused).
+        Documents beyond --max-doc-tokens but within the job's own limit are cut at load instead."""
+        return self.max_length if self._own_limit is False else self._own_limit
+
+    def batch_progress(self, state, batch) -> int:
+        return 0
 
     @classmethod
     def open_model(cls, cfg):

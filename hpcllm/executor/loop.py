@@ -10,7 +10,10 @@ thread while those run: a slow group does not sit on a claimed shard that a
 faster group could have taken, yet the next shard is ready when the current
 one ends.  At every batch boundary the group agrees whether to stop: a stop
 signal received by any rank of the world reaches every group through the
-shared counters.
+shared counters.  The leader adds each batch's tokens to them
+(``Job.batch_progress``; the rest of a shard's when it is written) and each
+loaded shard's documents and tokens, from which rank 0's progress thread
+prints tokens done and an ETA by tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class GroupLoop:
         self.timers = Timers()
         self.counters = SharedCounters(mesh.world, first)
         self.docs_done = self.tokens_done = self.shards_done = 0
+        self._reported = 0     # tokens of the current shard already added by batch_progress
         self.finished_at = None
         self.progress = (Progress(sum(s.n_docs for s in todo), progress_s)
                          if mesh.rank == 0 and self.follow is None else None)
@@ -60,7 +64,7 @@ class GroupLoop:
             shard, entry = got
             if self.follow.changed(shard, entry):
                 return self.follow.changed_rows(shard)
-        return self.inputs.load(shard, self.tokenizer, self.job.max_length, self.timers)
+        return self.inputs.load(shard, self.tokenizer, self.job.max_length, self.timers, self.job.skip_long)
 
     def _stopping(self) -> bool:
         """A stop signal here or anywhere in the world (no collective: for the prefetch thread)."""
@@ -88,6 +92,7 @@ class GroupLoop:
         """Process shards until none are left; True if stopped early by a signal."""
         self._stop = stop
         pool = concurrent.futures.ThreadPoolExecutor(1) if self.mesh.is_group_leader else None
+        end_ticker = self.progress.start(self.counters.progress) if self.progress else None
         shard, future = self._claim_and_load(pool)
         try:
             while shard is not None:
@@ -101,6 +106,8 @@ class GroupLoop:
                     continue
                 if work == END:                # follow mode: the job is to end, or stop
                     return self.should_stop()
+                if isinstance(data, ShardData) and self.follow is None:   # for the ETA (follow: none)
+                    self.counters.add_loaded(len(data.status), int(data.n_tokens().sum()))
                 started = time.time()
                 if self.should_stop():
                     return True
@@ -113,6 +120,8 @@ class GroupLoop:
             return False
         finally:
             self.finished_at = time.time()
+            if end_ticker:
+                end_ticker()
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
             self.inputs.close()
@@ -122,6 +131,7 @@ class GroupLoop:
         state = self.job.start(work)
         batches = state.batches
         following = {}
+        self._reported = 0
         if not batches:
             following["next"] = claim_next()
         for k, batch in enumerate(batches):
@@ -131,6 +141,9 @@ class GroupLoop:
                 return None
             with self.timers.phase("compute"):
                 self.job.compute(self.model, state, batch)
+            if self.mesh.is_group_leader and (tokens := self.job.batch_progress(state, batch)):
+                self.counters.add_done(0, tokens)
+                self._reported += tokens
         following["outputs"] = self.job.outputs(state)
         return following
 
@@ -143,6 +156,4 @@ class GroupLoop:
         self.shards_done += 1
         self.docs_done += len(data.status)
         self.tokens_done += tokens
-        self.counters.add_done(len(data.status), tokens)
-        if self.progress:
-            self.progress.maybe_print(*self.counters.done())
+        self.counters.add_done(len(data.status), tokens - self._reported)

@@ -43,7 +43,7 @@ def run_job(cfg, job_cls) -> int:
     if inputs.tokens and not job.needs_model:
         raise HpcllmError(f"{job.name}: {cfg.input} is a directory of token shards already; give the raw corpus")
     # checked before the model loads: a mismatch fails in a second, not after the load
-    inputs.check_tokens(job.tokenizer_json(), job.max_length, cfg.model or cfg.tokenizer)
+    inputs.check_tokens(job.tokenizer_json(), job.token_shard_limit(), cfg.model or cfg.tokenizer)
     from hpcllm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_str(job.tokenizer_json(), source=cfg.model or cfg.tokenizer, apply_file_settings=False)
@@ -130,7 +130,7 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
     error = None
     if world.Get_rank() == 0:
         if loop.progress:
-            loop.progress.maybe_print(*loop.counters.done(), force=True)
+            loop.progress.maybe_print(*loop.counters.progress(), force=True)
         try:
             if any_stopped:
                 write_stop_note(cfg.output, {"signal": signal_name(stop.agreed_signum or stop.signum),

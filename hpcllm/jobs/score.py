@@ -7,8 +7,15 @@ was scored), and with ``--token-logprobs`` the per-token log-probabilities
 as flat ``token_logprobs`` (float32) cut by ``token_offsets`` (n_docs + 1),
 as token shards are.
 
-Documents are never truncated: those longer than the context (or
-``--max-length``) are scored with a sliding window (``hpcllm.scoring``).
+Documents longer than the context (or ``--max-length``) are scored with a
+sliding window (``hpcllm.scoring``); only those beyond ``--max-doc-tokens``
+are cut there (status truncated, ``n_scored`` <= N) or, with ``--long-docs
+skip``, not scored (status too_long, NaN outputs).  The job's batches are
+windows, not documents: the windows of all documents of a shard are batched
+together by the token budget, so a long document's windows pack with other
+documents' and the group stops, claims and reports progress between them;
+each document's log-probabilities are joined in window order and summed in
+that order, so results do not depend on how the windows were batched.
 The executor tokenizes with the tokenizer's own special-token template; if
 the model's config says BOS is added and the template did not add it, it is
 prepended here, so BOS handling follows the model either way.
@@ -22,7 +29,7 @@ from hpcllm.corpus.batching import make_batches
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job
 from hpcllm.model.architectures import require_family
-from hpcllm.scoring import plan_windows, score_documents, summarize, with_bos
+from hpcllm.scoring import join_windows, score_windows, summarize, window_pieces, with_bos
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, ragged, ragged_rows
 
 
@@ -39,7 +46,7 @@ class ScoreJob(Job):
         if not 1 <= self.stride < self.window:
             raise HpcllmError(f"score: --stride {self.stride} must be at least 1 and below the window "
                               f"of {self.window} tokens (--max-length / the model's context)")
-        self.max_length = None  # never truncate: long documents get a sliding window
+        self.limit_documents(None)  # no limit of its own: long documents get a sliding window
 
     def schema(self):
         cols = (Column("logprob_sum", np.float64, (), np.nan), Column("n_scored", np.int32, (), -1),
@@ -48,35 +55,32 @@ class ScoreJob(Job):
             cols += (ragged("token_logprobs", np.float32, "token_offsets"),)
         return cols + BASE_COLUMNS
 
-    def _cost(self, lengths):
-        """Padded tokens each document costs: its windows times their length."""
-        n_windows = np.array([len(plan_windows(int(n), self.window, self.stride)) for n in lengths])
-        return np.maximum(1, n_windows) * np.minimum(np.maximum(lengths, 1), self.window)
-
     def start(self, work):
-        n = work.n_docs
         docs = [self._prepare(work.doc(i)) for i in work.process]
-        lengths = np.array([len(d) for d in docs], np.int64)
-        token_lp = [np.zeros(0, np.float32)] * n
-        return SimpleNamespace(
-            work=work, docs=docs, token_lp=token_lp,
-            out={"logprob_sum": np.full(n, np.nan), "n_scored": np.full(n, -1, np.int32),
-                 "perplexity": np.full(n, np.nan)},
-            batches=make_batches(self._cost(lengths), self.cfg.batch_tokens, self.cfg.window))
+        pieces = window_pieces([len(d) for d in docs], self.window, self.stride)
+        return SimpleNamespace(work=work, docs=docs, pieces=pieces, piece_lp=[None] * len(pieces),
+                               batches=make_batches(pieces[:, 2] - pieces[:, 1], self.cfg.batch_tokens,
+                                                    self.cfg.window))
 
     def compute(self, model, state, batch):
-        lps = score_documents(model, [state.docs[j] for j in batch], self.window, self.stride,
-                              self.cfg.batch_tokens)
-        out = state.out
-        for j, lp in zip(batch, lps):
-            row = state.work.process[j]
-            out["logprob_sum"][row], out["n_scored"][row], out["perplexity"][row] = summarize(lp)
-            state.token_lp[row] = lp
+        for k, lp in zip(batch, score_windows(model, state.docs, state.pieces[batch])):
+            state.piece_lp[k] = lp
+
+    def batch_progress(self, state, batch):
+        """Tokens scored by these windows."""
+        p = state.pieces[batch]
+        return int((p[:, 2] - p[:, 3]).sum())
 
     def outputs(self, state):
-        out = dict(state.out)
+        n = state.work.n_docs
+        out = {"logprob_sum": np.full(n, np.nan), "n_scored": np.full(n, -1, np.int32),
+               "perplexity": np.full(n, np.nan)}
+        token_lp = [np.zeros(0, np.float32)] * n
+        for row, lp in zip(state.work.process, join_windows(state.pieces, state.piece_lp, len(state.docs))):
+            out["logprob_sum"][row], out["n_scored"][row], out["perplexity"][row] = summarize(lp)
+            token_lp[row] = lp
         if self.cfg.token_logprobs:
-            out["token_logprobs"], out["token_offsets"] = ragged_rows(state.token_lp, np.float32)
+            out["token_logprobs"], out["token_offsets"] = ragged_rows(token_lp, np.float32)
         return out
 
     def _prepare(self, doc):

@@ -2,7 +2,9 @@
 
 Dynamic claiming: a dp group's leader fetch-and-adds the ``next`` slot and
 gets a shard index nobody else will get, so fast and slow groups end
-together.  ``add_done`` / ``done`` feed rank 0's progress line.  ``stop``
+together.  ``add_done`` / ``add_loaded`` / ``progress`` feed rank 0's progress
+line (documents and tokens done; documents and tokens of the shards loaded so
+far, from which the ETA extrapolates the total tokens).  ``stop``
 carries a stop signal world-wide: a rank that got SIGUSR1/SIGTERM raises it,
 and every group sees it at its next batch boundary, although groups are at
 different batches (a blocking all-reduce over the world cannot be used there).
@@ -20,7 +22,9 @@ import threading
 
 import numpy as np
 
-NEXT, DOCS, TOKENS, STOP, ADMITTED, FINAL = range(6)   # ADMITTED, FINAL: follow mode (shards known, last one)
+NEXT, DOCS, TOKENS, STOP, ADMITTED, FINAL, LOADED_DOCS, LOADED_TOKENS = range(8)
+# ADMITTED, FINAL: follow mode (shards known, last one); LOADED_*: progress (shards read and tokenized)
+N_SLOTS = 8
 
 
 class SharedCounters:
@@ -28,7 +32,7 @@ class SharedCounters:
         from mpi4py import MPI
 
         self.MPI = MPI
-        nbytes = 6 * 8 if world.Get_rank() == 0 else 0
+        nbytes = N_SLOTS * 8 if world.Get_rank() == 0 else 0
         self.win = MPI.Win.Allocate(nbytes, 8, comm=world)
         if world.Get_rank() == 0:
             slots = np.frombuffer(self.win.tomemory(), dtype=np.int64)
@@ -64,6 +68,14 @@ class SharedCounters:
 
     def done(self) -> tuple[int, int]:
         return self._op(DOCS, 0, self.MPI.NO_OP), self._op(TOKENS, 0, self.MPI.NO_OP)
+
+    def add_loaded(self, docs: int, tokens: int):
+        self._op(LOADED_DOCS, docs, self.MPI.SUM)
+        self._op(LOADED_TOKENS, tokens, self.MPI.SUM)
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """(docs done, tokens done, docs loaded, tokens loaded), world-wide."""
+        return (*self.done(), self._op(LOADED_DOCS, 0, self.MPI.NO_OP), self._op(LOADED_TOKENS, 0, self.MPI.NO_OP))
 
     def raise_stop(self, signum: int):
         """Record a stop signal world-wide (the largest signal number wins)."""
