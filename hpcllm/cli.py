@@ -22,6 +22,7 @@ JOBS = {
     "train-classifier": ("hpcllm.jobs.train_classifier", "TrainClassifierJob",
                          "embed a labelled corpus and train a classifier head on it (classifier.h5)"),
     "classify": ("hpcllm.jobs.classify", "ClassifyJob", "label every document with a classifier (encoder + head)"),
+    "generate": ("hpcllm.jobs.generate", "GenerateJob", "generate text for every prompt (decoder models)"),
     "tokenize": ("hpcllm.jobs.tokenize", "TokenizeJob", "tokenize a corpus into HDF5 token shards (input of the jobs)"),
 }
 # Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.

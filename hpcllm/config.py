@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 
 from hpcllm.errors import HpcllmError
@@ -22,6 +23,10 @@ TRAIN = ("train-classifier",)
 # (a job honours them through Job.limit_documents, hpcllm/executor/job.py).
 DOC_JOBS = ("score", "generate", "classify")
 DEFAULT_MAX_DOC_TOKENS = 32768
+
+
+GEN = ("generate",)
+MODEL_JOBS += GEN
 
 
 def opt(default, help, result=False, choices=None, jobs=None):
@@ -69,9 +74,33 @@ class JobConfig:
     class_weight: str = opt("none", "class weights in the loss", choices=("none", "balanced"), jobs=TRAIN)
     hidden: int = opt(256, "hidden units of the mlp head", jobs=TRAIN)
     patience: int = opt(5, "validation rounds (of 20 iterations) without improvement before stopping", jobs=TRAIN)
-    seed: int = opt(0, "seed of the validation split and the head's initialisation", jobs=TRAIN)
+    seed: int = opt(0, "seed of the validation split and the head's initialisation (train-classifier); of the "
+                    "sampling noise (generate: a completion's stream depends only on the seed, its document id, "
+                    "completion index and step)", jobs=TRAIN + GEN)
     encoder: str = opt(None, "the classifier's encoder checkpoint (default: the path the classifier records)",
                        jobs=("classify",))
+    # generate: names and meanings as in vLLM's SamplingParams where they overlap
+    max_new_tokens: int = opt(16, "most tokens generated per completion", result=True, jobs=GEN)
+    temperature: float = opt(1.0, "sampling temperature (0: greedy)", result=True, jobs=GEN)
+    top_p: float = opt(1.0, "nucleus sampling: keep the most likely tokens holding this much probability", result=True, jobs=GEN)
+    top_k: int = opt(0, "keep the k most likely tokens (0: all)", result=True, jobs=GEN)
+    min_p: float = opt(0.0, "drop tokens less likely than min_p times the most likely one", result=True, jobs=GEN)
+    repetition_penalty: float = opt(1.0, "divide positive (multiply negative) logits of tokens already in the "
+                                    "prompt or output by this", result=True, jobs=GEN)
+    stop: list[str] = opt(None, "stop string (repeatable; a TOML list): generation ends when the text contains it; "
+                          "trimmed from the text", result=True, jobs=GEN)
+    stop_token_ids: list[int] = opt(None, "token id that ends generation (repeatable; a TOML list)", result=True, jobs=GEN)
+    ignore_eos: bool = opt(False, "keep generating past the model's EOS ids", result=True, jobs=GEN)
+    n: int = opt(1, "completions per prompt (they share the prompt's KV cache)", result=True, jobs=GEN)
+    logprobs: bool = opt(False, "also write the sampled tokens' log-probabilities (output_logprobs)", result=True, jobs=GEN)
+    chat: bool = opt(False, "apply the model's chat template, the text as one user message", result=True, jobs=GEN)
+    system: str = opt(None, "with --chat: a system message before the user message", result=True, jobs=GEN)
+    messages_field: str = opt("messages", "with --chat: JSONL field holding a conversation [{role, content}, ...], "
+                              "used instead of the text where present", result=True, jobs=GEN)
+    truncate_prompt: bool = opt(False, "cut prompts that leave no room for max_new_tokens from the left (status "
+                                "truncated) instead of status too_long", result=True, jobs=GEN)
+    kv_cache_mb: float = opt(512.0, "KV cache per rank, MiB (it holds only the rank's KV heads)", jobs=GEN)
+    max_num_seqs: int = opt(64, "most sequences decoded together", jobs=GEN)
     progress: float = opt(10.0, "seconds between progress lines on rank 0 (0: none)")
     follow: bool = opt(False, "follow mode: keep polling the --input directory and process files as they land")
     poll_s: float = opt(10.0, "follow mode: seconds between polls of the input directory")
@@ -102,11 +131,20 @@ def add_arguments(parser, job: str):
         kind = _field_type(f)
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        elif _list_item(f) is not None:
+            parser.add_argument(flag, type=_list_item(f), action="append", default=None, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=f.metadata["help"])
 
 
+def _list_item(f):
+    """The item type of a ``list[T]`` option (repeatable flag, TOML list), else None."""
+    return typing.get_args(f.type)[0] if typing.get_origin(f.type) is list else None
+
+
 def _field_type(f):
+    if _list_item(f) is not None:
+        return list
     return {"int": int, "str": str, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
 
 
@@ -143,6 +181,9 @@ def _read_toml(path, job):
         if key not in known:
             raise HpcllmError(f"{path}: unknown option {key!r}")
         kind = _field_type(known[key])
+        item = _list_item(known[key])
+        if item is not None and isinstance(value, list) and all(isinstance(v, item) for v in value):
+            continue
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise HpcllmError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}")
     # relative paths in a job file are relative to where the job is launched (like flags)

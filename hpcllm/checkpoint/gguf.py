@@ -67,6 +67,10 @@ def gguf_config(reader, path: str) -> dict:
         "bos_id": int(bos) if bos >= 0 else None,
         "eos_id": int(_field(reader, "tokenizer.ggml.eos_token_id", -1, path)),
         "pad_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0, path)),
+        # generate: the ids that end a reply (EOS, end-of-turn) and the chat template (untrusted jinja)
+        "eos_ids": sorted({int(_field(reader, f"tokenizer.ggml.{k}_token_id", -1, path))
+                           for k in ("eos", "eot", "eom")} - {-1}),
+        "chat_template": _field(reader, "tokenizer.chat_template", "", path) or None,
     }
 
 

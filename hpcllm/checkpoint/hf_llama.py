@@ -69,7 +69,33 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
         "o_bias": "model.layers.0.self_attn.o_proj.bias" in names,
         "add_bos": _add_bos(src, tokenizer) and bos is not None, "bos_id": bos,
         "eos_id": hf.get("eos_token_id"), "pad_id": hf.get("pad_token_id"),
+        "eos_ids": _eos_ids(src, hf), "chat_template": _chat_template(src),
     }
+
+
+def _ids(value) -> set:
+    return set() if value is None else {int(v) for v in (value if isinstance(value, list) else [value])}
+
+
+def _eos_ids(src: str, hf: dict) -> list:
+    """The ids that end generation: config.json's and generation_config.json's eos_token_id."""
+    gen = read_json(os.path.join(src, "generation_config.json"), default={})
+    return sorted(_ids(hf.get("eos_token_id")) | _ids(gen.get("eos_token_id")))
+
+
+def _chat_template(src: str):
+    """tokenizer_config.json's chat_template (a string, or the "default" of named ones), else
+    chat_template.jinja / chat_template.json (newer transformers), else None."""
+    template = read_json(os.path.join(src, "tokenizer_config.json"), default={}).get("chat_template")
+    if template is None:
+        template = read_json(os.path.join(src, "chat_template.json"), default={}).get("chat_template")
+    if template is None and os.path.exists(os.path.join(src, "chat_template.jinja")):
+        with open(os.path.join(src, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) else None
 
 
 def llama_tensors(src: str, files) -> dict:

@@ -236,18 +236,25 @@ def _text_status(text: bytes, valid_utf8: bool) -> int:
     return Status.OK if valid_utf8 else Status.BAD_UTF8
 
 
-def _parse_text(raw: bytes, text_field, id_field):
+def _parse_text(raw: bytes, text_field, id_field, extract=None):
     text = raw[:-1] if raw.endswith(b"\r") else raw
     try:
         text.decode("utf-8")
         valid = True
     except UnicodeDecodeError:
         valid = False
+    if extract is not None:
+        status = _text_status(text, valid)
+        value = extract({text_field: text.decode("utf-8", "replace")})
+        return (b"", Status.MISSING_FIELD, None) if value is None else (value.encode("utf-8", "replace"), status, None)
     return text, _text_status(text, valid), None
 
 
-def _parse_json(raw: bytes, text_field: str, id_field: str | None):
-    """-> (text bytes, status, id or None) for one JSONL line."""
+def _parse_json(raw: bytes, text_field: str, id_field: str | None, extract=None):
+    """-> (text bytes, status, id or None) for one JSONL line.
+
+    ``extract(obj) -> str | None`` replaces ``obj[text_field]`` as the document's text (a job's
+    prompt template, e.g. generate --chat); None means the line has no usable text."""
     try:
         s, raw_valid = raw.decode("utf-8"), True
     except UnicodeDecodeError:
@@ -261,7 +268,7 @@ def _parse_json(raw: bytes, text_field: str, id_field: str | None):
         return b"", Status.BAD_JSON, None
     value = obj.get(id_field or DEFAULT_ID_FIELD)   # no --id-field: a line's `id`, where it has one
     doc_id = None if value is None else _safe_str(value)
-    value = obj.get(text_field)
+    value = obj.get(text_field) if extract is None else extract(obj)
     if not isinstance(value, str):
         return b"", Status.MISSING_FIELD, doc_id
     try:
@@ -286,8 +293,9 @@ class DocReader:
     manager, or call close()."""
 
     def __init__(self, text_field: str = "text", id_field: str | None = None,
-                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES):
+                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, extract=None):
         self.text_field, self.id_field, self.max_doc_bytes = text_field, id_field, max_doc_bytes
+        self.extract = extract   # obj -> text or None, instead of obj[text_field] (_parse_json)
         self._gz = None          # (path, open gzip file, _LineStream)
 
     def close(self) -> None:
@@ -340,7 +348,7 @@ class DocReader:
             else:
                 if shard.line_start + i == 0 and raw.startswith(_BOM):
                     raw = raw[len(_BOM):]
-                text, st, doc_id = parse(raw, self.text_field, self.id_field)
+                text, st, doc_id = parse(raw, self.text_field, self.id_field, self.extract)
             texts.append(text)
             status[i] = st
             ids.append(doc_id if doc_id is not None else f"{base}:{shard.line_start + i + 1}")

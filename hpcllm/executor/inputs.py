@@ -82,8 +82,8 @@ def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):
 class Inputs:
     """The input of a run: its files, how to plan it, and how a shard becomes a ShardData."""
 
-    def __init__(self, cfg, shards_per_group: int = 4):
-        self.cfg = cfg
+    def __init__(self, cfg, shards_per_group: int = 4, extract=None):
+        self.cfg, self.extract = cfg, extract   # extract: the job's text of a JSON line (Job.text_of)
         if cfg.follow:     # the files come later (hpcllm.executor.follow)
             self.tokens, self.files = None, []
         else:
@@ -112,7 +112,7 @@ class Inputs:
                     ids, offsets, status = cut_long(ids, offsets, status, max_length, skip_long)
                 return ShardData(shard, docs, ids, offsets, status)
         if self._reader is None:   # one reader per group: a gz file's shards continue its stream
-            self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes)
+            self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes, self.extract)
         with timers.phase("read"):
             docs = self._reader.read(shard)
         with timers.phase("tokenize"):

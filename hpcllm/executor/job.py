@@ -4,6 +4,7 @@ A job is a class with a ``name`` and these methods (``Job`` gives the
 defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
 
     __init__(cfg, ckpt)          options (a JobConfig) and the checkpoint (None without a model)
+    text_of(obj)                 optional: a JSON line's text (default: its --text-field)
     max_length                   tokens a document is cut to when tokenized (None: never cut);
                                  a job that reads whole documents sets it with
                                  ``self.limit_documents(own)`` (honours --max-doc-tokens/--long-docs)
@@ -43,7 +44,7 @@ class ShardData:
         self.process = np.flatnonzero(~np.isin(status, NOT_PROCESSED))
 
     def for_workers(self) -> "Work":
-        return Work(self.ids, self.offsets, self.process)
+        return Work(self.ids, self.offsets, self.process, self.docs.doc_id if self.docs is not None else None)
 
     def n_tokens(self) -> np.ndarray:
         """Tokens fed to the model per row (0 for rows not processed), int32."""
@@ -55,8 +56,9 @@ class ShardData:
 class Work:
     """What every rank of a tp group gets for a shard: the token ids and which rows to process."""
 
-    def __init__(self, ids, offsets, process):
+    def __init__(self, ids, offsets, process, doc_ids=None):
         self.ids, self.offsets, self.process = ids, offsets, process
+        self.doc_ids = doc_ids   # the rows' document ids (list of str), where the input has them
 
     @property
     def n_docs(self) -> int:
@@ -70,6 +72,7 @@ class Job:
     name = "job"
     needs_model = True     # False: no weights and no torch (tokenize)
     partial_results = True  # follow mode: finish() may also run on the files done so far
+    text_of = None          # obj -> str | None: a JSON line's text instead of its --text-field (generate --chat)
     max_length = None       # tokens a document is cut to (None: never); status TRUNCATED
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
     _own_limit = False      # limit_documents: the job's own limit (False: never called)

@@ -98,11 +98,13 @@ class Attention(nn.Module):
         v = self.v(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, kv=None):
         B, L, _ = x.shape
         q, k, v = self.heads(x, cos, sin)
-        # Right padding only: with a causal mask no real token ever sees a pad.
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        if kv is not None:   # generation: k, v go into the cache, attention reads it (hpcllm.generate.kv_cache)
+            a = kv.attend(q, k, v)
+        else:   # right padding only: with a causal mask no real token ever sees a pad
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o(a.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))  # all-reduce 1 (row-parallel o)
 
 
@@ -125,8 +127,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg["hidden"], cfg["rms_eps"])
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, kv=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -163,11 +165,13 @@ class Decoder(nn.Module):
         return self.embed.weight.dtype
 
     @torch.inference_mode()
-    def forward(self, ids, positions=None):
+    def forward(self, ids, positions=None, cache=None):
+        """``cache``: a KV cache step (``hpcllm.generate.kv_cache.Step``) for generation; ids [1, T]
+        are then the step's tokens of all its sequences packed, ``positions`` [1, T] theirs."""
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
         x = self.embed(ids)
         cos, sin = rope_tables(self.inv_freq.to(ids.device), positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layer(i))
         return self.norm(x)

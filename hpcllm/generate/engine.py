@@ -1,0 +1,149 @@
+"""One shard's generation on one tp group: the scheduler's plans run through the model and the cache.
+
+    leader: plan -> broadcast -> every rank: frees/admits, KV copies, one forward pass
+    over the packed tokens (decodes + prefill chunks), logits of the sampled rows only
+    (this rank's vocabulary slice), sampling -> leader: detokenize, decide who finished
+
+Every rank of the group holds the same scheduler state; only the leader
+detokenizes and decides (``hpcllm.generate.scheduler``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcllm.generate.sampling import SamplingParams, row_key, sample
+from hpcllm.generate.scheduler import EOS, LENGTH, STOP, Scheduler, broadcast_plan
+from hpcllm.generate.text import Completion
+
+
+@dataclass
+class Limits:
+    """What ends a completion (besides its per-document max_new)."""
+    eos_ids: frozenset
+    stop_ids: frozenset
+    stops: tuple          # stop strings as UTF-8 bytes
+    ignore_eos: bool
+
+
+class Engine:
+    def __init__(self, model, cache, prompts, max_new, doc_ids, params: SamplingParams, limits: Limits,
+                 n: int, batch_tokens: int, max_seqs: int, tokenizer=None, logprobs: bool = False):
+        self.model, self.cache, self.comm = model, cache, model.comm
+        self.leader = self.comm.rank == 0
+        self.prompts, self.max_new, self.doc_ids = prompts, max_new, doc_ids
+        self.params, self.limits, self.n, self.logprobs = params, limits, n, logprobs
+        self.tokenizer = tokenizer
+        self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs)
+        self.vocab = model.cfg["vocab"]
+        self.texts = {}                      # seq id -> Completion (leader)
+        self.results = {}                    # (doc, completion) -> (ids, logprobs, reason, text)
+        self.left = np.array([n if len(p) else 0 for p in prompts])   # completions still running per doc
+        self.docs_done = 0                   # documents run whose completions are all done
+        self.seen = (torch.zeros(cache.n_slots, model.head_weight.shape[0], dtype=torch.bool)
+                     if params.repetition_penalty != 1.0 else None)
+
+    def run_until(self, target: int) -> None:
+        """Steps until at least ``target`` documents are done (all of their completions)."""
+        while self.docs_done < target:
+            if not self.step():
+                if not self.sched.idle:
+                    raise RuntimeError("generate: the scheduler stalled with sequences left")
+                return
+
+    def step(self) -> bool:
+        plan = broadcast_plan(self.sched.plan() if self.leader else None, self.comm)
+        self.sched.apply_start(plan)
+        self._collect()
+        if plan.empty:
+            return False
+        for src, dst, n in plan.copies:
+            self.cache.copy(src, dst, n)
+        for i, j, c, slot, _ in plan.admits:
+            self._reset_seen(slot, self.prompts[j])
+            if self.leader:
+                self.texts[i] = Completion(self.tokenizer, list(self.limits.stops))
+        ids, lps = self._forward_and_sample(plan)
+        for s in self.sched.apply_sampled(plan, ids, lps):
+            if self.seen is not None:
+                self._mark_seen(s.slot, s.tokens[-1])
+            if self.leader:
+                reason = self._finished(s)
+                if reason is not None:
+                    self.sched.finish(s, reason)
+        return True
+
+    def _forward_and_sample(self, plan):
+        seqs = self.sched.seqs
+        decode = [(seqs[i].slot, p0) for i, p0, n in plan.entries if n == 1]
+        chunks = [(seqs[i].slot, p0, n) for i, p0, n in plan.entries if n > 1]
+        where, tokens = self._packed_layout(plan)
+        step = self.cache.step([s for s, _ in decode], [p for _, p in decode], chunks)
+        ids = torch.tensor(tokens, dtype=torch.int64)[None]
+        hidden = self.model(ids, step.positions, cache=step)[0]
+        rows = torch.tensor([where[t] for t, _ in plan.samples], dtype=torch.int64)
+        logits = (hidden[rows] @ self.model.head_weight.T).float()
+        sampled = [seqs[i] for _, i in plan.samples]
+        keys = torch.tensor([_signed(row_key(self.params.seed, self.doc_ids[s.doc], s.completion,
+                                             len(s.generated))) for s in sampled], dtype=torch.int64)
+        seen = self.seen[[s.slot for s in sampled]] if self.seen is not None else None
+        out, lps = sample(logits, keys, self.params, self.model.vocab_start, self.vocab, self.comm, seen,
+                          self.logprobs)
+        return out.tolist(), (lps.tolist() if lps is not None else None)
+
+    def _packed_layout(self, plan):
+        """Token ids in the order the cache step packs them (1-token entries first, then chunks), and
+        where each token of the plan's order (which ``samples`` index) lands in it."""
+        seqs = self.sched.seqs
+        singles = [k for k, e in enumerate(plan.entries) if e[2] == 1]
+        multis = [k for k, e in enumerate(plan.entries) if e[2] > 1]
+        plan_start = np.concatenate([[0], np.cumsum([e[2] for e in plan.entries])])
+        where, tokens, t = {}, [], 0
+        for k in singles + multis:
+            i, p0, n = plan.entries[k]
+            tokens += seqs[i].tokens[p0:p0 + n]
+            for d in range(n):
+                where[int(plan_start[k]) + d] = t + d
+            t += n
+        return where, tokens
+
+    def _finished(self, s):
+        """The leader's decision for a sequence that just got a token: a finish reason or None."""
+        tok, lim = s.tokens[-1], self.limits
+        if tok in lim.stop_ids:
+            return STOP
+        if tok in lim.eos_ids and not lim.ignore_eos:
+            return EOS
+        if self.texts[s.id].add(tok):
+            return STOP
+        if len(s.generated) >= self.max_new[s.doc]:
+            return LENGTH
+        return None
+
+    def _collect(self):
+        """Completions freed by the last plan -> results; documents done."""
+        for s, reason in self.sched.done:
+            text = self.texts.pop(s.id).text() if self.leader else ""
+            self.results[s.doc, s.completion] = (s.generated, s.lps, reason, text)
+            self.left[s.doc] -= 1
+            self.docs_done += int(self.left[s.doc] == 0)
+        self.sched.done = []
+
+    def _reset_seen(self, slot, prompt):
+        if self.seen is not None:
+            self.seen[slot] = False
+            local = torch.from_numpy(np.unique(prompt)) - self.model.vocab_start
+            self.seen[slot, local[(local >= 0) & (local < self.seen.shape[1])]] = True
+
+    def _mark_seen(self, slot, token):
+        local = token - self.model.vocab_start
+        if 0 <= local < self.seen.shape[1]:
+            self.seen[slot, local] = True
+
+
+def _signed(key: int) -> int:
+    """A 64-bit unsigned key as the int64 holding the same bits."""
+    return key - (1 << 64) if key >= 1 << 63 else key

@@ -1,0 +1,133 @@
+"""The KV cache of one tp rank: slots of keys and values of only this rank's KV heads.
+
+Layout: per layer, K and V are [n_slots, Hkv_local, slot_len, D]. A running
+sequence owns one slot; position p of the sequence is row p of its slot.
+Hkv_local is the model's local ``n_kv_heads`` after ``parallelize`` (a
+replicated KV head when tp > n_kv_heads), so the cache costs 1/tp of the
+attention state, as the weights do.
+
+Why slots and not pages: a decode step attends every running sequence in one
+batched ``scaled_dot_product_attention`` over a view of the slot tensor
+(``k[:S, :, :L]``), with no gather of pages; shared prefixes are reused by
+copying (one memcpy per layer, ~1000x cheaper than recomputing them) or, when
+the new prompt lands in the very slot that holds its prefix, not even that
+(``hpcllm.generate.scheduler``). The price is that every slot reserves
+``slot_len`` positions: the longest prompt + max_new_tokens of the shard.
+
+A step packs its tokens ``[1, T]``: first one token per decoding sequence,
+then the prefill chunks. ``Step`` tells each layer where they go.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def slot_bytes(model, slot_len: int, dtype) -> int:
+    """Bytes one slot costs on this rank: K and V of every layer for ``slot_len`` positions."""
+    attn = model.layers[0].attn
+    return 2 * len(model.layers) * attn.n_kv_heads * slot_len * attn.head_dim * torch.finfo(dtype).bits // 8
+
+
+class KVCache:
+    def __init__(self, model, n_slots: int, slot_len: int, dtype, device="cpu"):
+        attn = model.layers[0].attn
+        shape = (n_slots, attn.n_kv_heads, slot_len, attn.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.n_slots, self.slot_len, self.gqa = n_slots, slot_len, attn.n_heads != attn.n_kv_heads
+        self.nbytes = 2 * len(model.layers) * self.k[0].numel() * self.k[0].element_size()
+
+    def fits(self, n_slots: int, slot_len: int) -> bool:
+        return self.n_slots >= n_slots and self.slot_len >= slot_len
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of slot ``src`` into slot ``dst`` (a shared prefix, or a fork for --n)."""
+        if src != dst and n > 0:
+            for k, v in zip(self.k, self.v):
+                k[dst, :, :n] = k[src, :, :n]
+                v[dst, :, :n] = v[src, :, :n]
+
+    def step(self, decode_slots, decode_pos, chunks) -> "Step":
+        """A forward pass's layout: decoding sequences' (slot, position), then prefill
+        ``chunks`` [(slot, first position, n tokens)] in that order in the packed tokens."""
+        return Step(self, decode_slots, decode_pos, chunks)
+
+
+class Step:
+    def __init__(self, cache: KVCache, decode_slots, decode_pos, chunks):
+        self.cache, self.chunks = cache, chunks
+        slots = list(decode_slots) + [s for s, _, n in chunks for _ in range(n)]
+        pos = list(decode_pos) + [p for _, p0, n in chunks for p in range(p0, p0 + n)]
+        self.slots = torch.tensor(slots, dtype=torch.int64)
+        self.pos = torch.tensor(pos, dtype=torch.int64)
+        self.n_decode = len(decode_slots)
+        if self.n_decode:
+            self.decode = _decode_layout(self.slots[:self.n_decode], self.pos[:self.n_decode], cache.n_slots)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.pos[None]
+
+    def layer(self, i: int) -> "LayerKV":
+        return LayerKV(self, self.cache.k[i], self.cache.v[i])
+
+
+def _decode_layout(slots, pos, n_slots):
+    """How decode attention reads the cache: over a view of slots [0, S) when the decoding
+    sequences fill at least half of them (no gather), else over a gather of their slots."""
+    length = int(pos.max()) + 1
+    span = int(slots.max()) + 1
+    if 2 * len(slots) >= span:
+        lens = torch.ones(span, dtype=torch.int64)   # idle slots read one (ignored) position
+        lens[slots] = pos + 1
+        mask = torch.arange(length)[None] < lens[:, None]
+        return {"view": span, "rows": slots, "length": length, "mask": mask[:, None, None]}
+    mask = torch.arange(length)[None] < (pos + 1)[:, None]
+    return {"view": None, "rows": slots, "length": length, "mask": mask[:, None, None]}
+
+
+class LayerKV:
+    """One layer's cache during one step: ``attend`` writes the new keys/values and attends."""
+
+    def __init__(self, step: Step, k_cache, v_cache):
+        self.step, self.kc, self.vc = step, k_cache, v_cache
+
+    def attend(self, q, k, v):
+        """q [1, Hq, T, D], k and v [1, Hkv, T, D] of the packed tokens -> attention output [1, Hq, T, D]."""
+        st = self.step
+        self.kc[st.slots, :, st.pos] = k[0].transpose(0, 1).to(self.kc.dtype)
+        self.vc[st.slots, :, st.pos] = v[0].transpose(0, 1).to(self.vc.dtype)
+        parts = []
+        if st.n_decode:
+            parts.append(self._decode(q[0, :, :st.n_decode]))
+        t = st.n_decode
+        for slot, p0, n in st.chunks:
+            parts.append(self._prefill(q[:, :, t:t + n], slot, p0, n))
+            t += n
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def _decode(self, q):
+        """q [Hq, B, D] (one token per decoding sequence) -> [1, Hq, B, D]."""
+        lay, gqa = self.step.decode, self.step.cache.gqa
+        rows, length = lay["rows"], lay["length"]
+        q = q.transpose(0, 1)[:, :, None]                           # [B, Hq, 1, D]
+        if lay["view"] is not None:
+            full = q.new_zeros((lay["view"],) + q.shape[1:])
+            full[rows] = q
+            k, v = self.kc[:lay["view"], :, :length], self.vc[:lay["view"], :, :length]
+            out = F.scaled_dot_product_attention(full, k, v, attn_mask=lay["mask"], enable_gqa=gqa)[rows]
+        else:
+            k, v = self.kc[rows, :, :length], self.vc[rows, :, :length]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=lay["mask"], enable_gqa=gqa)
+        return out[:, :, 0].transpose(0, 1)[None]
+
+    def _prefill(self, q, slot, p0, n):
+        """q [1, Hq, n, D] of positions [p0, p0 + n) of the sequence in ``slot``."""
+        k, v = self.kc[slot:slot + 1, :, :p0 + n], self.vc[slot:slot + 1, :, :p0 + n]
+        gqa = self.step.cache.gqa
+        if p0 == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        mask = torch.arange(p0 + n)[None] <= (p0 + torch.arange(n))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,230 @@
+"""`hpcllm generate`: a completion (or ``--n`` of them) for every prompt of a corpus.
+
+Columns (one row per input line, input order): ``text`` (UTF-8; [N, n] with
+``--n`` > 1), ``finish_reason`` (uint8: 0 eos, 1 stop, 2 length, 255 not
+generated; the names are the dataset's ``names`` attribute),
+``n_prompt_tokens``, ``n_generated`` ([N, n] with --n), the generated ids as
+flat ``output_ids`` cut by ``output_offsets`` (a row's n completions one
+after the other; ``n_generated`` splits them) and with ``--logprobs``
+``output_logprobs`` aligned with them.
+
+Prompts: the text (BOS added when the model's config says so), or with
+``--chat`` the model's chat template rendered from the text as one user
+message (``--system`` before it) or from the line's ``messages`` field; the
+template's text is tokenized without the tokenizer's own special tokens, as
+``apply_chat_template`` does, so a template that writes BOS gets exactly one.
+A prompt that leaves no room for one new token in the context is TOO_LONG
+(``--truncate-prompt``: cut from the left to leave max_new_tokens, status
+TRUNCATED); generation stops at the context in any case (length).
+
+The executor's pseudo-batches are slices of the shard's documents: each
+``compute`` runs the continuous-batching engine until that many more
+documents are done (the running set carries over), so a stop signal is
+honoured every ``DOCS_PER_BATCH`` documents.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from types import SimpleNamespace
+
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+from hpcllm.executor.job import Job
+from hpcllm.generate.chat import ChatTemplate, TemplateRefused, conversation
+from hpcllm.generate.scheduler import FINISH_NAMES
+from hpcllm.model.architectures import require_family
+from hpcllm.status import Status
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, STRING, Column, ragged, ragged_rows
+
+DOCS_PER_BATCH = 32
+NOT_GENERATED = 255
+SLOT_ROUND = 16
+
+
+class GenerateJob(Job):
+    name = "generate"
+
+    def __init__(self, cfg, ckpt):
+        super().__init__(cfg, ckpt)
+        require_family(ckpt, "decoder", self.name)
+        _check_options(cfg)
+        c = self.model_cfg = ckpt.config
+        self.context = min(cfg.max_length or c["max_positions"], c["max_positions"])
+        # too-long prompts get a status here; --max-doc-tokens only bounds the tokenizer's work
+        # (not with --truncate-prompt, which keeps a prompt's end)
+        self.limit_documents(None)
+        if cfg.truncate_prompt:
+            self.max_length = None
+        from hpcllm.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(ckpt.tokenizer_json, source=cfg.model, apply_file_settings=False)
+        self.eos_ids = frozenset(c.get("eos_ids") or ([c["eos_id"]] if c.get("eos_id") is not None else []))
+        self.template = self._template() if cfg.chat else None
+        self.text_of = functools.partial(_chat_prompt, self.template, cfg) if cfg.chat else None
+        self.cache = None
+        self.stats = {}
+
+    def config_hash(self) -> str:
+        return self.cfg.result_hash(self.name, seed=self.cfg.seed)   # seed is shared with train (not result=)
+
+    def _template(self):
+        source = self.model_cfg.get("chat_template")
+        if not source:
+            raise HpcllmError(f"generate --chat: {self.cfg.model} has no chat template (convert it again from a "
+                              f"GGUF with tokenizer.chat_template or an HF directory with one)")
+        tok = self.tokenizer
+        special = {name: tok.decode([i], skip_special_tokens=False) if i is not None else ""
+                   for name, i in (("bos_token", self.model_cfg.get("bos_id")), ("eos_token", tok.eos_id))}
+        return ChatTemplate(source, special, self.cfg.model)
+
+    def schema(self):
+        n = self.cfg.n
+        tail = (n,) if n > 1 else ()
+        cols = (Column("text", STRING, tail, ""), Column("finish_reason", np.uint8, tail, NOT_GENERATED),
+                Column("n_prompt_tokens", np.int32, (), -1), Column("n_generated", np.int32, tail, -1),
+                ragged("output_ids", np.int32, "output_offsets", fill=-1))
+        if self.cfg.logprobs:
+            cols += (ragged("output_logprobs", np.float32, "output_offsets"),)
+        return cols + (N_TOKENS,) + BASE_COLUMNS
+
+    # ------------------------------------------------------------------ a shard
+
+    def start(self, work):
+        rows = work.process
+        prompts, max_new, status = [], [], {}
+        for row in rows:
+            ids, st = self._prompt(work.doc(row))
+            if st is not None:
+                status[int(row)] = st
+            prompts.append(ids)
+            max_new.append(min(self.cfg.max_new_tokens, self.context - len(ids)))
+        doc_ids = ([work.doc_ids[r] for r in rows] if work.doc_ids is not None else [str(r) for r in rows])
+        n_run = sum(1 for p in prompts if len(p))
+        return SimpleNamespace(work=work, prompts=prompts, max_new=max_new, status=status, doc_ids=doc_ids,
+                               engine=None, batches=[min(n_run, (k + 1) * DOCS_PER_BATCH)
+                                                     for k in range(-(-n_run // DOCS_PER_BATCH))])
+
+    def _prompt(self, doc):
+        """-> (prompt ids, new status or None); empty ids: not generated."""
+        ids = doc.astype(np.int64)
+        if self.cfg.chat:
+            impl = self.tokenizer._impl             # the executor added the tokenizer's special tokens
+            ids = ids[len(impl.prefix):len(ids) - len(impl.suffix)]
+        elif self.model_cfg.get("add_bos") and self.model_cfg.get("bos_id") is not None \
+                and not (len(ids) and ids[0] == self.model_cfg["bos_id"]):
+            ids = np.concatenate([[self.model_cfg["bos_id"]], ids]).astype(np.int64)
+        room = self.context - self.cfg.max_new_tokens
+        if self.cfg.truncate_prompt and len(ids) > max(room, 1):
+            return ids[len(ids) - max(room, 1):], Status.TRUNCATED
+        if len(ids) >= self.context:
+            return ids[:0], Status.TOO_LONG
+        return ids, None
+
+    def compute(self, model, state, target):
+        if state.engine is None:
+            state.engine = self._engine(model, state)
+        state.engine.run_until(target)
+
+    def _engine(self, model, state):
+        from hpcllm.generate.engine import Engine, Limits
+        from hpcllm.generate.kv_cache import KVCache, slot_bytes
+        from hpcllm.generate.sampling import SamplingParams
+
+        cfg = self.cfg
+        need = max((len(p) + m for p, m in zip(state.prompts, state.max_new) if len(p)), default=1)
+        slot_len = min(self.context, -(-need // SLOT_ROUND) * SLOT_ROUND)
+        per_slot = slot_bytes(model, slot_len, model.dtype)
+        n_slots = min(int(cfg.kv_cache_mb * 2**20) // per_slot, max(cfg.max_num_seqs, cfg.n),
+                      cfg.n * max(1, len(state.prompts)))
+        if n_slots < cfg.n:
+            raise HpcllmError(f"generate: --kv-cache-mb {cfg.kv_cache_mb:g} holds {n_slots} sequences of "
+                              f"{slot_len} tokens ({per_slot / 2**20:.1f} MiB each); --n {cfg.n} needs {cfg.n}: "
+                              f"raise --kv-cache-mb")
+        if self.cache is None or not self.cache.fits(n_slots, slot_len):
+            self.cache = None
+            self.cache = KVCache(model, n_slots, slot_len, model.dtype, model.head_weight.device)
+        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.repetition_penalty,
+                                cfg.seed)
+        limits = Limits(frozenset() if cfg.ignore_eos else self.eos_ids, frozenset(cfg.stop_token_ids or ()),
+                        tuple(s.encode() for s in cfg.stop or () if s), cfg.ignore_eos)
+        return Engine(model, self.cache, state.prompts, state.max_new, state.doc_ids, params, limits, cfg.n,
+                      cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs)
+
+    def outputs(self, state):
+        n, n_docs = self.cfg.n, state.work.n_docs
+        text = np.full((n_docs, n), "", dtype=object)
+        reason = np.full((n_docs, n), NOT_GENERATED, np.uint8)
+        n_gen = np.zeros((n_docs, n), np.int32)
+        n_prompt = np.full(n_docs, -1, np.int32)
+        ids = [[] for _ in range(n_docs)]
+        lps = [[] for _ in range(n_docs)]
+        results = state.engine.results if state.engine is not None else {}
+        for j, row in enumerate(state.work.process):
+            n_prompt[row] = len(state.prompts[j]) if len(state.prompts[j]) else len(state.work.doc(row))
+            for c in range(n):
+                got = results.get((j, c))
+                if got is not None:
+                    gen, lp, reason[row, c], text[row, c] = got
+                    n_gen[row, c] = len(gen)
+                    ids[row] += gen
+                    lps[row] += lp
+        out = {"text": text, "finish_reason": reason, "n_generated": n_gen}
+        if n == 1:
+            out = {k: v[:, 0] for k, v in out.items()}
+        out["n_prompt_tokens"] = n_prompt
+        out["output_ids"], out["output_offsets"] = ragged_rows([np.array(x, np.int32) for x in ids], np.int32)
+        if self.cfg.logprobs:
+            out["output_logprobs"] = ragged_rows([np.array(x, np.float32) for x in lps], np.float32)[0]
+        out["_status"] = state.status
+        if state.engine is not None:
+            self.stats = self._cache_stats(state.engine)
+        return out
+
+    def _cache_stats(self, engine) -> dict:
+        c = engine.cache
+        return {"kv_cache_mb": c.nbytes / 2**20, "kv_cache_slots": c.n_slots, "kv_cache_tokens": c.n_slots * c.slot_len,
+                "kv_peak_tokens": engine.sched.peak_tokens}
+
+    def write_shard(self, out_dir, data, outputs, attrs):
+        for row, st in outputs.pop("_status").items():
+            if data.status[row] in (Status.OK, Status.EMPTY) or st == Status.TOO_LONG:
+                data.status[row] = st
+        return super().write_shard(out_dir, data, outputs, {**attrs, **self.stats})
+
+    def finish(self, out_dir, plan, attrs):
+        import os
+
+        import h5py
+
+        summary = super().finish(out_dir, plan, attrs)
+        with h5py.File(os.path.join(out_dir, "results.h5"), "r+") as f:
+            f["finish_reason"].attrs["names"] = json.dumps({i: name for i, name in enumerate(FINISH_NAMES)}
+                                                           | {NOT_GENERATED: "none"})
+        return summary
+
+
+def _chat_prompt(template, cfg, obj):
+    """A JSON line's prompt text under --chat (None: the row gets MISSING_FIELD)."""
+    msgs = conversation(obj, cfg.text_field, cfg.messages_field, cfg.system)
+    if msgs is None:
+        return None
+    try:
+        return template.render(msgs)
+    except TemplateRefused:
+        return None
+
+
+def _check_options(cfg):
+    checks = [(cfg.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+              (cfg.temperature >= 0, "--temperature must be >= 0 (0: greedy)"),
+              (0 < cfg.top_p <= 1, "--top-p must be in (0, 1]"), (cfg.top_k >= 0, "--top-k must be >= 0 (0: all)"),
+              (0 <= cfg.min_p <= 1, "--min-p must be in [0, 1]"),
+              (cfg.repetition_penalty > 0, "--repetition-penalty must be > 0"), (cfg.n >= 1, "--n must be >= 1"),
+              (cfg.kv_cache_mb > 0, "--kv-cache-mb must be > 0"), (cfg.max_num_seqs >= 1, "--max-num-seqs must be >= 1"),
+              (cfg.system is None or cfg.chat, "--system needs --chat")]
+    for ok, message in checks:
+        if not ok:
+            raise HpcllmError(f"generate: {message}")
