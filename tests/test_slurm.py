@@ -57,7 +57,7 @@ def test_provenance_only_what_slurm_set():
 
 # --- the templates as files ----------------------------------------------------
 
-TEMPLATES = ["hpcllm.sbatch", "embed.sbatch", "score.sbatch", "tokenize.sbatch", "embed-array.sbatch"]
+TEMPLATES = ["hpcllm.sbatch", "embed.sbatch", "score.sbatch", "tokenize.sbatch", "embed-array.sbatch", "follow.sbatch"]
 DIRECTIVES = ["--requeue", "--signal=B:USR1@300", "--open-mode=append", "--export=ALL"]
 
 
@@ -83,17 +83,24 @@ def test_the_one_template_holds_the_signal_and_requeue_logic():
         assert needle in text, needle
 
 
+def test_follow_template_runs_follow_mode_with_a_time_limit():
+    text = open(os.path.join(SLURM_DIR, "follow.sbatch")).read()
+    assert '. "$d/hpcllm.sbatch" "$job" --follow "$@"' in text
+    assert "#SBATCH --time=" in text and ': "${HPCLLM_MAX_RESTARTS:=1000}"' in text
+
+
 def test_tokenize_template_does_not_advertise_tp():
     text = open(os.path.join(SLURM_DIR, "tokenize.sbatch")).read()
     assert "--tp" not in text and "tokenize.sbatch" in text and "--tokenizer" in text
 
 
+@pytest.mark.parametrize("template", ["hpcllm.sbatch", "follow.sbatch"])
 @pytest.mark.parametrize("args", [[], ["--model", "M.h5"]])
-def test_template_without_a_job_prints_usage(args):
+def test_template_without_a_job_prints_usage(args, template):
     # Refused before anything Slurm is needed: it runs outside a job too.
-    r = subprocess.run(["bash", os.path.join(SLURM_DIR, "hpcllm.sbatch"), *args], capture_output=True, text=True,
+    r = subprocess.run(["bash", os.path.join(SLURM_DIR, template), *args], capture_output=True, text=True,
                        timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
-    assert r.returncode == 2 and "usage: sbatch" in r.stderr and "hpcllm.sbatch JOB" in r.stderr, r.stderr
+    assert r.returncode == 2 and "usage: sbatch" in r.stderr and f"{template} JOB" in r.stderr, r.stderr
 
 
 # --- the one-node cluster ------------------------------------------------------
@@ -362,6 +369,48 @@ def test_sbatch_embed_signalled_requeues_and_matches(slurm_cluster, tmp_path, em
     done_before = [int(m) for m in re.findall(r"\((\d+) already done\)", text)]
     assert len(done_before) == 2 and done_before[0] == 0 and done_before[1] >= 1, text
     _assert_same_results(reference, out / "results.h5")
+
+
+# --- a real follow job: requeued by its signal, it admits what landed in the gap -----------
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
+def test_follow_job_requeued_admits_files_dropped_during_the_gap(slurm_cluster, tmp_path, tiny_bert_h5):
+    import h5py
+    import numpy as np
+
+    from conftest import mpirun, write_jsonl
+    from corpora import mixed
+    docs = mixed(40)
+    incoming, static, out, log = tmp_path / "in", tmp_path / "static", tmp_path / "out", tmp_path / "log"
+    incoming.mkdir()
+    static.mkdir()
+    for name, part in (("a.jsonl", docs[:20]), ("b.jsonl", docs[20:])):
+        write_jsonl(static / name, part, id_prefix=name[0])
+    os.link(static / "a.jsonl", incoming / "a.jsonl")
+    args = ["embed", "--model", tiny_bert_h5, "--input", incoming, "--output", out, "--poll-s", 0.2,
+            "--idle-exit", 10, "--shard-docs", 4, "--progress", 0]
+    job_id = _sbatch(["-n", 2, f"--output={log}", os.path.join(SLURM_DIR, "follow.sbatch"), *args], tmp_path,
+                     _embed_env())
+    try:
+        _wait_until(lambda: list(out.glob("shards/shard-*.h5")), "the first shard of a.jsonl")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], check=True, timeout=30)
+        _wait_until(lambda: _job_state(job_id)[1] == 1, f"job {job_id} to be requeued")
+        os.link(static / "b.jsonl", incoming / "b.jsonl")      # lands while the job waits to run again
+        _wait_until(lambda: _job_state(job_id) in FINISHED_AFTER_ONE_RESTART, f"job {job_id} to end")
+    finally:
+        subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+    text = log.read_text()
+    assert _job_state(job_id) == ("COMPLETED", 1), text
+    assert f"requeueing job {job_id}" in text and f"start job {job_id} restart_count=1" in text
+    admitted = json.loads((out / "manifest.json").read_text())["inputs"]   # the log is compacted at the end
+    assert [os.path.basename(p) for p in admitted] == ["a.jsonl", "b.jsonl"], admitted   # each once, in order
+    mpirun(2, ["embed", "--model", tiny_bert_h5, "--input", static, "--output", tmp_path / "ref", "--progress", 0])
+    with h5py.File(out / "results.h5") as got, h5py.File(tmp_path / "ref" / "results.h5") as want:
+        for name in ("doc_id", "status", "n_tokens", "line"):
+            np.testing.assert_array_equal(got[name][()], want[name][()], err_msg=name)
+        np.testing.assert_allclose(got["embedding"][()], want["embedding"][()], atol=1e-5)
 
 
 # --- the real tokenize job: sbatch vs mpiexec ----------------------------------
