@@ -90,3 +90,22 @@ def test_errors_are_one_line(results):
         assert (msg or "cannot tell the format") in proc.stderr
     proc = run_cli("export", d / "missing", "--output", d / "y.parquet")
     assert proc.returncode == 2 and "no results.h5" in proc.stderr
+
+
+def test_notebook_api_reads_a_row_range_without_vectors(results):
+    import hpcllm.results
+
+    d, h5 = results
+    r = hpcllm.results.open(d / "out")
+    assert r.n_rows == N and "embedding" in r.names
+    df = hpcllm.results.to_pandas(r, rows=slice(700, 1900))
+    assert "embedding" not in df.columns and len(df) == 1200
+    assert list(df.doc_id) == [s.decode() for s in h5["doc_id"][700:1900]]
+    np.testing.assert_array_equal(df.perplexity.to_numpy(), h5["perplexity"][700:1900])
+    off = h5["token_offsets"]
+    assert [len(x) for x in df.token_logprobs] == list(np.diff(off)[700:1900])
+    np.testing.assert_array_equal(df.token_logprobs.iloc[5], h5["token_logprobs"][off[705]:off[706]])
+    emb = hpcllm.results.to_pandas(r, columns=["embedding"], rows=slice(0, 10), embeddings=True)
+    np.testing.assert_array_equal(np.stack(emb.embedding.to_numpy()), h5["embedding"][:10])
+    cols = r.read(["status", "n_tokens"], 2400)
+    np.testing.assert_array_equal(cols["n_tokens"], h5["n_tokens"][2400:])

@@ -1,8 +1,10 @@
-"""Benchmark: `hpcllm export` / `hpcllm filter` vs what a user writes by hand, on a synthetic score
+"""Benchmark: `hpcllm report` / `export` / `filter` vs what a user writes by hand, on a synthetic score
 results dir (score columns + doc ids, 8 shards, written with hpcllm's own write_shard / build_master).
 
-    python bench/export.py --rows 2000000
+    python bench/analyse.py --rows 10000000
 
+report: hpcllm report (streaming sketches, PNGs, index.html) against h5py -> pandas.describe() +
+quantiles + the same histograms with matplotlib.
 export: hpcllm export -> Parquet, against h5py -> pandas.DataFrame -> to_parquet (pyarrow).
 filter: `status == ok and perplexity <= q(0.6)` -> kept.jsonl.gz, against h5py columns + numpy.quantile +
 the corpus read line by line into a gzip file.  Each side runs as its own process on the same cores
@@ -26,6 +28,16 @@ with h5py.File(sys.argv[1] + "/results.h5") as f:
     df = pd.DataFrame({k: (f[k].asstr()[:] if k == "doc_id" else f[k][:]) for k in
                        ("doc_id", "source", "line", "status", "logprob_sum", "n_tokens", "perplexity")})
 df.to_parquet(sys.argv[2], engine="pyarrow")
+"""
+PEER_REPORT = """
+import sys, h5py, numpy as np, pandas as pd, matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+with h5py.File(sys.argv[1] + "/results.h5") as f:
+    df = pd.DataFrame({k: f[k][:] for k in ("status", "logprob_sum", "n_tokens", "perplexity")})
+print(df.status.value_counts(), df.describe(percentiles=[.01, .1, .5, .9, .99]))
+for k in ("logprob_sum", "n_tokens", "perplexity"):
+    plt.figure(); plt.hist(df[k][np.isfinite(df[k])], bins=60); plt.title(k); plt.savefig(sys.argv[2] + k + ".png")
 """
 PEER_FILTER = """
 import gzip, sys, h5py, numpy as np
@@ -56,13 +68,15 @@ def main():
     a = ap.parse_args()
     from analysis_helpers import make_results
 
-    d = a.dir or tempfile.mkdtemp(prefix="bench-export-")
+    d = a.dir or tempfile.mkdtemp(prefix="bench-analyse-")
     out, corpus = os.path.join(d, "out"), os.path.join(d, "corpus.jsonl")
     if not os.path.exists(os.path.join(out, "results.h5")):
         make_results(out, corpus, a.rows, shard_docs=-(-a.rows // 8), shard_attrs=False)
     hp = [sys.executable, "-m", "hpcllm"]
     rows = []
     for what, ours, peer in (
+            ("report (HTML + PNGs)", hp + ["report", out, "--output", os.path.join(d, "report")],
+             [sys.executable, "-c", PEER_REPORT, out, os.path.join(d, "peer-")]),
             ("export -> Parquet", hp + ["export", out, "--output", os.path.join(d, "a.parquet")],
              [sys.executable, "-c", PEER_EXPORT, out, os.path.join(d, "b.parquet")]),
             ("filter q(0.6) -> .jsonl.gz", hp + ["filter", out, "--where", "status == ok and perplexity <= q(0.6)",
