@@ -1,6 +1,6 @@
 """Language-model scoring: per-token log-probabilities of documents.
 
-Two pieces:
+The pieces:
 
 * ``vocab_parallel_logprobs``: log p(target) from hidden states when each tp
   rank holds only a slice of the LM head's vocabulary rows. Full logits are
@@ -17,6 +17,12 @@ Two pieces:
   forward pass with positions from 0. Token t is predicted from tokens < t,
   so the first token of a document (the BOS when the model adds one) is
   never scored.
+* ``window_pieces`` / ``score_windows`` / ``join_windows``: the same in
+  pieces, for a caller that batches windows itself (the score job: the
+  windows of a long document are units of work like short documents).  A
+  document's log-probabilities are always joined in window order and summed
+  in that order (``summarize``), so however its windows were batched the
+  result is that of the unsplit computation.
 
 All ranks of a tp group must call these with identical inputs.
 """

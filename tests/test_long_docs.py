@@ -102,7 +102,8 @@ def test_multi_megabyte_document_truncated_or_skipped(tiny_llama, tmp_path):
 
 def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny_llama, tmp_path):
     """--max-doc-tokens 0: a ~6k-token document among short ones, at dp=2, equals the single-rank
-    sliding-window reference; its windows run as many batches, and progress lines move during it."""
+    sliding-window reference; its shard is split into parts that both dp groups compute, its windows
+    run as many batches, and progress lines move during it."""
     from hpcllm.checkpoint.hdf5 import Checkpoint
     from hpcllm.model.build import build_model
     from hpcllm.scoring import score_documents, with_bos
@@ -129,7 +130,14 @@ def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny
         assert n_scored[i] == len(lp)
         np.testing.assert_allclose(flat[offsets[i]:offsets[i + 1]], lp, atol=1e-5, rtol=0)
         np.testing.assert_allclose(total[i], lp.sum(dtype=np.float64), rtol=1e-6)
-    assert all(r["shards"] > 0 for r in timings)          # both groups did work
+    assert all(r["shards"] > 0 for r in timings)
+    # The long document's shard was split into parts that both dp groups computed.
+    parts = []
+    for shard in sorted((tmp_path / "out" / "shards").iterdir()):
+        with h5py.File(shard) as f:
+            parts += json.loads(f.attrs["parts"]) if "parts" in f.attrs else []
+    assert len(parts) > 2 and {p["dp_rank"] for p in parts} == {0, 1}, parts
+    assert not any((tmp_path / "out" / "parts").iterdir())   # merged, then removed
     # Progress lines while the long document's shard runs: documents done stay, tokens done grow.
     lines = re.findall(r"(\d+)/13 docs \S+, (\S+)/\S+ tokens", proc.stderr)
     tokens_at = {}
@@ -204,3 +212,40 @@ def test_progress_eta_by_tokens():
     assert "0/100 docs" in line and "500/~10.00k tokens" in line and "ETA 1m35s" in line
     assert "ETA 0m00s" in p.line(100, 8000, 100, 8000, 5.0) and "~" not in p.line(100, 8000, 100, 8000, 5.0)
     assert "ETA ?" in p.line(0, 0, 0, 0, 1.0)
+
+
+def _shard(index, nbytes, compressed=False, **kw):
+    from hpcllm.corpus.plan import Shard
+
+    return Shard(index=index, path="/x.jsonl", fmt="jsonl", compressed=compressed, byte_start=0, byte_end=nbytes,
+                 line_start=index, n_docs=1, row_start=index, **kw)
+
+
+def test_split_plan_only_large_plain_shards():
+    from hpcllm.corpus.plan import Plan
+    from hpcllm.executor.parts import MAX_PARTS_PER_GROUP, split_plan
+
+    sizes = (100, 110, 120, 400, 10**6)       # median 120: 400 bytes make 3 parts; gz is never split
+    plan = Plan([_shard(i, n) for i, n in enumerate(sizes)] + [_shard(5, 10**6, True)], ["/x"])
+    assert [s.parts for s in split_plan(plan, 2)] == [1, 1, 1, 3, 2 * MAX_PARTS_PER_GROUP, 1]
+    assert [s.parts for s in split_plan(plan, 1)] == [1] * 6
+    assert split_plan(plan, 2).inputs == ["/x"]
+
+
+def test_parts_units_resume_and_batches(tmp_path):
+    from hpcllm.executor.parts import part_batches, read_parts, remove_parts, units, write_part
+
+    shard = _shard(7, 1000, parts=3)
+    assert [u.part for u in units(tmp_path, shard)] == [0, 1, 2] and units(tmp_path, _shard(1, 9)) == [_shard(1, 9)]
+    write_part(tmp_path, units(tmp_path, shard)[1], {"x": np.arange(3)}, {"part": 1})
+    assert [u.part for u in units(tmp_path, shard)] == [0, 2] and read_parts(tmp_path, shard) is None
+    for p in (0, 2):
+        write_part(tmp_path, units(tmp_path, shard)[0], {"x": np.arange(p)}, {"part": p})
+    assert [u.part for u in units(tmp_path, shard)] == [2]     # all written, not merged: merge again
+    got = read_parts(tmp_path, shard)
+    assert [int(a["part"]) for _, a in got] == [0, 1, 2] and got[2][0]["x"].tolist() == [0, 1]
+    remove_parts(tmp_path, shard)
+    assert [u.part for u in units(tmp_path, shard)] == [0, 1, 2]
+    for n in (0, 1, 5, 17):
+        runs = [list(part_batches(n, p, 3)) for p in range(3)]
+        assert sum(runs, []) == list(range(n))

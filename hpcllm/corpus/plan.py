@@ -46,6 +46,8 @@ class Shard:
     n_docs: int         # number of lines (documents) in the shard
     row_start: int      # global row of the first document, in input order
     file_index: int = 0  # position of `path` in the plan's input list
+    parts: int = 1      # work units the shard's batches are split into (hpcllm.executor.parts)
+    part: int = 0       # a work unit: which of them (0 in the plan)
 
 
 class Plan(list):

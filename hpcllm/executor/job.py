@@ -15,6 +15,8 @@ defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
     compute(model, state, batch) one batch, on every rank of the tp group
     batch_progress(state, batch) document tokens the batch completes, for the progress line
                                  (default 0: a shard's tokens count when it is written)
+    part_outputs, merge_part     optional (``splits_shards``): a shard's batches computed by several
+                                 dp groups, merged (hpcllm/executor/parts.py)
     outputs(state) -> dict       the job's result columns for the whole shard, input order
     open_model(cfg)              (class) the checkpoint ``__init__`` gets (default: cfg.model's Checkpoint)
     finish_all(out, plan, mesh)  after every shard is done, on every rank (collective), before ``finish``
@@ -75,6 +77,7 @@ class Job:
     text_of = None          # obj -> str | None: a JSON line's text instead of its --text-field (generate --chat)
     max_length = None       # tokens a document is cut to (None: never); status TRUNCATED
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
+    splits_shards = False   # part_outputs/merge_part: a long shard's batches may be split across dp groups
     _own_limit = False      # limit_documents: the job's own limit (False: never called)
 
     def __init__(self, cfg, ckpt):
@@ -102,6 +105,14 @@ class Job:
 
     def batch_progress(self, state, batch) -> int:
         return 0
+
+    def part_outputs(self, state, batches) -> dict:
+        """A part of a shard (``splits_shards``): what ``batches`` computed, as named numpy arrays."""
+        raise NotImplementedError
+
+    def merge_part(self, state, arrays: dict) -> None:
+        """Another part's ``part_outputs`` into ``state``, which then gives the shard's ``outputs``."""
+        raise NotImplementedError
 
     @classmethod
     def open_model(cls, cfg):

@@ -24,6 +24,7 @@ import time
 
 from hpcllm.executor.follow import END, SKIP
 from hpcllm.executor.job import ShardData
+from hpcllm.executor.parts import part_batches, read_parts, remove_parts, write_part
 from hpcllm.progress import Progress, Timers
 from hpcllm.world.counters import SharedCounters
 
@@ -40,7 +41,7 @@ class GroupLoop:
         self.docs_done = self.tokens_done = self.shards_done = 0
         self._reported = 0     # tokens of the current shard already added by batch_progress
         self.finished_at = None
-        self.progress = (Progress(sum(s.n_docs for s in todo), progress_s)
+        self.progress = (Progress(sum({s.index: s.n_docs for s in todo}.values()), progress_s)
                          if mesh.rank == 0 and self.follow is None else None)
         self._stop = None
         self._raised = False
@@ -106,15 +107,18 @@ class GroupLoop:
                     continue
                 if work == END:                # follow mode: the job is to end, or stop
                     return self.should_stop()
-                if isinstance(data, ShardData) and self.follow is None:   # for the ETA (follow: none)
+                part = (0, 1) if self.follow is not None else (shard.part, shard.parts)
+                if isinstance(data, ShardData) and self.follow is None and part[0] == 0:   # for the ETA
                     self.counters.add_loaded(len(data.status), int(data.n_tokens().sum()))
                 started = time.time()
                 if self.should_stop():
                     return True
-                following = self._run_shard(work, lambda: self._claim_and_load(pool))
+                following = self._run_shard(work, lambda: self._claim_and_load(pool), part)
                 if following is None:   # stopped between batches: drop this shard
                     return True
-                if data is not None:
+                if data is not None and part[1] > 1:
+                    self.write_part(data, shard, following, started)
+                elif data is not None:
                     self.write(data, following.pop("outputs"), started)
                 shard, future = following["next"]
             return False
@@ -126,10 +130,11 @@ class GroupLoop:
                 pool.shutdown(wait=True, cancel_futures=True)
             self.inputs.close()
 
-    def _run_shard(self, work, claim_next) -> dict | None:
-        """The job's batches of one shard; claims the next shard on the way. None if stopped."""
+    def _run_shard(self, work, claim_next, part=(0, 1)) -> dict | None:
+        """The job's batches of one shard (of a part: its run of them); claims the next shard on
+        the way. None if stopped."""
         state = self.job.start(work)
-        batches = state.batches
+        batches = [state.batches[k] for k in part_batches(len(state.batches), *part)]
         following = {}
         self._reported = 0
         if not batches:
@@ -144,13 +149,36 @@ class GroupLoop:
             if self.mesh.is_group_leader and (tokens := self.job.batch_progress(state, batch)):
                 self.counters.add_done(0, tokens)
                 self._reported += tokens
-        following["outputs"] = self.job.outputs(state)
+        if part[1] > 1:
+            following["state"], following["batches"] = state, batches
+        else:
+            following["outputs"] = self.job.outputs(state)
         return following
 
-    def write(self, data, outputs: dict, started: float):
-        """Write the shard file; its attributes say who computed it and how long it took (seconds)."""
+    def write_part(self, data, shard, following: dict, started: float):
+        """Write this part's results; the group that finds every part written merges them and
+        writes the shard file (hpcllm.executor.parts)."""
+        who = {"part": shard.part, "rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank,
+               "seconds": time.time() - started, "reported": self._reported}
+        state = following["state"]
+        with self.timers.phase("write"):
+            write_part(self.out_dir, shard, self.job.part_outputs(state, following["batches"]), who)
+            got = read_parts(self.out_dir, shard)
+        if got is None:
+            return
+        for arrays, attrs in got:
+            if int(attrs["part"]) != shard.part:
+                self.job.merge_part(state, arrays)
+        self._reported = sum(int(attrs["reported"]) for _, attrs in got)
+        parts = [{k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()} for _, a in got]
+        self.write(data, self.job.outputs(state), started, {"parts": parts})
+        remove_parts(self.out_dir, shard)
+
+    def write(self, data, outputs: dict, started: float, extra: dict | None = None):
+        """Write the shard file; its attributes say who computed it and how long it took (seconds)
+        (a shard of several parts: also who computed each, ``parts``)."""
         attrs = {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "host": socket.gethostname(),
-                 "seconds": time.time() - started, "finished_at": time.time()}
+                 "seconds": time.time() - started, "finished_at": time.time(), **(extra or {})}
         with self.timers.phase("write"):
             tokens = self.job.write_shard(self.out_dir, data, outputs, attrs)
         self.shards_done += 1

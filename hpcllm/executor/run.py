@@ -20,6 +20,7 @@ from hpcllm import __version__
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.inputs import Inputs
 from hpcllm.executor.loop import GroupLoop
+from hpcllm.executor.parts import PARTS_DIR, split_plan, units
 from hpcllm.progress import breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.store.atomic import remove_temporaries
@@ -73,13 +74,17 @@ def run_job(cfg, job_cls) -> int:
 
 def _static_plan(cfg, job, world, mesh, inputs):
     """The manifest (created, or reused and checked), the shards still to do, and 0."""
-    manifest = load_or_create_manifest(cfg.output, lambda: inputs.plan(world, mesh.dp_size), job.model_hash(),
-                                       job.config_hash(), comm=world, inputs=inputs.files)
+    def plan_fn():
+        plan = inputs.plan(world, mesh.dp_size)
+        return split_plan(plan, mesh.dp_size) if job.splits_shards and not inputs.tokens else plan
+    manifest = load_or_create_manifest(cfg.output, plan_fn, job.model_hash(), job.config_hash(), comm=world,
+                                       inputs=inputs.files)
     plan = manifest.shards
     if world.Get_rank() == 0:   # before any group writes: what a killed run left half-written
         remove_temporaries(os.path.join(cfg.output, "shards"))
-    todo = world.bcast([s for s in plan if s.index not in completed_shards(cfg.output, plan)]
-                       if world.Get_rank() == 0 else None, root=0)
+        remove_temporaries(os.path.join(cfg.output, PARTS_DIR))
+    todo = world.bcast([u for s in plan if s.index not in completed_shards(cfg.output, plan)
+                        for u in units(cfg.output, s)] if world.Get_rank() == 0 else None, root=0)
     return manifest, todo, 0
 
 

@@ -35,6 +35,7 @@ from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, ragged, ragged_
 
 class ScoreJob(Job):
     name = "score"
+    splits_shards = True    # a long shard's windows may be scored by several dp groups (executor/parts.py)
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)
@@ -70,6 +71,19 @@ class ScoreJob(Job):
         """Tokens scored by these windows."""
         p = state.pieces[batch]
         return int((p[:, 2] - p[:, 3]).sum())
+
+    def part_outputs(self, state, batches):
+        k = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        lp, offsets = ragged_rows([state.piece_lp[i] for i in k], np.float32)
+        return {"piece": k, "lp": lp, "lp_offsets": offsets, "n_pieces": np.array([len(state.pieces)])}
+
+    def merge_part(self, state, arrays):
+        if int(arrays["n_pieces"][0]) != len(state.pieces):
+            raise HpcllmError(f"score: a part of this shard was computed over {int(arrays['n_pieces'][0])} "
+                              f"windows, this group has {len(state.pieces)}; use a new --output")
+        off = arrays["lp_offsets"]
+        for j, k in enumerate(arrays["piece"].tolist()):
+            state.piece_lp[k] = arrays["lp"][off[j]:off[j + 1]]
 
     def outputs(self, state):
         n = state.work.n_docs
