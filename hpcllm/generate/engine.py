@@ -84,6 +84,8 @@ class Engine:
         step = self.cache.step([s for s, _ in decode], [p for _, p in decode], chunks)
         ids = torch.tensor(tokens, dtype=torch.int64)[None]
         hidden = self.model(ids, step.positions, cache=step)[0]
+        if not plan.samples:                 # only prefill chunks that end inside their prompts
+            return [], None
         rows = torch.tensor([where[t] for t, _ in plan.samples], dtype=torch.int64)
         logits = (hidden[rows] @ self.model.head_weight.T).float()
         sampled = [seqs[i] for _, i in plan.samples]

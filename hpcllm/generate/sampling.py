@@ -108,7 +108,7 @@ def argmax(scores: torch.Tensor, vocab_start: int, comm) -> torch.Tensor:
 def _top_candidates(scaled, k: int, comm) -> torch.Tensor:
     """[B, min(k, V)] the k largest scaled logits of the whole vocabulary, descending."""
     local = scaled.topk(min(k, scaled.shape[1]), dim=-1).values
-    merged = _gather(comm, local).permute(1, 0, 2).reshape(scaled.shape[0], -1)
+    merged = _gather(comm, local).permute(1, 0, 2).reshape(scaled.shape[0], comm.size * local.shape[1])
     return merged.topk(min(k, merged.shape[1]), dim=-1).values
 
 

@@ -122,6 +122,7 @@ class Scheduler:
         self.pending_copies: list = []               # forks sampled last step: copy the prompt KV
         self.done: list = []                         # (seq, reason) freed, in order
         self.peak_tokens = 0
+        self.reused_tokens = 0                       # prompt positions not recomputed (shared prefixes)
 
     # ------------------------------------------------------------------ the leader
 
@@ -215,6 +216,7 @@ class Scheduler:
             prompt = self.prompts[j]
             base = i - c if c else None
             self.seqs[i] = Seq(i, j, c, slot, prompt.tolist(), len(prompt), reuse, base)
+            self.reused_tokens += reuse
             self.owner[slot] = i
             self.order.append(i)
         self.peak_tokens = max(self.peak_tokens, sum(len(s.tokens) for s in self.seqs.values()))

@@ -1,0 +1,256 @@
+"""The generation engine in one process: greedy ids equal HF ``transformers.generate`` on tiny
+random Llama / Mistral / Qwen2 models (chunked prefill, continuous batching through few slots,
+shared prefixes), sampling matches softmax(logits / T) cut by top-k / top-p / min-p (chi-square)
+and is identical when the vocabulary is split over two ranks (threads with a counting comm that
+never sees V numbers), stop strings across token boundaries, byte-exact detokenizing, and chat
+templates against transformers' renderer and its sandbox."""
+
+import functools
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from hpcllm.checkpoint.hdf5 import Checkpoint
+from hpcllm.generate.engine import Engine, Limits
+from hpcllm.generate.kv_cache import KVCache
+from hpcllm.generate.sampling import SamplingParams, row_key, sample
+from hpcllm.generate.scheduler import EOS, LENGTH, STOP
+from hpcllm.generate.text import Completion
+from hpcllm.model.build import build_model
+from hpcllm.world.comm import Comm, LocalComm
+from test_decoder import GGUF_PATH, smol_tokenizer_json, tiny  # noqa: F401  (fixtures)
+
+MAX_NEW = 10
+
+
+def _engine(model, prompts, n_slots, batch_tokens, params=SamplingParams(temperature=0), n=1, limits=None,
+            max_new=MAX_NEW, tokenizer=None):
+    context = model.cfg["max_positions"]
+    cache = KVCache(model, n_slots, context, torch.float32)
+    limits = limits or Limits(frozenset(), frozenset(), (), True)
+    eng = Engine(model, cache, prompts, [min(max_new, context - len(p)) for p in prompts],
+                 [f"doc{i}" for i in range(len(prompts))], params, limits, n, batch_tokens, n_slots,
+                 tokenizer or _ByteTok(), logprobs=True)
+    eng.run_until(sum(1 for p in prompts if len(p)))
+    return eng
+
+
+class _ByteTok:
+    """Token t -> one byte (enough for the leader's text bookkeeping on random ids)."""
+
+    def decode_bytes(self, ids, skip_special_tokens=True):
+        return bytes(int(i) % 256 for i in ids)
+
+
+def _prompts(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 320, size=n).astype(np.int64) for n in (1, 9, 20, 33, 5)]
+
+
+def _hf_greedy(hf, prompt, max_new):
+    x = torch.as_tensor(prompt)[None]
+    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, min_new_tokens=max_new,
+                      do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_greedy_equals_transformers_generate(tiny, name):
+    hf, h5 = tiny[name]
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+        context = ck.config["max_positions"]
+    prompts = [p for p in _prompts(1) if len(p) < context]
+    eng = _engine(model, prompts, n_slots=3, batch_tokens=16)     # chunked prefill, slots reused
+    for j, p in enumerate(prompts):
+        ids, lps, reason, _ = eng.results[j, 0]
+        want = min(MAX_NEW, context - len(p))
+        assert ids == _hf_greedy(hf, p, want) and reason == LENGTH, (name, j)
+        assert len(lps) == len(ids) and all(lp <= 0 for lp in lps)
+    # one slot at a time and a bigger budget: the same ids
+    again = _engine(model, prompts, n_slots=1, batch_tokens=64)
+    assert all(again.results[k][0] == eng.results[k][0] for k in eng.results)
+
+
+def test_shared_prefixes_are_reused_not_recomputed(tiny):
+    hf, h5 = tiny["llama"]
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    a = np.random.default_rng(4).integers(0, 320, size=33).astype(np.int64)
+    prompts = [a, a[:2], np.concatenate([a[:30], [7, 8]]), a.copy(), np.concatenate([a[:20], [9]])]
+    eng = _engine(model, prompts, n_slots=2, batch_tokens=64)
+    # b and the copy of a land in a's kept slot (30 and 32 positions), the last copies 20 from a busy one
+    assert eng.sched.reused_tokens >= 30 + 20
+    solo = _engine(model, prompts, n_slots=1, batch_tokens=7)        # other sharing and chunks: same ids
+    assert all(eng.results[k][0] == solo.results[k][0] for k in eng.results)
+    assert eng.results[0, 0][0] == _hf_greedy(hf, a, MAX_NEW)
+
+
+def test_n_completions_share_the_prompt_and_differ(tiny):
+    hf, h5 = tiny["llama"]
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    prompts = _prompts(2)[:4]
+    params = SamplingParams(temperature=1.0, top_k=20, seed=5)
+    eng = _engine(model, prompts, n_slots=6, batch_tokens=24, params=params, n=3)
+    solo = _engine(model, prompts, n_slots=3, batch_tokens=8, params=params, n=3)
+    for j in range(len(prompts)):
+        outs = [eng.results[j, c][0] for c in range(3)]
+        assert len({tuple(o) for o in outs}) > 1                       # independent streams
+        assert outs == [solo.results[j, c][0] for c in range(3)]       # independent of the batching
+    greedy = _engine(model, prompts, n_slots=6, batch_tokens=24, n=2)
+    for j, p in enumerate(prompts):
+        assert greedy.results[j, 0][0] == greedy.results[j, 1][0] == _hf_greedy(hf, p, MAX_NEW)
+
+
+def test_finish_reasons_eos_stop_ids_stop_strings_length(tiny):
+    _, h5 = tiny["qwen2"]
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    prompts = _prompts(3)[:6]
+    free = _engine(model, prompts, n_slots=4, batch_tokens=32)
+    first = [free.results[j, 0][0] for j in range(len(prompts))]
+    eos, stop_id = first[0][2], first[1][4]
+    stop_text = bytes([first[2][3] % 256, first[2][4] % 256])
+    limits = Limits(frozenset([eos]), frozenset([stop_id]), (stop_text,), False)
+    eng = _engine(model, prompts, n_slots=4, batch_tokens=32, limits=limits)
+    ids0, _, r0, _ = eng.results[0, 0]
+    assert r0 == EOS and ids0 == first[0][:first[0].index(eos) + 1]
+    ids1, _, r1, _ = eng.results[1, 0]
+    assert r1 == STOP and ids1[-1] in (stop_id, eos) or first[1].index(stop_id) >= len(ids1)
+    ids2, _, r2, text2 = eng.results[2, 0]
+    assert r2 in (EOS, STOP) and len(ids2) <= 5
+    if r2 == STOP and ids2[-1] not in (stop_id, eos):
+        assert stop_text not in text2.encode("latin-1", "replace")
+
+
+def _dist_case():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 40, generator=g) * 2
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_k=12),
+                                    SamplingParams(temperature=1.3, top_p=0.8),
+                                    SamplingParams(temperature=1.0, min_p=0.1),
+                                    SamplingParams(temperature=0.9, top_k=25, top_p=0.9, min_p=0.02)])
+def test_sampling_matches_the_filtered_softmax(params):
+    from scipy.stats import chisquare
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = _dist_case()
+    n = 20000
+    rows = logits.expand(n, -1).contiguous()
+    keys = torch.tensor([row_key(params.seed, f"d{i}", 0, 0) - (1 << 63) for i in range(n)], dtype=torch.int64)
+    ids, _ = sample(rows, keys, params, 0, 40, LocalComm())
+    s = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
+    if params.top_k:
+        s = TopKLogitsWarper(params.top_k)(None, s)
+    if params.top_p < 1:
+        s = TopPLogitsWarper(params.top_p)(None, s)
+    if params.min_p:
+        s = MinPLogitsWarper(params.min_p)(None, s)
+    p = torch.softmax(s, dim=-1)[0].double().numpy()
+    counts = np.bincount(ids.numpy(), minlength=40)
+    assert counts[p == 0].sum() == 0, "a filtered token was sampled"
+    keep = p > 0
+    assert chisquare(counts[keep], p[keep] / p[keep].sum() * n).pvalue > 1e-3
+
+
+class _ThreadComm(Comm):
+    """Two ranks as threads: all-reduce through a shared list and a barrier; counts the largest buffer."""
+
+    def __init__(self, rank, shared):
+        super().__init__()
+        self.rank, self.size, self.shared = rank, 2, shared
+
+    def _all_reduce(self, t, op):
+        bar, slots = self.shared["barrier"], self.shared["slots"]
+        slots[self.rank] = t.clone()
+        bar.wait()
+        a, b = slots
+        out = a + b if op == "sum" else torch.maximum(a, b)
+        bar.wait()
+        t.copy_(out)
+        self.shared["largest"] = max(self.shared["largest"], t.numel())
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9),
+                                    SamplingParams(temperature=1.1, top_k=30, min_p=0.05)])
+def test_split_vocabulary_samples_the_same_tokens_without_gathering_it(params):
+    vocab, n = 1000, 64
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    keys = torch.tensor([row_key(3, f"d{i}", 0, 7) - (1 << 63) for i in range(n)], dtype=torch.int64)
+    whole = sample(logits, keys, params, 0, vocab, LocalComm(), want_logprobs=True)
+    shared = {"barrier": threading.Barrier(2), "slots": [None, None], "largest": 0}
+    got = [None, None]
+    cut = 413                                           # uneven slices
+
+    def rank(r):
+        part = logits[:, :cut] if r == 0 else logits[:, cut:]
+        got[r] = sample(part.contiguous(), keys, params, 0 if r == 0 else cut, vocab, _ThreadComm(r, shared),
+                        want_logprobs=True)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for ids, lps in got:
+        assert torch.equal(ids, whole[0])
+        torch.testing.assert_close(lps, whole[1], atol=1e-5, rtol=0)
+    assert shared["largest"] <= 2 * n * 64 < n * vocab, "a collective carried whole rows of logits"
+
+
+def test_stop_strings_across_token_boundaries_and_exact_bytes(smol_tokenizer_json):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from hpcllm.tokenizer import Tokenizer
+
+    ours, ref = Tokenizer.from_str(smol_tokenizer_json), HFTokenizer.from_str(smol_tokenizer_json)
+    text = "Grüße aus Köln — 東京タワー 🎉!\n\nThe end."
+    ids = ours.encode(text, add_special_tokens=False)
+    c = Completion(ours, [])
+    for t in ids:                                      # a token may end inside a character
+        c.add(t)
+    assert c.text() == ref.decode(ids) == text
+    for stop in ("\n\n", "タワ", "end", "ße a"):
+        c = Completion(ours, [stop.encode()])
+        hit = next(k for k, t in enumerate(ids) if c.add(t))
+        assert c.text() == text[:text.index(stop)]
+        assert stop in ref.decode(ids[:hit + 1]) and stop not in ref.decode(ids[:hit])
+
+
+@functools.lru_cache
+def _smol_template():
+    from gguf import GGUFReader
+
+    return GGUFReader(GGUF_PATH).fields["tokenizer.chat_template"].contents()
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour.\n"}]])
+def test_chat_template_equals_transformers(messages):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from hpcllm.generate.chat import ChatTemplate
+
+    source = _smol_template()
+    ours = ChatTemplate(source, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, "m.h5").render(messages)
+    ref = render_jinja_template([messages], chat_template=source, add_generation_prompt=True,
+                                bos_token="<|im_start|>", eos_token="<|im_end|>")[0][0]
+    assert ours == ref
+
+
+def test_chat_template_sandbox_refuses_python_internals():
+    from hpcllm.errors import HpcllmError
+    from hpcllm.generate.chat import ChatTemplate
+
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(HpcllmError, match=r"^m\.h5: the chat template was refused by the sandbox .*$") as exc:
+        ChatTemplate(evil, {}, "m.h5")
+    assert "\n" not in str(exc.value)
