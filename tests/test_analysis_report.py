@@ -15,7 +15,7 @@ import pytest
 from analysis_helpers import make_results, run_cli
 from conftest import mpirun, write_jsonl
 from hpcllm.analysis.sketch import RELATIVE_ERROR
-from hpcllm.status import Status
+from hpcllm.status import NOT_PROCESSED, Status
 
 N = 3000
 
@@ -110,3 +110,30 @@ def test_real_embed_run(tmp_path, tiny_bert_h5):
     assert data["vectors"]["embedding"]["norm"]["count"] == ok.sum()
     assert data["dirs"][0]["throughput"]["docs"] == sum(r["docs"] for r in timings)
     assert "phases-embed.png" in check_images(tmp_path / "out" / "report", html)
+
+
+def test_real_score_and_tokenize_runs(tmp_path, tiny_llama_h5):
+    """report on real `score` results and on a `tokenize` directory (its results.h5 of per-document columns)."""
+    texts = [f"text {i} " + "more words here " * (i % 9) for i in range(30)] + [""]
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts, id_prefix="d")
+    with open(corpus, "ab") as f:
+        f.write(b'{"text": "bad \xff utf-8"}\n')
+    mpirun(2, ["score", "--model", tiny_llama_h5, "--input", corpus, "--output", tmp_path / "score",
+               "--progress", 0], timeout=240)
+    mpirun(2, ["tokenize", "--model", tiny_llama_h5, "--input", corpus, "--output", tmp_path / "tok",
+               "--progress", 0], timeout=240)
+    for name, numeric in (("score", "perplexity"), ("tok", "n_tokens")):
+        proc = run_cli("report", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+        html, data = page_data(tmp_path / name / "report")
+        with h5py.File(tmp_path / name / "results.h5") as f:
+            status, values = f["status"][:], f[numeric][:]
+        assert data["status_counts"] == {Status(c).name: int(n) for c, n in enumerate(np.bincount(status)) if n}
+        assert data["status_counts"]["BAD_UTF8"] == 1 and sum(data["status_counts"].values()) == 32
+        done = ~np.isin(status, NOT_PROCESSED) & ~np.isnan(values.astype(float))
+        assert data["numeric"][numeric]["count"] == done.sum() > 0
+        assert data["numeric"][numeric]["mean"] == pytest.approx(values[done].mean(), rel=1e-12)
+        check_images(tmp_path / name / "report", html)
+    with h5py.File(tmp_path / "tok" / "results.h5") as f, h5py.File(tmp_path / "score" / "results.h5") as g:
+        np.testing.assert_array_equal(f["doc_id"][:], g["doc_id"][:])
+        assert np.all(f["n_tokens"][:] <= g["n_tokens"][:])      # score adds BOS where the template does not

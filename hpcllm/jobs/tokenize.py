@@ -4,8 +4,9 @@ A job of the executor without a model: every rank is a group of its own
 (tp = 1), claims shards, reads and tokenizes the next one in the prefetch
 thread while the current one is written, and never imports torch.  A rank
 holds at most two shards at a time, so memory does not grow with the corpus.
-The manifest makes reruns resume; ``tokens.json`` is written last, by rank 0,
-once every shard is complete.
+The manifest makes reruns resume; once every shard is complete rank 0 joins
+their per-document columns into ``results.h5`` (as any job's results, for
+``report`` / ``export`` / ``filter``) and writes ``tokens.json`` last.
 """
 
 import os
@@ -20,7 +21,9 @@ from hpcllm.executor.job import Job
 from hpcllm.model.architectures import architecture
 from hpcllm.status import named_counts
 from hpcllm.store.manifest import shard_file
-from hpcllm.store.tokens import NO_LIMIT, TOKEN_COLUMNS, tokenizer_hash, write_info, write_token_shard
+from hpcllm.store.results import build_master
+from hpcllm.store.tokens import (NO_LIMIT, RESULT_COLUMNS, TOKEN_COLUMNS, tokenizer_hash, write_info,
+                                 write_token_shard)
 
 
 class TokenizeJob(Job):
@@ -86,6 +89,8 @@ class TokenizeJob(Job):
             except (OSError, KeyError) as e:
                 raise HpcllmError(f"token shard {path} is missing or unreadable ({e}); rerun to complete it") from None
         statuses = named_counts(counts)
+        build_master(out_dir, plan, RESULT_COLUMNS, {**attrs, "tokenizer_hash": self._hash,
+                                                     "tokenizer_source": self.source})
         info = {"tokenizer_hash": self._hash, "tokenizer_source": self.source, "max_length": self.max_length,
                 "config": attrs["config"], "config_hash": attrs["config_hash"], "inputs": plan.inputs,
                 "timings": attrs["timings"], "world": attrs["world"], "slurm": attrs["slurm"],

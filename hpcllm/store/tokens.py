@@ -4,6 +4,8 @@ Layout of a token directory (one home for it)::
 
     tok/manifest.json            the corpus plan (hpcllm.store.manifest), model_hash = tokenizer hash
     tok/shards/shard-00012.h5    one file per corpus shard, rows in input order
+    tok/results.h5               the per-document columns of every shard (n_tokens, status, doc_id,
+                                 line, source) joined as in a job's results: report/export/filter read it
     tok/tokens.json              written last, when every shard is complete: what made the
                                  shards (tokenizer hash, max_length, options) and totals
 
@@ -12,6 +14,7 @@ A token shard file holds, for its ``n`` documents in input order:
     tokens   int32 [total]   all token ids, flat (gzip+shuffle: portable, and the
                              shuffle filter makes small ids compress ~3x)
     offsets  int64 [n + 1]   document i is tokens[offsets[i]:offsets[i+1]]
+    n_tokens int32 [n]       tokens of each document (diff of offsets; what results.h5 shows)
     status   uint8 [n]       hpcllm.status codes: reader errors, BAD_UTF8, TRUNCATED, ...
     doc_id   str   [n]       as in results (id field, else "<file>:<line>")
     line     int64 [n]       1-based line in the source file
@@ -41,13 +44,14 @@ from hpcllm.errors import HpcllmError
 from hpcllm.status import NOT_PROCESSED
 from hpcllm.store.atomic import atomic_h5, write_text
 from hpcllm.store.manifest import MANIFEST_NAME, read_manifest, shard_file
-from hpcllm.store.results import BASE_COLUMNS, Column, base_columns, write_column
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, base_columns, write_column
 
 TOKENS_FORMAT = "hpcllm-tokens"
 TOKENS_VERSION = 1
 INFO_NAME = "tokens.json"
 NO_LIMIT = -1       # max_length attribute of shards made without truncation
-TOKEN_COLUMNS = (Column("tokens", np.int32), Column("offsets", np.int64)) + BASE_COLUMNS
+RESULT_COLUMNS = (N_TOKENS,) + BASE_COLUMNS     # the columns of tok/results.h5
+TOKEN_COLUMNS = (Column("tokens", np.int32), Column("offsets", np.int64)) + RESULT_COLUMNS
 
 
 def tokenizer_hash(tokenizer_json: str) -> str:
@@ -68,7 +72,8 @@ def write_token_shard(out_dir: str, shard: Shard, docs: Docs, ids: np.ndarray, o
     ids = ids[np.repeat(keep, lengths)]      # drop the empty-text encoding of unread rows
     new_offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths * keep, out=new_offsets[1:])
-    columns = {**base_columns(shard, docs), "status": status, "tokens": ids, "offsets": new_offsets}
+    columns = {**base_columns(shard, docs), "status": status, "tokens": ids, "offsets": new_offsets,
+               "n_tokens": np.diff(new_offsets).astype(np.int32)}
     path = shard_file(out_dir, shard.index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_h5(path) as f:
