@@ -14,6 +14,9 @@ shared counters.  The leader adds each batch's tokens to them
 (``Job.batch_progress``; the rest of a shard's when it is written) and each
 loaded shard's documents and tokens, from which rank 0's progress thread
 prints tokens done and an ETA by tokens.
+A unit of work may be one part of a shard (hpcllm.executor.parts): the group
+computes its run of the shard's batches, writes them, and merges the shard
+file if every other part is written already.
 """
 
 from __future__ import annotations
