@@ -78,6 +78,7 @@ class ClassifyJob(EmbedJob):
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)
+        self.limit_documents(self.max_length)    # the encoder's context; --max-doc-tokens / --long-docs skip
         self.head = ckpt.classifier.head.float()
         self.class_names = list(ckpt.classifier.class_names)
         self.n_classes = len(self.class_names)
