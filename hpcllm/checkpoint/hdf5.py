@@ -68,6 +68,9 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
                         "config": json.dumps(config, sort_keys=True), "source": source,
                         "content_hash": content_hash, "dtype": dtype})
+    from hpcllm.checkpoint.sharded import remove_stale
+
+    remove_stale(path, comm.Get_size() if master is not None else 0)
     return comm.bcast(content_hash, root=0) if master is not None else content_hash
 
 

@@ -44,6 +44,19 @@ def shard_path(path: str, rank: int) -> str:
     return os.path.join(shard_dir(path), f"rank-{rank:05d}.h5")
 
 
+def remove_stale(path: str, size: int = 0) -> None:
+    """Remove shard files of an earlier write of ``path`` that a write by ``size`` ranks does not replace
+    (all of them for a plain file, ``size`` 0); call on one rank, once the new master is in place."""
+    d = shard_dir(path)
+    if not os.path.isdir(d):
+        return
+    for name in os.listdir(d):
+        if name.startswith("rank-") and name.endswith(".h5") and int(name[5:-3]) >= size:
+            os.remove(os.path.join(d, name))
+    if not os.listdir(d):
+        os.rmdir(d)
+
+
 def parts(shape: tuple, axis: int, size: int) -> list:
     """The ``size`` slabs [start, stop) of ``shape`` along ``axis`` (np.array_split's cut)."""
     n = shape[axis]

@@ -109,6 +109,9 @@ def write_classifier(path: str, head: torch.nn.Module, class_names: list, class_
             "pooling": encoder.pooling, "normalize": encoder.normalize,
             "provenance": json.dumps(provenance, sort_keys=True, default=_json_default),
             "content_hash": content_hash})
+    from hpcllm.checkpoint.sharded import remove_stale
+
+    remove_stale(path, comm.Get_size() if master is not None else 0)
     return comm.bcast(content_hash, root=0) if master is not None else content_hash
 
 
