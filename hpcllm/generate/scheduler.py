@@ -213,6 +213,8 @@ class Scheduler:
         self.finished = []
         self.pending_copies = []
         for i, j, c, slot, reuse in p.admits:
+            if c == 0 and self.waiting and self.waiting[0] == j:
+                self.waiting.popleft()               # FIFO: the leader popped it when planning
             prompt = self.prompts[j]
             base = i - c if c else None
             self.seqs[i] = Seq(i, j, c, slot, prompt.tolist(), len(prompt), reuse, base)

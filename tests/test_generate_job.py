@@ -1,0 +1,165 @@
+"""`hpcllm generate` end to end through mpiexec: one row per input line with its status, the same
+results at (dp, tp) = (1, 1), (2, 1) and (1, 2) (seeded sampling, --n 2, --chat, stop strings,
+logprobs), a stopped and resumed run equal to an uninterrupted one, and SmolLM2's greedy chat
+replies equal to HF transformers' on the same GGUF weights at tp = 2 (6 + 3 heads)."""
+
+import json
+import os
+import signal
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import mpirun
+from test_decoder import GGUF_PATH
+from test_executor import _check_resumed, _check_stopped, _n_shards, _run, _run_and_stop
+
+SMOL_TEMPLATE = None
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_gen_h5(tmp_path_factory):
+    """A random Llama with SmolLM2's tokenizer, chat template and EOS (vocabulary 49152, 2 layers,
+    6 heads / 3 KV heads: tp = 2 splits the KV groups 2 + 1)."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hpcllm.jobs.convert import convert
+    from hpcllm.tokenizer.bpe import ByteLevelBPE
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=3, intermediate_size=64, max_position_embeddings=96,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)               # peaked enough that sampling and greedy are not noise
+    d = tmp_path_factory.mktemp("tinygen")
+    model.save_pretrained(d)
+    (d / "tokenizer.json").write_text(json.dumps(ByteLevelBPE.from_gguf(GGUF_PATH).to_json_dict()))
+    template = GGUFReader(GGUF_PATH).fields["tokenizer.chat_template"].contents()
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "add_bos_token": False}))
+    h5 = str(d / "model.h5")
+    convert(str(d), h5)
+    return h5
+
+
+def _corpus(path):
+    rows = [{"text": t} for t in ("Hello", "Write a haiku about the sea.", "1, 2, 3, 4,", "Why is the sky blue?",
+                                  "Translate to French: good morning", "a " * 30, "Name three colours.",
+                                  "Tell me a joke", "Ünïcödé ✓ 東京", "What is MPI?")]
+    rows.insert(2, {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]})
+    rows.insert(4, {"text": "x " * 200})                  # too long for the 96-token context
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines.insert(3, "{not json")
+    lines.insert(6, json.dumps({"prompt": "no text field"}))
+    lines.insert(8, json.dumps({"messages": "not a list"}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _args(h5, inp, out):
+    return ["generate", "--model", h5, "--input", inp, "--output", out, "--chat", "--max-new-tokens", MAX_NEW,
+            "--temperature", 0.8, "--top-p", 0.9, "--top-k", 40, "--seed", 7, "--n", 2, "--logprobs",
+            "--stop", "e s", "--stop", "\n\n", "--shard-docs", 4, "--batch-tokens", 48, "--progress", 0]
+
+
+_RUNS = {}
+
+
+def _layout(tiny_gen_h5, tmp_path_factory, n, tp):
+    if (n, tp) not in _RUNS:
+        d = tmp_path_factory.mktemp(f"gen{n}{tp}")
+        inp = _corpus(d / "prompts.jsonl")
+        mpirun(n, _args(tiny_gen_h5, inp, d / "out") + ["--tp", tp], timeout=300)
+        _RUNS[n, tp] = d / "out" / "results.h5"
+    return _RUNS[n, tp]
+
+
+def _read(path):
+    with h5py.File(path, "r") as f:
+        return {k: (f[k].asstr()[()] if h5py.check_string_dtype(f[k].dtype) else f[k][()]) for k in f}, \
+            json.loads(f["finish_reason"].attrs["names"])
+
+
+def test_rows_statuses_and_columns(tiny_gen_h5, tmp_path_factory):
+    got, names = _read(_layout(tiny_gen_h5, tmp_path_factory, 1, 1))
+    assert names == {"0": "eos", "1": "stop", "2": "length", "255": "none"}
+    status = got["status"].tolist()
+    assert len(status) == 15
+    assert [status[i] for i in (3, 5, 6, 8)] == [3, 6, 4, 4]     # bad JSON, too long, no text, bad messages
+    ran = [i for i, s in enumerate(status) if s == 0]
+    assert len(ran) == 11 and got["text"].shape == (15, 2) and got["n_generated"].shape == (15, 2)
+    for i in (3, 5, 6, 8):
+        assert (got["finish_reason"][i] == 255).all() and (got["n_generated"][i] == 0).all()
+        assert list(got["text"][i]) == ["", ""]
+    off = got["output_offsets"]
+    assert (np.diff(off) == got["n_generated"].sum(axis=1)).all() and len(got["output_logprobs"]) == off[-1]
+    assert (got["output_logprobs"] <= 0).all()
+    assert set(got["finish_reason"][ran].ravel()) <= {0, 1, 2}
+    assert (got["n_generated"][ran] <= MAX_NEW).all() and (got["n_generated"][ran] >= 1).all()
+    length = got["finish_reason"] == 2
+    assert (got["n_generated"][length] == MAX_NEW).all()
+    stopped = got["finish_reason"] == 1
+    for text in got["text"][stopped]:
+        assert "e s" not in text and "\n\n" not in text
+    assert got["n_prompt_tokens"][5] > 96 and (got["n_prompt_tokens"][ran] > 10).all()   # the template
+
+
+@pytest.mark.parametrize("n,tp", [(2, 1), (2, 2)])
+def test_layouts_give_the_same_results(tiny_gen_h5, tmp_path_factory, n, tp):
+    ref, _ = _read(_layout(tiny_gen_h5, tmp_path_factory, 1, 1))
+    got, _ = _read(_layout(tiny_gen_h5, tmp_path_factory, n, tp))
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        if k == "output_logprobs":
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-4)
+        else:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_stopped_and_resumed_equals_uninterrupted(tiny_gen_h5, tmp_path_factory, tmp_path):
+    ref = _layout(tiny_gen_h5, tmp_path_factory, 2, 1)
+    inp = _corpus(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    args = _args(tiny_gen_h5, inp, out)
+    rc, err, left = _run_and_stop(args, out, tmp_path, signal.SIGUSR1, rank=1)
+    _check_stopped(rc, err, out, left, _n_shards(out), signal.SIGUSR1, "results.h5")
+    _check_resumed(_run(2, args, tmp_path), out, left)
+    a, _ = _read(ref)
+    b, _ = _read(out / "results.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_smollm2_greedy_chat_equals_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.jobs.convert import convert
+
+    prompts = ["What is the capital of France?", "Write one sentence about cats.", "List three prime numbers.",
+               "Say hello in Spanish."]
+    h5 = str(tmp_path / "smol.h5")
+    convert(GGUF_PATH, h5)
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    mpirun(2, ["generate", "--model", h5, "--input", inp, "--output", tmp_path / "out", "--tp", 2, "--chat",
+               "--temperature", 0, "--max-new-tokens", 16, "--progress", 0], timeout=300)
+    got, _ = _read(tmp_path / "out" / "results.h5")
+    where, name = os.path.split(GGUF_PATH)
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    off = got["output_offsets"]
+    for i, p in enumerate(prompts):
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        assert got["n_prompt_tokens"][i] == ids.shape[1]
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                          pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert got["output_ids"][off[i]:off[i + 1]].tolist() == ref, i
+        assert got["text"][i] == tok.decode(ref, skip_special_tokens=True)
+        assert got["finish_reason"][i] == (0 if ref[-1] == 2 else 2)
