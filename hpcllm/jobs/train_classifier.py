@@ -63,6 +63,10 @@ class TrainClassifierJob(EmbedJob):
         from hpcllm.train.split import data_fingerprint, validation_mask
 
         started, comm, cfg = time.time(), mesh.world, self.cfg
+        text = sorted({s.path for s in plan if s.fmt == "text"})
+        if text:     # checked on every rank alike, before any collective
+            raise HpcllmError(f"train-classifier: {text[0]} is plain text; labels need JSONL input with a "
+                              f"{cfg.label_field!r} field")
         rows = load_local_rows(out_dir, plan, cfg.label_field, self.dim, comm)
         labels = encode_labels(rows.labels, comm)
         if labels.n_classes < 2:

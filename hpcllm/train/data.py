@@ -44,7 +44,7 @@ def my_shards(plan, rank: int, size: int) -> list:
 
 def _source_of(shard) -> tuple:
     """(raw corpus path, format, first byte, 1-based number of the line at that byte) of a shard."""
-    if shard.path.endswith(".h5"):      # a token shard: its raw corpus
+    if shard.fmt == "tokens":      # a token shard: its raw corpus
         with h5py.File(shard.path, "r") as f:
             return str(f.attrs["source_path"]), str(f.attrs["source_format"]), 0, 1
     if shard.compressed:
