@@ -11,10 +11,8 @@ rows.  Both use all the machine's cores (sklearn: BLAS threads; hpcllm: torch
 threads = cores / K).  Prints seconds, iterations, final objective and
 held-out accuracy of each, and the ratio sklearn / hpcllm.
 
-Still to come (issue 11): the whole pipelines on the fortunes topic task --
-pyspark ``local[2]`` Tokenizer -> HashingTF -> IDF -> LogisticRegression
-(needs Java: ``apt-get install -y default-jre-headless``), sentence-transformers
-MiniLM + scikit-learn, and ``mpiexec -n 2 hpcllm train-classifier`` + ``classify``.
+The whole pipelines on the fortunes topic task (pyspark, sentence-transformers +
+scikit-learn, hpcllm train-classifier + classify) are in bench/classify_pipeline.py.
 """
 
 import argparse
