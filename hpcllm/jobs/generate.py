@@ -146,6 +146,11 @@ class GenerateJob(Job):
         if self.cache is None or not self.cache.fits(n_slots, slot_len):
             self.cache = None
             self.cache = KVCache(model, n_slots, slot_len, model.dtype, model.head_weight.device)
+            if model.comm.rank == 0:
+                from hpcllm.progress import log
+
+                log(f"generate: KV cache {self.cache.nbytes / 2**20:.1f} MiB per rank (its KV heads only): "
+                    f"{n_slots} sequences x {slot_len} tokens = {n_slots * slot_len} tokens")
         params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.repetition_penalty,
                                 cfg.seed)
         limits = Limits(frozenset() if cfg.ignore_eos else self.eos_ids, frozenset(cfg.stop_token_ids or ()),
@@ -199,11 +204,19 @@ class GenerateJob(Job):
 
         import h5py
 
+        from hpcllm.store.manifest import shard_file
+
         summary = super().finish(out_dir, plan, attrs)
+        peak = held = 0
+        for s in plan:
+            with h5py.File(shard_file(out_dir, s.index), "r") as f:
+                peak = max(peak, int(f.attrs.get("kv_peak_tokens", 0)))
+                held = max(held, int(f.attrs.get("kv_cache_tokens", 0)))
         with h5py.File(os.path.join(out_dir, "results.h5"), "r+") as f:
             f["finish_reason"].attrs["names"] = json.dumps({i: name for i, name in enumerate(FINISH_NAMES)}
                                                            | {NOT_GENERATED: "none"})
-        return summary
+            f.attrs["kv_peak_tokens"] = peak
+        return summary + f"; KV cache peak use {peak} of {held} tokens"
 
 
 def _chat_prompt(template, cfg, obj):
