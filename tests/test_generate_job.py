@@ -110,10 +110,7 @@ def test_rows_statuses_and_columns(tiny_gen_h5, tmp_path_factory):
     assert got["n_prompt_tokens"][5] > 96 and (got["n_prompt_tokens"][ran] > 10).all()   # the template
 
 
-@pytest.mark.parametrize("n,tp", [(2, 1), (2, 2)])
-def test_layouts_give_the_same_results(tiny_gen_h5, tmp_path_factory, n, tp):
-    ref, _ = _read(_layout(tiny_gen_h5, tmp_path_factory, 1, 1))
-    got, _ = _read(_layout(tiny_gen_h5, tmp_path_factory, n, tp))
+def _same(got, ref):
     assert sorted(got) == sorted(ref)
     for k in ref:
         if k == "output_logprobs":
@@ -122,18 +119,22 @@ def test_layouts_give_the_same_results(tiny_gen_h5, tmp_path_factory, n, tp):
             np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tiny_gen_h5, tmp_path_factory, tmp_path):
-    ref = _layout(tiny_gen_h5, tmp_path_factory, 2, 1)
+def test_tp2_gives_the_same_results(tiny_gen_h5, tmp_path_factory):
+    """tp = 2 (KV groups split 2 + 1): the same ids, texts and reasons (tiny model: no near-ties)."""
+    _same(_read(_layout(tiny_gen_h5, tmp_path_factory, 2, 2))[0], _read(_layout(tiny_gen_h5, tmp_path_factory, 1, 1))[0])
+
+
+def test_dp2_stopped_and_resumed_equals_one_rank(tiny_gen_h5, tmp_path_factory, tmp_path):
+    """dp = 2, stopped by SIGUSR1 on one rank mid-run and rerun: equal to the uninterrupted 1-rank run
+    (the random streams depend on seed, document, completion and step only)."""
+    ref = _layout(tiny_gen_h5, tmp_path_factory, 1, 1)
     inp = _corpus(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
     args = _args(tiny_gen_h5, inp, out)
     rc, err, left = _run_and_stop(args, out, tmp_path, signal.SIGUSR1, rank=1)
     _check_stopped(rc, err, out, left, _n_shards(out), signal.SIGUSR1, "results.h5")
     _check_resumed(_run(2, args, tmp_path), out, left)
-    a, _ = _read(ref)
-    b, _ = _read(out / "results.h5")
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _same(_read(out / "results.h5")[0], _read(ref)[0])
 
 
 def test_smollm2_greedy_chat_equals_transformers(tmp_path):
