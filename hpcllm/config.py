@@ -70,7 +70,8 @@ class JobConfig:
                     choices=("linear", "mlp"), jobs=TRAIN)
     validation: float = opt(0.1, "held-out fraction (stratified, by document id) for metrics and early stopping", jobs=TRAIN)
     epochs: int = opt(1000, "most full-batch optimiser iterations (each sees every training row once)", jobs=TRAIN)
-    l2: float = opt(1e-4, "L2 penalty on the head's weight matrices", jobs=TRAIN)
+    l2: float = opt(1e-2, "L2 penalty on the head's weight matrices (on standardised embeddings: 1e-2 was best of 1e-4..1e-1 "
+                    "on the fortunes topics, bench/classify_pipeline.py)", jobs=TRAIN)
     class_weight: str = opt("none", "class weights in the loss", choices=("none", "balanced"), jobs=TRAIN)
     hidden: int = opt(256, "hidden units of the mlp head", jobs=TRAIN)
     patience: int = opt(5, "validation rounds (of 20 iterations) without improvement before stopping", jobs=TRAIN)
