@@ -183,7 +183,9 @@ def _read_toml(path, job):
             raise HpcllmError(f"{path}: unknown option {key!r}")
         kind = _field_type(known[key])
         item = _list_item(known[key])
-        if item is not None and isinstance(value, list) and all(isinstance(v, item) for v in value):
+        if item is not None:
+            if not (isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)):
+                raise HpcllmError(f"{path}: option {key!r} must be a list of {item.__name__}, got {value!r}")
             continue
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise HpcllmError(f"{path}: option {key!r} must be {kind.__name__}, got {value!r}")

@@ -254,3 +254,21 @@ def test_chat_template_sandbox_refuses_python_internals():
     with pytest.raises(HpcllmError, match=r"^m\.h5: the chat template was refused by the sandbox .*$") as exc:
         ChatTemplate(evil, {}, "m.h5")
     assert "\n" not in str(exc.value)
+
+
+def test_list_options_from_flags_and_toml(tmp_path):
+    from hpcllm.config import load_config
+    from hpcllm.cli import build_parser
+    from hpcllm.errors import HpcllmError
+
+    job = tmp_path / "gen.toml"
+    job.write_text('model = "m.h5"\ninput = "in.jsonl"\noutput = "out"\n[generate]\nstop = ["\\n\\n", "END"]\n'
+                   'stop_token_ids = [2, 7]\ntemperature = 0\n')
+    cfg = load_config(build_parser().parse_args(["generate", "--config", str(job)]), "generate")
+    assert cfg.stop == ["\n\n", "END"] and cfg.stop_token_ids == [2, 7] and cfg.temperature == 0
+    cfg = load_config(build_parser().parse_args(["generate", "--config", str(job), "--stop", "x", "--stop", "y",
+                                                 "--stop-token-ids", "3"]), "generate")
+    assert cfg.stop == ["x", "y"] and cfg.stop_token_ids == [3]
+    job.write_text('model = "m.h5"\ninput = "in.jsonl"\noutput = "out"\nstop_token_ids = ["2"]\n')
+    with pytest.raises(HpcllmError, match="stop_token_ids"):
+        load_config(build_parser().parse_args(["generate", "--config", str(job)]), "generate")
