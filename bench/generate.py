@@ -122,11 +122,13 @@ def main():
     if "hf" not in skip:
         n, wall, gen = run_hf(texts, args)
         rows.append(("transformers generate (batch %d)" % args.batch, n, wall, gen))
+        print("hf", rows[-1], flush=True)
     runs = [("1x", 1, 1, args.threads), ("dp", args.threads, 1, 1), ("tp", args.threads, args.threads, 1)]
     for key, ranks, tp, threads in runs:
         if key not in skip:
             n, wall, gen = run_hpcllm(h5, inp, ranks, tp, threads, args)
             rows.append((f"hpcllm {ranks} rank(s) x {threads} thread(s), tp {tp}", n, wall, gen))
+            print(rows[-1], flush=True)
     flops_per_token = 2 * 135e6
     base = rows[0][2] if rows and "hf" not in skip else None
     print(f"{'run':44s} {'tokens':>7s} {'wall s':>7s} {'tok/s':>7s} {'gen s':>7s} {'gen tok/s':>9s} "
