@@ -16,7 +16,6 @@ from conftest import mpirun
 from test_decoder import GGUF_PATH
 from test_executor import _check_resumed, _check_stopped, _n_shards, _run, _run_and_stop
 
-SMOL_TEMPLATE = None
 MAX_NEW = 12
 
 
