@@ -17,12 +17,12 @@ import corpora
 from conftest import MPI_TIMEOUT, REPO, minilm_dir, mpirun, write_jsonl
 from hpcllm.status import Status
 
-N_PARITY = 1000
+N_PARITY = 400
 
 
 @pytest.fixture(scope="module")
 def parity_corpus(tmp_path_factory):
-    """1,000 real multilingual texts and sentence-transformers' embeddings of them."""
+    """400 real multilingual texts and sentence-transformers' embeddings of them."""
     from sentence_transformers import SentenceTransformer
 
     texts = corpora.mixed(N_PARITY)
@@ -42,8 +42,12 @@ def cosine(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.mark.parametrize("dp,tp", [(1, 1), (2, 1), (1, 2), (1, 3), (2, 2), (1, 4)])
-@pytest.mark.parametrize("comm", ["mpi", "torch"])
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (1, 3), (2, 2), (1, 4)]
+
+
+# torch.distributed carries only the tp all-reduces: with tp = 1 it has nothing to do
+@pytest.mark.parametrize("dp,tp,comm", [(dp, tp, "mpi") for dp, tp in LAYOUTS]
+                         + [(dp, tp, "torch") for dp, tp in LAYOUTS if tp > 1])
 def test_parity_with_sentence_transformers(parity_corpus, minilm_h5, dp, tp, comm):
     path, ref, d = parity_corpus
     out = d / f"out-{dp}-{tp}-{comm}"
@@ -60,17 +64,17 @@ def test_parity_with_sentence_transformers(parity_corpus, minilm_h5, dp, tp, com
 
 
 def test_bfloat16(parity_corpus, minilm_h5):
-    import torch
-
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this CPU build has no oneDNN bf16 path")
+    """bf16 on the first 100 parity texts (without AVX-512, bf16 matmuls are emulated and slow)."""
     path, ref, d = parity_corpus
+    first = d / "first-100.jsonl"
+    with open(path, "rb") as src:
+        first.write_bytes(b"".join(src.readlines()[:100]))
     out = d / "out-bf16"
-    mpirun(2, ["embed", "--model", minilm_h5, "--input", path, "--output", out, "--dtype", "bfloat16",
+    mpirun(2, ["embed", "--model", minilm_h5, "--input", first, "--output", out, "--dtype", "bfloat16",
                "--out-dtype", "float16", "--progress", 0])
     res, _ = read_results(out)
-    assert res["embedding"].dtype == np.float16
-    cos = cosine(res["embedding"].astype(np.float32), ref)
+    assert res["embedding"].dtype == np.float16 and len(res["embedding"]) == 100
+    cos = cosine(res["embedding"].astype(np.float32), ref[:100])
     assert cos.min() >= 0.999, cos.min()
 
 
