@@ -347,6 +347,20 @@ def test_sbatch_embed_matches_mpiexec(slurm_cluster, tmp_path, embed_reference):
     _assert_same_results(reference, tmp_path / "sbatch" / "results.h5")
 
 
+def _usr1_after_first_shard(job_id, out, during_gap=None):
+    """USR1 to the batch shell once OUT has a shard file (what --signal=B:USR1@300 does), then wait for the
+    requeued job to end; ``during_gap`` runs once Slurm has requeued it, before it runs again."""
+    try:
+        _wait_until(lambda: list(out.glob("shards/shard-*.h5")), "the first shard file")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], check=True, timeout=30)
+        if during_gap is not None:
+            _wait_until(lambda: _job_state(job_id)[1] == 1, f"job {job_id} to be requeued")
+            during_gap()
+        _wait_until(lambda: _job_state(job_id) in FINISHED_AFTER_ONE_RESTART, f"job {job_id} to be requeued and end")
+    finally:
+        subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
@@ -355,12 +369,7 @@ def test_sbatch_embed_signalled_requeues_and_matches(slurm_cluster, tmp_path, em
     out, log = tmp_path / "sbatch", tmp_path / "log"
     job_id = _sbatch(["-n", 2, f"--output={log}", os.path.join(SLURM_DIR, "embed.sbatch"), *args, "--output", out],
                      tmp_path, _embed_env())
-    try:
-        _wait_until(lambda: list(out.glob("shards/shard-*.h5")), "the first shard file")
-        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], check=True, timeout=30)
-        _wait_until(lambda: _job_state(job_id) in FINISHED_AFTER_ONE_RESTART, f"job {job_id} to be requeued and end")
-    finally:
-        subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+    _usr1_after_first_shard(job_id, out)
     text = log.read_text()
     assert _job_state(job_id) == ("COMPLETED", 1), text
     assert f"start job {job_id} restart_count=0" in text and f"start job {job_id} restart_count=1" in text
@@ -382,6 +391,7 @@ def test_follow_job_requeued_admits_files_dropped_during_the_gap(slurm_cluster, 
 
     from conftest import mpirun, write_jsonl
     from corpora import mixed
+
     docs = mixed(40)
     incoming, static, out, log = tmp_path / "in", tmp_path / "static", tmp_path / "out", tmp_path / "log"
     incoming.mkdir()
@@ -393,14 +403,8 @@ def test_follow_job_requeued_admits_files_dropped_during_the_gap(slurm_cluster, 
             "--idle-exit", 10, "--shard-docs", 4, "--progress", 0]
     job_id = _sbatch(["-n", 2, f"--output={log}", os.path.join(SLURM_DIR, "follow.sbatch"), *args], tmp_path,
                      _embed_env())
-    try:
-        _wait_until(lambda: list(out.glob("shards/shard-*.h5")), "the first shard of a.jsonl")
-        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], check=True, timeout=30)
-        _wait_until(lambda: _job_state(job_id)[1] == 1, f"job {job_id} to be requeued")
-        os.link(static / "b.jsonl", incoming / "b.jsonl")      # lands while the job waits to run again
-        _wait_until(lambda: _job_state(job_id) in FINISHED_AFTER_ONE_RESTART, f"job {job_id} to end")
-    finally:
-        subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+    # b.jsonl lands while the requeued job waits to run again
+    _usr1_after_first_shard(job_id, out, during_gap=lambda: os.link(static / "b.jsonl", incoming / "b.jsonl"))
     text = log.read_text()
     assert _job_state(job_id) == ("COMPLETED", 1), text
     assert f"requeueing job {job_id}" in text and f"start job {job_id} restart_count=1" in text
