@@ -19,9 +19,7 @@ import numpy as np
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job
 from hpcllm.model.architectures import architecture
-from hpcllm.status import named_counts
-from hpcllm.store.manifest import shard_file
-from hpcllm.store.results import build_master
+from hpcllm.store.results import build_master, row_blocks
 from hpcllm.store.tokens import (NO_LIMIT, RESULT_COLUMNS, TOKEN_COLUMNS, tokenizer_hash, write_info,
                                  write_token_shard)
 
@@ -76,26 +74,22 @@ class TokenizeJob(Job):
         return write_token_shard(out_dir, data.shard, data.docs, data.ids, data.offsets, data.status, attrs)[1]
 
     def finish(self, out_dir, plan, attrs):
-        """Check every token shard, total them, and write tokens.json (the completion marker)."""
-        counts, n_tokens = np.zeros(256, np.int64), 0
-        for s in plan:
-            path = shard_file(out_dir, s.index)
-            try:
-                with h5py.File(path, "r") as f:
-                    if int(f.attrs["n_docs"]) != s.n_docs or f["status"].shape != (s.n_docs,):
-                        raise HpcllmError(f"token shard {path} does not hold the {s.n_docs} documents of its plan")
-                    counts += np.bincount(f["status"][:], minlength=256)
-                    n_tokens += int(f["offsets"][-1])
-            except (OSError, KeyError) as e:
-                raise HpcllmError(f"token shard {path} is missing or unreadable ({e}); rerun to complete it") from None
-        statuses = named_counts(counts)
-        build_master(out_dir, plan, RESULT_COLUMNS, {**attrs, "tokenizer_hash": self._hash,
-                                                     "tokenizer_source": self.source})
+        """Join the token shards' per-document columns into results.h5 (which checks every shard against
+        the plan and counts statuses), total the tokens, and write tokens.json (the completion marker)."""
+        import json
+
+        path = build_master(out_dir, plan, RESULT_COLUMNS, {**attrs, "tokenizer_hash": self._hash,
+                                                            "tokenizer_source": self.source})
+        with h5py.File(path, "r") as f:
+            statuses = json.loads(f.attrs["status_counts"])
+            n_docs = int(f.attrs["n_docs"])
+            n_tokens = sum(int(f["n_tokens"][b].sum(dtype=np.int64)) for b in row_blocks(f, "n_tokens"))
         info = {"tokenizer_hash": self._hash, "tokenizer_source": self.source, "max_length": self.max_length,
                 "config": attrs["config"], "config_hash": attrs["config_hash"], "inputs": plan.inputs,
                 "timings": attrs["timings"], "world": attrs["world"], "slurm": attrs["slurm"],
-                "n_shards": len(plan), "n_docs": int(counts.sum()), "n_tokens": n_tokens,
+                "n_shards": len(plan), "n_docs": n_docs, "n_tokens": n_tokens,
                 "status_counts": statuses, "finished": time.time()}
         path = write_info(out_dir, info)
-        return (f"wrote {path}: {int(counts.sum())} documents, {n_tokens} tokens in {len(plan)} shards; "
+        return (f"wrote {path}: {n_docs} documents, {n_tokens} tokens in {len(plan)} shards; "
                 "status counts: " + ", ".join(f"{k} {v}" for k, v in statuses.items()))
+
