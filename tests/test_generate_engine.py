@@ -6,6 +6,7 @@ never sees V numbers), stop strings across token boundaries, byte-exact detokeni
 templates against transformers' renderer and its sandbox."""
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -20,7 +21,10 @@ from hpcllm.generate.scheduler import EOS, LENGTH, STOP
 from hpcllm.generate.text import Completion
 from hpcllm.model.build import build_model
 from hpcllm.world.comm import Comm, LocalComm
+from conftest import REPO, mpirun
 from test_decoder import GGUF_PATH, smol_tokenizer_json, tiny  # noqa: F401  (fixtures)
+
+SPLIT_SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "sample_split.py")
 
 MAX_NEW = 10
 
@@ -131,20 +135,14 @@ def _dist_case():
     return torch.randn(1, 40, generator=g) * 2
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_k=12),
-                                    SamplingParams(temperature=1.3, top_p=0.8),
-                                    SamplingParams(temperature=1.0, min_p=0.1),
-                                    SamplingParams(temperature=0.9, top_k=25, top_p=0.9, min_p=0.02)])
-def test_sampling_matches_the_filtered_softmax(params):
+def _check_filtered_softmax(ids, params):
+    """``ids``: first tokens drawn for 20,000 keys from ``_dist_case``'s row; chi-square against HF's
+    warpers (temperature, top-k, top-p, min-p in HF's order) applied to the same logits."""
     from scipy.stats import chisquare
     from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
-    logits = _dist_case()
-    n = 20000
-    rows = logits.expand(n, -1).contiguous()
-    keys = torch.tensor([row_key(params.seed, f"d{i}", 0, 0) - (1 << 63) for i in range(n)], dtype=torch.int64)
-    ids, _ = sample(rows, keys, params, 0, 40, LocalComm())
+    logits, n = _dist_case(), len(ids)
     s = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
     if params.top_k:
         s = TopKLogitsWarper(params.top_k)(None, s)
@@ -153,10 +151,47 @@ def test_sampling_matches_the_filtered_softmax(params):
     if params.min_p:
         s = MinPLogitsWarper(params.min_p)(None, s)
     p = torch.softmax(s, dim=-1)[0].double().numpy()
-    counts = np.bincount(ids.numpy(), minlength=40)
+    counts = np.bincount(np.asarray(ids), minlength=40)
     assert counts[p == 0].sum() == 0, "a filtered token was sampled"
     keep = p > 0
     assert chisquare(counts[keep], p[keep] / p[keep].sum() * n).pvalue > 1e-3
+
+
+SAMPLE_CASES = {"topk": SamplingParams(temperature=0.7, top_k=12),
+                "topp": SamplingParams(temperature=1.3, top_p=0.8),
+                "minp": SamplingParams(temperature=1.0, min_p=0.1),
+                "all": SamplingParams(temperature=0.9, top_k=25, top_p=0.9, min_p=0.02)}
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES)
+def test_sampling_matches_the_filtered_softmax(case):
+    params, n = SAMPLE_CASES[case], 20000
+    rows = _dist_case().expand(n, -1).contiguous()
+    keys = torch.tensor([row_key(params.seed, f"d{i}", 0, 0) - (1 << 63) for i in range(n)], dtype=torch.int64)
+    ids, _ = sample(rows, keys, params, 0, 40, LocalComm())
+    _check_filtered_softmax(ids.numpy(), params)
+
+
+@pytest.fixture(scope="module")
+def split_draws(tmp_path_factory):
+    """The same draws with the vocabulary split over a real tp = 2 group (mpiexec), both backends."""
+    out = tmp_path_factory.mktemp("split") / "draws.npz"
+    mpirun(2, [SPLIT_SCRIPT, out, "mpi,torch"], python_module="mpi4py", timeout=180)
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+@pytest.mark.parametrize("case", SAMPLE_CASES)
+def test_sampling_at_tp2_under_mpi_matches_the_filtered_softmax(split_draws, backend, case):
+    """tp = 2 under mpiexec (slices of 23 + 17 tokens): the draws follow the filtered softmax and equal
+    the single-process draws key for key (that no collective carries rows of logits is checked with the
+    counting comm below, on a vocabulary larger than the candidates)."""
+    params, n = SAMPLE_CASES[case], 20000
+    ids = split_draws[f"ids_{backend}_{case}"]
+    _check_filtered_softmax(ids, params)
+    keys = torch.tensor([row_key(params.seed, f"d{i}", 0, 0) - (1 << 63) for i in range(n)], dtype=torch.int64)
+    whole, _ = sample(_dist_case().expand(n, -1).contiguous(), keys, params, 0, 40, LocalComm())
+    np.testing.assert_array_equal(ids, whole.numpy())
 
 
 class _ThreadComm(Comm):

@@ -65,25 +65,30 @@ def cut_long(ids, offsets, status, max_length, skip_long: bool = False):
     return ids[src], new_offsets, status
 
 
-def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4):
+def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4, min_docs: int = 1):
     """The shard plan, cut finer when the corpus is small so that every dp group gets work.
 
     ``--shard-docs`` is the most documents a shard holds; a corpus with fewer
-    than ``shards_per_group`` shards per dp group is re-cut into that many
-    (the plan is stored in the manifest, so a resumed run keeps it).
+    than ``shards_per_group`` shards per dp group is re-cut into that many, but
+    not below ``min_docs`` documents a shard unless every dp group still needs
+    one (a job whose batches are a shard's documents: generate fills its
+    running set from one shard). The plan is stored in the manifest, so a
+    resumed run keeps it.
     """
     plan = make_plan(inputs, cfg.shard_docs, comm=world, fmt=cfg.format)
     total, want = sum(s.n_docs for s in plan), shards_per_group * dp_size
     if len(plan) < want and total > len(plan):
-        plan = make_plan(inputs, max(1, -(-total // want)), comm=world, fmt=cfg.format)
+        size = max(-(-total // want), min(min_docs, -(-total // dp_size)))
+        plan = make_plan(inputs, max(1, min(cfg.shard_docs, size)), comm=world, fmt=cfg.format)
     return plan
 
 
 class Inputs:
     """The input of a run: its files, how to plan it, and how a shard becomes a ShardData."""
 
-    def __init__(self, cfg, shards_per_group: int = 4, extract=None):
+    def __init__(self, cfg, shards_per_group: int = 4, extract=None, min_shard_docs: int = 1):
         self.cfg, self.extract = cfg, extract   # extract: the job's text of a JSON line (Job.text_of)
+        self.min_shard_docs = min_shard_docs
         if cfg.follow:     # the files come later (hpcllm.executor.follow)
             self.tokens, self.files = None, []
         else:
@@ -100,7 +105,7 @@ class Inputs:
     def plan(self, world, dp_size: int):
         if self.tokens:
             return self.tokens.plan
-        return plan_corpus(self.files, self.cfg, world, dp_size, self.shards_per_group)
+        return plan_corpus(self.files, self.cfg, world, dp_size, self.shards_per_group, self.min_shard_docs)
 
     def load(self, shard, tokenizer, max_length, timers, skip_long: bool = False) -> ShardData:
         """Read (and tokenize) one shard, documents cut to ``max_length`` (or skipped beyond it,

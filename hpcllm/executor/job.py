@@ -77,6 +77,7 @@ class Job:
     text_of = None          # obj -> str | None: a JSON line's text instead of its --text-field (generate --chat)
     max_length = None       # tokens a document is cut to (None: never); status TRUNCATED
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
+    min_shard_docs = 1      # a small corpus is not re-cut into shards smaller than this (generate: its running set)
     splits_shards = False   # part_outputs/merge_part: a long shard's batches may be split across dp groups
     _own_limit = False      # limit_documents: the job's own limit (False: never called)
 

@@ -40,7 +40,7 @@ def run_job(cfg, job_cls) -> int:
         import torch  # noqa: F401  (loaded before set_threads, which sets its thread count)
     mesh = Mesh.create(world, cfg.tp if job.needs_model else 1, cfg.comm if job.needs_model else "none", cfg.device)
     threads = set_threads(mesh.local_size, cfg.threads)
-    inputs = Inputs(cfg, extract=job.text_of)
+    inputs = Inputs(cfg, extract=job.text_of, min_shard_docs=job.min_shard_docs)
     if inputs.tokens and not job.needs_model:
         raise HpcllmError(f"{job.name}: {cfg.input} is a directory of token shards already; give the raw corpus")
     # checked before the model loads: a mismatch fails in a second, not after the load

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hpcllm.generate.sampling import SamplingParams, row_key, sample
 from hpcllm.generate.scheduler import EOS, LENGTH, STOP, Scheduler, broadcast_plan
@@ -87,7 +88,7 @@ class Engine:
         if not plan.samples:                 # only prefill chunks that end inside their prompts
             return [], None
         rows = torch.tensor([where[t] for t, _ in plan.samples], dtype=torch.int64)
-        logits = (hidden[rows] @ self.model.head_weight.T).float()
+        logits = F.linear(hidden[rows], self.model.head_weight).float()
         sampled = [seqs[i] for _, i in plan.samples]
         keys = torch.tensor([_signed(row_key(self.params.seed, self.doc_ids[s.doc], s.completion,
                                              len(s.generated))) for s in sampled], dtype=torch.int64)

@@ -109,19 +109,28 @@ class LayerKV:
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def _decode(self, q):
-        """q [Hq, B, D] (one token per decoding sequence) -> [1, Hq, B, D]."""
-        lay, gqa = self.step.decode, self.step.cache.gqa
+        """q [Hq, B, D] (one token per decoding sequence) -> [1, Hq, B, D].
+
+        Two batched matmuls over the cache (the query heads of a KV head as the rows of one
+        matrix, so GQA needs no repeated K/V): faster than the fused SDPA kernel here, whose
+        per-call cost dominates at one query row per sequence."""
+        lay = self.step.decode
         rows, length = lay["rows"], lay["length"]
-        q = q.transpose(0, 1)[:, :, None]                           # [B, Hq, 1, D]
+        hq, b, d = q.shape
+        q = q.transpose(0, 1)                                       # [B, Hq, D]
         if lay["view"] is not None:
-            full = q.new_zeros((lay["view"],) + q.shape[1:])
+            full = q.new_zeros((lay["view"], hq, d))
             full[rows] = q
-            k, v = self.kc[:lay["view"], :, :length], self.vc[:lay["view"], :, :length]
-            out = F.scaled_dot_product_attention(full, k, v, attn_mask=lay["mask"], enable_gqa=gqa)[rows]
+            q, k, v = full, self.kc[:lay["view"], :, :length], self.vc[:lay["view"], :, :length]
         else:
             k, v = self.kc[rows, :, :length], self.vc[rows, :, :length]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=lay["mask"], enable_gqa=gqa)
-        return out[:, :, 0].transpose(0, 1)[None]
+        hkv = k.shape[1]
+        scores = torch.matmul(q.view(q.shape[0], hkv, hq // hkv, d), k.transpose(-1, -2)) * d ** -0.5
+        scores.masked_fill_(~lay["mask"], float("-inf"))            # [S, Hkv, G, L]
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).view(q.shape[0], hq, d)
+        if lay["view"] is not None:
+            out = out[rows]
+        return out.transpose(0, 1)[None]
 
     def _prefill(self, q, slot, p0, n):
         """q [1, Hq, n, D] of positions [p0, p0 + n) of the sequence in ``slot``."""

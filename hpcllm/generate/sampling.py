@@ -105,11 +105,15 @@ def argmax(scores: torch.Tensor, vocab_start: int, comm) -> torch.Tensor:
     return ids.min(dim=0).values.long()
 
 
-def _top_candidates(scaled, k: int, comm) -> torch.Tensor:
-    """[B, min(k, V)] the k largest scaled logits of the whole vocabulary, descending."""
-    local = scaled.topk(min(k, scaled.shape[1]), dim=-1).values
-    merged = _gather(comm, local).permute(1, 0, 2).reshape(scaled.shape[0], comm.size * local.shape[1])
-    return merged.topk(min(k, merged.shape[1]), dim=-1).values
+def _top_candidates(scaled, k: int, vocab: int, comm) -> torch.Tensor:
+    """[B, min(k, V)] the k largest scaled logits of the whole vocabulary, descending. Every rank
+    sends the same width (its slice may hold fewer than k tokens: padded with -inf)."""
+    width = min(k, vocab)
+    local = scaled.topk(min(width, scaled.shape[1]), dim=-1).values
+    if local.shape[1] < width:
+        local = torch.cat([local, local.new_full((local.shape[0], width - local.shape[1]), -math.inf)], dim=1)
+    merged = _gather(comm, local).permute(1, 0, 2).reshape(scaled.shape[0], comm.size * width)
+    return merged.topk(width, dim=-1).values
 
 
 def _top_p_threshold(scaled, top_p: float, vocab: int, comm) -> torch.Tensor:
@@ -118,7 +122,7 @@ def _top_p_threshold(scaled, top_p: float, vocab: int, comm) -> torch.Tensor:
     lse = logsumexp(scaled, comm)
     k = FIRST_CANDIDATES
     while True:
-        cand = _top_candidates(scaled, k, comm)                     # [B, k]
+        cand = _top_candidates(scaled, k, vocab, comm)                     # [B, k]
         p = torch.exp(cand - lse[:, None])
         before = torch.cumsum(p, dim=-1) - p
         kept = (before < top_p).sum(dim=-1).clamp(min=1)            # [B]
@@ -131,7 +135,7 @@ def thresholds(scaled, params: SamplingParams, vocab: int, comm) -> torch.Tensor
     """[B] per row, the smallest scaled logit that top-k, top-p and min-p keep (HF's order)."""
     keep = torch.full((scaled.shape[0],), -math.inf)
     if params.top_k > 0:
-        kth = _top_candidates(scaled, params.top_k, comm)[:, -1]
+        kth = _top_candidates(scaled, params.top_k, vocab, comm)[:, -1]
         keep = torch.maximum(keep, kth)
         scaled = scaled.masked_fill(scaled < kth[:, None], -math.inf)
     if params.top_p < 1.0:
@@ -139,7 +143,7 @@ def thresholds(scaled, params: SamplingParams, vocab: int, comm) -> torch.Tensor
         keep = torch.maximum(keep, tp_)
         scaled = scaled.masked_fill(scaled < tp_[:, None], -math.inf)
     if params.min_p > 0.0:
-        top = _top_candidates(scaled, 1, comm)[:, 0]
+        top = _top_candidates(scaled, 1, vocab, comm)[:, 0]
         keep = torch.maximum(keep, top + math.log(params.min_p))
     return keep
 

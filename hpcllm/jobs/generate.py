@@ -64,6 +64,7 @@ class GenerateJob(Job):
         self.eos_ids = frozenset(c.get("eos_ids") or ([c["eos_id"]] if c.get("eos_id") is not None else []))
         self.template = self._template() if cfg.chat else None
         self.text_of = functools.partial(_chat_prompt, self.template, cfg) if cfg.chat else None
+        self.min_shard_docs = cfg.max_num_seqs   # a small corpus: shards that fill the running set
         self.cache = None
         self.stats = {}
 

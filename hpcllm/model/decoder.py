@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.model.layers import frozen_embedding
+from hpcllm.model.layers import frozen_embedding, fuse_linears
 from hpcllm.world.comm import LocalComm
 
 
@@ -90,12 +90,22 @@ class Attention(nn.Module):
         self.v = nn.Linear(hidden, self.n_kv_heads * d, bias=bias)
         self.o = nn.Linear(self.n_heads * d, hidden, bias=cfg.get("o_bias", False))
 
+    def fuse(self):
+        """After loading: this rank's Q, K and V become one matmul (fewer, larger GEMMs per token)."""
+        self.qkv = fuse_linears(self.q, self.k, self.v)
+        del self.q, self.k, self.v
+
     def heads(self, x, cos, sin):
         """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden], RoPE applied to q and k."""
         B, L, _ = x.shape
-        q = self.q(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).split((Hq * D, Hkv * D, Hkv * D), dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, L, Hq, D).transpose(1, 2)
+        k = k.view(B, L, Hkv, D).transpose(1, 2)
+        v = v.view(B, L, Hkv, D).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, kv=None):
@@ -115,8 +125,17 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg["hidden"], cfg["ffn"], bias=False)
         self.down = nn.Linear(cfg["ffn"], cfg["hidden"], bias=False)
 
+    def fuse(self):
+        """After loading: gate and up become one matmul."""
+        self.gate_up = fuse_linears(self.gate, self.up)
+        del self.gate, self.up
+
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # all-reduce 2 (row-parallel down)
+        if hasattr(self, "gate_up"):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(F.silu(gate) * up)  # all-reduce 2 (row-parallel down)
 
 
 class DecoderLayer(nn.Module):
@@ -163,6 +182,11 @@ class Decoder(nn.Module):
     @property
     def dtype(self):
         return self.embed.weight.dtype
+
+    def fuse(self):
+        for layer in self.layers:
+            layer.attn.fuse()
+            layer.mlp.fuse()
 
     @torch.inference_mode()
     def forward(self, ids, positions=None, cache=None):
