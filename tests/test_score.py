@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO, mpirun
 from corpora import mixed
-from test_decoder import GGUF_PATH, hf_logprobs
+from test_decoder import hf_logprobs
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "score_docs.py")
 N_DOCS = 200
@@ -27,30 +27,9 @@ WEIGHTS_MB = 135e6 * 4 / 2**20  # fp32 weights of SmolLM2-135M
 
 
 @pytest.fixture(scope="module")
-def smol_h5(tmp_path_factory):
-    from hpcllm.jobs.convert import convert
-
-    path = str(tmp_path_factory.mktemp("smol") / "smollm2.h5")
-    convert(GGUF_PATH, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_tok():
-    from transformers import AutoTokenizer
-
-    where, name = os.path.split(GGUF_PATH)
-    return AutoTokenizer.from_pretrained(where, gguf_file=name)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, hf_tok):
+def reference(tmp_path_factory, smol_hf):
     """Token ids (HF's GGUF tokenizer) and HF's per-token log-probabilities, computed once, saved to .npz."""
-    from transformers import AutoModelForCausalLM
-
-    tok = hf_tok
-    where, name = os.path.split(GGUF_PATH)
-    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    tok, hf = smol_hf
     texts = mixed(N_DOCS + 40)
     docs = [np.array(tok(t, add_special_tokens=False)["input_ids"][:4 + (i * 7) % (MAX_TOKENS - 3)], np.int64)
             for i, t in enumerate(texts[:N_DOCS])]
@@ -110,7 +89,7 @@ def test_memory_per_rank_falls_with_tp(smol_h5, reference, tmp_path_factory):
     assert rss[3].max() < rss[1][0] - 0.5 * WEIGHTS_MB
 
 
-def test_score_job_end_to_end(smol_h5, hf_tok, tmp_path):
+def test_score_job_end_to_end(smol_h5, smol_hf, tmp_path):
     """`mpiexec -n 2 hpcllm score --tp 2 --token-logprobs` on real text with bad lines and a long document:
     one row per input line, statuses, and values equal to scoring HF-tokenized ids directly at tp=1."""
     import h5py
@@ -134,7 +113,7 @@ def test_score_job_end_to_end(smol_h5, hf_tok, tmp_path):
         token_lp = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         assert len(offsets) == len(ppl) + 1 and offsets[-1] == len(flat)
     assert status.tolist() == [0] * 12 + [2, 0, 3]  # ok, empty, ok, bad JSON
-    ids = [np.array(hf_tok(t)["input_ids"], np.int64) for t in texts]
+    ids = [np.array(smol_hf[0](t)["input_ids"], np.int64) for t in texts]
     assert len(ids[-1]) > 3 * window  # several windows
     torch.set_num_threads(1)
     with Checkpoint(smol_h5) as ck:

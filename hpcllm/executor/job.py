@@ -75,6 +75,7 @@ class Job:
     needs_model = True     # False: no weights and no torch (tokenize)
     partial_results = True  # follow mode: finish() may also run on the files done so far
     text_of = None          # obj -> str | None: a JSON line's text instead of its --text-field (generate --chat)
+    text_of_needs = None    # what needs text_of, for the error on token-shard input ("--chat")
     max_length = None       # tokens a document is cut to (None: never); status TRUNCATED
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
     min_shard_docs = 1      # a small corpus is not re-cut into shards smaller than this (generate: its running set)

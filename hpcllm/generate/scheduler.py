@@ -16,7 +16,8 @@ Shared prefixes: a slot keeps the KV of its last sequence after it finishes.
 A new prompt goes to the free slot whose kept tokens share the longest prefix
 with it and starts its prefill there; when a busy slot shares a longer one
 (by at least ``MIN_COPY`` tokens) that prefix is copied into the free slot
-first. ``--n`` completions of a prompt take n slots: the prompt is prefilled
+first. A prompt sharing such a prefix with a prompt admitted in the same step
+waits one step, until that prompt's prefill has put the prefix in its slot. ``--n`` completions of a prompt take n slots: the prompt is prefilled
 once, its last position sampled n times (one key per completion) and its KV
 copied to the n - 1 others.
 
@@ -133,6 +134,8 @@ class Scheduler:
         valid = {i: self._valid(i) for i in range(len(self.owner))}   # tokens whose KV each slot holds
         running = len(self.order) - len(gone)
         while self.waiting and len(free) >= self.n and running + self.n <= self.max_seqs:
+            if self._wait_for_prefix(p, self.waiting[0], valid):
+                break
             self._admit(p, self.waiting.popleft(), free, valid)
             running += self.n
         self._entries(p, gone)
@@ -144,6 +147,19 @@ class Scheduler:
             return self.kept[slot]
         s = self.seqs[o]
         return np.asarray(s.tokens[:s.kv], np.int64)
+
+    def _wait_for_prefix(self, p: Plan, j: int, valid: dict) -> bool:
+        """Whether doc j should wait a step: a prompt admitted in this plan shares a prefix with it at
+        least MIN_COPY tokens longer than any slot holds now (its KV exists after this step's prefill,
+        then it is copied instead of recomputed: a shared system prompt is computed once, not once per
+        slot of the first wave)."""
+        if not p.admits:
+            return False
+        prompt = self.prompts[j]
+        limit = len(prompt) - 1
+        have = max(min(common_prefix(v, prompt), limit) for v in valid.values())
+        soon = max(min(common_prefix(self.prompts[a[1]], prompt), limit) for a in p.admits if a[2] == 0)
+        return soon >= have + MIN_COPY
 
     def _admit(self, p: Plan, j: int, free: list, valid: dict) -> None:
         """Doc j into the free slot sharing the longest prefix with it (copied from a busy slot when

@@ -64,6 +64,7 @@ class GenerateJob(Job):
         self.eos_ids = frozenset(c.get("eos_ids") or ([c["eos_id"]] if c.get("eos_id") is not None else []))
         self.template = self._template() if cfg.chat else None
         self.text_of = functools.partial(_chat_prompt, self.template, cfg) if cfg.chat else None
+        self.text_of_needs = "--chat (the chat template of each line's text or messages)"
         self.min_shard_docs = cfg.max_num_seqs   # a small corpus: shards that fill the running set
         self.cache = None
         self.stats = {}
@@ -192,7 +193,7 @@ class GenerateJob(Job):
     def _cache_stats(self, engine) -> dict:
         c = engine.cache
         return {"kv_cache_mb": c.nbytes / 2**20, "kv_cache_slots": c.n_slots, "kv_cache_tokens": c.n_slots * c.slot_len,
-                "kv_peak_tokens": engine.sched.peak_tokens}
+                "kv_peak_tokens": engine.sched.peak_tokens, "prefix_reused_tokens": engine.sched.reused_tokens}
 
     def write_shard(self, out_dir, data, outputs, attrs):
         for row, st in outputs.pop("_status").items():
@@ -208,16 +209,22 @@ class GenerateJob(Job):
         from hpcllm.store.manifest import shard_file
 
         summary = super().finish(out_dir, plan, attrs)
-        peak = held = 0
+        peak = held = reused = prompt = 0
         for s in plan:
             with h5py.File(shard_file(out_dir, s.index), "r") as f:
                 peak = max(peak, int(f.attrs.get("kv_peak_tokens", 0)))
                 held = max(held, int(f.attrs.get("kv_cache_tokens", 0)))
+                reused += int(f.attrs.get("prefix_reused_tokens", 0))
+                prompt += int(f["n_prompt_tokens"][()].clip(0).sum())
+        # attributes only: reading a virtual dataset of a master opened r+ opens its shard files
+        # read-write too (HDF5 VDS), which rewrites them
         with h5py.File(os.path.join(out_dir, "results.h5"), "r+") as f:
             f["finish_reason"].attrs["names"] = json.dumps({i: name for i, name in enumerate(FINISH_NAMES)}
                                                            | {NOT_GENERATED: "none"})
             f.attrs["kv_peak_tokens"] = peak
-        return summary + f"; KV cache peak use {peak} of {held} tokens"
+            f.attrs["prefix_reused_tokens"] = reused
+        return summary + (f"; KV cache peak use {peak} of {held} tokens; shared prefixes: {reused} of {prompt} "
+                          f"prompt tokens reused, not recomputed")
 
 
 def _chat_prompt(template, cfg, obj):

@@ -1,0 +1,121 @@
+"""What reaches 0.65 accuracy on the fortunes topic task (issue 11's question; not a test).
+
+    python bench/classify_accuracy.py [--ranks 2] [--classes 20] [--per-class 440]
+
+The same task and split as bench/classify_pipeline.py (the 20 largest English
+fortune files as classes, seeded stratified 80/20 split). Features:
+
+* MiniLM (all-MiniLM-L6-v2) mean-pooled, L2-normalised embeddings from
+  ``mpiexec -n R hpcllm embed`` at 128, 256 and 512 tokens (more of the text);
+* word TF-IDF (1-2 grams, sublinear tf) and character TF-IDF (2-5 grams within
+  word boundaries) from scikit-learn, fitted on the training rows only;
+* MiniLM concatenated with the character TF-IDF (embedding scaled by ``w``).
+
+Heads: scikit-learn multinomial logistic regression (C picked on a validation
+slice of the training rows) and an MLP for the embeddings. Prints the test
+accuracy and macro-F1 of each, and the majority-class rate.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+import numpy as np  # noqa: E402
+
+
+def _pipeline():
+    sys.path.insert(0, HERE)
+    import classify_pipeline
+
+    sys.path.remove(HERE)
+    return classify_pipeline
+
+
+def embed(d, name, ckpt, ranks, max_length):
+    import h5py
+
+    out = os.path.join(d, f"emb-{name}-{max_length}")
+    subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "embed", "--model", ckpt, "--input",
+                    os.path.join(d, f"{name}.jsonl"), "--output", out, "--max-length", str(max_length),
+                    "--progress", "0"], check=True, capture_output=True, cwd=REPO,
+                   env=dict(os.environ, PYTHONSAFEPATH="1"))
+    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
+        return f["embedding"][()]
+
+
+def logistic(x_train, y_train, x_test, grid=(0.3, 1, 3, 10, 30)):
+    """Multinomial LR with C chosen on the last 10% of the training rows, refitted on all of them."""
+    from sklearn.linear_model import LogisticRegression
+
+    n = len(y_train)
+    cut = n - n // 10
+    best = max(grid, key=lambda c: (LogisticRegression(C=c, max_iter=2000).fit(x_train[:cut], y_train[:cut])
+                                    .score(x_train[cut:], y_train[cut:])))
+    return LogisticRegression(C=best, max_iter=2000).fit(x_train, y_train).predict(x_test), best
+
+
+def mlp(x_train, y_train, x_test):
+    from sklearn.neural_network import MLPClassifier
+
+    model = MLPClassifier(hidden_layer_sizes=(512,), alpha=1e-3, early_stopping=True, random_state=0, max_iter=300)
+    return model.fit(x_train, y_train).predict(x_test)
+
+
+def main():
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=440)
+    args = p.parse_args()
+    cp = _pipeline()
+    d = tempfile.mkdtemp(prefix="bench-clf-acc-")
+    task = cp.build_task(d, args.classes, args.per_class)
+    print(f"task: {json.dumps(task)}", flush=True)
+    x_train, y_train = cp.read_jsonl(os.path.join(d, "train.jsonl"))
+    x_test, y_test = cp.read_jsonl(os.path.join(d, "test.jsonl"))
+    y_train, y_test = np.array(y_train), np.array(y_test)
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from conftest import minilm_dir
+
+    ckpt = os.path.join(d, "minilm.h5")
+    subprocess.run([sys.executable, "-m", "hpcllm", "convert", minilm_dir(), ckpt], check=True, capture_output=True)
+    rows = []
+
+    def report(name, pred, note=""):
+        rows.append((name, cp.scores(y_test, pred), note))
+        print(f"{name:58} acc {rows[-1][1]['accuracy']:.4f}  macro-F1 {rows[-1][1]['macro_f1']:.4f}  {note}",
+              flush=True)
+
+    words = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2).fit(x_train)
+    pred, c = logistic(words.transform(x_train), y_train, words.transform(x_test))
+    report("word TF-IDF 1-2 grams + LR", pred, f"C={c}")
+    chars = TfidfVectorizer(sublinear_tf=True, analyzer="char_wb", ngram_range=(2, 5), min_df=2).fit(x_train)
+    c_train, c_test = chars.transform(x_train), chars.transform(x_test)
+    pred, c = logistic(c_train, y_train, c_test)
+    report("char TF-IDF 2-5 grams + LR", pred, f"C={c}")
+    emb = {}
+    for length in (128, 256, 512):
+        emb[length] = embed(d, "train", ckpt, args.ranks, length), embed(d, "test", ckpt, args.ranks, length)
+        pred, c = logistic(*emb[length][:1], y_train, emb[length][1])
+        report(f"MiniLM {length} tokens + LR", pred, f"C={c}")
+    e_train, e_test = emb[256]
+    report("MiniLM 256 tokens + MLP (512 hidden)", mlp(e_train, y_train, e_test))
+    for w in (0.5, 1.0, 2.0):
+        pred, c = logistic(hstack([c_train, csr_matrix(w * e_train)]).tocsr(), y_train,
+                           hstack([c_test, csr_matrix(w * e_test)]).tocsr())
+        report(f"char TF-IDF + {w:g} x MiniLM 256 + LR", pred, f"C={c}")
+    print(f"\nmajority class: {task['majority']:.4f}; {task['train']} train / {task['test']} test rows")
+
+
+if __name__ == "__main__":
+    main()
