@@ -92,6 +92,8 @@ class JobConfig:
                           "trimmed from the text", result=True, jobs=GEN)
     stop_token_ids: list[int] = opt(None, "token id that ends generation (repeatable; a TOML list)", result=True, jobs=GEN)
     ignore_eos: bool = opt(False, "keep generating past the model's EOS ids", result=True, jobs=GEN)
+    no_prefix_cache: bool = opt(False, "recompute prompt prefixes that other prompts share instead of reusing their KV "
+                                "(to measure the prefix cache)", jobs=GEN)
     n: int = opt(1, "completions per prompt (they share the prompt's KV cache)", result=True, jobs=GEN)
     logprobs: bool = opt(False, "also write the sampled tokens' log-probabilities (output_logprobs)", result=True, jobs=GEN)
     chat: bool = opt(False, "apply the model's chat template, the text as one user message", result=True, jobs=GEN)

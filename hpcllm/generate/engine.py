@@ -32,13 +32,14 @@ class Limits:
 
 class Engine:
     def __init__(self, model, cache, prompts, max_new, doc_ids, params: SamplingParams, limits: Limits,
-                 n: int, batch_tokens: int, max_seqs: int, tokenizer=None, logprobs: bool = False):
+                 n: int, batch_tokens: int, max_seqs: int, tokenizer=None, logprobs: bool = False,
+                 prefix_cache: bool = True):
         self.model, self.cache, self.comm = model, cache, model.comm
         self.leader = self.comm.rank == 0
         self.prompts, self.max_new, self.doc_ids = prompts, max_new, doc_ids
         self.params, self.limits, self.n, self.logprobs = params, limits, n, logprobs
         self.tokenizer = tokenizer
-        self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs)
+        self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs, prefix_cache)
         self.vocab = model.cfg["vocab"]
         self.texts = {}                      # seq id -> Completion (leader)
         self.results = {}                    # (doc, completion) -> (ids, logprobs, reason, text)

@@ -110,10 +110,11 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class Scheduler:
     """The running set and the slots; ``plan()`` on the leader, ``apply`` (bookkeeping) everywhere."""
 
-    def __init__(self, prompts, n_slots: int, n: int, batch_tokens: int, max_seqs: int):
+    def __init__(self, prompts, n_slots: int, n: int, batch_tokens: int, max_seqs: int, reuse: bool = True):
         self.prompts = prompts                       # per document: int64 prompt ids (empty: not run)
         self.waiting = deque(j for j, p in enumerate(prompts) if len(p))
         self.n, self.budget, self.max_seqs = n, max(1, batch_tokens), max(n, max_seqs)
+        self.reuse = reuse                           # False: shared prefixes are recomputed
         self.owner = [None] * n_slots                # slot -> seq id
         self.kept = [np.zeros(0, np.int64)] * n_slots   # slot -> tokens whose KV the slot holds
         self.seqs: dict[int, Seq] = {}
@@ -131,7 +132,8 @@ class Scheduler:
         p = Plan(frees=[(s.id, r) for s, r in self.finished], copies=list(self.pending_copies))
         gone = {s.id for s, _ in self.finished}
         free = [i for i, o in enumerate(self.owner) if o is None or o in gone]
-        valid = {i: self._valid(i) for i in range(len(self.owner))}   # tokens whose KV each slot holds
+        none = np.zeros(0, np.int64)
+        valid = {i: self._valid(i) if self.reuse else none for i in range(len(self.owner))}   # KV each slot holds
         running = len(self.order) - len(gone)
         while self.waiting and len(free) >= self.n and running + self.n <= self.max_seqs:
             if self._wait_for_prefix(p, self.waiting[0], valid):
@@ -153,7 +155,7 @@ class Scheduler:
         least MIN_COPY tokens longer than any slot holds now (its KV exists after this step's prefill,
         then it is copied instead of recomputed: a shared system prompt is computed once, not once per
         slot of the first wave)."""
-        if not p.admits:
+        if not p.admits or not self.reuse:
             return False
         prompt = self.prompts[j]
         limit = len(prompt) - 1

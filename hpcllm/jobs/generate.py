@@ -158,7 +158,7 @@ class GenerateJob(Job):
         limits = Limits(frozenset() if cfg.ignore_eos else self.eos_ids, frozenset(cfg.stop_token_ids or ()),
                         tuple(s.encode() for s in cfg.stop or () if s), cfg.ignore_eos)
         return Engine(model, self.cache, state.prompts, state.max_new, state.doc_ids, params, limits, cfg.n,
-                      cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs)
+                      cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs, not cfg.no_prefix_cache)
 
     def outputs(self, state):
         n, n_docs = self.cfg.n, state.work.n_docs
