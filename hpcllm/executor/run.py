@@ -45,7 +45,7 @@ def run_job(cfg, job_cls) -> int:
         raise HpcllmError(f"{job.name}: {cfg.input} is a directory of token shards already; give the raw corpus")
     if inputs.tokens and job.text_of is not None:   # e.g. generate --chat renders each JSON line's template
         raise HpcllmError(f"{job.name}: {cfg.input} is a directory of token shards, tokenized from the text field "
-                          f"alone; {job.text_of_needs} needs the raw JSON lines: give the raw corpus")
+                          f"alone; {job.text_of_needs or 'this job'} needs the raw JSON lines: give the raw corpus")
     # checked before the model loads: a mismatch fails in a second, not after the load
     inputs.check_tokens(job.tokenizer_json(), job.token_shard_limit(), cfg.model or cfg.tokenizer)
     from hpcllm.tokenizer import Tokenizer

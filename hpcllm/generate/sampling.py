@@ -122,7 +122,7 @@ def _top_p_threshold(scaled, top_p: float, vocab: int, comm) -> torch.Tensor:
     lse = logsumexp(scaled, comm)
     k = FIRST_CANDIDATES
     while True:
-        cand = _top_candidates(scaled, k, vocab, comm)                     # [B, k]
+        cand = _top_candidates(scaled, k, vocab, comm)              # [B, k]
         p = torch.exp(cand - lse[:, None])
         before = torch.cumsum(p, dim=-1) - p
         kept = (before < top_p).sum(dim=-1).clamp(min=1)            # [B]

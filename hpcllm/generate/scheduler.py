@@ -17,9 +17,10 @@ A new prompt goes to the free slot whose kept tokens share the longest prefix
 with it and starts its prefill there; when a busy slot shares a longer one
 (by at least ``MIN_COPY`` tokens) that prefix is copied into the free slot
 first. A prompt sharing such a prefix with a prompt admitted in the same step
-waits one step, until that prompt's prefill has put the prefix in its slot. ``--n`` completions of a prompt take n slots: the prompt is prefilled
-once, its last position sampled n times (one key per completion) and its KV
-copied to the n - 1 others.
+waits one step, until that prompt's prefill has put the prefix in its slot.
+``--n`` completions of a prompt take n slots: the prompt is prefilled once,
+its last position sampled n times (one key per completion) and its KV copied
+to the n - 1 others.
 
 The leader alone decides when a sequence ends (EOS, stop ids, stop strings on
 its detokenized text, length) and says so in the next plan.

@@ -5,7 +5,8 @@ Plain PyTorch at full size: the model knows nothing about ranks.
 ``parallel.parallelize`` cuts it for a tp rank with the plan in
 ``architectures.py`` (q/k/v and gate/up column-parallel, o and down
 row-parallel: two all-reduces per layer; embedding and LM head
-vocab-parallel; local ``n_heads`` / ``n_kv_heads`` per attention). The model
+vocab-parallel; local ``n_heads`` / ``n_kv_heads`` per attention); after
+loading, ``fuse`` makes Q|K|V and gate|up one matmul each. The model
 returns final hidden states; turning them into log-probabilities without
 gathering the vocabulary is ``hpcllm.scoring``, which reads ``head_weight``,
 ``vocab_start`` and ``comm``.
@@ -99,10 +100,7 @@ class Attention(nn.Module):
         """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden], RoPE applied to q and k."""
         B, L, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if hasattr(self, "qkv"):
-            q, k, v = self.qkv(x).split((Hq * D, Hkv * D, Hkv * D), dim=-1)
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self.qkv(x).split((Hq * D, Hkv * D, Hkv * D), dim=-1)
         q = q.view(B, L, Hq, D).transpose(1, 2)
         k = k.view(B, L, Hkv, D).transpose(1, 2)
         v = v.view(B, L, Hkv, D).transpose(1, 2)
@@ -131,10 +129,7 @@ class MLP(nn.Module):
         del self.gate, self.up
 
     def forward(self, x):
-        if hasattr(self, "gate_up"):
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate(x), self.up(x)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)  # all-reduce 2 (row-parallel down)
 
 
