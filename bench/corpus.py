@@ -121,7 +121,6 @@ def _rate(stderr):
 def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
     """docs/s of the model forward alone over the embed job's batches (pre-tokenized, packed):
     [first pass, second pass] (the job, like the first pass, meets each batch shape for the first time)."""
-    import numpy as np
     import torch
 
     from hpcllm.checkpoint.hdf5 import Checkpoint

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import corpora
-from conftest import MPI_TIMEOUT, REPO, minilm_dir, mpirun, write_jsonl
+from conftest import REPO, minilm_dir, mpirun, write_jsonl
 from hpcllm.status import Status
 
 N_PARITY = 400

@@ -73,7 +73,7 @@ def test_greedy_at_tp_above_the_kv_heads_equals_transformers(tiny_gen_h5, tmp_pa
         assert got["output_ids"][off[i]:off[i + 1]].tolist() == want, i
 
 
-def _corpus(path):
+def _corpus(path, copies=1):
     rows = [{"text": t} for t in ("Hello", "Write a haiku about the sea.", "1, 2, 3, 4,", "Why is the sky blue?",
                                   "Translate to French: good morning", "a " * 30, "Name three colours.",
                                   "Tell me a joke", "Ünïcödé ✓ 東京", "What is MPI?")]
@@ -83,7 +83,7 @@ def _corpus(path):
     lines.insert(3, "{not json")
     lines.insert(6, json.dumps({"prompt": "no text field"}))
     lines.insert(8, json.dumps({"messages": "not a list"}))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(lines * copies) + "\n", encoding="utf-8")
     return path
 
 
@@ -168,11 +168,15 @@ def test_tp2_gives_the_same_results(tiny_gen_h5, tmp_path_factory):
 def test_dp2_stopped_and_resumed_equals_one_rank(tiny_gen_h5, tmp_path_factory, tmp_path):
     """dp = 2, stopped by SIGUSR1 on one rank mid-run and rerun: equal to the uninterrupted 1-rank run
     (the random streams depend on seed, document, completion and step only)."""
-    ref = _layout(tiny_gen_h5, tmp_path_factory, 1, 1)
-    inp = _corpus(tmp_path / "prompts.jsonl")
+    # 8 copies of the corpus, 30 shards: the tiny model finishes 4 shards in ~0.4 s, and the signal must
+    # land while most shards are still to do
+    inp = _corpus(tmp_path / "prompts.jsonl", copies=8)
+    mpirun(1, _args(tiny_gen_h5, inp, tmp_path / "ref"))
     out = tmp_path / "out"
     args = _args(tiny_gen_h5, inp, out)
     rc, err, left = _run_and_stop(args, out, tmp_path, signal.SIGUSR1, rank=1)
     _check_stopped(rc, err, out, left, _n_shards(out), signal.SIGUSR1, "results.h5")
     _check_resumed(_run(2, args, tmp_path), out, left)
-    _same(_read(out / "results.h5")[0], _read(ref)[0])
+    got, ref = _read(out / "results.h5")[0], _read(tmp_path / "ref" / "results.h5")[0]
+    assert len(ref["status"]) == 120 and (ref["status"] == 0).sum() == 88
+    _same(got, ref)
