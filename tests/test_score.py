@@ -120,7 +120,8 @@ def test_score_job_end_to_end(smol_h5, smol_hf, tmp_path):
         ref = score_documents(build_model(ck, 0, 1, LocalComm()), ids, window, stride)
     for i, lp in enumerate(ref):
         assert n_scored[i] == len(lp) == max(len(ids[i]) - 1, 0)
-        np.testing.assert_allclose(token_lp[i], lp, atol=1e-4, rtol=0)
+        # two fp32 runs (tp 2 and 1): each within ~6e-5 of a float64 forward here
+        np.testing.assert_allclose(token_lp[i], lp, atol=2e-4, rtol=0)
         np.testing.assert_allclose(total[i], token_lp[i].sum(dtype=np.float64), rtol=1e-9)
         if len(lp):
             np.testing.assert_allclose(ppl[i], np.exp(-total[i] / n_scored[i]), rtol=1e-9)

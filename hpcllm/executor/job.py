@@ -80,6 +80,7 @@ class Job:
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
     min_shard_docs = 1      # a small corpus is not re-cut into shards smaller than this (generate: its running set)
     splits_shards = False   # part_outputs/merge_part: a long shard's batches may be split across dp groups
+    tokenizer = None        # the job's own Tokenizer when __init__ needed one (the executor builds it otherwise)
     _own_limit = False      # limit_documents: the job's own limit (False: never called)
 
     def __init__(self, cfg, ckpt):

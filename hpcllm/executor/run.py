@@ -50,7 +50,8 @@ def run_job(cfg, job_cls) -> int:
     inputs.check_tokens(job.tokenizer_json(), job.token_shard_limit(), cfg.model or cfg.tokenizer)
     from hpcllm.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_str(job.tokenizer_json(), source=cfg.model or cfg.tokenizer, apply_file_settings=False)
+    tokenizer = job.tokenizer or Tokenizer.from_str(job.tokenizer_json(), source=cfg.model or cfg.tokenizer,
+                                                    apply_file_settings=False)
     model = _build_model(job, mesh) if job.needs_model else None
     manifest, todo, first = (_follow_plan if cfg.follow else _static_plan)(cfg, job, world, mesh, inputs)
     if world.Get_rank() == 0:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hpcllm.generate.sampling import SamplingParams, row_key, sample
 from hpcllm.generate.scheduler import EOS, LENGTH, STOP, Scheduler, broadcast_plan
 from hpcllm.generate.text import Completion
+from hpcllm.model.layers import linear, pack_weight
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs, prefix_cache)
         self.vocab = model.cfg["vocab"]
+        # the LM head packed for oneDNN (a copy: a tied head is also the embedding, which looks up rows)
+        self.head = pack_weight(model.head_weight)
         self.texts = {}                      # seq id -> Completion (leader)
         self.results = {}                    # (doc, completion) -> (ids, logprobs, reason, text)
         self.left = np.array([n if len(p) else 0 for p in prompts])   # completions still running per doc
@@ -89,7 +91,7 @@ class Engine:
         if not plan.samples:                 # only prefill chunks that end inside their prompts
             return [], None
         rows = torch.tensor([where[t] for t, _ in plan.samples], dtype=torch.int64)
-        logits = F.linear(hidden[rows], self.model.head_weight).float()
+        logits = linear(hidden[rows], self.head).float()
         sampled = [seqs[i] for _, i in plan.samples]
         keys = torch.tensor([_signed(row_key(self.params.seed, self.doc_ids[s.doc], s.completion,
                                              len(s.generated))) for s in sampled], dtype=torch.int64)

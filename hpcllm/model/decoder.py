@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.model.layers import frozen_embedding, fuse_linears
+from hpcllm.model.layers import frozen_embedding, fuse_linears, pack
 from hpcllm.world.comm import LocalComm
 
 
@@ -92,9 +92,12 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.n_heads * d, hidden, bias=cfg.get("o_bias", False))
 
     def fuse(self):
-        """After loading: this rank's Q, K and V become one matmul (fewer, larger GEMMs per token)."""
+        """After loading: this rank's Q, K and V become one matmul (fewer, larger GEMMs per token), and
+        the weights are packed for oneDNN where that runs (``hpcllm.model.layers.pack``)."""
         self.qkv = fuse_linears(self.q, self.k, self.v)
         del self.q, self.k, self.v
+        pack(self.qkv)
+        pack(self.o)
 
     def heads(self, x, cos, sin):
         """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden], RoPE applied to q and k."""
@@ -127,6 +130,8 @@ class MLP(nn.Module):
         """After loading: gate and up become one matmul."""
         self.gate_up = fuse_linears(self.gate, self.up)
         del self.gate, self.up
+        pack(self.gate_up)
+        pack(self.down)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)

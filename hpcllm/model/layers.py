@@ -1,8 +1,8 @@
 """Plain building blocks the model files share (no ranks here).
 
-``fuse_linears`` and ``linear_gelu`` are fusions for the CPU: exact rewrites
-of plain PyTorch (the same numbers up to float rounding), so the model files
-stay readable and the fast paths stay optional.
+``fuse_linears``, ``linear_gelu`` and ``pack`` are fast paths for the CPU:
+exact rewrites of plain PyTorch (the same numbers up to float rounding), so
+the model files stay readable and the fast paths stay optional.
 """
 
 import functools
@@ -37,11 +37,51 @@ def linear_gelu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.gelu(F.linear(x, layer.weight, layer.bias))
 
 
+@functools.cache
+def _packs() -> bool:
+    """Whether oneDNN's fp32 linear runs here (it needs the mkldnn backend, built into x86 and arm wheels)."""
+    try:
+        torch._C._nn.mkldnn_linear(torch.zeros(2, 8).to_mkldnn(), torch.zeros(4, 8).to_mkldnn(), None)
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] fp32 CPU weight as a oneDNN tensor (same size) where oneDNN runs, else unchanged.
+
+    ``linear`` then calls oneDNN's matmul instead of MKL's, measured here (2 cores, SmolLM2's shapes)
+    1.1-1.3x faster for 512-row prefill chunks and 2x for the LM head at 32 decode rows (56 -> 113
+    GFLOP/s: MKL repacks that 113 MB weight on every call)."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and not weight.is_mkldnn and _packs():
+        return weight.to_mkldnn()
+    return weight
+
+
+def pack(layer: nn.Module) -> None:
+    """``layer.weight`` replaced by its ``pack_weight`` (no second copy; the layer must call ``linear``)."""
+    layer.weight = nn.Parameter(pack_weight(layer.weight.data), requires_grad=False)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a dense or a packed (``pack_weight``) weight."""
+    if weight.is_mkldnn:
+        return torch._C._nn.mkldnn_linear(x.to_mkldnn(), weight, bias).to_dense()
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that also runs with a packed weight (``pack``)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 def fuse_linears(*layers: nn.Linear) -> nn.Linear:
     """One linear whose output is the concatenation of ``layers``' outputs (same input), e.g. Q|K|V."""
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcllm.errors import HpcllmError
+from hpcllm.model.layers import linear
 from hpcllm.model.partition import Partition, Split, module_split, split_attrs, tensor_split
 from hpcllm.world.comm import Comm, LocalComm
 
@@ -45,7 +46,7 @@ class RowParallelLinear(nn.Module):
         self.comm = comm
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)   # the weight may be packed (hpcllm.model.layers.pack)
         self.comm.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 
