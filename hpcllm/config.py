@@ -57,9 +57,10 @@ class JobConfig:
                          "or `skip` (status too_long, NaN outputs)", result=True, choices=("truncate", "skip"),
                          jobs=DOC_JOBS)
     shard_docs: int = opt(10000, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
-    batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded tokens)",
-                            jobs=MODEL_JOBS)
-    window: int = opt(2048, "documents sorted by length together before batching", jobs=MODEL_JOBS)
+    batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded "
+                            "tokens; generate: tokens of one forward pass, decodes and prefill chunks)", jobs=MODEL_JOBS)
+    window: int = opt(2048, "embed / score / classify: this many documents at a time are sorted by length before "
+                      "batching", jobs=tuple(j for j in MODEL_JOBS if j != "generate"))
     threads: int = opt(None, "threads per rank (default: cores per rank on the node)")
     out_dtype: str = opt("float32", "embedding dtype in results", result=True, choices=("float32", "float16"), jobs=("embed",))
     stride: int = opt(None, "sliding-window stride for documents longer than the context (default: half the context)",

@@ -30,13 +30,13 @@ MAX_NEW = 10
 
 
 def _engine(model, prompts, n_slots, batch_tokens, params=SamplingParams(temperature=0), n=1, limits=None,
-            max_new=MAX_NEW, tokenizer=None):
+            max_new=MAX_NEW, tokenizer=None, prefix_cache=True):
     context = model.cfg["max_positions"]
     cache = KVCache(model, n_slots, context, torch.float32)
     limits = limits or Limits(frozenset(), frozenset(), (), True)
     eng = Engine(model, cache, prompts, [min(max_new, context - len(p)) for p in prompts],
                  [f"doc{i}" for i in range(len(prompts))], params, limits, n, batch_tokens, n_slots,
-                 tokenizer or _ByteTok(), logprobs=True)
+                 tokenizer or _ByteTok(), logprobs=True, prefix_cache=prefix_cache)
     eng.run_until(sum(1 for p in prompts if len(p)))
     return eng
 
@@ -90,6 +90,10 @@ def test_shared_prefixes_are_reused_not_recomputed(tiny):
     solo = _engine(model, prompts, n_slots=1, batch_tokens=7)        # other sharing and chunks: same ids
     assert all(eng.results[k][0] == solo.results[k][0] for k in eng.results)
     assert eng.results[0, 0][0] == _hf_greedy(hf, a, MAX_NEW)
+    # --no-prefix-cache: every prompt token computed, the same ids
+    cold = _engine(model, prompts, n_slots=2, batch_tokens=64, prefix_cache=False)
+    assert cold.sched.reused_tokens == 0
+    assert all(eng.results[k][0] == cold.results[k][0] for k in eng.results)
 
 
 def test_n_completions_share_the_prompt_and_differ(tiny):
