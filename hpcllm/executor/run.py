@@ -112,7 +112,7 @@ def _build_model(job, mesh):
     from hpcllm.model.build import build_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job.cfg.dtype]
-    return build_model(job.ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype).to(job.cfg.device)
+    return build_model(job.ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype, job.cfg.device)
 
 
 def _rank_row(mesh, loop, model) -> dict:

@@ -7,8 +7,8 @@ from hpcllm.model.parallel import load_state, parallelize
 from hpcllm.model.partition import partition_for
 
 
-def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32):
-    """Model with only this rank's hyperslabs of the weights, in ``dtype``."""
+def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32, device="cpu"):
+    """Model with only this rank's hyperslabs of the weights, in ``dtype``, on ``device``."""
     arch = architecture(ckpt.architecture)
     part = partition_for(ckpt.config, tp_rank, tp_size)
     with torch.device("meta"):  # full-size plain modules cost nothing here; parallelize cuts them
@@ -16,4 +16,7 @@ def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32):
     load_state(model, ckpt, arch.plan, part, dtype)
     if hasattr(model, "fuse"):
         model.fuse()  # e.g. Q|K|V into one matmul, once the per-tensor hyperslabs are loaded
+    model = model.to(device)
+    if hasattr(model, "pack"):
+        model.pack()  # weights in the layout the device's matmul wants (oneDNN tensors: not movable)
     return model.eval()

@@ -92,12 +92,9 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.n_heads * d, hidden, bias=cfg.get("o_bias", False))
 
     def fuse(self):
-        """After loading: this rank's Q, K and V become one matmul (fewer, larger GEMMs per token), and
-        the weights are packed for oneDNN where that runs (``hpcllm.model.layers.pack``)."""
+        """After loading: this rank's Q, K and V become one matmul (fewer, larger GEMMs per token)."""
         self.qkv = fuse_linears(self.q, self.k, self.v)
         del self.q, self.k, self.v
-        pack(self.qkv)
-        pack(self.o)
 
     def heads(self, x, cos, sin):
         """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden], RoPE applied to q and k."""
@@ -130,8 +127,6 @@ class MLP(nn.Module):
         """After loading: gate and up become one matmul."""
         self.gate_up = fuse_linears(self.gate, self.up)
         del self.gate, self.up
-        pack(self.gate_up)
-        pack(self.down)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -187,6 +182,13 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.attn.fuse()
             layer.mlp.fuse()
+
+    def pack(self):
+        """On its device: the fused linears' weights packed for oneDNN where that runs (fp32 on the CPU;
+        ``hpcllm.model.layers.pack``), a no-op elsewhere."""
+        for layer in self.layers:
+            for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                pack(linear)
 
     @torch.inference_mode()
     def forward(self, ids, positions=None, cache=None):
