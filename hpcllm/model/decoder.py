@@ -6,7 +6,9 @@ Plain PyTorch at full size: the model knows nothing about ranks.
 ``architectures.py`` (q/k/v and gate/up column-parallel, o and down
 row-parallel: two all-reduces per layer; embedding and LM head
 vocab-parallel; local ``n_heads`` / ``n_kv_heads`` per attention); after
-loading, ``fuse`` makes Q|K|V and gate|up one matmul each. The model
+loading, ``fuse`` makes Q|K|V and gate|up one matmul each, and on the
+model's device ``pack`` holds their weights (and o, down) as oneDNN
+tensors where that runs (fp32 on the CPU). The model
 returns final hidden states; turning them into log-probabilities without
 gathering the vocabulary is ``hpcllm.scoring``, which reads ``head_weight``,
 ``vocab_start`` and ``comm``.
