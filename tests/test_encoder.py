@@ -197,3 +197,30 @@ def test_require_family(tiny_bert_h5):
         assert require_family(ck, "encoder", "embed").name == "bert"
         with pytest.raises(HpcllmError, match=f"^score: {ck.path} is a bert model; score needs a decoder \\(llama\\)$"):
             require_family(ck, "decoder", "score")
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (32, 48), (3, 50, 48)])
+def test_packed_linear_equals_f_linear(shape):
+    """A weight packed for oneDNN gives F.linear's result (float rounding apart) for any row count and
+    for 3-d inputs, with and without bias; on a CPU without oneDNN packing is a no-op."""
+    from hpcllm.model.layers import _packs, linear, pack_weight
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = (torch.randn(s, generator=g) for s in ((96, 48), (96,), shape))
+    packed = pack_weight(w)
+    assert packed.is_mkldnn == _packs()
+    for bias in (None, b):
+        want = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        torch.testing.assert_close(linear(x, packed, bias).double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_built_encoder_holds_packed_weights(tiny_bert_h5):
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.build import build_model
+    from hpcllm.model.layers import _packs
+    from hpcllm.world.comm import LocalComm
+
+    with Checkpoint(tiny_bert_h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    layer = model.layers[0]
+    assert all(m.weight.is_mkldnn == _packs() for m in (layer.qkv, layer.o, layer.up, layer.down))

@@ -5,7 +5,8 @@ Plain PyTorch at full size: the model knows nothing about ranks.
 ``parallel.parallelize`` cuts it for a tp rank with the plan in
 ``architectures.py`` (q/k/v/up column-parallel, o/down row-parallel, token
 embedding vocab-parallel, local ``n_heads`` per layer). After loading, ``fuse``
-turns Q, K, V into one matmul.
+turns Q, K, V into one matmul, and on the model's device ``pack`` holds the
+linears' weights as oneDNN tensors where that runs (fp32 on the CPU).
 Shapes: T tokens of the batch packed, B documents, L the longest, H local heads,
 D head dim.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.model.layers import frozen_embedding, fuse_linears, linear_gelu
+from hpcllm.model.layers import frozen_embedding, fuse_linears, linear_gelu, pack
 
 
 class EncoderLayer(nn.Module):
@@ -138,6 +139,13 @@ class Encoder(nn.Module):
     def fuse(self):
         for layer in self.layers:
             layer.fuse()
+
+    def pack(self):
+        """On its device: the linears' weights packed for oneDNN where that runs (fp32 on the CPU;
+        ``hpcllm.model.layers.pack``), a no-op elsewhere."""
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o, layer.up, layer.down):
+                pack(linear)
 
     @torch.inference_mode()
     def forward(self, ids, lengths):
