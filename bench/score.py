@@ -1,11 +1,12 @@
 """Benchmark: hpcllm scoring vs HF transformers forward + log_softmax (not a test).
 
     python bench/score.py [--docs 32] [--length 128] [--batch 8] [--threads N] [--dtypes float32,bfloat16]
+                           [--repeat 3]
 
 Same model (SmolLM2-135M from its GGUF: HF loads the GGUF itself, hpcllm its
 converted checkpoint), same dtype, same batches of real text (documents of
 equal length, so both see identical [batch, length] inputs), same threads,
-one rank (tp = 1). Prints tokens/s for both, the ratio, and the model FLOP
+one rank (tp = 1), the best of ``--repeat`` interleaved rounds. Prints tokens/s for both, the ratio, and the model FLOP
 utilisation: achieved FLOP/s (matmul FLOPs of the forward + LM head +
 attention) over a large square matmul's FLOP/s measured in the same run.
 """
@@ -113,6 +114,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (best of); each round runs every side")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,22 +139,29 @@ def main():
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             ours = build_model(ck, 0, 1, LocalComm(), dtype)
-            time_hpcllm(ours, docs[:args.batch], args.batch, args.length)  # warm-up
-            t_us, lp_us = time_hpcllm(ours, docs, args.batch, args.length)
+            hfs = {"HF dense": dense_hf(h5, dtype),
+                   "HF GGUF": AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=dtype).eval()}
+            time_hpcllm(ours, docs[:args.batch], args.batch, args.length)  # warm-ups
+            for hf in hfs.values():
+                time_hf(hf, docs[:args.batch], args.batch, dtype)
+            best = {}
+            for _ in range(args.repeat):      # rounds interleave the runs: the VM's drift hits all alike
+                t, lp_us = time_hpcllm(ours, docs, args.batch, args.length)
+                best["hpcllm"] = min(best.get("hpcllm", t), t)
+                for label, hf in hfs.items():
+                    t, lp_hf = time_hf(hf, docs, args.batch, dtype)
+                    best[label] = min(best.get(label, t), t)
+            t_us = best["hpcllm"]
             achieved = flops_tok * n_tokens / t_us
             peak = matmul_flops(dtype)
             print(f"{dtype_name:9s} hpcllm {n_tokens / t_us:8.1f} tok/s, {achieved / 1e9:6.1f} GFLOP/s = "
-                  f"{100 * achieved / peak:4.1f}% of a {peak / 1e9:6.1f} GFLOP/s matmul")
-            for label, load in [("HF dense", lambda: dense_hf(h5, dtype)),
-                                ("HF GGUF", lambda: AutoModelForCausalLM.from_pretrained(
-                                    where, gguf_file=name, dtype=dtype).eval())]:
-                hf = load()
-                time_hf(hf, docs[:args.batch], args.batch, dtype)  # warm-up
-                t_hf, lp_hf = time_hf(hf, docs, args.batch, dtype)
+                  f"{100 * achieved / peak:4.1f}% of a {peak / 1e9:6.1f} GFLOP/s matmul (best of {args.repeat})")
+            for label, hf in hfs.items():
+                _, lp_hf = time_hf(hf, docs[:args.batch], args.batch, dtype)
+                t_hf = best[label]
                 print(f"{dtype_name:9s} {label:8s} {n_tokens / t_hf:8.1f} tok/s: hpcllm/HF {t_hf / t_us:5.2f}x, "
-                      f"max |dlogprob| {np.abs(lp_hf - lp_us).max():.1e}")
-                del hf
-            del ours
+                      f"max |dlogprob| {np.abs(lp_hf - lp_us[:args.batch]).max():.1e}")
+            del ours, hfs
         ck.close()
 
 

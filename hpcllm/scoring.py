@@ -32,6 +32,7 @@ import math
 import numpy as np
 import torch
 
+from hpcllm.model.layers import linear
 from hpcllm.world.comm import Comm
 
 CHUNK_BYTES = 64 << 20  # float32 logits per rank per chunk
@@ -43,13 +44,14 @@ def vocab_parallel_logprobs(hidden, targets, weight, vocab_start: int, comm: Com
     """float32 [N] log-softmax(hidden @ weight.T)[target] over the whole (split) vocabulary.
 
     hidden [N, H]; targets [N] int64 global ids; weight [V_local, H] this
-    rank's LM-head rows, the ids [vocab_start, vocab_start + V_local).
+    rank's LM-head rows (dense or packed: ``hpcllm.model.layers.linear``), the ids
+    [vocab_start, vocab_start + V_local).
     """
     n, v_local = hidden.shape[0], weight.shape[0]
     rows = max(1, chunk_bytes // (4 * v_local))
     out = torch.empty(n, dtype=torch.float32)
     for s in range(0, n, rows):
-        logits = (hidden[s:s + rows] @ weight.T).float()          # [n_chunk, V_local]
+        logits = linear(hidden[s:s + rows], weight).float()       # [n_chunk, V_local]
         local = targets[s:s + rows] - vocab_start
         mine = (local >= 0) & (local < v_local)
         idx = local.clamp(0, v_local - 1)[:, None]
@@ -145,7 +147,7 @@ def _score_windows(model, rows, first):
     pos = np.concatenate([i * longest + np.arange(f - 1, len(r) - 1) for i, (r, f) in enumerate(zip(rows, first))])
     pos = torch.from_numpy(pos).to(device)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    lp = vocab_parallel_logprobs(flat[pos], ids.view(-1)[pos + 1], model.head_weight, model.vocab_start,
+    lp = vocab_parallel_logprobs(flat[pos], ids.view(-1)[pos + 1], model.head, model.vocab_start,
                                  model.comm).numpy()
     counts = np.cumsum([0] + [len(r) - f for r, f in zip(rows, first)])
     return [lp[counts[i]:counts[i + 1]] for i in range(len(rows))]

@@ -211,3 +211,20 @@ def test_unknown_model_type_is_one_line_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported \(bert, llama, mistral, qwen2\)$"):
         convert(str(tmp_path), str(tmp_path / "x.h5"))
+
+
+def test_built_decoder_holds_packed_weights_and_head(tiny_llama_h5):
+    """After build_model the decoder's linears and its LM head are packed for oneDNN where that runs;
+    the packed head (a copy, the model being tied) gives the dense head's logits."""
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.layers import _packs, linear
+    from hpcllm.world.comm import LocalComm
+
+    with Checkpoint(tiny_llama_h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    layer = model.layers[0]
+    assert all(m.weight.is_mkldnn == _packs() for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up,
+                                                         layer.mlp.down))
+    assert model.head.is_mkldnn == _packs() and not model.embed.weight.is_mkldnn
+    x = torch.randn(5, model.cfg["hidden"], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(linear(x, model.head), x @ model.head_weight.T, atol=1e-5, rtol=1e-5)

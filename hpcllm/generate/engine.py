@@ -18,7 +18,7 @@ import torch
 from hpcllm.generate.sampling import SamplingParams, row_key, sample
 from hpcllm.generate.scheduler import EOS, LENGTH, STOP, Scheduler, broadcast_plan
 from hpcllm.generate.text import Completion
-from hpcllm.model.layers import linear, pack_weight
+from hpcllm.model.layers import linear
 
 
 @dataclass
@@ -41,8 +41,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs, prefix_cache)
         self.vocab = model.cfg["vocab"]
-        # the LM head packed for oneDNN (a copy: a tied head is also the embedding, which looks up rows)
-        self.head = pack_weight(model.head_weight)
+        self.head = model.head      # the LM head as linear() takes it (packed for oneDNN where that runs)
         self.texts = {}                      # seq id -> Completion (leader)
         self.results = {}                    # (doc, completion) -> (ids, logprobs, reason, text)
         self.left = np.array([n if len(p) else 0 for p in prompts])   # completions still running per doc

@@ -7,10 +7,10 @@ Plain PyTorch at full size: the model knows nothing about ranks.
 row-parallel: two all-reduces per layer; embedding and LM head
 vocab-parallel; local ``n_heads`` / ``n_kv_heads`` per attention); after
 loading, ``fuse`` makes Q|K|V and gate|up one matmul each, and on the
-model's device ``pack`` holds their weights (and o, down) as oneDNN
-tensors where that runs (fp32 on the CPU). The model
+model's device ``pack`` holds their weights (and o, down, and the LM head:
+``head``) as oneDNN tensors where that runs (fp32 on the CPU). The model
 returns final hidden states; turning them into log-probabilities without
-gathering the vocabulary is ``hpcllm.scoring``, which reads ``head_weight``,
+gathering the vocabulary is ``hpcllm.scoring``, which reads ``head``,
 ``vocab_start`` and ``comm``.
 Weights use HF's q/k row order (rotate-half RoPE); the GGUF importer undoes
 llama.cpp's interleaving permutation.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm.model.layers import frozen_embedding, fuse_linears, pack
+from hpcllm.model.layers import frozen_embedding, fuse_linears, pack, pack_weight
 from hpcllm.world.comm import LocalComm
 
 
@@ -172,6 +172,12 @@ class Decoder(nn.Module):
         return self.embed.weight if self.cfg.get("tie_embeddings", False) else self.lm_head.weight
 
     @property
+    def head(self) -> torch.Tensor:
+        """The LM head as ``hpcllm.model.layers.linear`` takes it: after ``pack``, a packed copy (the
+        embedding itself stays dense for its lookups), else ``head_weight``."""
+        return self.__dict__.get("packed_head", self.head_weight)
+
+    @property
     def vocab_start(self) -> int:
         """First vocabulary id of this rank's embedding and LM-head rows (both split alike)."""
         return getattr(self.embed, "start", 0)
@@ -191,6 +197,10 @@ class Decoder(nn.Module):
         for layer in self.layers:
             for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
                 pack(linear)
+        if self.cfg.get("tie_embeddings", False):
+            self.__dict__["packed_head"] = pack_weight(self.embed.weight)   # not a module attribute: no state
+        else:
+            pack(self.lm_head)
 
     @torch.inference_mode()
     def forward(self, ids, positions=None, cache=None):
