@@ -124,8 +124,8 @@ def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threa
 
 def decoder_features(texts, max_length, threads, layers=(15,), batch_tokens=4096):
     """SmolLM2 hidden states mean-pooled over each document's tokens (BOS left out: its states are
-    outliers): {layer: [N, 576]}, "last" the output of the final norm. Documents run longest first in right-padded batches (causal: no real
-    token sees a pad)."""
+    outliers): {layer: [N, 576]}, "last" the output of the final norm. Documents run longest first in
+    right-padded batches (causal: no real token sees a pad)."""
     import torch
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
@@ -143,7 +143,7 @@ def decoder_features(texts, max_length, threads, layers=(15,), batch_tokens=4096
         tok = Tokenizer.from_str(ck.tokenizer_json, apply_file_settings=False)
         ids = [with_bos(np.array(tok.encode(t, max_length=max_length), np.int64), ck.config) for t in texts]
         model = build_model(ck, 0, 1, LocalComm())
-        skip = int(len(ids[0]) > 0 and ck.config.get("add_bos") and ck.config.get("bos_id") is not None)
+        skip = int(bool(ck.config.get("add_bos")) and ck.config.get("bos_id") is not None)   # as with_bos
     grabbed = {}
     for i in layers:
         model.layers[i].register_forward_hook(lambda m, a, out, i=i: grabbed.__setitem__(i, out))

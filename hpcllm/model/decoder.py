@@ -166,6 +166,7 @@ class Decoder(nn.Module):
         if not cfg.get("tie_embeddings", False):
             self.lm_head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.packed_head = None   # set by pack when the head is tied to the embedding
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -175,7 +176,7 @@ class Decoder(nn.Module):
     def head(self) -> torch.Tensor:
         """The LM head as ``hpcllm.model.layers.linear`` takes it: after ``pack``, a packed copy (the
         embedding itself stays dense for its lookups), else ``head_weight``."""
-        return self.__dict__.get("packed_head", self.head_weight)
+        return self.head_weight if self.packed_head is None else self.packed_head
 
     @property
     def vocab_start(self) -> int:
@@ -195,10 +196,9 @@ class Decoder(nn.Module):
         """On its device: the fused linears' weights packed for oneDNN where that runs (fp32 on the CPU;
         ``hpcllm.model.layers.pack``), a no-op elsewhere."""
         for layer in self.layers:
-            for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                pack(linear)
+            pack(layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
         if self.cfg.get("tie_embeddings", False):
-            self.__dict__["packed_head"] = pack_weight(self.embed.weight)   # not a module attribute: no state
+            self.packed_head = pack_weight(self.embed.weight)   # a plain tensor attribute: not in the state
         else:
             pack(self.lm_head)
 

@@ -144,8 +144,7 @@ class Encoder(nn.Module):
         """On its device: the linears' weights packed for oneDNN where that runs (fp32 on the CPU;
         ``hpcllm.model.layers.pack``), a no-op elsewhere."""
         for layer in self.layers:
-            for linear in (layer.qkv, layer.o, layer.up, layer.down):
-                pack(linear)
+            pack(layer.qkv, layer.o, layer.up, layer.down)
 
     @torch.inference_mode()
     def forward(self, ids, lengths):

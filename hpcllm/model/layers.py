@@ -63,9 +63,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def pack(layer: nn.Module) -> None:
-    """``layer.weight`` replaced by its ``pack_weight`` (no second copy; the layer must call ``linear``)."""
-    layer.weight = nn.Parameter(pack_weight(layer.weight.data), requires_grad=False)
+def pack(*layers: nn.Module) -> None:
+    """Each layer's ``weight`` replaced by its ``pack_weight`` (no second copy; the layers must call
+    ``linear`` or ``linear_gelu``)."""
+    for layer in layers:
+        layer.weight = nn.Parameter(pack_weight(layer.weight.data), requires_grad=False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
