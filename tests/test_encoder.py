@@ -199,19 +199,26 @@ def test_require_family(tiny_bert_h5):
             require_family(ck, "decoder", "score")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 48), (7, 48), (32, 48), (3, 50, 48)])
-def test_packed_linear_equals_f_linear(shape):
+def test_packed_linear_equals_f_linear(shape, dtype):
     """A weight packed for oneDNN gives F.linear's result (float rounding apart) for any row count and
-    for 3-d inputs, with and without bias; on a CPU without oneDNN packing is a no-op."""
+    for 3-d inputs, with and without bias; bf16 packs only on a CPU with native bf16, and where a
+    dtype does not pack, packing is a no-op."""
     from hpcllm.model.layers import _packs, linear, pack_weight
 
     g = torch.Generator().manual_seed(0)
-    w, b, x = (torch.randn(s, generator=g) for s in ((96, 48), (96,), shape))
+    w, b, x = (torch.randn(s, generator=g).to(dtype) for s in ((96, 48), (96,), shape))
     packed = pack_weight(w)
-    assert packed.is_mkldnn == _packs()
+    assert packed.is_mkldnn == _packs(dtype)
+    if dtype == torch.bfloat16:
+        assert _packs(dtype) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=1e-2)
     for bias in (None, b):
         want = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
-        torch.testing.assert_close(linear(x, packed, bias).double(), want, atol=2e-5, rtol=1e-5)
+        got = linear(x, packed, bias)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
 
 
 def test_built_encoder_holds_packed_weights(tiny_bert_h5):

@@ -132,13 +132,14 @@ class GenerateJob(Job):
 
     def _engine(self, model, state):
         from hpcllm.generate.engine import Engine, Limits
-        from hpcllm.generate.kv_cache import KVCache, slot_bytes
+        from hpcllm.generate.kv_cache import KVCache, cache_dtype, slot_bytes
         from hpcllm.generate.sampling import SamplingParams
 
         cfg = self.cfg
         need = max((len(p) + m for p, m in zip(state.prompts, state.max_new) if len(p)), default=1)
         slot_len = min(self.context, -(-need // SLOT_ROUND) * SLOT_ROUND)
-        per_slot = slot_bytes(model, slot_len, model.dtype)
+        kvdt = cache_dtype(model)
+        per_slot = slot_bytes(model, slot_len, kvdt)
         n_slots = min(int(cfg.kv_cache_mb * 2**20) // per_slot, max(cfg.max_num_seqs, cfg.n),
                       cfg.n * max(1, len(state.prompts)))
         if n_slots < cfg.n:
@@ -147,7 +148,7 @@ class GenerateJob(Job):
                               f"raise --kv-cache-mb")
         if self.cache is None or not self.cache.fits(n_slots, slot_len):
             self.cache = None
-            self.cache = KVCache(model, n_slots, slot_len, model.dtype, model.head_weight.device)
+            self.cache = KVCache(model, n_slots, slot_len, kvdt, model.head_weight.device)
             if model.comm.rank == 0:
                 from hpcllm.progress import log
 

@@ -8,10 +8,10 @@ row-parallel: two all-reduces per layer; embedding and LM head
 vocab-parallel; local ``n_heads`` / ``n_kv_heads`` per attention); after
 loading, ``fuse`` makes Q|K|V and gate|up one matmul each, and on the
 model's device ``pack`` holds their weights (and o, down, and the LM head:
-``head``) as oneDNN tensors where that runs (fp32 on the CPU). The model
-returns final hidden states; turning them into log-probabilities without
-gathering the vocabulary is ``hpcllm.scoring``, which reads ``head``,
-``vocab_start`` and ``comm``.
+``head``) as oneDNN tensors where that runs (fp32 on the CPU; bf16 where
+the CPU has native bf16). The model returns final hidden states; turning
+them into log-probabilities without gathering the vocabulary is
+``hpcllm.scoring``, which reads ``head``, ``vocab_start`` and ``comm``.
 Weights use HF's q/k row order (rotate-half RoPE); the GGUF importer undoes
 llama.cpp's interleaving permutation.
 Shapes: B batch, L tokens, Hq / Hkv local query / KV heads, D head dim.
@@ -193,8 +193,8 @@ class Decoder(nn.Module):
             layer.mlp.fuse()
 
     def pack(self):
-        """On its device: the fused linears' weights packed for oneDNN where that runs (fp32 on the CPU;
-        ``hpcllm.model.layers.pack``), a no-op elsewhere."""
+        """On its device: the fused linears' weights packed for oneDNN where that runs (fp32 on the CPU,
+        bf16 where it has native bf16; ``hpcllm.model.layers.pack``), a no-op elsewhere."""
         for layer in self.layers:
             pack(layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
         if self.cfg.get("tie_embeddings", False):

@@ -6,7 +6,8 @@ Plain PyTorch at full size: the model knows nothing about ranks.
 ``architectures.py`` (q/k/v/up column-parallel, o/down row-parallel, token
 embedding vocab-parallel, local ``n_heads`` per layer). After loading, ``fuse``
 turns Q, K, V into one matmul, and on the model's device ``pack`` holds the
-linears' weights as oneDNN tensors where that runs (fp32 on the CPU).
+linears' weights as oneDNN tensors where that runs (fp32 on the CPU; bf16
+where the CPU has native bf16).
 Shapes: T tokens of the batch packed, B documents, L the longest, H local heads,
 D head dim.
 """
@@ -141,8 +142,8 @@ class Encoder(nn.Module):
             layer.fuse()
 
     def pack(self):
-        """On its device: the linears' weights packed for oneDNN where that runs (fp32 on the CPU;
-        ``hpcllm.model.layers.pack``), a no-op elsewhere."""
+        """On its device: the linears' weights packed for oneDNN where that runs (fp32 on the CPU, bf16
+        where it has native bf16; ``hpcllm.model.layers.pack``), a no-op elsewhere."""
         for layer in self.layers:
             pack(layer.qkv, layer.o, layer.up, layer.down)
 
