@@ -16,7 +16,8 @@ fortune files as classes, seeded stratified 80/20 split). Features:
   alone and beside MiniLM and the character TF-IDF;
 * with ``--finetune``: MiniLM fine-tuned end to end (mean pooling + a linear
   layer, cross-entropy, AdamW, in PyTorch on HF's copy of the weights), the
-  test accuracy after each epoch.
+  test accuracy after each epoch; then the fine-tuned encoder's embeddings
+  beside the character TF-IDF under a logistic regression.
 
 Heads: scikit-learn multinomial logistic regression (C picked on a validation
 slice of the training rows) and an MLP for the embeddings. Prints the test
@@ -77,8 +78,10 @@ def mlp(x_train, y_train, x_test):
     return model.fit(x_train, y_train).predict(x_test)
 
 
-def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threads, lr=1e-4, batch=32):
-    """Fine-tune all-MiniLM-L6-v2 with a linear head; yields (epoch, seconds so far, test scores)."""
+def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threads, lr=1e-4, batch=32, out=None):
+    """Fine-tune all-MiniLM-L6-v2 with a linear head; yields (epoch, seconds so far, test scores). At the
+    end ``out`` (a dict) gets the fine-tuned encoder's mean-pooled, L2-normalised embeddings of the train
+    and test texts ("train", "test")."""
     import time
 
     import torch
@@ -98,11 +101,14 @@ def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threa
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (0.06 * steps)) * max(0.0, 1 - i / steps))
 
-    def logits(texts):
+    def pooled(texts):
         enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         h = encoder(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return head((h * m).sum(1) / m.sum(1))
+        return (h * m).sum(1) / m.sum(1)
+
+    def logits(texts):
+        return head(pooled(texts))
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -120,6 +126,11 @@ def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threa
         with torch.no_grad():
             pred = np.concatenate([logits(x_test[i:i + 64]).argmax(-1).numpy() for i in range(0, len(x_test), 64)])
         yield epoch, time.perf_counter() - t0, scores(y_test, names[pred])
+    if out is not None:
+        with torch.no_grad():
+            for name, texts in (("train", x_train), ("test", x_test)):
+                e = torch.cat([pooled(list(texts[i:i + 64])) for i in range(0, len(texts), 64)])
+                out[name] = torch.nn.functional.normalize(e, dim=-1).numpy()
 
 
 def decoder_features(texts, max_length, threads, layers=(15,), batch_tokens=4096):
@@ -201,9 +212,15 @@ def main():
               flush=True)
 
     if args.finetune:
+        tuned = {}
         for epoch, secs, sc in finetune(x_train, y_train, x_test, y_test, cp.scores, args.finetune,
-                                        args.finetune_length, args.ranks):
+                                        args.finetune_length, args.ranks, out=tuned):
             report(f"MiniLM fine-tuned {args.finetune_length} tokens, epoch {epoch}", None, f"{secs:.0f} s", sc)
+        chars = TfidfVectorizer(sublinear_tf=True, analyzer="char_wb", ngram_range=(2, 5), min_df=2).fit(x_train)
+        for w in (0.5, 1.0):
+            pred, c = logistic(hstack([chars.transform(x_train), csr_matrix(w * tuned["train"])]).tocsr(), y_train,
+                               hstack([chars.transform(x_test), csr_matrix(w * tuned["test"])]).tocsr())
+            report(f"char TF-IDF + {w:g} x fine-tuned MiniLM + LR", pred, f"C={c}")
     if args.finetune_only:
         return
     if args.decoder:

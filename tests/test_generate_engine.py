@@ -6,6 +6,7 @@ never sees V numbers), stop strings across token boundaries, byte-exact detokeni
 templates against transformers' renderer and its sandbox."""
 
 import functools
+import math
 import os
 import threading
 
@@ -198,6 +199,33 @@ def test_sampling_at_tp2_under_mpi_matches_the_filtered_softmax(split_draws, bac
     np.testing.assert_array_equal(ids, whole.numpy())
 
 
+def test_gumbel_kernel_equals_the_torch_noise_and_race():
+    """The Numba race (``hpcllm.kernels.gumbel``) draws the same noise as ``gumbel_noise`` bit for bit and
+    picks what an argmax of the kept entries of scaled + noise picks, at any slice offset, with rows that
+    keep everything (temperature alone), rows that keep one token and rows of a slice that keeps none."""
+    from hpcllm.generate.sampling import gumbel_noise
+    from hpcllm.kernels.gumbel import gumbel, gumbel_argmax
+
+    g = torch.Generator().manual_seed(5)
+    n, width, start = 48, 3000, 12345
+    keys = torch.tensor([row_key(9, f"d{i}", i % 3, i) - (1 << 63) for i in range(n)], dtype=torch.int64)
+    tokens = torch.randint(0, 1 << 17, (n,), generator=g)
+    want = gumbel_noise(keys, tokens)
+    got = torch.tensor([gumbel(int(k), int(t)) for k, t in zip(keys, tokens)], dtype=torch.float64)
+    assert torch.equal(got, want)
+    scaled = torch.randn(n, width, generator=g) * 4
+    cut = torch.full((n,), -math.inf)
+    cut[n // 3:2 * n // 3] = scaled[n // 3:2 * n // 3].max(dim=1).values       # one token kept
+    cut[-4:] = math.inf                                                          # none kept in this slice
+    best, index = gumbel_argmax(scaled.numpy(), cut.numpy(), keys.numpy(), start)
+    rows, cols = (scaled >= cut[:, None]).nonzero(as_tuple=True)
+    noisy = torch.full(scaled.shape, -math.inf, dtype=torch.float64)
+    noisy[rows, cols] = scaled[rows, cols].double() + gumbel_noise(keys[rows], cols + start)
+    value, at = noisy.max(dim=-1)
+    assert torch.equal(torch.from_numpy(index), at) and torch.equal(torch.from_numpy(best), value)
+    assert (index[-4:] == 0).all() and np.isinf(best[-4:]).all()
+
+
 class _ThreadComm(Comm):
     """Two ranks as threads: all-reduce through a shared list and a barrier; counts the largest buffer."""
 
@@ -319,9 +347,11 @@ def test_list_options_from_flags_and_toml(tmp_path):
     ([30, 1, 35], [0, 4, 5]),                                  # idle slots inside the view
     ([12, 500, 9], [2, 9, 14]),                                # few rows among many slots: gathered
 ])
-def test_decode_attention_equals_per_sequence_attention(lengths, slots):
-    """Decode attention over the slot cache (batched, masked, GQA as grouped rows) equals each
-    sequence's own softmax attention over its positions."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_attention_equals_per_sequence_attention(lengths, slots, dtype):
+    """Decode attention over the slot cache equals each sequence's own softmax attention over its
+    positions: fp32 on the CPU takes the Numba kernel, other caches (float64 here, a GPU's) the
+    batched, masked matmuls with GQA as grouped rows."""
     from types import SimpleNamespace
 
     from hpcllm.generate.kv_cache import LayerKV
@@ -329,13 +359,13 @@ def test_decode_attention_equals_per_sequence_attention(lengths, slots):
     hq, hkv, d = 6, 2, 16
     attn = SimpleNamespace(n_heads=hq, n_kv_heads=hkv, head_dim=d)
     model = SimpleNamespace(layers=[SimpleNamespace(attn=attn)])
-    cache = KVCache(model, 16, 512, torch.float32)
+    cache = KVCache(model, 16, 512, dtype)
     g = torch.Generator().manual_seed(0)
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
     step = cache.step(slots, [n - 1 for n in lengths], [])
     assert (step.decode["view"] is None) == (2 * len(slots) < max(slots) + 1)
-    q = torch.randn(hq, len(slots), d, generator=g)
+    q = torch.randn(hq, len(slots), d, generator=g, dtype=dtype)
     got = LayerKV(step, cache.k[0], cache.v[0])._decode(q)[0]          # [Hq, B, D]
     for i, (slot, n) in enumerate(zip(slots, lengths)):
         k = cache.k[0][slot, :, :n].repeat_interleave(hq // hkv, 0)     # [Hq, n, D]

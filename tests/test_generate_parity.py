@@ -160,6 +160,6 @@ def test_bf16_greedy_replies_leave_transformers_fp32_only_at_bf16_ties(smol_h5, 
             differ[i] = d
     print(f"bf16: {BF16_PROMPTS - len(differ)}/{BF16_PROMPTS} replies identical to HF fp32's greedy ones; "
           f"first differences (doc: step, relative top-2 gap): {differ}")
-    assert len(differ) <= BF16_PROMPTS // 3      # measured 6 of 24 (AVX512-BF16), every one at a gap < 0.009
+    assert len(differ) <= BF16_PROMPTS // 2      # measured 6-8 of 24 (AVX512-BF16), every gap < 0.017
     for i, (step, gap) in differ.items():
         assert gap < BF16_TIE, f"doc {i} left HF's greedy path at step {step} by {gap:.2e} (not a bf16 tie)"

@@ -96,6 +96,12 @@ def logsumexp(logits: torch.Tensor, comm) -> torch.Tensor:
 def argmax(scores: torch.Tensor, vocab_start: int, comm) -> torch.Tensor:
     """[B] int64 global id of the largest score of each row (lowest id among equals)."""
     value, index = scores.max(dim=-1)
+    return merge_argmax(value, index, vocab_start, comm)
+
+
+def merge_argmax(value: torch.Tensor, index: torch.Tensor, vocab_start: int, comm) -> torch.Tensor:
+    """[B] global ids from each rank's best (value, local index) per row: the largest value, the
+    lowest id among equals."""
     if comm.size == 1:
         return index + vocab_start
     both = _gather(comm, torch.stack([value.double(), (index + vocab_start).double()]))  # [size, 2, B]
@@ -148,6 +154,22 @@ def thresholds(scaled, params: SamplingParams, vocab: int, comm) -> torch.Tensor
     return keep
 
 
+def gumbel_race(scaled, cut, keys, vocab_start: int, comm) -> torch.Tensor:
+    """[B] global ids: argmax of scaled + gumbel noise over the tokens kept by ``cut`` [B], all ranks'
+    slices together. On the CPU one pass of a Numba kernel (``hpcllm.kernels.gumbel``, the same noise),
+    elsewhere torch ops on the kept entries."""
+    if scaled.device.type == "cpu":
+        from hpcllm.kernels.gumbel import gumbel_argmax
+
+        best, index = gumbel_argmax(scaled.float().contiguous().numpy(), cut.float().numpy(), keys.numpy(),
+                                    vocab_start)
+        return merge_argmax(torch.from_numpy(best), torch.from_numpy(index), vocab_start, comm)
+    rows, cols = (scaled >= cut[:, None]).nonzero(as_tuple=True)
+    noisy = torch.full(scaled.shape, -math.inf, dtype=torch.float64, device=scaled.device)
+    noisy[rows, cols] = scaled[rows, cols].double() + gumbel_noise(keys[rows], cols + vocab_start)
+    return argmax(noisy, vocab_start, comm)
+
+
 def apply_penalty(logits, seen, penalty: float):
     """HF/vLLM repetition penalty on tokens in ``seen`` (bool [B, V_local]): positive logits
     divided by it, negative ones multiplied."""
@@ -171,12 +193,7 @@ def sample(logits, keys, params: SamplingParams, vocab_start: int, vocab: int, c
         ids = argmax(logits, vocab_start, comm)
     else:
         scaled = logits / params.temperature
-        cut = thresholds(scaled, params, vocab, comm)
-        keep = scaled >= cut[:, None]
-        rows, cols = keep.nonzero(as_tuple=True)
-        noisy = torch.full(scaled.shape, -math.inf, dtype=torch.float64)
-        noisy[rows, cols] = scaled[rows, cols].double() + gumbel_noise(keys[rows], cols + vocab_start)
-        ids = argmax(noisy, vocab_start, comm)
+        ids = gumbel_race(scaled, thresholds(scaled, params, vocab, comm), keys, vocab_start, comm)
     if want_logprobs:
         local = ids - vocab_start
         mine = (local >= 0) & (local < raw.shape[1])
