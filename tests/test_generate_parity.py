@@ -102,6 +102,18 @@ def first_difference(best, top, chosen, reply):
     return t, float((top[t] - chosen[t]) / abs(top[t]))
 
 
+def differences(teacher, prompts, replies) -> dict:
+    """{doc: (step, relative top-2 gap)} of the replies that leave HF's greedy path (teacher forced)."""
+    seqs = [p + r for p, r in zip(prompts, replies)]
+    differ = {}
+    for i, (prompt, reply, (best, top, chosen)) in enumerate(zip(prompts, replies, teacher.choices(seqs))):
+        at = slice(len(prompt) - 1, None)
+        d = first_difference(best[at], top[at], chosen[at], reply)
+        if d is not None:
+            differ[i] = d
+    return differ
+
+
 @pytest.mark.parametrize("tp,comm", LAYOUTS)
 def test_greedy_chat_replies_equal_transformers(smol_h5, smol_hf, hf_prompts, teacher, tmp_path_factory, tp, comm):
     tok, _ = smol_hf
@@ -114,13 +126,7 @@ def test_greedy_chat_replies_equal_transformers(smol_h5, smol_hf, hf_prompts, te
         ended = got["finish_reason"][i]
         assert (ended == 0) == (reply[-1] == eos) and (ended == 2) == (len(reply) == MAX_NEW and reply[-1] != eos)
         assert got["text"][i] == tok.decode(reply, skip_special_tokens=True), i
-    seqs = [p + r for p, r in zip(hf_prompts, replies)]
-    differ = {}
-    for i, (prompt, reply, (best, top, chosen)) in enumerate(zip(hf_prompts, replies, teacher.choices(seqs))):
-        at = slice(len(prompt) - 1, None)
-        d = first_difference(best[at], top[at], chosen[at], reply)
-        if d is not None:
-            differ[i] = d
+    differ = differences(teacher, hf_prompts, replies)
     print(f"tp={tp} {comm}: {N_PROMPTS - len(differ)}/{N_PROMPTS} replies identical to HF's greedy ones, "
           f"{sum(map(len, replies))} tokens, {int((got['finish_reason'] == 0).sum())} ended by EOS; "
           f"first differences (doc: step, relative top-2 gap): {differ}")
@@ -151,13 +157,7 @@ def test_bf16_greedy_replies_leave_transformers_fp32_only_at_bf16_ties(smol_h5, 
         assert (f["status"][()] == 0).all()
     replies = [ids[off[i]:off[i + 1]].tolist() for i in range(BF16_PROMPTS)]
     assert list(text) == [tok.decode(r, skip_special_tokens=True) for r in replies]
-    seqs = [p + r for p, r in zip(hf_prompts, replies)]
-    differ = {}
-    for i, (prompt, reply, (best, top, chosen)) in enumerate(zip(hf_prompts, replies, teacher.choices(seqs))):
-        at = slice(len(prompt) - 1, None)
-        d = first_difference(best[at], top[at], chosen[at], reply)
-        if d is not None:
-            differ[i] = d
+    differ = differences(teacher, hf_prompts, replies)
     print(f"bf16: {BF16_PROMPTS - len(differ)}/{BF16_PROMPTS} replies identical to HF fp32's greedy ones; "
           f"first differences (doc: step, relative top-2 gap): {differ}")
     assert len(differ) <= BF16_PROMPTS // 2      # measured 6-8 of 24 (AVX512-BF16), every gap < 0.017
