@@ -49,6 +49,8 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
         self.n_slots, self.slot_len, self.gqa = n_slots, slot_len, attn.n_heads != attn.n_kv_heads
         self.nbytes = 2 * len(model.layers) * self.k[0].numel() * self.k[0].element_size()
+        # decode attention: the Numba kernel (fp32 on the CPU) or batched matmuls (LayerKV._decode)
+        self.kernel = self.k[0].device.type == "cpu" and dtype == torch.float32
 
     def fits(self, n_slots: int, slot_len: int) -> bool:
         return self.n_slots >= n_slots and self.slot_len >= slot_len
@@ -75,7 +77,7 @@ class Step:
         self.pos = torch.tensor(pos, dtype=torch.int64)
         self.n_decode = len(decode_slots)
         if self.n_decode:
-            self.decode = _decode_layout(self.slots[:self.n_decode], self.pos[:self.n_decode], cache.n_slots)
+            self.decode = _decode_layout(self.slots[:self.n_decode], self.pos[:self.n_decode], cache.kernel)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -85,20 +87,21 @@ class Step:
         return LayerKV(self, self.cache.k[i], self.cache.v[i])
 
 
-def _decode_layout(slots, pos, n_slots):
-    """How decode attention reads the cache: on the CPU in fp32, each sequence's own positions
-    (``hpcllm.kernels.attention``: "slots", "lengths"); elsewhere over a view of slots [0, S) when the
+def _decode_layout(slots, pos, kernel: bool):
+    """How decode attention reads the cache: with the kernel, each sequence's own positions
+    (``hpcllm.kernels.attention``: "slots", "lengths"); else over a view of slots [0, S) when the
     decoding sequences fill at least half of them (no gather), else over a gather of their slots."""
-    kernel = {"slots": slots.numpy(), "lengths": (pos + 1).numpy()}
+    if kernel:
+        return {"slots": slots.numpy(), "lengths": (pos + 1).numpy()}
     length = int(pos.max()) + 1
     span = int(slots.max()) + 1
     if 2 * len(slots) >= span:
         lens = torch.ones(span, dtype=torch.int64)   # idle slots read one (ignored) position
         lens[slots] = pos + 1
         mask = torch.arange(length)[None] < lens[:, None]
-        return {"view": span, "rows": slots, "length": length, "mask": mask[:, None, None], **kernel}
+        return {"view": span, "rows": slots, "length": length, "mask": mask[:, None, None]}
     mask = torch.arange(length)[None] < (pos + 1)[:, None]
-    return {"view": None, "rows": slots, "length": length, "mask": mask[:, None, None], **kernel}
+    return {"view": None, "rows": slots, "length": length, "mask": mask[:, None, None]}
 
 
 class LayerKV:
@@ -132,7 +135,7 @@ class LayerKV:
         as the rows of one matrix, so GQA needs no repeated K/V): faster than the fused SDPA
         kernel, whose per-call cost dominates at one query row per sequence."""
         lay = self.step.decode
-        if self.kc.device.type == "cpu" and self.kc.dtype == torch.float32:
+        if self.step.cache.kernel:
             from hpcllm.kernels.attention import decode_attention
 
             out = torch.empty((q.shape[1], q.shape[0], q.shape[2]))
