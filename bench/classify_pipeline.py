@@ -17,7 +17,11 @@ launch to predictions written (imports, JVM / model loading included):
 (c) ``mpiexec -n R hpcllm train-classifier`` (linear head, 10% of the training
     rows held out for early stopping) then ``mpiexec -n R hpcllm classify`` on the
     test rows, one thread per rank; (c') the same with ``--head mlp``, rerun on
-    the output of (c), so only the head is retrained (the embeddings resume).
+    the output of (c), so only the head is retrained (the embeddings resume);
+(c'') with ``--finetune N``: ``train-classifier --finetune N`` (encoder and head
+    trained together, data-parallel) from scratch, then classify; and (d) the
+    peer for that: HF's MiniLM fine-tuned N epochs in PyTorch (torch threads = R;
+    bench/classify_accuracy.py's loop), the test rows predicted after it.
 
 The MiniLM checkpoint is converted once beforehand (``hpcllm convert``,
 timed and printed separately).  Prints accuracy, macro-F1 and seconds of each,
@@ -109,6 +113,23 @@ def st_sklearn(d: str, threads: int) -> dict:
     return scores(y_test, lr.predict(model.encode(x_test, batch_size=64)))
 
 
+def hf_finetune(d: str, threads: int, epochs: int) -> dict:
+    """HF's MiniLM fine-tuned in PyTorch (bench/classify_accuracy.py's loop: mean pooling + linear head,
+    AdamW 1e-4, batch 32, 128 tokens, dropout on), the test rows predicted after the last epoch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("classify_accuracy", os.path.join(HERE, "classify_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    x_train, y_train = read_jsonl(os.path.join(d, "train.jsonl"))
+    x_test, y_test = read_jsonl(os.path.join(d, "test.jsonl"))
+    for _, _, result in module.finetune(x_train, np.array(y_train), x_test, np.array(y_test), scores, epochs, 128,
+                                        threads):
+        pass
+    return result
+
+
 def spark(d: str, threads: int) -> dict:
     from pyspark.ml import Pipeline
     from pyspark.ml.classification import LogisticRegression
@@ -143,15 +164,17 @@ def timed(cmd: list, env=None) -> tuple:
     return seconds, proc
 
 
-def worker_result(name: str, d: str, ranks: int) -> dict:
-    seconds, proc = timed([sys.executable, __file__, "--worker", name, d, "--ranks", str(ranks)])
+def worker_result(name: str, d: str, ranks: int, epochs: int = 0) -> dict:
+    seconds, proc = timed([sys.executable, __file__, "--worker", name, d, "--ranks", str(ranks),
+                           "--finetune", str(epochs)])
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]), seconds=seconds)
 
 
-def hpcllm_pipeline(d: str, ckpt: str, ranks: int, head: str, out: str) -> dict:
+def hpcllm_pipeline(d: str, ckpt: str, ranks: int, head: str, out: str, extra=()) -> dict:
     mpi = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm"]
     t_train, proc = timed(mpi + ["train-classifier", "--model", ckpt, "--input", os.path.join(d, "train.jsonl"),
-                                 "--output", out, "--head", head, "--validation", "0.1", "--progress", "0"])
+                                 "--output", out, "--head", head, "--validation", "0.1", "--progress", "0",
+                                 *map(str, extra)])
     preds = f"{out}-{head}-preds"
     t_classify, _ = timed(mpi + ["classify", "--model", os.path.join(out, "classifier.h5"), "--input",
                                  os.path.join(d, "test.jsonl"), "--output", preds, "--progress", "0"])
@@ -160,7 +183,8 @@ def hpcllm_pipeline(d: str, ckpt: str, ranks: int, head: str, out: str) -> dict:
     with h5py.File(os.path.join(preds, "results.h5"), "r") as f:
         predicted = [x.decode() for x in f["label"][()]]
     _, y_test = read_jsonl(os.path.join(d, "test.jsonl"))
-    summary = [line for line in proc.stderr.splitlines() if "validation:" in line or "train-classifier: wrote" in line]
+    summary = [line for line in proc.stderr.splitlines()
+               if any(k in line for k in ("validation:", "train-classifier: wrote", "fine-tun"))]
     return dict(scores(y_test, predicted), seconds=t_train + t_classify, train_s=t_train, classify_s=t_classify,
                 log=summary)
 
@@ -170,12 +194,17 @@ def main():
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--per-class", type=int, default=440)
-    p.add_argument("--skip", default="", help="comma list of: spark, st, mlp")
+    p.add_argument("--skip", default="", help="comma list of: spark, st, mlp, linear, hf-finetune")
+    p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                   help="also (c'') train-classifier --finetune EPOCHS (a fresh run: embedding phase included)")
     p.add_argument("--worker", nargs=2, metavar=("PIPELINE", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         name, d = args.worker
-        print(json.dumps({"st": st_sklearn, "spark": spark}[name](d, args.ranks)))
+        if name == "hf-finetune":
+            print(json.dumps(hf_finetune(d, args.ranks, args.finetune)))
+        else:
+            print(json.dumps({"st": st_sklearn, "spark": spark}[name](d, args.ranks)))
         return
     skip = set(filter(None, args.skip.split(",")))
     d = tempfile.mkdtemp(prefix="bench-classify-")
@@ -197,14 +226,23 @@ def main():
         results["(b) sentence-transformers + sklearn LR"] = worker_result("st", d, args.ranks)
         print(results, flush=True)
     out = os.path.join(d, "clf")
-    results["(c) hpcllm train-classifier + classify"] = hpcllm_pipeline(d, ckpt, args.ranks, "linear", out)
-    if "mlp" not in skip:
+    if "linear" not in skip:
+        results["(c) hpcllm train-classifier + classify"] = hpcllm_pipeline(d, ckpt, args.ranks, "linear", out)
+    if "mlp" not in skip and "linear" not in skip:
         results["(c') same, --head mlp (embeddings reused)"] = hpcllm_pipeline(d, ckpt, args.ranks, "mlp", out)
+    if args.finetune and "hf-finetune" not in skip:
+        results[f"(d) HF MiniLM fine-tuned {args.finetune} epochs"] = worker_result("hf-finetune", d, args.ranks,
+                                                                                   args.finetune)
+        print(results, flush=True)
+    if args.finetune:
+        results[f"(c'') same, --finetune {args.finetune}"] = hpcllm_pipeline(
+            d, ckpt, args.ranks, "linear", os.path.join(d, "clf-ft"),
+            ["--finetune", args.finetune, "--max-length", 128, "--validation", 0])    # as (d): 128 tokens, every row
     print(f"\n{'pipeline':48} {'accuracy':>9} {'macro-F1':>9} {'seconds':>8}")
     for name, r in results.items():
         print(f"{name:48} {r['accuracy']:9.4f} {r['macro_f1']:9.4f} {r['seconds']:8.1f}")
     b, c = (results.get(k) for k in ("(b) sentence-transformers + sklearn LR", "(c) hpcllm train-classifier + classify"))
-    if b:
+    if b and c:
         print(f"(b) / (c) time: {b['seconds'] / c['seconds']:.2f}x")
     for name, r in results.items():
         for line in r.get("log", []):

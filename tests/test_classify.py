@@ -44,9 +44,13 @@ CLASSIFY_LAYOUTS = [(2, 2), (3, 3), (2, 1)]   # (world, tp) classify runs at bes
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """train.jsonl (every topic row, shuffled, then SPECIAL) and predict.jsonl (N_PREDICT of them, then SPECIAL)."""
+    return write_corpus(tmp_path_factory.mktemp("classify"))
+
+
+def write_corpus(d):
+    """The corpus fixture's files in the folder ``d``: (d, path of train.jsonl, rows)."""
     if not all(os.path.exists(os.path.join(FORTUNES, t)) for t in TOPICS):
         pytest.skip("Debian's fortunes package is not installed")
-    d = tmp_path_factory.mktemp("classify")
     rows = topic_rows()
     rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]    # topics interleaved in shards
     lines = [json.dumps({"id": i, "text": t, "label": c}, ensure_ascii=False) for i, t, c in rows]

@@ -158,8 +158,10 @@ class Job:
         write_shard(out_dir, data.shard, columns, attrs=attrs, schema=self.schema())
         return int(n_tokens.sum())
 
-    def finish_all(self, out_dir: str, plan, mesh) -> None:
-        """After every shard is done, on every rank of ``mesh.world`` (collective); default: nothing."""
+    def finish_all(self, out_dir: str, plan, mesh):
+        """After every shard is done, on every rank of ``mesh.world`` (collective); default: nothing.
+        Returns None, or the signal number (the same on every rank) when a stop signal ended it early:
+        the run then ends as if the shards had stopped (stop note, exit 75, a rerun resumes)."""
 
     def finish(self, out_dir: str, plan, attrs: dict) -> str:
         """After every shard is done (rank 0): join them; returns a one-line summary."""

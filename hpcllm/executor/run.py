@@ -134,8 +134,10 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
     world = mesh.world
     rows = world.gather(_rank_row(mesh, loop, model), root=0)
     any_stopped = world.allreduce(int(stopped), op=MPI.MAX)
-    if not any_stopped:
-        job.finish_all(cfg.output, manifest.shards, mesh)   # collective: train-classifier trains here
+    if not any_stopped:   # collective: train-classifier trains here; a signal number if a signal stopped it
+        late = job.finish_all(cfg.output, manifest.shards, mesh)
+        if late:
+            any_stopped, stop.agreed_signum = 1, late
     error = None
     if world.Get_rank() == 0:
         if loop.progress:

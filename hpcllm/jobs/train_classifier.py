@@ -11,6 +11,13 @@ shards and redoes phase 2, which takes seconds; training options are not part
 of the manifest's config hash, so a rerun with another head or validation
 fraction reuses the embeddings.
 
+With ``--finetune N``, phase 3 trains the encoder together with a fresh head
+for N epochs, data-parallel over every rank (``hpcllm.train.finetune``: each
+rank re-tokenizes its rows, gradients are summed over the ranks); the trained
+encoder is written to ``OUT/encoder.h5`` (an ordinary checkpoint: `embed` and
+`classify` run it at any tp) and the classifier references that one.  A stop
+signal during it saves ``OUT/finetune-state.pt``; the rerun continues there.
+
 ``OUT/classifier.h5`` references the encoder by content hash
 (``hpcllm.train.checkpoint``); with tp > 1 the first tp group writes it
 sharded, one file per rank plus the master (``hpcllm.checkpoint.sharded``).
@@ -34,6 +41,7 @@ from hpcllm.jobs.embed import EmbedJob
 from hpcllm.progress import log
 
 CLASSIFIER_NAME = "classifier.h5"
+ENCODER_NAME = "encoder.h5"       # the fine-tuned encoder (--finetune)
 
 
 class TrainClassifierJob(EmbedJob):
@@ -75,17 +83,25 @@ class TrainClassifierJob(EmbedJob):
         val = validation_mask(rows.doc_ids, labels.ids, cfg.validation, cfg.seed, comm)
         fingerprint = data_fingerprint(rows.doc_ids, [labels.class_names[i] for i in labels.ids], cfg.seed, comm)
         result, scores = self._fit(rows.X, labels, val, comm)
+        encoder, head, tuned = cfg.model, result.head, None
+        if cfg.finetune:
+            signum, tuned = self._finetune(out_dir, rows, labels, val, result, fingerprint, mesh)
+            if signum:
+                return signum
+            encoder, head, scores = tuned.encoder, tuned.head, tuned.scores
         provenance = {"data": {"input": os.path.abspath(cfg.input), "fingerprint": fingerprint,
                                "label_field": cfg.label_field, "skipped": rows.skipped,
                                "n_train": result.n_train, "n_validation": result.n_val},
-                      "options": {k: getattr(cfg, k) for k in ("head", "validation", "epochs", "l2", "class_weight",
-                                                               "hidden", "patience", "seed")},
+                      "options": self.options(),
                       "fit": {"n_iter": result.n_iter, "converged": result.converged,
                               "stopped_early": result.stopped_early, "best_iteration": result.best_iteration,
                               "history": result.history, "class_weights": result.class_weights.tolist()},
                       "scores": scores, "world": mesh.describe(), "seconds": time.time() - started,
                       "embeddings": os.path.abspath(out_dir)}
-        path = self._write(out_dir, result.head, labels, provenance, mesh)
+        if tuned is not None:
+            provenance["finetune"] = dict(tuned.summary, head_scores=tuned.head_scores,
+                                          base_encoder=os.path.abspath(cfg.model))
+        path = self._write(out_dir, head, labels, provenance, mesh, encoder)
         if mesh.rank == 0:
             log(summary(path, provenance, labels.class_names))
 
@@ -100,15 +116,65 @@ class TrainClassifierJob(EmbedJob):
         scores = {"train": evaluate(y[~val], predict(result.head, X[~val]), C, comm)}
         if result.n_val:
             scores["validation"] = evaluate(y[val], predict(result.head, X[val]), C, comm)
+        self._head_scores = scores
         return result, scores
 
-    def _write(self, out_dir, head, labels, provenance, mesh) -> str:
+    def options(self) -> dict:
+        """The options the classifier depends on (its provenance; fine-tuning's resume key)."""
+        names = ("head", "validation", "epochs", "l2", "class_weight", "hidden", "patience", "seed")
+        if self.cfg.finetune:
+            names += ("finetune", "finetune_lr", "finetune_head_lr", "finetune_batch", "max_length")
+        return {k: getattr(self.cfg, k) for k in names}
+
+    def _finetune(self, out_dir, rows, labels, val, result, fingerprint, mesh):
+        """Encoder + head trained together (``hpcllm.train.finetune``); the encoder written to
+        ``OUT/encoder.h5`` (sharded by the first tp group when tp > 1).  Returns (signal number or 0,
+        what the classifier needs)."""
+        from types import SimpleNamespace
+
+        import torch
+
+        from hpcllm.checkpoint.hdf5 import write_checkpoint
+        from hpcllm.model.build import build_model
+        from hpcllm.signals import StopFlag
+        from hpcllm.train.finetune import STATE_NAME, Finetune, FinetuneOptions, encoder_tensors, local_docs, score
+        from hpcllm.train.metrics import evaluate
+        from hpcllm.world.comm import LocalComm
+
+        cfg, comm = self.cfg, mesh.world
+        model = build_model(self.ckpt, 0, 1, LocalComm(), torch.float32, "cpu", pack=False)
+        docs = local_docs(self, rows.where)
+        opts = FinetuneOptions(epochs=cfg.finetune, lr=cfg.finetune_lr, head_lr=cfg.finetune_head_lr,
+                               batch=cfg.finetune_batch, seed=cfg.seed)
+        key = {"data": fingerprint, "encoder": self.ckpt.content_hash, "options": self.options()}
+        ft = Finetune(model, result.head, docs, labels.ids, rows.doc_ids, ~val, val, result.class_weights, comm,
+                      opts, os.path.join(out_dir, STATE_NAME), key)
+        with StopFlag() as stop:
+            signum = ft.run(stop)
+        if signum:
+            return signum, None
+        y, C, scores = labels.ids, labels.n_classes, {}
+        for part, mask in (("train", ~val), ("validation", val)):
+            if part == "train" or int(ft.n_val):
+                pred = score(model, ft.head, docs, np.flatnonzero(mask), opts.eval_tokens).argmax(axis=1)
+                scores[part] = evaluate(y[mask], pred, C, comm)
+        path = os.path.join(out_dir, ENCODER_NAME)
+        if mesh.dp_rank == 0:
+            write_checkpoint(path, self.ckpt.architecture, self.ckpt.config, encoder_tensors(model, self.ckpt),
+                             self.ckpt.tokenizer_json, f"{os.path.abspath(cfg.model)}, fine-tuned by train-classifier",
+                             comm=mesh.tp_mpi if mesh.tp_size > 1 else None)
+        comm.Barrier()
+        head_scores = {k: {m: v[m] for m in ("accuracy", "macro_f1")} for k, v in self._head_scores.items()}
+        return 0, SimpleNamespace(encoder=path, head=ft.head, scores=scores, summary=ft.summary(),
+                                  head_scores=head_scores)
+
+    def _write(self, out_dir, head, labels, provenance, mesh, encoder) -> str:
         """The first tp group writes classifier.h5 (sharded when tp > 1); every rank returns after it."""
         from hpcllm.train.checkpoint import EncoderRef, write_classifier
 
         path = os.path.join(out_dir, CLASSIFIER_NAME)
         if mesh.dp_rank == 0:
-            encoder = EncoderRef.of(self.cfg.model, self.ckpt.config["pooling"], self.ckpt.config["normalize"])
+            encoder = EncoderRef.of(encoder, self.ckpt.config["pooling"], self.ckpt.config["normalize"])
             write_classifier(path, head, labels.class_names, labels.class_values, encoder, provenance,
                              comm=mesh.tp_mpi if mesh.tp_size > 1 else None)
         mesh.world.Barrier()
@@ -127,6 +193,12 @@ def summary(path: str, provenance: dict, class_names: list) -> str:
              f"{data['n_validation']} validation rows (skipped: {skipped}); {fit['n_iter']} iterations"
              f"{', stopped early' if fit['stopped_early'] else ''}, best at {fit['best_iteration']}, "
              f"{provenance['seconds']:.1f} s"]
+    tuned = provenance.get("finetune")
+    if tuned:
+        head = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in tuned["head_scores"].items())
+        lines.append(f"  fine-tuned the encoder {tuned['epochs']} epochs in {tuned['seconds']:.1f} s (kept epoch "
+                     f"{tuned['best_epoch']}; the head alone before: {head}); encoder in "
+                     f"{os.path.join(os.path.dirname(path), ENCODER_NAME)}")
     for part, s in provenance["scores"].items():
         lines.append(f"  {part}: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} ({s['n']} rows)")
     val = provenance["scores"].get("validation")

@@ -7,8 +7,10 @@ from hpcllm.model.parallel import load_state, parallelize
 from hpcllm.model.partition import partition_for
 
 
-def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32, device="cpu"):
-    """Model with only this rank's hyperslabs of the weights, in ``dtype``, on ``device``."""
+def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32, device="cpu",
+                pack: bool = True):
+    """Model with only this rank's hyperslabs of the weights, in ``dtype``, on ``device``; ``pack=False``
+    keeps plain dense weights (training needs them: a packed weight has no gradient)."""
     arch = architecture(ckpt.architecture)
     part = partition_for(ckpt.config, tp_rank, tp_size)
     with torch.device("meta"):  # full-size plain modules cost nothing here; parallelize cuts them
@@ -17,6 +19,6 @@ def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32, dev
     if hasattr(model, "fuse"):
         model.fuse()  # e.g. Q|K|V into one matmul, once the per-tensor hyperslabs are loaded
     model = model.to(device)
-    if hasattr(model, "pack"):
+    if pack and hasattr(model, "pack"):
         model.pack()  # weights in the layout the device's matmul wants (oneDNN tensors: not movable)
     return model.eval()

@@ -149,6 +149,10 @@ class Encoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ids, lengths):
+        return self.encode(ids, lengths)
+
+    def encode(self, ids, lengths):
+        """``forward`` outside inference mode: what fine-tuning differentiates (hpcllm.train.finetune)."""
         seqs = Packed(lengths).to(ids.device)
         x = self.embed(ids, seqs.position)
         for layer in self.layers:

@@ -197,6 +197,12 @@ def describe(path: str) -> str:
     if "fit" in p:
         lines.append(f"  fit: {p['fit']['n_iter']} iterations, best {p['fit']['best_iteration']}, converged "
                      f"{p['fit']['converged']}, stopped early {p['fit']['stopped_early']}; world {json.dumps(p.get('world'))}")
+    if "finetune" in p:
+        t = p["finetune"]
+        before = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in t.get("head_scores", {}).items())
+        lines.append(f"  fine-tuned from {t.get('base_encoder')}: {t['epochs']} epochs in {t['seconds']:.1f} s, kept "
+                     f"epoch {t['best_epoch']} (head on the frozen encoder: {before}); per epoch "
+                     + json.dumps([{k: round(v, 4) for k, v in e.items()} for e in t["history"]]))
     for part, s in p.get("scores", {}).items():
         lines.append(f"  {part}: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} ({s['n']} rows)")
     return "\n".join(lines)

@@ -36,6 +36,7 @@ class LocalRows:
     labels: list           # their label values (JSON values)
     doc_ids: list          # their document ids
     skipped: dict          # global counts of rows skipped: status name (lower case) or "unlabelled" -> rows
+    where: list = dataclasses.field(default_factory=list)   # (shard, its rows taken), in the order of X
 
 
 def my_shards(plan, rank: int, size: int) -> list:
@@ -83,7 +84,7 @@ def load_local_rows(out_dir: str, plan, field: str, dim: int, comm) -> LocalRows
     """This rank's training rows, ``dim`` features each (collective: the counts are summed over ``comm``)."""
     from hpcllm.train.collective import world_rank, world_size
 
-    parts, labels, doc_ids = [], [], []
+    parts, labels, doc_ids, where = [], [], [], []
     counts = np.zeros(len(Status) + 1, np.int64)      # one per status, then unlabelled
     for shard in my_shards(plan, world_rank(comm), world_size(comm)):
         with h5py.File(shard_file(out_dir, shard.index), "r") as f:
@@ -98,6 +99,7 @@ def load_local_rows(out_dir: str, plan, field: str, dim: int, comm) -> LocalRows
         counts[-1] += int((~has).sum())
         rows = np.flatnonzero(ok)[has]
         parts.append(emb[rows])
+        where.append((shard, rows))
         labels += [v for v, h in zip(values, has) if h]
         doc_ids += [ids[r] for r in rows]
     total = sum_all(comm, counts)
@@ -105,4 +107,4 @@ def load_local_rows(out_dir: str, plan, field: str, dim: int, comm) -> LocalRows
     skipped["unlabelled"] = int(total[-1])
     skipped.pop("ok", None)
     X = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-    return LocalRows(X, labels, doc_ids, skipped)
+    return LocalRows(X, labels, doc_ids, skipped, where)
