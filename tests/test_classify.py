@@ -63,12 +63,18 @@ def write_corpus(d):
 @pytest.fixture(scope="module")
 def trained(corpus, minilm_h5):
     """classifier.h5 trained at every layout of LAYOUTS: {(world, tp): output dir}."""
+    return train_at_layouts(corpus, minilm_h5, LAYOUTS, "clf", ["--validation", 0.2, "--max-length", 128,
+                                                               "--progress", 0])
+
+
+def train_at_layouts(corpus, model, layouts, prefix, args):
+    """train-classifier on the corpus fixture's train.jsonl at each (world, tp): {(world, tp): output dir}."""
     d, path, _ = corpus
     out = {}
-    for world, tp in LAYOUTS:
-        out[world, tp] = d / f"clf-{world}-{tp}"
-        mpirun(world, ["train-classifier", "--model", minilm_h5, "--input", path, "--output", out[world, tp],
-                       "--tp", tp, "--validation", 0.2, "--max-length", 128, "--progress", 0])
+    for world, tp in layouts:
+        out[world, tp] = d / f"{prefix}-{world}-{tp}"
+        mpirun(world, ["train-classifier", "--model", model, "--input", path, "--output", out[world, tp],
+                       "--tp", tp, *args])
     return out
 
 

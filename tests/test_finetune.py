@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import MPI_TIMEOUT, REPO, mpirun
+from test_classify import read_clf, train_at_layouts
 from hpcllm.signals import EXIT_REQUEUE
 
 FT = ["--finetune", 8, "--finetune-batch", 4, "--finetune-lr", 1e-3, "--finetune-head-lr", 1e-2, "--validation", 0.2, "--max-length", 48,
@@ -34,19 +35,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(corpus, tiny_bert_h5):
     """{(world, tp): output dir} of train-classifier --finetune at each layout."""
-    d, path, _ = corpus
-    out = {}
-    for world, tp in LAYOUTS:
-        out[world, tp] = d / f"ft-{world}-{tp}"
-        mpirun(world, ["train-classifier", "--model", tiny_bert_h5, "--input", path, "--output", out[world, tp],
-                       "--tp", tp, *FT])
-    return out
-
-
-def classifier(out):
-    from hpcllm.train.checkpoint import read_classifier
-
-    return read_classifier(os.path.join(out, "classifier.h5"))
+    return train_at_layouts(corpus, tiny_bert_h5, LAYOUTS, "ft", FT)
 
 
 def tensors(path):
@@ -57,7 +46,7 @@ def tensors(path):
 
 
 def test_finetuned_encoder_and_head_are_the_same_at_every_world_size(tuned, tiny_bert_h5):
-    ref = classifier(tuned[1, 1])
+    ref = read_clf(tuned[1, 1])
     tuned_ref, base = tensors(tuned[1, 1] / "encoder.h5"), tensors(tiny_bert_h5)
     ft = ref.provenance["finetune"]
     assert [e["epoch"] for e in ft["history"]] == list(range(1, 9))
@@ -71,7 +60,7 @@ def test_finetuned_encoder_and_head_are_the_same_at_every_world_size(tuned, tiny
                            capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert f"fine-tuned from {os.path.abspath(tiny_bert_h5)}: 8 epochs" in shown, shown
     for layout in LAYOUTS[1:]:
-        other = classifier(tuned[layout])
+        other = read_clf(tuned[layout])
         hist = other.provenance["finetune"]["history"]
         np.testing.assert_allclose([e["train_loss"] for e in hist], losses, rtol=1e-4)
         assert [e["val_accuracy"] for e in hist] == [e["val_accuracy"] for e in ft["history"]]
@@ -115,7 +104,7 @@ def test_stopped_finetuning_resumes_to_the_same_bits(corpus, tuned, tiny_bert_h5
     ref = tuned[2, 1]
     for n, a in tensors(ref / "encoder.h5").items():
         assert np.array_equal(tensors(out / "encoder.h5")[n], a), n
-    a, b = classifier(ref), classifier(out)
+    a, b = read_clf(ref), read_clf(out)
     assert a.content_hash == b.content_hash
     strip = [{k: v for k, v in e.items() if k != "seconds"} for e in a.provenance["finetune"]["history"]]
     assert [{k: v for k, v in e.items() if k != "seconds"} for e in b.provenance["finetune"]["history"]] == strip
@@ -148,7 +137,7 @@ def test_finetuned_classifier_classifies_alike_at_tp_2_and_as_computed_directly(
     with Checkpoint(str(tuned[1, 1] / "encoder.h5")) as ck:
         model = build_model(ck, 0, 1, LocalComm())
         tok = Tokenizer.from_str(ck.tokenizer_json, apply_file_settings=False)
-        head = classifier(tuned[1, 1]).head
+        head = read_clf(tuned[1, 1]).head
         for i, t in enumerate(texts):
             ids = np.array(tok.encode(t, max_length=48), np.int64)
             with torch.no_grad():
@@ -213,3 +202,13 @@ def test_minilm_gradients_equal_transformers(minilm_h5):
     assert compared == len(ours) - 1, (compared, len(ours))     # every tensor but the token embeddings
     np.testing.assert_allclose(head.linear.weight.grad.numpy(), hf_head.linear.weight.grad.numpy(), rtol=1e-4,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [["--finetune", -1], ["--finetune", 2, "--finetune-batch", 0],
+                                 ["--finetune", 2, "--finetune-lr", 0]])
+def test_bad_finetune_options_are_a_one_line_error_on_every_rank(corpus, tiny_bert_h5, tmp_path, bad):
+    proc = mpirun(2, ["train-classifier", "--model", tiny_bert_h5, "--input", corpus[1], "--output", tmp_path / "o",
+                      *bad], check=False, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "--finetune" in line and "must be" in line]
+    assert len(errors) >= 1 and not (tmp_path / "o" / "classifier.h5").exists(), proc.stderr[-3000:]

@@ -54,6 +54,10 @@ class TrainClassifierJob(EmbedJob):
             raise HpcllmError(f"train-classifier: --validation {cfg.validation} must be in [0, 1)")
         if cfg.epochs < 1:
             raise HpcllmError(f"train-classifier: --epochs {cfg.epochs} must be at least 1")
+        if cfg.finetune < 0 or cfg.finetune_batch < 1 or cfg.finetune_lr <= 0 or cfg.finetune_head_lr <= 0:
+            raise HpcllmError(f"train-classifier: --finetune {cfg.finetune} must be >= 0, --finetune-batch "
+                              f"{cfg.finetune_batch} >= 1, --finetune-lr {cfg.finetune_lr} and --finetune-head-lr "
+                              f"{cfg.finetune_head_lr} > 0")
 
     def config_hash(self) -> str:
         return self.cfg.result_hash("embed", out_dtype="float32")   # the embeddings depend on nothing else
@@ -85,7 +89,7 @@ class TrainClassifierJob(EmbedJob):
         result, scores = self._fit(rows.X, labels, val, comm)
         encoder, head, tuned = cfg.model, result.head, None
         if cfg.finetune:
-            signum, tuned = self._finetune(out_dir, rows, labels, val, result, fingerprint, mesh)
+            signum, tuned = self._finetune(out_dir, rows, labels, val, result, scores, fingerprint, mesh)
             if signum:
                 return signum
             encoder, head, scores = tuned.encoder, tuned.head, tuned.scores
@@ -116,7 +120,6 @@ class TrainClassifierJob(EmbedJob):
         scores = {"train": evaluate(y[~val], predict(result.head, X[~val]), C, comm)}
         if result.n_val:
             scores["validation"] = evaluate(y[val], predict(result.head, X[val]), C, comm)
-        self._head_scores = scores
         return result, scores
 
     def options(self) -> dict:
@@ -126,7 +129,7 @@ class TrainClassifierJob(EmbedJob):
             names += ("finetune", "finetune_lr", "finetune_head_lr", "finetune_batch", "max_length")
         return {k: getattr(self.cfg, k) for k in names}
 
-    def _finetune(self, out_dir, rows, labels, val, result, fingerprint, mesh):
+    def _finetune(self, out_dir, rows, labels, val, result, head_scores, fingerprint, mesh):
         """Encoder + head trained together (``hpcllm.train.finetune``); the encoder written to
         ``OUT/encoder.h5`` (sharded by the first tp group when tp > 1).  Returns (signal number or 0,
         what the classifier needs)."""
@@ -164,7 +167,7 @@ class TrainClassifierJob(EmbedJob):
                              self.ckpt.tokenizer_json, f"{os.path.abspath(cfg.model)}, fine-tuned by train-classifier",
                              comm=mesh.tp_mpi if mesh.tp_size > 1 else None)
         comm.Barrier()
-        head_scores = {k: {m: v[m] for m in ("accuracy", "macro_f1")} for k, v in self._head_scores.items()}
+        head_scores = {k: {m: v[m] for m in ("accuracy", "macro_f1")} for k, v in head_scores.items()}
         return 0, SimpleNamespace(encoder=path, head=ft.head, scores=scores, summary=ft.summary(),
                                   head_scores=head_scores)
 
