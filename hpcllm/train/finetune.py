@@ -164,6 +164,7 @@ class Finetune:
         self.params = trainable(model, self.head)
         for _, p in self.params:
             p.requires_grad_(True)
+            p.grad = torch.zeros_like(p)       # every step reduces every gradient, computed here or not
         groups = []
         for part, lr in (("encoder", opts.lr), ("head", opts.head_lr or opts.lr)):
             mine = [p for n, p in self.params if n.startswith("head.") == (part == "head")]
@@ -239,15 +240,12 @@ class Finetune:
             loss = (F.cross_entropy(logits, y, reduction="none") * self.weights[y]).sum() / total_weight
             loss.backward()
             loss_value = float(loss.detach())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss_value])])
+        flat = torch.cat([p.grad.reshape(-1) for _, p in self.params] + [torch.tensor([loss_value])])
         summed = torch.from_numpy(sum_all(self.comm, flat.numpy()))
         at = 0
-        for g in grads:
-            g.copy_(summed[at:at + g.numel()].view_as(g))
-            at += g.numel()
-        for (_, p), g in zip(self.params, grads):
-            p.grad = g
+        for _, p in self.params:
+            p.grad.copy_(summed[at:at + p.numel()].view_as(p))
+            at += p.numel()
         for group in self.optimizer.param_groups:
             group["lr"] = group["peak"] * self._schedule(self.epoch * self.n_batches + self.step)
         self.optimizer.step()
