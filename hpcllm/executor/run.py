@@ -112,15 +112,15 @@ def _build_model(job, mesh):
     from hpcllm.model.build import build_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job.cfg.dtype]
-    return build_model(job.ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp, dtype, job.cfg.device)
+    return build_model(job.ckpt, mesh.tp_rank, mesh.tp_size, mesh.tp_comm, dtype, job.cfg.device)
 
 
 def _rank_row(mesh, loop, model) -> dict:
     """This rank's line of the timing table (also stored in the master's ``timings``)."""
     seconds = dict(loop.timers.seconds)
-    if mesh.tp is not None:   # collectives run inside the forward pass
-        seconds["comm"] = mesh.tp.seconds
-        seconds["compute"] -= mesh.tp.seconds
+    if mesh.tp_comm is not None:   # collectives run inside the forward pass
+        seconds["comm"] = mesh.tp_comm.seconds
+        seconds["compute"] -= mesh.tp_comm.seconds
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 if model is not None else 0.0
     return {"rank": mesh.rank, "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank, "seconds": seconds,
             "docs": loop.docs_done, "tokens": loop.tokens_done, "shards": loop.shards_done,

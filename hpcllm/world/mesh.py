@@ -1,7 +1,7 @@
 """The world of ranks: dp groups x tp ranks, consecutive world ranks per tp group.
 
 ``Mesh.create(world, tp)`` splits an mpi4py communicator; the model only sees
-``mesh.tp`` (a ``Comm``) and ``mesh.tp_rank``/``mesh.tp_size``. Rank numbers
+``mesh.tp_comm`` (a ``Comm``) and ``mesh.tp_rank``/``mesh.tp_size``. Rank numbers
 always come from MPI, never from Slurm's environment.
 """
 
@@ -20,7 +20,7 @@ class Mesh:
     tp_rank: int
     dp_rank: int
     tp_mpi: object         # mpi4py communicator of this tp group (tp_rank order)
-    tp: object             # hpcllm.world.comm.Comm: collectives of this tp group (what the model uses); None: no model
+    tp_comm: object        # hpcllm.world.comm.Comm: collectives of this tp group (what the model uses); None: no model
     local_size: int        # ranks on this node
     backend: str
 

@@ -42,7 +42,7 @@ def inputs(rank: int) -> dict:
 
 def run(backend: str, world) -> dict:
     mesh = Mesh.create(world, world.Get_size(), backend)
-    comm, rank = mesh.tp, world.Get_rank()
+    comm, rank = mesh.tp_comm, world.Get_rank()
     saved = {}
     for case, (t, op, base) in inputs(rank).items():
         saved[f"in_{backend}_{case}_r{rank}"] = base.to(torch.float64 if base.is_floating_point() else torch.int64).numpy().copy()

@@ -35,7 +35,7 @@ for comm in comms.split(","):
     set_threads(mesh.local_size)  # the node's cores shared by its ranks, as the jobs do
     for k, ckpt_path in enumerate(ckpts.split(",")):
         with Checkpoint(ckpt_path) as ck:
-            model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp)
+            model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp_comm)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         d0, d1 = even_split(len(docs), mesh.dp_size, mesh.dp_rank)
         w = window or model.cfg["max_positions"]
