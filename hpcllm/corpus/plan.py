@@ -22,32 +22,15 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
 from hpcllm.corpus.readers import format_of, list_inputs
+from hpcllm.corpus.shard import DEFAULT_SHARD_DOCS, Shard
 from hpcllm.errors import HpcllmError
 
-DEFAULT_SHARD_DOCS = 20_000
 SCAN_BLOCK = 64 << 20      # bytes of a plain file scanned as one unit of work
 READ_SIZE = 4 << 20        # bytes per read() while scanning
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int          # position in the plan (also names the result file)
-    path: str           # absolute path of the input file
-    fmt: str            # "jsonl" or "text"
-    compressed: bool    # gzip: read as a stream, line range only
-    byte_start: int     # plain files: first byte (a line start); gz: 0
-    byte_end: int       # plain files: end byte (a line start or EOF); gz: compressed size
-    line_start: int     # 0-based line number, within the file, of the first document
-    n_docs: int         # number of lines (documents) in the shard
-    row_start: int      # global row of the first document, in input order
-    file_index: int = 0  # position of `path` in the plan's input list
-    parts: int = 1      # work units the shard's batches are split into (hpcllm.executor.parts)
-    part: int = 0       # a work unit: which of them (0 in the plan)
 
 
 class Plan(list):

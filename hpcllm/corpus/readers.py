@@ -27,15 +27,12 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcllm.corpus.shard import Shard
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
-
-if TYPE_CHECKING:
-    from hpcllm.corpus.plan import Shard
 
 DEFAULT_MAX_DOC_BYTES = 64 << 20
 DEFAULT_ID_FIELD = "id"     # used when --id-field is not given and a line has it (else file:line)
