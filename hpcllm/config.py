@@ -13,6 +13,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from hpcllm.corpus.shard import DEFAULT_SHARD_DOCS
 from hpcllm.errors import HpcllmError
 
 
@@ -56,7 +57,7 @@ class JobConfig:
     long_docs: str = opt("truncate", "documents longer than --max-doc-tokens: `truncate` (keep the first N tokens) "
                          "or `skip` (status too_long, NaN outputs)", result=True, choices=("truncate", "skip"),
                          jobs=DOC_JOBS)
-    shard_docs: int = opt(10000, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
+    shard_docs: int = opt(DEFAULT_SHARD_DOCS, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
     batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded "
                             "tokens; generate: tokens of one forward pass, decodes and prefill chunks)", jobs=MODEL_JOBS)
     window: int = opt(2048, "embed / score / classify: this many documents at a time are sorted by length before "
