@@ -15,7 +15,7 @@ import numpy as np
 
 from hpcllm.errors import HpcllmError
 from hpcllm.kernels.regex_pretok import GPT2, LLAMA3, QWEN2
-from hpcllm.tokenizer.bpe import BYTE_CHARS, CHAR_BYTES
+from hpcllm.tokenizer.byte_level import BYTE_CHARS, CHAR_BYTES
 
 PREFIX = "tokenizer.ggml."
 # tokenizer.ggml.pre values that transformers (the reference loader) maps to the
