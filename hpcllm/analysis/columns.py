@@ -6,7 +6,7 @@ datasets, so jobs that do not exist yet are read the same way:
 
 * ``numeric``: 1-D int / float rows (``n_tokens``, ``perplexity``, ``label``, ...)
 * ``enum``: a 1-D integer column with names, from an HDF5 enum dtype or a
-  dataset attribute ``names`` (a JSON list indexed by code, or ``{name: code}``),
+  dataset attribute ``names`` (a JSON list indexed by code, or ``{code: name}``),
   and ``status`` (hpcllm.status.Status)
 * ``string``: vlen strings (``doc_id``, ``text``)
 * ``vector``: fixed-width rows ``[N, d]`` (``embedding``)
@@ -35,17 +35,13 @@ import numpy as np
 
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
-
-try:                       # the results module moved into hpcllm.store
-    from hpcllm.store.results import row_blocks
-except ImportError:        # pragma: no cover - older layout
-    from hpcllm.results import row_blocks
+from hpcllm.store.results import row_blocks
 
 RESULTS_NAME = "results.h5"
 MANIFEST_NAME = "manifest.json"
 BLOCK_BYTES = 64 << 20
 MIN_BLOCK, MAX_BLOCK = 1024, 1 << 18
-NAME_ATTRS = ("names", "enum_names", "class_names", "labels")
+NAME_ATTR = "names"         # the dataset attribute naming an enum column's codes (_enum_names)
 STATUS_NAMES = [Status(c).name if c in Status._value2member_map_ else None for c in range(256)]
 
 
@@ -77,23 +73,26 @@ class ColumnInfo:
 
 
 def _enum_names(ds) -> list | None:
-    mapping = h5py.check_enum_dtype(ds.dtype)
-    if mapping is None:
-        for a in NAME_ATTRS:
-            if a in ds.attrs:
-                v = ds.attrs[a]
-                v = json.loads(v) if isinstance(v, (str, bytes)) else [x.decode() if isinstance(x, bytes) else str(x)
-                                                                          for x in v]
-                mapping = v
-                break
-    if mapping is None:
+    """Name of each code (None for codes without one), from the HDF5 enum dtype or the ``names``
+    attribute: a JSON list indexed by code, or a JSON object ``{code: name}``; None if neither."""
+    mapping = h5py.check_enum_dtype(ds.dtype)            # {name: code}
+    if mapping is not None:
+        by_code = {int(code): str(name) for name, code in mapping.items()}
+    elif NAME_ATTR in ds.attrs:
+        v = ds.attrs[NAME_ATTR]
+        where = f"{ds.file.filename}: dataset {ds.name.lstrip('/')}: attribute {NAME_ATTR}"
+        try:
+            v = json.loads(v) if isinstance(v, (str, bytes)) else [x.decode() if isinstance(x, bytes) else str(x)
+                                                                   for x in v]
+            by_code = {int(k): str(n) for k, n in v.items()} if isinstance(v, dict) else dict(enumerate(map(str, v)))
+        except (ValueError, TypeError):
+            raise HpcllmError(f"{where} is neither a JSON list of names nor a JSON object {{code: name}}") from None
+    else:
         return None
-    if isinstance(mapping, dict):
-        names = [None] * (max(mapping.values(), default=-1) + 1)
-        for k, code in mapping.items():
-            names[int(code)] = str(k)
-        return names
-    return [str(x) for x in mapping]
+    names = [None] * (max(by_code, default=-1) + 1)
+    for code, name in by_code.items():
+        names[code] = name
+    return names
 
 
 def _offsets_of(f, name: str, n: int) -> str | None:
