@@ -10,7 +10,8 @@ import json
 import os
 
 from hpcllm.analysis import plots
-from hpcllm.analysis.report import QUANTILES, _fmt
+from hpcllm.analysis.stats import QUANTILES, fmt
+from hpcllm.progress import PHASES
 from hpcllm.store.atomic import write_text
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}
@@ -26,7 +27,7 @@ def _e(v) -> str:
 
 def _table(header: list, rows: list, left: int = 1) -> str:
     th = "".join(f"<th class='{'l' if i < left else ''}'>{_e(h)}</th>" for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f"<td class='{'l' if i < left else ''}'>{_e(_fmt(v))}</td>"
+    body = "".join("<tr>" + "".join(f"<td class='{'l' if i < left else ''}'>{_e(fmt(v))}</td>"
                                     for i, v in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
@@ -82,9 +83,9 @@ def _job_section(out: str, d: dict) -> str:
                      f"{t['wall_s']:.2f} s (slowest rank): <b>{t['docs_per_s']:.1f} docs/s</b>, "
                      f"<b>{t['tokens_per_s']:.0f} tokens/s</b></p>")
     if d["timings"]:
-        header = ["rank", "dp", "tp", *plots.PHASES, "docs", "tokens", "shards", "peak RSS MiB", "weights MiB"]
+        header = ["rank", "dp", "tp", *PHASES, "docs", "tokens", "shards", "peak RSS MiB", "weights MiB"]
         trs = [[r.get("rank"), r.get("dp_rank"), r.get("tp_rank"),
-                *((r.get("seconds") or {}).get(p) for p in plots.PHASES), r.get("docs"), r.get("tokens"),
+                *((r.get("seconds") or {}).get(p) for p in PHASES), r.get("docs"), r.get("tokens"),
                 r.get("shards"), r.get("peak_rss_mb"), r.get("weights_mb")] for r in d["timings"]]
         parts.append("<h3>Time per rank (seconds)</h3>" + _table(header, trs))
     parts.append("<div class='fig'>" + _img(plots.phases(out, d["job"], d["timings"]), "phases"))

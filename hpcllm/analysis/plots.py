@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hpcllm.analysis.sketch import Sketch  # noqa: E402
+from hpcllm.progress import PHASES  # noqa: E402
 
-PHASES = ("read", "tokenize", "compute", "comm", "write", "idle")
 COLORS = dict(zip(PHASES, ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#bab0ac")))
 UNITS = {"n_tokens": "tokens per document", "n_scored": "scored tokens per document",
          "perplexity": "perplexity (exp of mean negative log-likelihood per token)",

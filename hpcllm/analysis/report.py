@@ -27,12 +27,13 @@ import h5py
 import numpy as np
 
 from hpcllm.analysis.columns import Ragged, Results, distinct_columns
+from hpcllm.analysis.page import write_page
 from hpcllm.analysis.sketch import RELATIVE_ERROR, Sketch
+from hpcllm.analysis.stats import fmt, sketch_stats
 from hpcllm.status import Status
 
 EXAMPLES = 5
 SAMPLE = 2000
-QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 UNPROCESSED = np.array([Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG, Status.MISSING], np.uint8)
 SKIP = {"status", "line", "source", "doc_id"}
 SHARD_ATTRS = ("seconds", "rank", "dp_rank", "tp_rank", "host", "started_at", "finished_at", "docs", "tokens")
@@ -110,11 +111,6 @@ def _examples(res: Results, examples: dict[int, list[int]]) -> dict[str, list[st
     return out
 
 
-def sketch_stats(sk: Sketch) -> dict:
-    return {"count": sk.n, "nan": sk.nan, "mean": sk.mean if sk.n else None, "std": sk.std if sk.n else None,
-            "quantiles": {f"{p:g}": sk.quantile(p) for p in QUANTILES} if sk.n else {}}
-
-
 def _enum_counts(info, counts) -> dict[str, int]:
     names = info.names or []
     return {(names[c] if c < len(names) and names[c] else str(c)): int(counts[c]) for c in np.flatnonzero(counts)}
@@ -180,14 +176,6 @@ def summarize(res: Results, c: Collector) -> dict:
     return out
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def text_summary(s: dict) -> str:
     lines = [f"{s['n_rows']} rows; status: " + ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())]
     for k, ids in s["examples"].items():
@@ -195,8 +183,8 @@ def text_summary(s: dict) -> str:
     for n, st in {**s["numeric"], **{f"{n} norm": v["norm"] for n, v in s["vectors"].items()},
                   **{f"{n} length": v["length"] for n, v in s["ragged"].items()}}.items():
         q = st["quantiles"]
-        lines.append(f"  {n}: n={st['count']} mean={_fmt(st['mean'])} p5={_fmt(q.get('0.05'))} "
-                     f"p50={_fmt(q.get('0.5'))} p95={_fmt(q.get('0.95'))} max={_fmt(q.get('1'))}")
+        lines.append(f"  {n}: n={st['count']} mean={fmt(st['mean'])} p5={fmt(q.get('0.05'))} "
+                     f"p50={fmt(q.get('0.5'))} p95={fmt(q.get('0.95'))} max={fmt(q.get('1'))}")
     for n, counts in s["enums"].items():
         lines.append(f"  {n}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for d in s["dirs"]:
@@ -211,8 +199,6 @@ def text_summary(s: dict) -> str:
 
 def report(paths, output: str | None = None) -> tuple[str, str]:
     """Write ``index.html`` and its PNGs to ``output`` (default FIRST_DIR/report); returns (page, text)."""
-    from hpcllm.analysis.page import write_page
-
     res = Results(paths)
     c = collect(res)
     s = summarize(res, c)
