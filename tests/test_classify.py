@@ -49,8 +49,8 @@ def corpus(tmp_path_factory):
 
 def write_corpus(d):
     """The corpus fixture's files in the folder ``d``: (d, path of train.jsonl, rows)."""
-    if not all(os.path.exists(os.path.join(FORTUNES, t)) for t in TOPICS):
-        pytest.skip("Debian's fortunes package is not installed")
+    missing = [t for t in TOPICS if not os.path.exists(os.path.join(FORTUNES, t))]
+    assert not missing, f"{FORTUNES}: no {missing}; install Debian's fortunes package (tests/run.sh does)"
     rows = topic_rows()
     rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]    # topics interleaved in shards
     lines = [json.dumps({"id": i, "text": t, "label": c}, ensure_ascii=False) for i, t, c in rows]
@@ -139,7 +139,7 @@ def classified(trained, corpus):
         preds = d / f"preds-{world}-{tp}"
         mpirun(world, ["classify", "--model", clf, "--input", path, "--output", preds, "--tp", tp, "--progress", 0])
         with h5py.File(preds / "results.h5", "r") as f:
-            out[world, tp] = {k: f[k][()] for k in f}, dict(f.attrs), f["probs"].attrs["class_names"]
+            out[world, tp] = {k: f[k][()] for k in f}, dict(f.attrs), f["probs"].attrs["names"]
     return out
 
 

@@ -15,7 +15,8 @@ import pytest
 from conftest import MPI_TIMEOUT, REPO, mpirun
 from hpcllm.corpus.plan import make_plan
 from hpcllm.status import Status
-from hpcllm.store.admissions import COMPACT_EVERY, LOG_NAME, Admissions
+from hpcllm.store.admissions import COMPACT_EVERY, Admissions
+from hpcllm.store.layout import ADMISSIONS_NAME
 
 COLS = ("status", "doc_id", "line", "source", "n_tokens")
 
@@ -51,7 +52,7 @@ def _wait(cond, proc, timeout=60):
 
 def _log_lines(out_dir):
     try:
-        return [line for line in open(os.path.join(out_dir, LOG_NAME)).read().split("\n") if line.strip()]
+        return [line for line in open(os.path.join(out_dir, ADMISSIONS_NAME)).read().split("\n") if line.strip()]
     except FileNotFoundError:
         return []
 
@@ -181,7 +182,7 @@ def test_admission_log_compacts_and_survives_a_torn_line(tmp_path):
     for _ in range(COMPACT_EVERY + 5):
         adm.admit(str(corpus), st.st_size, st.st_mtime_ns, plan)
     assert len(_log_lines(tmp_path / "out")) == 5          # folded into the snapshot at 64
-    with open(tmp_path / "out" / LOG_NAME, "a") as f:
+    with open(tmp_path / "out" / ADMISSIONS_NAME, "a") as f:
         f.write('{"file_index": 69, "path": "x", "si')      # a crash mid-append
     again = Admissions(str(tmp_path / "out"), "m" * 64, "c" * 64)
     assert len(again.files) == COMPACT_EVERY + 5

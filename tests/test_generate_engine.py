@@ -34,7 +34,7 @@ def _engine(model, prompts, n_slots, batch_tokens, params=SamplingParams(tempera
             max_new=MAX_NEW, tokenizer=None, prefix_cache=True):
     context = model.cfg["max_positions"]
     cache = KVCache(model, n_slots, context, torch.float32)
-    limits = limits or Limits(frozenset(), frozenset(), (), True)
+    limits = limits or Limits(frozenset(), frozenset(), ())
     eng = Engine(model, cache, prompts, [min(max_new, context - len(p)) for p in prompts],
                  [f"doc{i}" for i in range(len(prompts))], params, limits, n, batch_tokens, n_slots,
                  tokenizer or _ByteTok(), logprobs=True, prefix_cache=prefix_cache)
@@ -123,7 +123,7 @@ def test_finish_reasons_eos_stop_ids_stop_strings_length(tiny):
     first = [free.results[j, 0][0] for j in range(len(prompts))]
     eos, stop_id = first[0][2], first[1][4]
     stop_text = bytes([first[2][3] % 256, first[2][4] % 256])
-    limits = Limits(frozenset([eos]), frozenset([stop_id]), (stop_text,), False)
+    limits = Limits(frozenset([eos]), frozenset([stop_id]), (stop_text,))
     eng = _engine(model, prompts, n_slots=4, batch_tokens=32, limits=limits)
     ids0, _, r0, _ = eng.results[0, 0]
     assert r0 == EOS and ids0 == first[0][:first[0].index(eos) + 1]

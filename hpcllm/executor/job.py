@@ -1,40 +1,49 @@
-"""What a job is to the executor: its options, its schema, its batches, one batch's computation.
+"""What a job is to the executor: what it supplies, and the typed values that cross between them.
 
 A job is a class with a ``name`` and these methods (``Job`` gives the
 defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
 
-    __init__(cfg, ckpt)          options (a JobConfig) and the checkpoint (None without a model)
-    text_of(obj)                 optional: a JSON line's text (default: its --text-field)
-    max_length                   tokens a document is cut to when tokenized (None: never cut);
-                                 a job that reads whole documents sets it with
-                                 ``self.limit_documents(own)`` (honours --max-doc-tokens/--long-docs)
-    schema()                     result columns (hpcllm.store.results.Column), base columns included
+    open_model(cfg)              (class) what ``__init__`` gets: cfg.model's Checkpoint by default
+    __init__(cfg, model)         options (a JobConfig) and that model (None without --model); sets
+                                 ``self.ckpt``, the checkpoint the executor builds the model from
+    schema()                     result columns (hpcllm.store.results.Column, with the dataset
+                                 attributes a reader needs), base columns included
     start(work) -> state         a shard's batches (``state.batches``: index arrays into
                                  ``work.process``, or into the job's own units, e.g. score's
-                                 windows) and the output arrays they fill
+                                 windows) and whatever the batches fill
     compute(model, state, batch) one batch, on every rank of the tp group
+    result(state) -> ShardResult the shard's columns in input order, the statuses the job gave
+                                 some rows, and the shard file's own attributes
+
+and optionally::
+
+    max_length, skip_long        tokens a document is cut to (``limit_documents`` sets both from
+                                 the job's own limit and --max-doc-tokens / --long-docs)
+    text_of(obj), text_of_needs  a JSON line's text instead of its --text-field (generate --chat)
     batch_progress(state, batch) document tokens the batch completes, for the progress line
-                                 (default 0: a shard's tokens count when it is written)
-    part_outputs, merge_part     optional (``splits_shards``): a shard's batches computed by several
-                                 dp groups, merged (hpcllm/executor/parts.py)
-    outputs(state) -> dict       the job's result columns for the whole shard, input order
-    open_model(cfg)              (class) the checkpoint ``__init__`` gets (default: cfg.model's Checkpoint)
-    finish_all(out, plan, mesh)  after every shard is done, on every rank (collective), before ``finish``
+    part_outputs, merge_part     (``splits_shards``) a shard's batches computed by several dp
+                                 groups, merged (hpcllm/executor/parts.py)
+    after_shards(out_dir, plan, mesh, stop) -> bool
+                                 a phase of its own once every shard is done, on every rank
+                                 (train-classifier's training); stops as the shards do
+    totals(out_dir, plan) -> Totals
+                                 root attributes of results.h5 and a clause for the summary line
 
 The executor does the rest: world and mesh, the plan and resume, claiming
 shards, reading and tokenizing (prefetched), stopping on signals, writing
-shard files, progress, timings and the master file.  A job that writes
-something else than a results shard (``tokenize``) overrides ``write_shard``
-and ``finish``.
+shard files (base columns, statuses, ``n_tokens``), progress, timings and the
+master file.  A job that writes something else than a results shard
+(``tokenize``) overrides ``write_shard`` and ``finish``.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpcllm.status import NOT_PROCESSED
+from hpcllm.status import NOT_PROCESSED, Status
 
 
 class ShardData:
@@ -70,6 +79,21 @@ class Work:
         return self.ids[self.offsets[row]:self.offsets[row + 1]]
 
 
+@dataclass
+class ShardResult:
+    """What a job computed for one shard, every row in input order."""
+    columns: dict                                   # the schema's job columns (and their offsets columns)
+    status: dict = field(default_factory=dict)      # row -> Status the job gave it (replaces the reader's)
+    attrs: dict = field(default_factory=dict)       # attributes of the shard file (e.g. generate's KV cache use)
+
+
+@dataclass
+class Totals:
+    """What a job adds when the master file is built: root attributes and a clause for the summary line."""
+    attrs: dict = field(default_factory=dict)
+    summary: str = ""
+
+
 class Job:
     name = "job"
     needs_model = True     # False: no weights and no torch (tokenize)
@@ -83,8 +107,8 @@ class Job:
     tokenizer = None        # the job's own Tokenizer when __init__ needed one (the executor builds it otherwise)
     _own_limit = False      # limit_documents: the job's own limit (False: never called)
 
-    def __init__(self, cfg, ckpt):
-        self.cfg, self.ckpt = cfg, ckpt
+    def __init__(self, cfg, model):
+        self.cfg, self.ckpt = cfg, model
 
     def limit_documents(self, own=None) -> None:
         """Honour --max-doc-tokens / --long-docs (call in ``__init__``; the option is in config.DOC_JOBS).
@@ -114,7 +138,7 @@ class Job:
         raise NotImplementedError
 
     def merge_part(self, state, arrays: dict) -> None:
-        """Another part's ``part_outputs`` into ``state``, which then gives the shard's ``outputs``."""
+        """Another part's ``part_outputs`` into ``state``, which then gives the shard's ``result``."""
         raise NotImplementedError
 
     @classmethod
@@ -146,22 +170,34 @@ class Job:
     def compute(self, model, state, batch):
         raise NotImplementedError
 
-    def outputs(self, state) -> dict:
+    def result(self, state) -> ShardResult:
         raise NotImplementedError
 
-    def write_shard(self, out_dir: str, data: ShardData, outputs: dict, attrs: dict) -> int:
-        """Write one shard's results; returns the tokens it holds."""
+    def after_shards(self, out_dir: str, plan, mesh, stop) -> bool:
+        """A phase after every shard is done, on every rank of ``mesh.world`` (collective); default: none.
+
+        ``stop`` is the run's StopFlag: agree on it at step boundaries (``stop.should_stop(mesh.world)``)
+        and return True when it stopped the phase early; the run then ends as a stopped run of shards
+        does (stop note, exit 75), and the rerun, which finds every shard done, runs the phase again
+        (resuming from whatever state the job saved)."""
+        return False
+
+    def totals(self, out_dir: str, plan) -> Totals:
+        """Root attributes of results.h5 beyond the executor's, and a clause for the summary (rank 0)."""
+        return Totals()
+
+    def write_shard(self, out_dir: str, data: ShardData, result: ShardResult, attrs: dict) -> int:
+        """Write one shard's results file; returns the tokens it holds."""
         from hpcllm.store.results import base_columns, write_shard
 
         n_tokens = data.n_tokens()
-        columns = {**base_columns(data.shard, data.docs), "status": data.status, "n_tokens": n_tokens, **outputs}
-        write_shard(out_dir, data.shard, columns, attrs=attrs, schema=self.schema())
+        status = data.status.copy()
+        for row, st in result.status.items():   # the more severe of the reader's and the job's stands
+            if _severity(st) >= _severity(status[row]):
+                status[row] = st
+        columns = {**base_columns(data.shard, data.docs), "status": status, "n_tokens": n_tokens, **result.columns}
+        write_shard(out_dir, data.shard, columns, attrs={**attrs, **result.attrs}, schema=self.schema())
         return int(n_tokens.sum())
-
-    def finish_all(self, out_dir: str, plan, mesh):
-        """After every shard is done, on every rank of ``mesh.world`` (collective); default: nothing.
-        Returns None, or the signal number (the same on every rank) when a stop signal ended it early:
-        the run then ends as if the shards had stopped (stop note, exit 75, a rerun resumes)."""
 
     def finish(self, out_dir: str, plan, attrs: dict) -> str:
         """After every shard is done (rank 0): join them; returns a one-line summary."""
@@ -171,8 +207,18 @@ class Job:
 
         from hpcllm.store.results import build_master
 
-        path = build_master(out_dir, plan, self.schema(), attrs)
+        totals = self.totals(out_dir, plan)
+        path = build_master(out_dir, plan, self.schema(), {**attrs, **totals.attrs})
         with h5py.File(path, "r") as f:
             counts = json.loads(f.attrs["status_counts"])
         return (f"wrote {path}: {sum(counts.values())} documents; status counts: "
-                + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+                + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+                + (f"; {totals.summary}" if totals.summary else ""))
+
+
+def _severity(status) -> int:
+    """Order of statuses a row may get twice (the reader's, then the job's): not processed > bad UTF-8 >
+    truncated > ok / empty."""
+    if status in NOT_PROCESSED:
+        return 3
+    return {Status.BAD_UTF8: 2, Status.TRUNCATED: 1}.get(status, 0)

@@ -2,7 +2,7 @@
 
     claim (leader, shared counter) -> read + tokenize in a thread (leader) ->
     broadcast to the tp group, so every rank sees the identical batch ->
-    job.start / job.compute per batch / job.outputs -> the leader writes the shard
+    job.start / job.compute per batch / job.result -> the leader writes the shard
 
 The next shard is claimed late, before the last eighth of the current shard's
 batches (at once for a shard without batches), and read + tokenized in a
@@ -24,12 +24,21 @@ from __future__ import annotations
 import concurrent.futures
 import socket
 import time
+from typing import NamedTuple
 
 from hpcllm.executor.follow import END, SKIP
 from hpcllm.executor.job import ShardData
 from hpcllm.executor.parts import part_batches, read_parts, remove_parts, write_part
 from hpcllm.progress import Progress, Timers
 from hpcllm.world.counters import SharedCounters
+
+
+class ShardRun(NamedTuple):
+    """A shard's (or part's) batches run: the job's state, the batches this group ran, and the next
+    shard claimed on the way (a (shard, future) pair)."""
+    state: object
+    batches: list
+    next: tuple
 
 
 class GroupLoop:
@@ -116,14 +125,14 @@ class GroupLoop:
                 started = time.time()
                 if self.should_stop():
                     return True
-                following = self._run_shard(work, lambda: self._claim_and_load(pool), part)
-                if following is None:   # stopped between batches: drop this shard
+                ran = self._run_shard(work, lambda: self._claim_and_load(pool), part)
+                if ran is None:   # stopped between batches: drop this shard
                     return True
                 if data is not None and part[1] > 1:
-                    self.write_part(data, shard, following, started)
+                    self.write_part(data, shard, ran, started)
                 elif data is not None:
-                    self.write(data, following.pop("outputs"), started)
-                shard, future = following["next"]
+                    self.write(data, self.job.result(ran.state), started)
+                shard, future = ran.next
             return False
         finally:
             self.finished_at = time.time()
@@ -133,18 +142,18 @@ class GroupLoop:
                 pool.shutdown(wait=True, cancel_futures=True)
             self.inputs.close()
 
-    def _run_shard(self, work, claim_next, part=(0, 1)) -> dict | None:
+    def _run_shard(self, work, claim_next, part=(0, 1)) -> "ShardRun | None":
         """The job's batches of one shard (of a part: its run of them); claims the next shard on
         the way. None if stopped."""
         state = self.job.start(work)
         batches = [state.batches[k] for k in part_batches(len(state.batches), *part)]
-        following = {}
+        following = None
         self._reported = 0
         if not batches:
-            following["next"] = claim_next()
+            following = claim_next()
         for k, batch in enumerate(batches):
-            if "next" not in following and k >= len(batches) - max(1, len(batches) // 8):
-                following["next"] = claim_next()
+            if following is None and k >= len(batches) - max(1, len(batches) // 8):
+                following = claim_next()
             if k and self.should_stop():
                 return None
             with self.timers.phase("compute"):
@@ -152,20 +161,16 @@ class GroupLoop:
             if self.mesh.is_group_leader and (tokens := self.job.batch_progress(state, batch)):
                 self.counters.add_done(0, tokens)
                 self._reported += tokens
-        if part[1] > 1:
-            following["state"], following["batches"] = state, batches
-        else:
-            following["outputs"] = self.job.outputs(state)
-        return following
+        return ShardRun(state, batches, following)
 
-    def write_part(self, data, shard, following: dict, started: float):
+    def write_part(self, data, shard, ran: "ShardRun", started: float):
         """Write this part's results; the group that finds every part written merges them and
         writes the shard file (hpcllm.executor.parts)."""
         who = {"part": shard.part, "rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank,
                "seconds": time.time() - started, "reported": self._reported}
-        state = following["state"]
+        state = ran.state
         with self.timers.phase("write"):
-            write_part(self.out_dir, shard, self.job.part_outputs(state, following["batches"]), who)
+            write_part(self.out_dir, shard, self.job.part_outputs(state, ran.batches), who)
             got = read_parts(self.out_dir, shard)
         if got is None:
             return
@@ -174,16 +179,16 @@ class GroupLoop:
                 self.job.merge_part(state, arrays)
         self._reported = sum(int(attrs["reported"]) for _, attrs in got)
         parts = [{k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()} for _, a in got]
-        self.write(data, self.job.outputs(state), started, {"parts": parts})
+        self.write(data, self.job.result(state), started, {"parts": parts})
         remove_parts(self.out_dir, shard)
 
-    def write(self, data, outputs: dict, started: float, extra: dict | None = None):
+    def write(self, data, result, started: float, extra: dict | None = None):
         """Write the shard file; its attributes say who computed it and how long it took (seconds)
         (a shard of several parts: also who computed each, ``parts``)."""
         attrs = {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "host": socket.gethostname(),
                  "seconds": time.time() - started, "finished_at": time.time(), **(extra or {})}
         with self.timers.phase("write"):
-            tokens = self.job.write_shard(self.out_dir, data, outputs, attrs)
+            tokens = self.job.write_shard(self.out_dir, data, result, attrs)
         self.shards_done += 1
         self.docs_done += len(data.status)
         self.tokens_done += tokens

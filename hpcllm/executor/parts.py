@@ -28,9 +28,9 @@ import numpy as np
 
 from hpcllm.corpus.plan import Plan
 from hpcllm.store.atomic import atomic_h5
+from hpcllm.store.layout import PARTS_DIR, part_file
 
 MAX_PARTS_PER_GROUP = 4
-PARTS_DIR = "parts"
 
 
 def split_plan(plan: Plan, dp_size: int) -> Plan:
@@ -48,7 +48,7 @@ def split_plan(plan: Plan, dp_size: int) -> Plan:
 
 
 def part_path(out_dir: str, shard) -> str:
-    return os.path.join(out_dir, PARTS_DIR, f"shard-{shard.index:05d}.part-{shard.part}-of-{shard.parts}.h5")
+    return part_file(out_dir, shard.index, shard.part, shard.parts)
 
 
 def units(out_dir: str, shard) -> list:

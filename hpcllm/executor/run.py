@@ -59,7 +59,7 @@ def run_job(cfg, job_cls) -> int:
             f"{first if cfg.follow else len(manifest.shards) - len(todo)} already done), world {mesh.describe()}, "
             f"{threads} threads/rank, {job.describe()}")
     loop = GroupLoop(mesh, job, model, tokenizer, inputs, todo, cfg.output, cfg.progress, first)
-    with StopFlag() as stop:
+    with StopFlag() as stop:      # held until the end: a job's phase after the shards stops on it too
         if cfg.follow:
             todo.start(loop.counters, stop)
         try:
@@ -67,13 +67,13 @@ def run_job(cfg, job_cls) -> int:
         finally:
             if cfg.follow:
                 todo.stop()
-    if cfg.follow:
-        world.Barrier()      # rank 0 compacted the log: everyone sees every admitted shard
-        todo.admissions.reload()
-        manifest = SimpleNamespace(shards=todo.admissions.plan(), config_hash=job.config_hash())
-        if todo.error:
-            raise HpcllmError(todo.error)
-    return finish(cfg, mesh, job, manifest, loop, stopped, stop, model)
+        if cfg.follow:
+            world.Barrier()      # rank 0 compacted the log: everyone sees every admitted shard
+            todo.admissions.reload()
+            manifest = SimpleNamespace(shards=todo.admissions.plan(), config_hash=job.config_hash())
+            if todo.error:
+                raise HpcllmError(todo.error)
+        return finish(cfg, mesh, job, manifest, loop, stopped, stop, model)
 
 
 def _static_plan(cfg, job, world, mesh, inputs):
@@ -132,12 +132,11 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
     from mpi4py import MPI
 
     world = mesh.world
-    rows = world.gather(_rank_row(mesh, loop, model), root=0)
     any_stopped = world.allreduce(int(stopped), op=MPI.MAX)
-    if not any_stopped:   # collective: train-classifier trains here; a signal number if a signal stopped it
-        late = job.finish_all(cfg.output, manifest.shards, mesh)
-        if late:
-            any_stopped, stop.agreed_signum = 1, late
+    if not any_stopped:      # the job's own phase after the shards (train-classifier trains), collective
+        with loop.timers.phase("compute"):
+            any_stopped = int(job.after_shards(cfg.output, manifest.shards, mesh, stop))
+    rows = world.gather(_rank_row(mesh, loop, model), root=0)
     error = None
     if world.Get_rank() == 0:
         if loop.progress:

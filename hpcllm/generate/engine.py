@@ -24,10 +24,9 @@ from hpcllm.model.layers import linear
 @dataclass
 class Limits:
     """What ends a completion (besides its per-document max_new)."""
-    eos_ids: frozenset
+    eos_ids: frozenset    # empty with --ignore-eos
     stop_ids: frozenset
     stops: tuple          # stop strings as UTF-8 bytes
-    ignore_eos: bool
 
 
 class Engine:
@@ -120,7 +119,7 @@ class Engine:
         tok, lim = s.tokens[-1], self.limits
         if tok in lim.stop_ids:
             return STOP
-        if tok in lim.eos_ids and not lim.ignore_eos:
+        if tok in lim.eos_ids:
             return EOS
         if self.texts[s.id].add(tok):
             return STOP

@@ -10,7 +10,7 @@
 
 Columns: ``label`` (class name, UTF-8; "" for rows not processed),
 ``label_id`` (int32, -1), ``probs`` ``[N, C]`` float32 (softmax; NaN) whose
-dataset attribute ``class_names`` (JSON, id order) is also a root attribute,
+dataset attribute ``names`` (JSON, id order) is also the root attribute ``class_names``,
 ``top_p`` (float32, the largest probability; NaN), plus ``n_tokens`` and the
 base columns.  The encoder runs as in `hpcllm embed` (packed batches, dp x tp);
 the head is replicated and runs on every rank of the group on the same pooled
@@ -19,20 +19,30 @@ vectors, so every tp rank computes the same probabilities.
 
 import json
 import os
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import torch
 
+from hpcllm.checkpoint.hdf5 import Checkpoint
 from hpcllm.errors import HpcllmError
+from hpcllm.executor.job import ShardResult, Totals
 from hpcllm.jobs.embed import EmbedJob
-from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, RESULTS_NAME, STRING, Column
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, STRING, Column
 
 
-def open_classifier(path: str, encoder: str = None):
-    """The encoder Checkpoint to run, with ``.classifier`` (head, class_names, content_hash) attached."""
-    from hpcllm.checkpoint.hdf5 import Checkpoint
+@dataclass(frozen=True)
+class Classifier:
+    """What ``classify --model`` names: the encoder checkpoint to run and the head over its vectors."""
+    encoder: Checkpoint
+    head: torch.nn.Module
+    class_names: list
+    content_hash: str     # the classifier's (covers the encoder's) or the encoder checkpoint's own
+
+
+def open_classifier(path: str, encoder: str = None) -> Classifier:
+    """The classifier at ``path``: a train-classifier product, or a checkpoint that carries a head."""
     from hpcllm.train.checkpoint import FORMAT, read_classifier, resolve_encoder
 
     try:
@@ -46,15 +56,12 @@ def open_classifier(path: str, encoder: str = None):
         if (ck.config["pooling"], bool(ck.config["normalize"])) != (clf.encoder.pooling, clf.encoder.normalize):
             raise HpcllmError(f"{path}: trained on {clf.encoder.pooling} pooling (normalize {clf.encoder.normalize}) "
                               f"but {ck.path} pools {ck.config['pooling']} (normalize {ck.config['normalize']})")
-        ck.classifier = SimpleNamespace(head=clf.head, class_names=clf.class_names, content_hash=clf.content_hash)
-        return ck
+        return Classifier(ck, clf.head, list(clf.class_names), clf.content_hash)
     ck = Checkpoint(path)
     if "classifier" not in ck.config:
         raise HpcllmError(f"classify: {path} has no classifier head; train one with `hpcllm train-classifier` "
                           "or convert a BertForSequenceClassification model")
-    ck.classifier = SimpleNamespace(head=_embedded_head(ck), class_names=ck.config["classifier"]["class_names"],
-                                    content_hash=ck.content_hash)
-    return ck
+    return Classifier(ck, _embedded_head(ck), list(ck.config["classifier"]["class_names"]), ck.content_hash)
 
 
 def _embedded_head(ck):
@@ -76,18 +83,16 @@ class ClassifyJob(EmbedJob):
     def open_model(cls, cfg):
         return open_classifier(cfg.model, cfg.encoder)
 
-    def __init__(self, cfg, ckpt):
-        super().__init__(cfg, ckpt)
+    def __init__(self, cfg, classifier: Classifier):
+        super().__init__(cfg, classifier.encoder)
         self.limit_documents(self.max_length)    # the encoder's context; --max-doc-tokens / --long-docs skip
-        self.head = ckpt.classifier.head.float()
-        self.class_names = list(ckpt.classifier.class_names)
+        self.classifier = classifier
+        self.head = classifier.head.float()
+        self.class_names = classifier.class_names
         self.n_classes = len(self.class_names)
 
     def model_hash(self) -> str:
-        return self.ckpt.classifier.content_hash      # covers the encoder's hash
-
-    def config_hash(self) -> str:
-        return self.cfg.result_hash(self.name)
+        return self.classifier.content_hash
 
     def describe(self) -> str:
         return (f"classifier {os.path.basename(self.cfg.model)} ({self.model_hash()[:12]}, {self.n_classes} classes) "
@@ -95,7 +100,8 @@ class ClassifyJob(EmbedJob):
 
     def schema(self):
         return (Column("label", STRING, (), ""), Column("label_id", np.int32, (), -1),
-                Column("probs", np.float32, (self.n_classes,), np.nan), Column("top_p", np.float32, (), np.nan),
+                Column("probs", np.float32, (self.n_classes,), np.nan, attrs={"names": self._names_json()}),
+                Column("top_p", np.float32, (), np.nan),
                 N_TOKENS) + BASE_COLUMNS
 
     def start(self, work):
@@ -116,15 +122,15 @@ class ClassifyJob(EmbedJob):
         state.out["probs"][rows] = probs
         state.out["label_id"][rows] = probs.argmax(axis=1)
 
-    def outputs(self, state):
+    def result(self, state):
         ids, probs = state.out["label_id"], state.out["probs"]
         names = np.array([""] + self.class_names, dtype=object)
-        return {"label": names[ids + 1], "label_id": ids, "probs": probs,
-                "top_p": np.where(ids >= 0, np.nan_to_num(probs).max(axis=1, initial=0.0), np.nan).astype(np.float32)}
+        return ShardResult({"label": names[ids + 1], "label_id": ids, "probs": probs,
+                            "top_p": np.where(ids >= 0, np.nan_to_num(probs).max(axis=1, initial=0.0),
+                                              np.nan).astype(np.float32)})
 
-    def finish(self, out_dir: str, plan, attrs: dict) -> str:
-        names = json.dumps(self.class_names, ensure_ascii=False)
-        line = super().finish(out_dir, plan, dict(attrs, class_names=names))
-        with h5py.File(os.path.join(out_dir, RESULTS_NAME), "r+") as f:
-            f["probs"].attrs["class_names"] = names
-        return line
+    def totals(self, out_dir, plan):
+        return Totals({"class_names": self._names_json()})
+
+    def _names_json(self) -> str:
+        return json.dumps(self.class_names, ensure_ascii=False)

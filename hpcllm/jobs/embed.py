@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hpcllm.corpus.batching import make_batches, pack_batch
-from hpcllm.executor.job import Job
+from hpcllm.executor.job import Job, ShardResult
 from hpcllm.model.architectures import require_family
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column
 
@@ -41,5 +41,5 @@ class EmbedJob(Job):
         vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
         state.out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
 
-    def outputs(self, state):
-        return {"embedding": state.out}
+    def result(self, state):
+        return ShardResult({"embedding": state.out})

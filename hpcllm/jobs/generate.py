@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from hpcllm.errors import HpcllmError
-from hpcllm.executor.job import Job
+from hpcllm.executor.job import Job, ShardResult, Totals
 from hpcllm.generate.chat import ChatTemplate, TemplateRefused, conversation
 from hpcllm.generate.scheduler import FINISH_NAMES
 from hpcllm.model.architectures import require_family
@@ -41,6 +41,7 @@ from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, STRING, Column, ragged,
 
 DOCS_PER_BATCH = 32
 NOT_GENERATED = 255
+FINISH_REASON_NAMES = json.dumps({i: name for i, name in enumerate(FINISH_NAMES)} | {NOT_GENERATED: "none"})
 SLOT_ROUND = 16
 
 
@@ -67,7 +68,6 @@ class GenerateJob(Job):
         self.text_of_needs = "--chat (the chat template of each line's text or messages)"
         self.min_shard_docs = cfg.max_num_seqs   # a small corpus: shards that fill the running set
         self.cache = None
-        self.stats = {}
 
     def config_hash(self) -> str:
         return self.cfg.result_hash(self.name, seed=self.cfg.seed)   # seed is shared with train (not result=)
@@ -85,7 +85,8 @@ class GenerateJob(Job):
     def schema(self):
         n = self.cfg.n
         tail = (n,) if n > 1 else ()
-        cols = (Column("text", STRING, tail, ""), Column("finish_reason", np.uint8, tail, NOT_GENERATED),
+        cols = (Column("text", STRING, tail, ""), Column("finish_reason", np.uint8, tail, NOT_GENERATED,
+                                                         attrs={"names": FINISH_REASON_NAMES}),
                 Column("n_prompt_tokens", np.int32, (), -1), Column("n_generated", np.int32, tail, -1),
                 ragged("output_ids", np.int32, "output_offsets", fill=-1))
         if self.cfg.logprobs:
@@ -157,11 +158,11 @@ class GenerateJob(Job):
         params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.repetition_penalty,
                                 cfg.seed)
         limits = Limits(frozenset() if cfg.ignore_eos else self.eos_ids, frozenset(cfg.stop_token_ids or ()),
-                        tuple(s.encode() for s in cfg.stop or () if s), cfg.ignore_eos)
+                        tuple(s.encode() for s in cfg.stop or () if s))
         return Engine(model, self.cache, state.prompts, state.max_new, state.doc_ids, params, limits, cfg.n,
                       cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs, not cfg.no_prefix_cache)
 
-    def outputs(self, state):
+    def result(self, state):
         n, n_docs = self.cfg.n, state.work.n_docs
         text = np.full((n_docs, n), "", dtype=object)
         reason = np.full((n_docs, n), NOT_GENERATED, np.uint8)
@@ -186,30 +187,18 @@ class GenerateJob(Job):
         out["output_ids"], out["output_offsets"] = ragged_rows([np.array(x, np.int32) for x in ids], np.int32)
         if self.cfg.logprobs:
             out["output_logprobs"] = ragged_rows([np.array(x, np.float32) for x in lps], np.float32)[0]
-        out["_status"] = state.status
-        if state.engine is not None:
-            self.stats = self._cache_stats(state.engine)
-        return out
+        return ShardResult(out, state.status, self._cache_stats(state.engine) if state.engine is not None else {})
 
     def _cache_stats(self, engine) -> dict:
         c = engine.cache
         return {"kv_cache_mb": c.nbytes / 2**20, "kv_cache_slots": c.n_slots, "kv_cache_tokens": c.n_slots * c.slot_len,
                 "kv_peak_tokens": engine.sched.peak_tokens, "prefix_reused_tokens": engine.sched.reused_tokens}
 
-    def write_shard(self, out_dir, data, outputs, attrs):
-        for row, st in outputs.pop("_status").items():
-            if data.status[row] in (Status.OK, Status.EMPTY) or st == Status.TOO_LONG:
-                data.status[row] = st
-        return super().write_shard(out_dir, data, outputs, {**attrs, **self.stats})
-
-    def finish(self, out_dir, plan, attrs):
-        import os
-
+    def totals(self, out_dir, plan):
         import h5py
 
-        from hpcllm.store.manifest import shard_file
+        from hpcllm.store.layout import shard_file
 
-        summary = super().finish(out_dir, plan, attrs)
         peak = held = reused = prompt = 0
         for s in plan:
             with h5py.File(shard_file(out_dir, s.index), "r") as f:
@@ -217,15 +206,9 @@ class GenerateJob(Job):
                 held = max(held, int(f.attrs.get("kv_cache_tokens", 0)))
                 reused += int(f.attrs.get("prefix_reused_tokens", 0))
                 prompt += int(f["n_prompt_tokens"][()].clip(0).sum())
-        # attributes only: reading a virtual dataset of a master opened r+ opens its shard files
-        # read-write too (HDF5 VDS), which rewrites them
-        with h5py.File(os.path.join(out_dir, "results.h5"), "r+") as f:
-            f["finish_reason"].attrs["names"] = json.dumps({i: name for i, name in enumerate(FINISH_NAMES)}
-                                                           | {NOT_GENERATED: "none"})
-            f.attrs["kv_peak_tokens"] = peak
-            f.attrs["prefix_reused_tokens"] = reused
-        return summary + (f"; KV cache peak use {peak} of {held} tokens; shared prefixes: {reused} of {prompt} "
-                          f"prompt tokens reused, not recomputed")
+        return Totals({"kv_peak_tokens": peak, "prefix_reused_tokens": reused},
+                      f"KV cache peak use {peak} of {held} tokens; shared prefixes: {reused} of {prompt} "
+                      f"prompt tokens reused, not recomputed")
 
 
 def _chat_prompt(template, cfg, obj):

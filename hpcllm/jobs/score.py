@@ -27,7 +27,7 @@ import numpy as np
 
 from hpcllm.corpus.batching import make_batches
 from hpcllm.errors import HpcllmError
-from hpcllm.executor.job import Job
+from hpcllm.executor.job import Job, ShardResult
 from hpcllm.model.architectures import require_family
 from hpcllm.scoring import join_windows, score_windows, summarize, window_pieces, with_bos
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, ragged, ragged_rows
@@ -85,7 +85,7 @@ class ScoreJob(Job):
         for j, k in enumerate(arrays["piece"].tolist()):
             state.piece_lp[k] = arrays["lp"][off[j]:off[j + 1]]
 
-    def outputs(self, state):
+    def result(self, state):
         n = state.work.n_docs
         out = {"logprob_sum": np.full(n, np.nan), "n_scored": np.full(n, -1, np.int32),
                "perplexity": np.full(n, np.nan)}
@@ -95,7 +95,7 @@ class ScoreJob(Job):
             token_lp[row] = lp
         if self.cfg.token_logprobs:
             out["token_logprobs"], out["token_offsets"] = ragged_rows(token_lp, np.float32)
-        return out
+        return ShardResult(out)
 
     def _prepare(self, doc):
         c = self.model_cfg

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from hpcllm.errors import HpcllmError
-from hpcllm.executor.job import Job
+from hpcllm.executor.job import Job, ShardResult
 from hpcllm.model.architectures import architecture
 from hpcllm.store.results import build_master, row_blocks
 from hpcllm.store.tokens import (NO_LIMIT, RESULT_COLUMNS, TOKEN_COLUMNS, tokenizer_hash, write_info,
@@ -66,10 +66,10 @@ class TokenizeJob(Job):
     def start(self, work):
         return SimpleNamespace(batches=[])
 
-    def outputs(self, state):
-        return {}
+    def result(self, state):
+        return ShardResult({})
 
-    def write_shard(self, out_dir, data, outputs, attrs):
+    def write_shard(self, out_dir, data, result, attrs):
         attrs = {**attrs, "tokenizer_hash": self._hash, "max_length": self.max_length or NO_LIMIT}
         return write_token_shard(out_dir, data.shard, data.docs, data.ids, data.offsets, data.status, attrs)[1]
 

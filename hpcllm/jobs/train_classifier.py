@@ -3,9 +3,9 @@
 Phase 1 is `hpcllm embed` as it is (dp x tp, token shards accepted, the same
 result shards and resume): ``OUT/shards/`` + ``OUT/results.h5`` hold every
 document's embedding.  Phase 2 runs on every rank once all shards are done
-(``finish_all``): each rank reads the shards ``index % world == rank`` and
-their labels (``hpcllm.train.data``), and the head is trained with the loss
-and gradient all-reduced (``hpcllm.train.fit``), so nothing is gathered and a
+(the job's phase after the shards, ``after_shards``): each rank reads the
+shards ``index % world == rank`` and their labels (``hpcllm.train.data``),
+and the head is trained with the loss and gradient all-reduced (``hpcllm.train.fit``), so nothing is gathered and a
 rank holds ~1/world of the embeddings.  A rerun resumes phase 1 from its
 shards and redoes phase 2, which takes seconds; training options are not part
 of the manifest's config hash, so a rerun with another head or validation
@@ -16,7 +16,8 @@ for N epochs, data-parallel over every rank (``hpcllm.train.finetune``: each
 rank re-tokenizes its rows, gradients are summed over the ranks); the trained
 encoder is written to ``OUT/encoder.h5`` (an ordinary checkpoint: `embed` and
 `classify` run it at any tp) and the classifier references that one.  A stop
-signal during it saves ``OUT/finetune-state.pt``; the rerun continues there.
+signal during it (agreed between two steps, as between batches) saves
+``OUT/finetune-state.pt`` and the run exits 75; the rerun continues there.
 
 ``OUT/classifier.h5`` references the encoder by content hash
 (``hpcllm.train.checkpoint``); with tp > 1 the first tp group writes it
@@ -37,11 +38,10 @@ import time
 import numpy as np
 
 from hpcllm.errors import HpcllmError
+from hpcllm.executor.job import Totals
 from hpcllm.jobs.embed import EmbedJob
 from hpcllm.progress import log
-
-CLASSIFIER_NAME = "classifier.h5"
-ENCODER_NAME = "encoder.h5"       # the fine-tuned encoder (--finetune)
+from hpcllm.store.layout import CLASSIFIER_NAME, ENCODER_NAME, FINETUNE_STATE_NAME
 
 
 class TrainClassifierJob(EmbedJob):
@@ -69,7 +69,9 @@ class TrainClassifierJob(EmbedJob):
         return FitOptions(head=c.head, l2=c.l2, class_weight=None if c.class_weight == "none" else c.class_weight,
                           max_iter=c.epochs, hidden=c.hidden, patience=c.patience, seed=c.seed)
 
-    def finish_all(self, out_dir: str, plan, mesh) -> None:
+    def after_shards(self, out_dir: str, plan, mesh, stop) -> bool:
+        """Phase 2 (and 3): the head trained on the embeddings (then the encoder with it); True if a stop
+        signal ended fine-tuning early (its state is saved: the rerun continues there)."""
         from hpcllm.train.data import load_local_rows
         from hpcllm.train.labels import encode_labels
         from hpcllm.train.split import data_fingerprint, validation_mask
@@ -89,9 +91,9 @@ class TrainClassifierJob(EmbedJob):
         result, scores = self._fit(rows.X, labels, val, comm)
         encoder, head, tuned = cfg.model, result.head, None
         if cfg.finetune:
-            signum, tuned = self._finetune(out_dir, rows, labels, val, result, scores, fingerprint, mesh)
-            if signum:
-                return signum
+            tuned = self._finetune(out_dir, rows, labels, val, result, scores, fingerprint, mesh, stop)
+            if tuned is None:
+                return True
             encoder, head, scores = tuned.encoder, tuned.head, tuned.scores
         provenance = {"data": {"input": os.path.abspath(cfg.input), "fingerprint": fingerprint,
                                "label_field": cfg.label_field, "skipped": rows.skipped,
@@ -108,6 +110,7 @@ class TrainClassifierJob(EmbedJob):
         path = self._write(out_dir, head, labels, provenance, mesh, encoder)
         if mesh.rank == 0:
             log(summary(path, provenance, labels.class_names))
+        return False
 
     def _fit(self, X, labels, val, comm):
         from hpcllm.train.fit import fit
@@ -129,18 +132,17 @@ class TrainClassifierJob(EmbedJob):
             names += ("finetune", "finetune_lr", "finetune_head_lr", "finetune_batch", "max_length")
         return {k: getattr(self.cfg, k) for k in names}
 
-    def _finetune(self, out_dir, rows, labels, val, result, head_scores, fingerprint, mesh):
+    def _finetune(self, out_dir, rows, labels, val, result, head_scores, fingerprint, mesh, stop):
         """Encoder + head trained together (``hpcllm.train.finetune``); the encoder written to
-        ``OUT/encoder.h5`` (sharded by the first tp group when tp > 1).  Returns (signal number or 0,
-        what the classifier needs)."""
+        ``OUT/encoder.h5`` (sharded by the first tp group when tp > 1).  Returns what the classifier
+        needs, or None when a stop signal ended it early."""
         from types import SimpleNamespace
 
         import torch
 
         from hpcllm.checkpoint.hdf5 import write_checkpoint
         from hpcllm.model.build import build_model
-        from hpcllm.signals import StopFlag
-        from hpcllm.train.finetune import STATE_NAME, Finetune, FinetuneOptions, encoder_tensors, local_docs, score
+        from hpcllm.train.finetune import Finetune, FinetuneOptions, encoder_tensors, local_docs, score
         from hpcllm.train.metrics import evaluate
         from hpcllm.world.comm import LocalComm
 
@@ -151,11 +153,9 @@ class TrainClassifierJob(EmbedJob):
                                batch=cfg.finetune_batch, seed=cfg.seed)
         key = {"data": fingerprint, "encoder": self.ckpt.content_hash, "options": self.options()}
         ft = Finetune(model, result.head, docs, labels.ids, rows.doc_ids, ~val, val, result.class_weights, comm,
-                      opts, os.path.join(out_dir, STATE_NAME), key)
-        with StopFlag() as stop:
-            signum = ft.run(stop)
-        if signum:
-            return signum, None
+                      opts, os.path.join(out_dir, FINETUNE_STATE_NAME), key)
+        if ft.run(stop):
+            return None
         y, C, scores = labels.ids, labels.n_classes, {}
         for part, mask in (("train", ~val), ("validation", val)):
             if part == "train" or int(ft.n_val):
@@ -168,8 +168,8 @@ class TrainClassifierJob(EmbedJob):
                              comm=mesh.tp_mpi if mesh.tp_size > 1 else None)
         comm.Barrier()
         head_scores = {k: {m: v[m] for m in ("accuracy", "macro_f1")} for k, v in head_scores.items()}
-        return 0, SimpleNamespace(encoder=path, head=ft.head, scores=scores, summary=ft.summary(),
-                                  head_scores=head_scores)
+        return SimpleNamespace(encoder=path, head=ft.head, scores=scores, summary=ft.summary(),
+                               head_scores=head_scores)
 
     def _write(self, out_dir, head, labels, provenance, mesh, encoder) -> str:
         """The first tp group writes classifier.h5 (sharded when tp > 1); every rank returns after it."""
@@ -183,9 +183,8 @@ class TrainClassifierJob(EmbedJob):
         mesh.world.Barrier()
         return path
 
-    def finish(self, out_dir: str, plan, attrs: dict) -> str:
-        line = super().finish(out_dir, plan, attrs)
-        return line + f"; classifier in {os.path.join(out_dir, CLASSIFIER_NAME)}"
+    def totals(self, out_dir, plan):
+        return Totals(summary=f"classifier in {os.path.join(out_dir, CLASSIFIER_NAME)}")
 
 
 def summary(path: str, provenance: dict, class_names: list) -> str:

@@ -28,9 +28,9 @@ from hpcllm import __version__
 from hpcllm.corpus.plan import Plan, Shard
 from hpcllm.errors import HpcllmError
 from hpcllm.store.atomic import write_text
-from hpcllm.store.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from hpcllm.store.layout import ADMISSIONS_NAME, MANIFEST_NAME
+from hpcllm.store.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 
-LOG_NAME = "admissions.jsonl"
 COMPACT_EVERY = 64
 
 
@@ -97,7 +97,7 @@ class Admissions:
 
     def _log_records(self):
         try:
-            with open(os.path.join(self.out_dir, LOG_NAME), encoding="utf-8") as f:
+            with open(os.path.join(self.out_dir, ADMISSIONS_NAME), encoding="utf-8") as f:
                 lines = f.read().split("\n")
         except FileNotFoundError:
             return
@@ -119,7 +119,7 @@ class Admissions:
         rec = {"file_index": fi, "path": path, "size": size, "mtime_ns": mtime_ns,
                "shards": [dataclasses.asdict(s) for s in shards]}
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, LOG_NAME), "a", encoding="utf-8") as f:
+        with open(os.path.join(self.out_dir, ADMISSIONS_NAME), "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -139,7 +139,7 @@ class Admissions:
              "follow": {"files": [{"size": f.size, "mtime_ns": f.mtime_ns} for f in self.files]}}
         os.makedirs(self.out_dir, exist_ok=True)
         write_text(os.path.join(self.out_dir, MANIFEST_NAME), json.dumps(d, indent=1))
-        write_text(os.path.join(self.out_dir, LOG_NAME), "")
+        write_text(os.path.join(self.out_dir, ADMISSIONS_NAME), "")
         self._since_compact = 0
 
 

@@ -5,8 +5,7 @@ files with their sizes, the model's content hash and the hash of the options
 that change results.  A rerun with the same output directory reuses the plan
 and skips shards whose files exist (``completed_shards``: files appear only
 when complete); a changed model, option or input file is refused with one
-line.  Shard files are named here too (``shard_file``), for results and token
-shards alike.
+line.
 """
 
 from __future__ import annotations
@@ -21,19 +20,10 @@ from hpcllm import __version__
 from hpcllm.corpus.plan import Plan, Shard
 from hpcllm.errors import HpcllmError
 from hpcllm.store.atomic import write_text
+from hpcllm.store.layout import MANIFEST_NAME, shard_file, shard_filename  # noqa: F401  (until callers move)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "hpcllm-manifest"
 MANIFEST_VERSION = 1
-
-
-def shard_filename(index: int) -> str:
-    """Name of a shard's result file inside ``<out>/shards/`` (one home for it)."""
-    return f"shard-{index:05d}.h5"
-
-
-def shard_file(out_dir: str, index: int) -> str:
-    return os.path.join(out_dir, "shards", shard_filename(index))
 
 
 @dataclass

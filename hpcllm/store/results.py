@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
@@ -56,9 +56,8 @@ from hpcllm.corpus.readers import Docs
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status, named_counts
 from hpcllm.store.atomic import atomic_h5
-from hpcllm.store.manifest import shard_file, shard_filename
+from hpcllm.store.layout import RESULTS_NAME, SHARDS_DIR, shard_file, shard_filename
 
-RESULTS_NAME = "results.h5"
 RESULTS_FORMAT = "hpcllm-results"
 RESULTS_VERSION = 1
 STRING = h5py.string_dtype("utf-8")
@@ -71,6 +70,9 @@ class Column:
     shape_tail: tuple = ()         # per-row shape, e.g. (384,) for an embedding
     fill: Any = None               # what a row reads as when no source covers it
     offsets: str | None = None     # ragged: a flat column whose rows are cut by this offsets column
+    # the dataset's attributes in results.h5, e.g. {"names": ...} (JSON where not a scalar or string):
+    # what a reader needs to read the column, such as the name of each code or class
+    attrs: dict = field(default_factory=dict, hash=False)
 
     @property
     def is_string(self) -> bool:
@@ -284,7 +286,7 @@ def _virtual_column(f: h5py.File, col: Column, plan: list[Shard], spans: list[tu
     layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
     for s, (start, n) in zip(plan, spans):
         if n:
-            src = h5py.VirtualSource(os.path.join("shards", shard_filename(s.index)), col.name,
+            src = h5py.VirtualSource(os.path.join(SHARDS_DIR, shard_filename(s.index)), col.name,
                                      shape=(n,) + tuple(col.shape_tail))
             layout[start:start + n] = src
     f.create_virtual_dataset(col.name, layout, fillvalue=fill)
@@ -324,6 +326,7 @@ def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
         spans = {name: _write_offsets(out_dir, f, name, plan, n_rows) for name in offsets_names(schema)}
         for col in schema:
             _virtual_column(f, col, plan, spans.get(col.offsets))
+            _set_attrs(f[col.name], col.attrs)
         f.attrs.update({"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "n_docs": n_rows,
                         "n_shards": len(plan), "code_version": __version__})
         _set_attrs(f, attrs)

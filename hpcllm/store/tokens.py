@@ -43,12 +43,12 @@ from hpcllm.corpus.readers import Docs
 from hpcllm.errors import HpcllmError
 from hpcllm.status import NOT_PROCESSED
 from hpcllm.store.atomic import atomic_h5, write_text
-from hpcllm.store.manifest import MANIFEST_NAME, read_manifest, shard_file
+from hpcllm.store.layout import MANIFEST_NAME, TOKENS_INFO_NAME, shard_file
+from hpcllm.store.manifest import read_manifest
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, base_columns, write_column
 
 TOKENS_FORMAT = "hpcllm-tokens"
 TOKENS_VERSION = 1
-INFO_NAME = "tokens.json"
 NO_LIMIT = -1       # max_length attribute of shards made without truncation
 RESULT_COLUMNS = (N_TOKENS,) + BASE_COLUMNS     # the columns of tok/results.h5
 TOKEN_COLUMNS = (Column("tokens", np.int32), Column("offsets", np.int64)) + RESULT_COLUMNS
@@ -91,7 +91,7 @@ def write_info(out_dir: str, info: dict) -> str:
     """Write ``tokens.json`` (the completion marker) atomically."""
     text = json.dumps({"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "code_version": __version__, **info},
                       indent=1, sort_keys=True, default=str)
-    return write_text(os.path.join(out_dir, INFO_NAME), text)
+    return write_text(os.path.join(out_dir, TOKENS_INFO_NAME), text)
 
 
 # --------------------------------------------------------------------------- reading
@@ -123,10 +123,10 @@ def open_token_dir(path: str) -> TokenDir | None:
     """The token directory at ``path``, or None if ``path`` is not one (a raw corpus)."""
     if not os.path.isdir(path):
         return None
-    info_path = os.path.join(path, INFO_NAME)
+    info_path = os.path.join(path, TOKENS_INFO_NAME)
     if not os.path.exists(info_path):
         if os.path.exists(os.path.join(path, MANIFEST_NAME)):
-            raise HpcllmError(f"{path} has a {MANIFEST_NAME} but no {INFO_NAME}: not a finished token "
+            raise HpcllmError(f"{path} has a {MANIFEST_NAME} but no {TOKENS_INFO_NAME}: not a finished token "
                               "directory (rerun the same `hpcllm tokenize` command to finish it)")
         return None
     try:
@@ -138,7 +138,7 @@ def open_token_dir(path: str) -> TokenDir | None:
         raise HpcllmError(f"{info_path} is not a readable {TOKENS_FORMAT} v{TOKENS_VERSION} file ({e})") from None
     manifest = read_manifest(os.path.join(path, MANIFEST_NAME))
     if manifest is None:
-        raise HpcllmError(f"{path} has {INFO_NAME} but no {MANIFEST_NAME}; tokenize the corpus again")
+        raise HpcllmError(f"{path} has {TOKENS_INFO_NAME} but no {MANIFEST_NAME}; tokenize the corpus again")
     files = [shard_file(path, s.index) for s in manifest.shards]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:

@@ -1,0 +1,40 @@
+"""The names of what a run writes in its output directory: one home for every one of them.
+
+    OUT/manifest.json        the plan and what it was made for (hpcllm.store.manifest)
+    OUT/admissions.jsonl     follow mode: the files admitted so far (hpcllm.store.admissions)
+    OUT/shards/shard-NNNNN.h5  one result (or token) file per shard of the plan
+    OUT/parts/...            a shard computed in parts by several dp groups (hpcllm.executor.parts)
+    OUT/results.h5           the master file joining the shards (hpcllm.store.results)
+    OUT/tokens.json          tokenize: written last, marks a finished token directory
+    OUT/STOPPED.json         a run stopped early by a signal (hpcllm.signals)
+    OUT/classifier.h5, OUT/encoder.h5, OUT/finetune-state.pt   train-classifier's products
+
+A leaf module: it imports nothing of hpcllm, so every layer may use it.
+"""
+
+import os
+
+MANIFEST_NAME = "manifest.json"
+ADMISSIONS_NAME = "admissions.jsonl"
+SHARDS_DIR = "shards"
+PARTS_DIR = "parts"
+RESULTS_NAME = "results.h5"
+TOKENS_INFO_NAME = "tokens.json"
+STOP_NOTE = "STOPPED.json"
+CLASSIFIER_NAME = "classifier.h5"
+ENCODER_NAME = "encoder.h5"            # train-classifier --finetune: the trained encoder
+FINETUNE_STATE_NAME = "finetune-state.pt"
+
+
+def shard_filename(index: int) -> str:
+    """Name of a shard's file inside ``OUT/shards/`` (results and token shards alike)."""
+    return f"shard-{index:05d}.h5"
+
+
+def shard_file(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, SHARDS_DIR, shard_filename(index))
+
+
+def part_file(out_dir: str, index: int, part: int, parts: int) -> str:
+    """Part ``part`` of ``parts`` of shard ``index``, computed by one dp group (hpcllm.executor.parts)."""
+    return os.path.join(out_dir, PARTS_DIR, f"shard-{index:05d}.part-{part}-of-{parts}.h5")
