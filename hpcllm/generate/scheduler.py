@@ -1,6 +1,6 @@
 """Continuous batching: which sequences run in the next forward pass, decided by the tp leader.
 
-Every step the group's leader writes a plan (``Plan``: sequences that finished,
+Every step the group's leader writes a plan (``StepPlan``: sequences that finished,
 prompts admitted into free slots, KV copies, the step's tokens, which rows are
 sampled), broadcasts it as one int64 array, and every rank of the group
 applies the same plan, so the batches never diverge. Per step:
@@ -61,7 +61,7 @@ class Seq:
 
 
 @dataclass
-class Plan:
+class StepPlan:
     frees: list = field(default_factory=list)     # (seq id, finish reason)
     admits: list = field(default_factory=list)    # (seq id, doc, completion, slot, prefix reused)
     copies: list = field(default_factory=list)    # (src slot, dst slot, positions)
@@ -75,7 +75,7 @@ class Plan:
         return np.array(head + flat, dtype=np.int64)
 
     @classmethod
-    def decode(cls, a: np.ndarray) -> "Plan":
+    def decode(cls, a: np.ndarray) -> "StepPlan":
         widths, head = (2, 5, 3, 3, 2), [int(x) for x in a[:5]]
         pos, parts = 5, []
         for w, n in zip(widths, head):
@@ -88,7 +88,7 @@ class Plan:
         return not self.entries
 
 
-def broadcast_plan(plan: Plan | None, comm) -> Plan:
+def broadcast_plan(plan: StepPlan | None, comm) -> StepPlan:
     """The leader's plan on every rank of the tp group (two small all-reduces; tp=1: as is)."""
     if comm.size == 1:
         return plan
@@ -97,7 +97,7 @@ def broadcast_plan(plan: Plan | None, comm) -> Plan:
     comm.all_reduce(n)
     buf = torch.from_numpy(data.copy()) if data is not None else torch.zeros(int(n[0]), dtype=torch.int64)
     comm.all_reduce(buf)
-    return Plan.decode(buf.numpy())
+    return StepPlan.decode(buf.numpy())
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -129,8 +129,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the leader
 
-    def plan(self) -> Plan:
-        p = Plan(frees=[(s.id, r) for s, r in self.finished], copies=list(self.pending_copies))
+    def plan(self) -> StepPlan:
+        p = StepPlan(frees=[(s.id, r) for s, r in self.finished], copies=list(self.pending_copies))
         gone = {s.id for s, _ in self.finished}
         free = [i for i, o in enumerate(self.owner) if o is None or o in gone]
         none = np.zeros(0, np.int64)
@@ -151,7 +151,7 @@ class Scheduler:
         s = self.seqs[o]
         return np.asarray(s.tokens[:s.kv], np.int64)
 
-    def _wait_for_prefix(self, p: Plan, j: int, valid: dict) -> bool:
+    def _wait_for_prefix(self, p: StepPlan, j: int, valid: dict) -> bool:
         """Whether doc j should wait a step: a prompt admitted in this plan shares a prefix with it at
         least MIN_COPY tokens longer than any slot holds now (its KV exists after this step's prefill,
         then it is copied instead of recomputed: a shared system prompt is computed once, not once per
@@ -164,7 +164,7 @@ class Scheduler:
         soon = max(min(common_prefix(self.prompts[a[1]], prompt), limit) for a in p.admits if a[2] == 0)
         return soon >= have + MIN_COPY
 
-    def _admit(self, p: Plan, j: int, free: list, valid: dict) -> None:
+    def _admit(self, p: StepPlan, j: int, free: list, valid: dict) -> None:
         """Doc j into the free slot sharing the longest prefix with it (copied from a busy slot when
         that shares at least MIN_COPY more); its forks (--n) into the next free slots."""
         prompt = self.prompts[j]
@@ -185,7 +185,7 @@ class Scheduler:
             valid[slot] = np.zeros(0, np.int64)
         self.next_id += self.n
 
-    def _entries(self, p: Plan, gone: set) -> None:
+    def _entries(self, p: StepPlan, gone: set) -> None:
         """Decodes first (one token each), then prefill chunks within the token budget."""
         admitted = {a[0]: a for a in p.admits}
         order = [i for i in self.order if i not in gone] + [a[0] for a in p.admits]
@@ -221,7 +221,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ every rank
 
-    def apply_start(self, p: Plan) -> None:
+    def apply_start(self, p: StepPlan) -> None:
         """Frees, admissions and the bookkeeping of copies, before the forward pass."""
         for i, reason in p.frees:
             s = self.seqs.pop(i)
@@ -242,7 +242,7 @@ class Scheduler:
             self.order.append(i)
         self.peak_tokens = max(self.peak_tokens, sum(len(s.tokens) for s in self.seqs.values()))
 
-    def apply_sampled(self, p: Plan, ids, lps) -> list:
+    def apply_sampled(self, p: StepPlan, ids, lps) -> list:
         """After the forward pass: KV advanced, sampled tokens appended; returns the sampled seqs."""
         for i, p0, n in p.entries:
             self.seqs[i].kv = p0 + n

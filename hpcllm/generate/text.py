@@ -35,12 +35,6 @@ class Completion:
             return True
         return False
 
-    def drop_last(self, token: int) -> None:
-        """Remove the last token's bytes (an EOS / stop id is not part of the text)."""
-        n = len(self.tokenizer.decode_bytes([token]))
-        if n:
-            del self.buf[len(self.buf) - n:]
-
     def text(self) -> str:
         data = bytes(self.buf if self.cut is None else self.buf[:self.cut])
         return data.decode("utf-8", "replace")
