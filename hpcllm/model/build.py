@@ -2,7 +2,7 @@
 
 import torch
 
-from hpcllm.model.architectures import architecture, plan_for  # noqa: F401  (plan_for: used via this module)
+from hpcllm.model.architectures import architecture
 from hpcllm.model.parallel import load_state, parallelize
 from hpcllm.model.partition import partition_for
 
@@ -12,10 +12,10 @@ def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32, dev
     """Model with only this rank's hyperslabs of the weights, in ``dtype``, on ``device``; ``pack=False``
     keeps plain dense weights (training needs them: a packed weight has no gradient)."""
     arch = architecture(ckpt.architecture)
-    part = partition_for(ckpt.config, tp_rank, tp_size)
+    partition = partition_for(ckpt.config, tp_rank, tp_size)
     with torch.device("meta"):  # full-size plain modules cost nothing here; parallelize cuts them
-        model = parallelize(arch.model_class()(ckpt.config), arch.plan, part, comm)
-    load_state(model, ckpt, arch.plan, part, dtype)
+        model = parallelize(arch.model_class()(ckpt.config), arch.plan, partition, comm)
+    load_state(model, ckpt, arch.plan, partition, dtype)
     if hasattr(model, "fuse"):
         model.fuse()  # e.g. Q|K|V into one matmul, once the per-tensor hyperslabs are loaded
     model = model.to(device)

@@ -70,8 +70,8 @@ class VocabParallelEmbedding(nn.Module):
         return self.comm.all_reduce(out)
 
 
-def parallelize(model: nn.Module, plan: dict, part: Partition, comm: Comm) -> nn.Module:
-    """Apply ``plan`` to the plain ``model`` for tp rank ``part.rank``: linears and embeddings become
+def parallelize(model: nn.Module, plan: dict, partition: Partition, comm: Comm) -> nn.Module:
+    """Apply ``plan`` to the plain ``model`` for tp rank ``partition.rank``: linears and embeddings become
     their parallel layers (sized for this rank's slice), head counts become local, and the root
     keeps ``comm`` (``model.comm``) for the collectives outside the layers (scoring)."""
     for name, module in list(model.named_modules()):
@@ -79,18 +79,18 @@ def parallelize(model: nn.Module, plan: dict, part: Partition, comm: Comm) -> nn
         if split is None:
             continue
         if split.kind == "heads":
-            q0, q1 = part.q_heads
-            k0, k1 = part.kv_heads
+            q0, q1 = partition.q_heads
+            k0, k1 = partition.kv_heads
             module.n_heads, module.n_kv_heads = q1 - q0, k1 - k0
         else:
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, _parallel_layer(name, module, split, part, comm))
+            setattr(model.get_submodule(parent), attr, _parallel_layer(name, module, split, partition, comm))
     model.comm = comm
     return model
 
 
-def _parallel_layer(name: str, module: nn.Module, split: Split, part: Partition, comm: Comm) -> nn.Module:
-    start, stop = part.range(split.unit)
+def _parallel_layer(name: str, module: nn.Module, split: Split, partition: Partition, comm: Comm) -> nn.Module:
+    start, stop = partition.range(split.unit)
     with torch.device(module.weight.device):
         if split.kind == "vocab" and isinstance(module, nn.Embedding):
             return VocabParallelEmbedding((start, stop), module.embedding_dim, comm)
@@ -102,7 +102,7 @@ def _parallel_layer(name: str, module: nn.Module, split: Split, part: Partition,
                     f"{'Linear or Embedding' if split.kind == 'vocab' else 'Linear'}")
 
 
-def load_state(module: nn.Module, ckpt, plan: dict, part: Partition, dtype: torch.dtype):
+def load_state(module: nn.Module, ckpt, plan: dict, partition: Partition, dtype: torch.dtype):
     """Fill every parameter of ``module`` from the checkpoint, this rank's hyperslab only.
 
     ``ckpt.read(name, slicer) -> np.ndarray`` loads the hyperslab ``slicer(full_shape)`` (h5py);
@@ -115,10 +115,10 @@ def load_state(module: nn.Module, ckpt, plan: dict, part: Partition, dtype: torc
         if stored != expected:
             raise HpcllmError(f"{ckpt.path}: tensor {name} is stored with split {_show(stored)} but the "
                               f"{ckpt.architecture} plan splits it {_show(expected)}; convert the model again")
-        data = ckpt.read(name, lambda shape, s=split: part.slice(s, shape))
+        data = ckpt.read(name, lambda shape, s=split: partition.slice(s, shape))
         if tuple(data.shape) != tuple(param.shape):
             raise HpcllmError(f"{ckpt.path}: tensor {name}: shape {tuple(data.shape)} does not fit the model's "
-                              f"{tuple(param.shape)} at tp rank {part.rank}/{part.size}")
+                              f"{tuple(param.shape)} at tp rank {partition.rank}/{partition.size}")
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         tensor = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)

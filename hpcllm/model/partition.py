@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from hpcllm.errors import HpcllmError
 
 
-def even_split(n: int, parts: int, index: int) -> tuple[int, int]:
-    """[start, stop) of part ``index`` when n items are cut into ``parts`` near-equal runs (larger first)."""
-    base, extra = divmod(n, parts)
+def even_split(n: int, runs: int, index: int) -> tuple[int, int]:
+    """[start, stop) of run ``index`` when n items are cut into ``runs`` near-equal runs (larger first)."""
+    base, extra = divmod(n, runs)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
 
