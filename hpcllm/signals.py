@@ -26,6 +26,7 @@ import socket
 import time
 
 from hpcllm.store.atomic import write_text
+from hpcllm.world.collective import agree_max  # MPI is imported only when a comm is given
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
 EXIT_REQUEUE = 75
@@ -68,8 +69,7 @@ class StopFlag:
         process alone. ``elsewhere``: a signal another rank received, as the
         world's shared counters carry it (hpcllm.world.counters).
         """
-        local = max(int(self.signum or 0), int(elsewhere))
-        agreed = local if comm is None else _allreduce_max(comm, local)
+        agreed = agree_max(comm, max(int(self.signum or 0), int(elsewhere)))
         self.agreed_signum = agreed or None
         return agreed != 0
 
@@ -86,12 +86,6 @@ class StopFlag:
     def __exit__(self, *exc):
         self.close()
         return False
-
-
-def _allreduce_max(comm, value: int) -> int:
-    from mpi4py import MPI  # deferred: StopFlag alone must not initialise MPI
-
-    return comm.allreduce(value, op=MPI.MAX)
 
 
 def signal_name(signum) -> str | None:

@@ -24,8 +24,8 @@ from hpcllm.corpus.readers import format_of
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 from hpcllm.store.manifest import shard_file
-from hpcllm.train.collective import sum_all
 from hpcllm.train.labels import MISSING
+from hpcllm.world.collective import sum_all, world_rank, world_size
 
 TRAINABLE = (Status.OK, Status.TRUNCATED, Status.BAD_UTF8)
 
@@ -82,8 +82,6 @@ def _field(raw: bytes, field: str):
 
 def load_local_rows(out_dir: str, plan, field: str, dim: int, comm) -> LocalRows:
     """This rank's training rows, ``dim`` features each (collective: the counts are summed over ``comm``)."""
-    from hpcllm.train.collective import world_rank, world_size
-
     parts, labels, doc_ids, where = [], [], [], []
     counts = np.zeros(len(Status) + 1, np.int64)      # one per status, then unlabelled
     for shard in my_shards(plan, world_rank(comm), world_size(comm)):

@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from hpcllm.progress import log
-from hpcllm.train.collective import sum_all, world_rank
 from hpcllm.train.metrics import evaluate
 from hpcllm.train.split import row_hashes
+from hpcllm.world.collective import sum_all, world_rank
 
 STATE_NAME = "finetune-state.pt"
 FROZEN = ("embed.tokens.",)        # parameters that never train (see the module docstring)

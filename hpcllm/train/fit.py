@@ -36,9 +36,9 @@ import math
 import numpy as np
 import torch
 
-from hpcllm.train.collective import sum_all
 from hpcllm.train.heads import build_head
 from hpcllm.train.objective import ShardedObjective, class_weights, standardisation
+from hpcllm.world.collective import sum_all
 
 
 @dataclasses.dataclass

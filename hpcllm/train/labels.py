@@ -21,7 +21,7 @@ import numbers
 import numpy as np
 
 from hpcllm.errors import HpcllmError
-from hpcllm.train.collective import gather_all, sum_all
+from hpcllm.world.collective import gather_all, sum_all
 
 MISSING = object()   # the label field is absent from the row
 

@@ -8,7 +8,7 @@ neither is left out; one with zero precision and recall scores 0).
 
 import numpy as np
 
-from hpcllm.train.collective import sum_all
+from hpcllm.world.collective import sum_all
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, comm=None) -> np.ndarray:

@@ -5,7 +5,7 @@
 where the sums run over the GLOBAL training rows (every rank's shard), ``w_i``
 is the class weight of row i's class, and ``W`` are the head's weight matrices
 (biases are not penalised).  A rank computes its shard's weighted sum and its
-gradient, and one reduction (``collective.sum_all``, float64) of the packed
+gradient, and one reduction (``hpcllm.world.collective.sum_all``, float64) of the packed
 ``[loss, grads...]`` vector gives every rank the same global loss and gradient,
 bit for bit, so all ranks take identical optimiser steps.  Nothing but that
 vector (one float per parameter, plus one) crosses the network.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcllm.train.collective import sum_all
+from hpcllm.world.collective import sum_all
 
 
 def class_weights(y: np.ndarray, n_classes: int, spec, comm) -> np.ndarray:

@@ -15,7 +15,7 @@ import hashlib
 
 import numpy as np
 
-from hpcllm.train.collective import max_all, sum_all
+from hpcllm.world.collective import max_all, sum_all
 
 
 def row_hashes(doc_ids, seed: int) -> np.ndarray:

@@ -1,14 +1,14 @@
-"""What hpcllm needs to know about Slurm: a launch sanity check and provenance.
+"""What hpcllm records about Slurm: the job's provenance.
 
-Rank numbers never come from here (they come from MPI): with a launcher that
-does not wire MPI to Slurm's PMI, every task sees ``SLURM_PROCID`` 0..n-1 but
-MPI gives each of them a world of size 1, and the job would silently run n
-copies of the same work. ``check_launch`` catches that.
+Rank numbers never come from Slurm's environment (they come from MPI); the
+launch sanity check (Slurm tasks but a world of one rank) is
+``hpcllm.world.launch.check_launch``.
 """
 
 import os
 
-from hpcllm.errors import HpcllmError
+# check_launch: re-exported from its old home until every caller imports it from hpcllm.world.launch
+from hpcllm.world.launch import check_launch, env_int  # noqa: F401
 
 # Result attribute name -> Slurm environment variable (present only in a job).
 _PROVENANCE = {
@@ -24,17 +24,6 @@ _PROVENANCE = {
 _INTEGERS = {"job_id", "array_job_id", "array_task_id", "restart_count", "ntasks"}
 
 
-def check_launch(world_size: int, env=os.environ) -> None:
-    """Refuse a Slurm step of several tasks whose MPI world has one rank."""
-    ntasks = _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"))
-    if ntasks is not None and ntasks > 1 and world_size == 1:
-        raise HpcllmError(
-            f"Slurm started {ntasks} tasks but MPI sees a world of 1 rank (task "
-            f"{env.get('SLURM_PROCID', '?')} on {env.get('SLURMD_NODENAME', '?')}): every task would redo "
-            "the same work; launch with `srun --mpi=pmi2` (see `srun --mpi=list`) so that mpi4py "
-            "can talk to Slurm's PMI, or use mpiexec inside the allocation")
-
-
 def provenance(env=os.environ) -> dict:
     """Slurm job id, array job id/index, restart count, node list, ntasks: those present.
 
@@ -46,14 +35,7 @@ def provenance(env=os.environ) -> dict:
         value = env.get(var)
         if value is None or value == "":
             continue
-        out[key] = _int(value) if key in _INTEGERS and _int(value) is not None else value
+        out[key] = env_int(value) if key in _INTEGERS and env_int(value) is not None else value
     if "job_id" in out:
         out.setdefault("restart_count", 0)
     return out
-
-
-def _int(value):
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
