@@ -53,7 +53,8 @@ def build_parser():
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
-        from hpcllm.jobs.convert import convert, launched_world
+        from hpcllm.checkpoint.convert import convert
+        from hpcllm.world.launch import launched_world
 
         world = launched_world()
         digest = convert(args.source, args.dest, args.dtype, comm=world)

@@ -52,7 +52,7 @@ def tiny(tmp_path_factory, smol_tokenizer_json):
     """name -> (HF model, hpcllm checkpoint path) for each tiny random model."""
     from transformers import AutoModelForCausalLM
 
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     out = {}
     for i, (name, cfg) in enumerate(_tiny_models().items()):
@@ -205,8 +205,8 @@ def test_require_family_refuses_a_decoder_for_an_encoder_job(tiny):
 
 
 def test_unknown_model_type_is_one_line_error(tmp_path):
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.errors import HpcllmError
-    from hpcllm.jobs.convert import convert
 
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported \(bert, llama, mistral, qwen2\)$"):

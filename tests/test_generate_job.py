@@ -26,7 +26,7 @@ def tiny_gen_h5(tmp_path_factory):
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.tokenizer.bpe import ByteLevelBPE
 
     torch.manual_seed(0)

@@ -107,11 +107,11 @@ def tiny_gguf(request, tmp_path_factory):
 def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.world.comm import LocalComm
-    from hpcllm.jobs.convert import convert
     from hpcllm.model.build import build_model
     from hpcllm.scoring import score_documents
+    from hpcllm.world.comm import LocalComm
 
     h5 = str(tmp_path / "tiny.h5")
     convert(tiny_gguf, h5)
@@ -144,8 +144,8 @@ def test_smollm2_metadata():
 
 
 def test_not_a_gguf_file_is_one_line_error(tmp_path):
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.errors import HpcllmError
-    from hpcllm.jobs.convert import convert
 
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf file at all")

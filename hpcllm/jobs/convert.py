@@ -1,56 +1,6 @@
-"""`hpcllm convert SRC DST`: an HF model directory or a GGUF file -> HDF5 checkpoint.
+"""Moved: `hpcllm convert` lives in ``hpcllm.checkpoint.convert`` (it is not an executor job) and
+``launched_world`` in ``hpcllm.world.launch``.  This old name stays only until the remaining
+callers (tests/conftest.py, tests/test_classify.py, bench/) import from there; then it goes."""
 
-Which importer reads a source comes from the architecture registry
-(``hpcllm.model.architectures``): a ``.gguf`` file by its ``general.architecture``,
-an HF directory by its config.json ``model_type``.
-
-Under ``mpiexec -n K`` (K > 1) every rank imports the source and writes its
-share of the tensors in parallel: a sharded checkpoint (one file per rank plus
-a master joining them with virtual datasets, ``hpcllm.checkpoint.sharded``)
-that reads, and loads at any tp, like a single file and has the same content
-hash.  The importers still read whole sources on each rank; making them read
-only a rank's tensors is what would split the dequantising work of a large GGUF.
-"""
-
-import json
-import os
-
-from hpcllm.checkpoint.hdf5 import write_checkpoint
-from hpcllm.errors import HpcllmError
-from hpcllm.model.architectures import hf_importer, plan_for
-
-
-def import_source(src: str):
-    """-> (architecture, config, tensors, tokenizer_json) from any supported source."""
-    if not os.path.exists(src):
-        raise HpcllmError(f"convert: source not found: {src}")
-    if src.endswith(".gguf"):
-        from hpcllm.checkpoint.gguf import import_gguf
-
-        return import_gguf(src)
-    cfg_path = os.path.join(src, "config.json")
-    if not os.path.isdir(src) or not os.path.exists(cfg_path):
-        raise HpcllmError(f"convert: {src} is neither a .gguf file nor a model directory with config.json")
-    with open(cfg_path) as f:
-        model_type = json.load(f).get("model_type")
-    return hf_importer(model_type, f"convert: {cfg_path}")(src)
-
-
-def convert(src: str, dst: str, dtype: str = "float32", comm=None) -> str:
-    """Convert ``src`` into ``dst``; returns the content hash.  ``comm`` (default: the MPI world when
-    launched by mpiexec with several ranks): write a sharded checkpoint, one file per rank."""
-    comm = comm if comm is not None else launched_world()
-    arch, config, tensors, tokenizer_json = import_source(src)
-    return write_checkpoint(dst, arch, config, tensors, tokenizer_json, source=os.path.abspath(src),
-                            plan=plan_for(arch), dtype=dtype, comm=comm)
-
-
-def launched_world():
-    """MPI.COMM_WORLD when this process is one of several ranks started by mpiexec / srun, else None
-    (a plain ``hpcllm convert`` never initialises MPI)."""
-    size = next((os.environ[k] for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE") if k in os.environ), "1")
-    if int(size) <= 1:
-        return None
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD
+from hpcllm.checkpoint.convert import convert, import_source  # noqa: F401
+from hpcllm.world.launch import launched_world  # noqa: F401
