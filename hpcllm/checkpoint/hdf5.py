@@ -18,9 +18,9 @@ import os
 import h5py
 import numpy as np
 
+from hpcllm.checkpoint.sharded import verify_shards, write_tensor_file
 from hpcllm.errors import HpcllmError
 from hpcllm.model.partition import split_attrs, tensor_split
-from hpcllm.store.atomic import atomic_h5
 
 FORMAT = "hpcllm-checkpoint"
 FORMAT_VERSION = 1
@@ -50,28 +50,15 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
     tok = tokenizer_json.encode("utf-8")
     digest.update(tok)
     content_hash = digest.hexdigest()
-    master = None
-    if comm is not None and comm.Get_size() > 1:
-        from hpcllm.checkpoint.sharded import write_shards
 
-        master = write_shards(path, comm, stored, {n: a["axis"] for n, a in attrs.items()}, attrs)
-        if comm.Get_rank() != 0:
-            return comm.bcast(None, root=0)
-    with atomic_h5(path) as f:
-        group = f.create_group("tensors")
-        if master is not None:
-            master(f, "tensors/")
-        else:
-            for name in sorted(stored):
-                group.create_dataset(name, data=stored[name]).attrs.update(attrs[name])
+    def write_rest(f):
         f.create_dataset("tokenizer", data=np.frombuffer(tok, dtype=np.uint8))
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
                         "config": json.dumps(config, sort_keys=True), "source": source,
                         "content_hash": content_hash, "dtype": dtype})
-    from hpcllm.checkpoint.sharded import remove_stale
 
-    remove_stale(path, comm.Get_size() if master is not None else 0)
-    return comm.bcast(content_hash, root=0) if master is not None else content_hash
+    write_tensor_file(path, "tensors", stored, write_rest, comm, {n: a["axis"] for n, a in attrs.items()}, attrs)
+    return content_hash
 
 
 def _round_bf16(arr: np.ndarray) -> np.ndarray:
@@ -94,8 +81,6 @@ class Checkpoint:
         attrs = self.file.attrs
         if attrs.get("format") != FORMAT:
             raise HpcllmError(f"{path}: not an hpcllm checkpoint (convert it first: hpcllm convert SRC {path})")
-        from hpcllm.checkpoint.sharded import verify_shards
-
         verify_shards(self.file, path)
         if int(attrs["format_version"]) > FORMAT_VERSION:
             raise HpcllmError(f"{path}: checkpoint format version {attrs['format_version']} is newer than this hpcllm reads")
@@ -128,10 +113,10 @@ class Checkpoint:
     def read(self, name, slicer) -> np.ndarray:
         """float32 array of the hyperslab ``slicer(full_shape)`` of tensor ``name``."""
         ds = self._dataset(name)
-        part = ds[slicer(ds.shape)]
+        slab = ds[slicer(ds.shape)]
         if self.dtype == "bfloat16":
-            return (part.astype(np.uint32) << 16).view(np.float32)
-        return part.astype(np.float32, copy=False)
+            return (slab.astype(np.uint32) << 16).view(np.float32)
+        return slab.astype(np.float32, copy=False)
 
     def close(self):
         self.file.close()

@@ -34,8 +34,8 @@ import h5py
 import numpy as np
 import torch
 
+from hpcllm.checkpoint.sharded import verify_shards, write_tensor_file
 from hpcllm.errors import HpcllmError
-from hpcllm.store.atomic import atomic_h5
 from hpcllm.train.heads import build_head
 
 FORMAT = "hpcllm-classifier"
@@ -82,25 +82,13 @@ def write_classifier(path: str, head: torch.nn.Module, class_names: list, class_
                      encoder: EncoderRef, provenance: dict, comm=None) -> str:
     """Write the classifier atomically; return its content hash.  Call on one rank (the head is
     replicated), or on every rank of a tp group ``comm`` (collective): then each rank writes its rows
-    of the head's tensors to its own file and rank 0 the master (``hpcllm.checkpoint.sharded``)."""
+    of the head's tensors to its rank file and rank 0 the master (``hpcllm.checkpoint.sharded``)."""
     tensors = {k: v.detach().float().numpy() for k, v in head.state_dict().items()}
     config = head.config()
     content_hash = _content_hash(config, class_names, class_values, encoder.content_hash, tensors)
     relpath = os.path.relpath(encoder.path, os.path.dirname(os.path.abspath(path)))
-    master = None
-    if comm is not None and comm.Get_size() > 1:
-        from hpcllm.checkpoint.sharded import write_shards
 
-        master = write_shards(path, comm, tensors, {name: 0 for name in tensors})
-        if comm.Get_rank() != 0:
-            return comm.bcast(None, root=0)
-    with atomic_h5(path) as f:
-        group = f.create_group("head")
-        if master is not None:
-            master(f, "head/")
-        else:
-            for name in sorted(tensors):
-                group.create_dataset(name, data=tensors[name])
+    def write_rest(f):
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "head": json.dumps(config, sort_keys=True),
             "class_names": json.dumps(class_names, ensure_ascii=False),
@@ -109,10 +97,9 @@ def write_classifier(path: str, head: torch.nn.Module, class_names: list, class_
             "pooling": encoder.pooling, "normalize": encoder.normalize,
             "provenance": json.dumps(provenance, sort_keys=True, default=_json_default),
             "content_hash": content_hash})
-    from hpcllm.checkpoint.sharded import remove_stale
 
-    remove_stale(path, comm.Get_size() if master is not None else 0)
-    return comm.bcast(content_hash, root=0) if master is not None else content_hash
+    write_tensor_file(path, "head", tensors, write_rest, comm, axes={name: 0 for name in tensors})
+    return content_hash
 
 
 def _json_default(value):
@@ -137,8 +124,6 @@ def read_classifier(path: str) -> Classifier:
             raise HpcllmError(f"{path}: not an hpcllm classifier (train one with hpcllm train-classifier)")
         if int(attrs["format_version"]) > FORMAT_VERSION:
             raise HpcllmError(f"{path}: classifier format version {attrs['format_version']} is newer than this hpcllm reads")
-        from hpcllm.checkpoint.sharded import verify_shards
-
         verify_shards(f, path)
         tensors = {name: f["head"][name][()] for name in f["head"]}
         config = json.loads(attrs["head"])
