@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from hpcllm.checkpoint.sources import rename
+from hpcllm.checkpoint.sources import decoder_config, rename
 from hpcllm.errors import HpcllmError
 from hpcllm.model.architectures import gguf_architecture
 
@@ -54,24 +54,23 @@ def gguf_config(reader, path: str) -> dict:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = int(get("vocab_size", len(tokens.data) if tokens is not None else 0))
     bos = _field(reader, "tokenizer.ggml.bos_token_id", -1, path)
-    return {
-        "vocab": vocab, "hidden": hidden, "n_layers": int(get("block_count")),
-        "n_heads": heads, "n_kv_heads": int(get("attention.head_count_kv", heads)), "head_dim": head_dim,
-        "ffn": int(get("feed_forward_length")), "rms_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 10000.0)), "rope_scaling": None,
-        "max_positions": int(get("context_length")),
-        "tie_embeddings": "output.weight" not in names,
-        "qkv_bias": "blk.0.attn_q.bias" in names, "o_bias": "blk.0.attn_output.bias" in names,
+    return decoder_config(
+        vocab=vocab, hidden=hidden, n_layers=int(get("block_count")),
+        n_heads=heads, n_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+        ffn=int(get("feed_forward_length")), rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=None,
+        max_positions=int(get("context_length")),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
         # llama.cpp's default: SentencePiece vocabularies add BOS, byte-level BPE ones do not
-        "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", tok_model == "llama", path)),
-        "bos_id": int(bos) if bos >= 0 else None,
-        "eos_id": int(_field(reader, "tokenizer.ggml.eos_token_id", -1, path)),
-        "pad_id": int(_field(reader, "tokenizer.ggml.padding_token_id", 0, path)),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", tok_model == "llama", path)),
+        bos_id=int(bos) if bos >= 0 else None,
+        eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", -1, path)),
+        pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0, path)),
         # generate: the ids that end a reply (EOS, end-of-turn) and the chat template (untrusted jinja)
-        "eos_ids": sorted({int(_field(reader, f"tokenizer.ggml.{k}_token_id", -1, path))
-                           for k in ("eos", "eot", "eom")} - {-1}),
-        "chat_template": _field(reader, "tokenizer.chat_template", "", path) or None,
-    }
+        eos_ids={int(_field(reader, f"tokenizer.ggml.{k}_token_id", -1, path)) for k in ("eos", "eot", "eom")} - {-1},
+        chat_template=_field(reader, "tokenizer.chat_template", "", path) or None,
+    )
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from the tensors themselves, so Qwen2's q/k/v bias and Llama's
 import json
 import os
 
-from hpcllm.checkpoint.sources import read_json, read_tokenizer_json, rename, safetensors_files
+from hpcllm.checkpoint.sources import decoder_config, read_json, read_tokenizer_json, rename, safetensors_files
 from hpcllm.errors import HpcllmError
 
 _LAYER_NAMES = {
@@ -59,28 +59,28 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
     if hf.get("sliding_window"):  # Mistral: windows no longer than the attention window keep attention exact
         context = min(context, int(hf["sliding_window"]))
     bos = hf.get("bos_token_id")
-    return {
-        "vocab": hf["vocab_size"], "hidden": hidden, "n_layers": hf["num_hidden_layers"],
-        "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-        "head_dim": hf.get("head_dim") or hidden // heads, "ffn": hf["intermediate_size"],
-        "rms_eps": float(hf.get("rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_scaling": scaling,
-        "max_positions": context, "tie_embeddings": "lm_head.weight" not in names,
-        "qkv_bias": "model.layers.0.self_attn.q_proj.bias" in names,
-        "o_bias": "model.layers.0.self_attn.o_proj.bias" in names,
-        "add_bos": _add_bos(src, tokenizer) and bos is not None, "bos_id": bos,
-        "eos_id": hf.get("eos_token_id"), "pad_id": hf.get("pad_token_id"),
-        "eos_ids": _eos_ids(src, hf), "chat_template": _chat_template(src),
-    }
+    return decoder_config(
+        vocab=hf["vocab_size"], hidden=hidden, n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads, ffn=hf["intermediate_size"],
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_positions=context, tie_embeddings="lm_head.weight" not in names,
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
+        o_bias="model.layers.0.self_attn.o_proj.bias" in names,
+        add_bos=_add_bos(src, tokenizer) and bos is not None, bos_id=bos,
+        eos_id=hf.get("eos_token_id"), pad_id=hf.get("pad_token_id"),
+        eos_ids=_eos_ids(src, hf), chat_template=_chat_template(src),
+    )
 
 
 def _ids(value) -> set:
     return set() if value is None else {int(v) for v in (value if isinstance(value, list) else [value])}
 
 
-def _eos_ids(src: str, hf: dict) -> list:
+def _eos_ids(src: str, hf: dict) -> set:
     """The ids that end generation: config.json's and generation_config.json's eos_token_id."""
     gen = read_json(os.path.join(src, "generation_config.json"), default={})
-    return sorted(_ids(hf.get("eos_token_id")) | _ids(gen.get("eos_token_id")))
+    return _ids(hf.get("eos_token_id")) | _ids(gen.get("eos_token_id"))
 
 
 def _chat_template(src: str):

@@ -1,5 +1,6 @@
 """What the importers (hf_bert, hf_llama, gguf) share: reading a model directory's
-files and mapping source tensor names onto hpcllm's."""
+files, mapping source tensor names onto hpcllm's, and the decoder config schema
+(``decoder_config``) that the HF and GGUF importers of the Llama family both fill."""
 
 import json
 import os
@@ -46,3 +47,26 @@ def rename(key: str, top: dict, layers: dict, layer_prefix: str):
         if rest in layers:
             return f"layers.{i}.{layers[rest]}.{kind}"
     return None
+
+
+def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                   ffn: int, rms_eps: float, rope_theta: float, rope_scaling: dict | None, max_positions: int,
+                   tie_embeddings: bool, qkv_bias: bool, o_bias: bool, add_bos: bool, bos_id, eos_id, pad_id,
+                   eos_ids, chat_template: str | None) -> dict:
+    """The config a Llama-family checkpoint stores (JSON in its ``config`` attribute) and the decoder
+    reads, from fields each importer has already normalised from its source (HF config.json, GGUF
+    metadata).  Every field is required, so an importer cannot leave one out.
+
+    ``rope_scaling``: None, or the HF ``rope_scaling`` dict (linear, llama3) without ``rope_theta``;
+    ``max_positions``: the context the model attends exactly (capped by a sliding window);
+    ``bos_id`` / ``pad_id``: None when the source names none; ``eos_id``: the source's own
+    (HF: an id or a list of ids); ``eos_ids``: every id that ends a reply (stored sorted);
+    ``chat_template``: jinja text, or None."""
+    return {
+        "vocab": vocab, "hidden": hidden, "n_layers": n_layers,
+        "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "ffn": ffn,
+        "rms_eps": rms_eps, "rope_theta": rope_theta, "rope_scaling": rope_scaling, "max_positions": max_positions,
+        "tie_embeddings": tie_embeddings, "qkv_bias": qkv_bias, "o_bias": o_bias,
+        "add_bos": add_bos, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id,
+        "eos_ids": sorted(eos_ids), "chat_template": chat_template,
+    }

