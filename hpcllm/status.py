@@ -19,8 +19,6 @@ class Status(enum.IntEnum):
     MISSING = 255
 
 
-STATUS_DTYPE = "u1"
-
 # Rows the reader could not turn into a text: never tokenized, kept with fill outputs.
 NOT_PROCESSED = (Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG, Status.CHANGED)
 

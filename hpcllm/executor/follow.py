@@ -116,12 +116,6 @@ class FollowShards:
                 return s.index
         return len(self.admissions.shards)
 
-    def total_docs(self) -> int:
-        return 0
-
-    def shard(self, i: int):
-        return i      # resolved by the prefetch thread, which may wait for it (resolve)
-
     def resolve(self, i: int, stopping) -> object:
         """Shard ``i`` once admitted: SKIP if an earlier run did it, END once the job is to end."""
         while True:
