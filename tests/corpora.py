@@ -1,8 +1,9 @@
 """Real multilingual text for tests: Debian's fortunes packages.
 
-`.ci/run` installs fortunes, fortunes-de, fortunes-ru, fortunes-es and
+`tests/run.sh` installs fortunes, fortunes-de, fortunes-ru, fortunes-es and
 fortunes-zh. Each fortune file is a list of texts separated by lines holding a
-single '%'.
+single '%'. Every corpus is required: a missing one raises ``MissingCorpus``
+(the test fails, it is not skipped).
 """
 
 import glob
@@ -20,15 +21,24 @@ CORPORA = {
 }
 
 
+class MissingCorpus(FileNotFoundError):
+    pass
+
+
 def _files(name):
     out = []
     for pattern in CORPORA[name]:
+        found = []
         for path in sorted(glob.glob(pattern)):
             if os.path.isdir(path) or os.path.islink(path) or path.endswith(".dat"):
                 continue
             if name == "fortunes" and os.path.basename(path) in ("chinese", "tang300", "song100"):
                 continue
-            out.append(path)
+            found.append(path)
+        if not found:
+            raise MissingCorpus(f"fortunes corpus {name}: no file matches {pattern}; install Debian's "
+                                f"{name} package (tests/run.sh does: apt-get install {name})")
+        out += found
     return out
 
 
@@ -44,18 +54,19 @@ def fortunes(name="fortunes", limit=None):
                 texts.append(chunk)
                 if limit is not None and len(texts) >= limit:
                     return texts
+    if not texts:
+        raise MissingCorpus(f"fortunes corpus {name}: its files ({', '.join(_files(name))}) hold no text")
     return texts
 
 
 def all_fortunes(per_corpus=None):
-    """{corpus name: texts} for every fortunes corpus installed here."""
+    """{corpus name: texts} for every fortunes corpus (all of them required)."""
     return {name: fortunes(name, per_corpus) for name in CORPORA}
 
 
 def mixed(n):
     """n texts drawn round-robin from all corpora (deterministic)."""
     pools = [fortunes(name, n) for name in CORPORA]
-    pools = [p for p in pools if p]
     out = []
     i = 0
     while len(out) < n:

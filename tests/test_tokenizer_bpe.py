@@ -15,6 +15,7 @@ import time
 import numba
 import numpy as np
 import pytest
+import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,6 @@ from hpcllm.errors import HpcllmError
 from hpcllm.kernels.regex_pretok import LLAMA3_PATTERN, QWEN2_PATTERN, load_tables
 from hpcllm.tokenizer.bpe import BYTE_CHARS, ByteLevelBPE
 
-tokenizers = pytest.importorskip("tokenizers")
 Tokenizer = tokenizers.Tokenizer
 
 

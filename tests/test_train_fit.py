@@ -177,8 +177,8 @@ def test_real_text_topics_from_fortune_files():
     from hpcllm.train.split import validation_mask
 
     topics = ["computers", "food", "law", "medicine", "sports"]
-    if not all(os.path.exists(os.path.join(FORTUNES, t)) for t in topics):
-        pytest.skip("needs Debian's fortunes package (apt-get install fortunes)")
+    missing = [t for t in topics if not os.path.exists(os.path.join(FORTUNES, t))]
+    assert not missing, f"{FORTUNES}: no {missing}; install Debian's fortunes package (tests/run.sh does)"
     texts, y = [], []
     for c, topic in enumerate(topics):
         with open(os.path.join(FORTUNES, topic), encoding="utf-8", errors="replace") as f:
