@@ -157,7 +157,7 @@ def test_minilm_gradients_equal_transformers(minilm_h5):
     from hpcllm.checkpoint.hf_bert import _rename
     from hpcllm.model.build import build_model
     from hpcllm.tokenizer import Tokenizer
-    from hpcllm.train.finetune import Docs, encoder_tensors, trainable
+    from hpcllm.train.finetune import TokenizedRows, encoder_tensors, trainable
     from hpcllm.train.heads import LinearHead
     from hpcllm.world.comm import LocalComm
     from test_classify import topic_rows
@@ -171,7 +171,7 @@ def test_minilm_gradients_equal_transformers(minilm_h5):
     with Checkpoint(minilm_h5) as ck:
         model = build_model(ck, 0, 1, LocalComm(), pack=False)
         tok = Tokenizer.from_str(ck.tokenizer_json, apply_file_settings=False)
-        docs = Docs([np.array(tok.encode(r[1], max_length=128), np.int64) for r in rows])
+        docs = TokenizedRows([np.array(tok.encode(r[1], max_length=128), np.int64) for r in rows])
         params = dict(trainable(model, head))
         for p in params.values():
             p.requires_grad_(True)

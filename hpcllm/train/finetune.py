@@ -78,7 +78,7 @@ class FinetuneOptions:
 
 
 @dataclasses.dataclass
-class Docs:
+class TokenizedRows:
     """Token ids of this rank's rows, one array each, in the order of its embeddings."""
     ids: list
 
@@ -100,7 +100,7 @@ class Docs:
         return torch.from_numpy(flat), torch.from_numpy(lengths)
 
 
-def local_docs(job, where) -> Docs:
+def local_docs(job, where) -> TokenizedRows:
     """Token ids of the rows ``where`` names ((shard, rows) pairs, ``LocalRows.where``), read and
     tokenized again exactly as the embed phase did (same reader, tokenizer and length limit)."""
     from hpcllm.executor.inputs import Inputs
@@ -116,7 +116,7 @@ def local_docs(job, where) -> Docs:
             ids += [np.asarray(data.ids[data.offsets[r]:data.offsets[r + 1]]) for r in rows]
     finally:
         inputs.close()
-    return Docs(ids)
+    return TokenizedRows(ids)
 
 
 def fresh_head(fitted, seed: int):
@@ -136,7 +136,7 @@ def trainable(model, head) -> list:
 
 
 @torch.no_grad()
-def score(model, head, docs: Docs, rows: np.ndarray, budget: int) -> np.ndarray:
+def score(model, head, docs: TokenizedRows, rows: np.ndarray, budget: int) -> np.ndarray:
     """Class probabilities [len(rows), C] float32 of ``rows`` under the current weights."""
     out = np.zeros((len(rows), head.n_classes), np.float32)
     where = {r: i for i, r in enumerate(rows.tolist())}
@@ -150,7 +150,7 @@ class Finetune:
     """One fine-tuning run on this rank's rows (collective: every rank of ``comm`` builds one and calls
     ``run`` together)."""
 
-    def __init__(self, model, head, docs: Docs, y, doc_ids, train, val, weights, comm, opts: FinetuneOptions,
+    def __init__(self, model, head, docs: TokenizedRows, y, doc_ids, train, val, weights, comm, opts: FinetuneOptions,
                  state_path: str, key: dict):
         self.model, self.docs, self.y = model, docs, np.asarray(y)
         self.head = fresh_head(head, opts.seed)
