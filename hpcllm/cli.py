@@ -1,4 +1,16 @@
-"""Command line: `hpcllm {convert,inspect,embed,score,tokenize,report,export,filter} ...`.
+"""Command line: ``hpcllm SUBCOMMAND ...`` (also ``python -m hpcllm``).
+
+Subcommands:
+
+* the executor's jobs (table ``JOBS``): ``embed``, ``score``, ``generate``,
+  ``train-classifier``, ``classify``, ``tokenize``; their options derive from
+  hpcllm.config.JobConfig (flags over ``--config FILE.toml`` over defaults), and
+  ``--follow`` runs any of them on files as they land; a job's module is imported
+  only when it runs;
+* ``convert``: HF model directory or GGUF file -> HDF5 checkpoint
+  (hpcllm.checkpoint.convert; under mpiexec each rank writes a rank file, joined by a master);
+* ``inspect``: summary of a checkpoint or a results file;
+* ``report``, ``export``, ``filter``: the results' analysis (hpcllm.analysis.commands).
 
 Every rank runs the same command. A user error (HpcllmError) prints one line,
 ``hpcllm: error: ...``, and exits 2 on every rank that hits it (the checks run
