@@ -71,8 +71,9 @@ def vocab_parallel_logprobs(hidden, targets, weight, vocab_start: int, comm: Com
 
 
 def with_bos(ids: np.ndarray, cfg: dict) -> np.ndarray:
-    """The document's ids as the model scores them: BOS first when the model's config says so."""
-    if cfg.get("add_bos") and cfg.get("bos_id") is not None:
+    """The document's ids as the model sees them: BOS first when the model's config says so (and the
+    tokenizer's template did not put it there already)."""
+    if cfg.get("add_bos") and cfg.get("bos_id") is not None and not (len(ids) and ids[0] == cfg["bos_id"]):
         return np.concatenate([np.array([cfg["bos_id"]], dtype=ids.dtype), ids])
     return ids
 

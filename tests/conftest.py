@@ -35,7 +35,7 @@ def warm_kernel_cache():
 @pytest.fixture(scope="session")
 def minilm_h5(tmp_path_factory):
     """all-MiniLM-L6-v2 converted once per test session."""
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     path = str(tmp_path_factory.mktemp("ckpt") / "minilm.h5")
     convert(minilm_dir(), path)
@@ -82,7 +82,7 @@ def tiny_bert_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bert_h5(tiny_bert_dir):
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     path = str(tiny_bert_dir.parent / "tiny.h5")
     convert(str(tiny_bert_dir), path)
@@ -105,7 +105,7 @@ def smol_gguf():
 @pytest.fixture(scope="session")
 def smol_h5(tmp_path_factory):
     """SmolLM2-135M-Instruct (its GGUF, Q4_1) converted once per test session."""
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     path = str(tmp_path_factory.mktemp("smol") / "smollm2.h5")
     convert(smol_gguf(), path)
@@ -129,7 +129,7 @@ def tiny_llama_h5(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.model_packages import model_path
     from hpcllm.tokenizer.bpe import ByteLevelBPE
 

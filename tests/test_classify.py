@@ -252,7 +252,7 @@ def test_sharded_classifier_missing_or_changed_shard_is_a_one_line_error(trained
 def test_sharded_convert_loads_at_every_tp(tiny_bert_dir, tmp_path):
     """`mpiexec -n 3 hpcllm convert`: one file per rank + master; equal hyperslabs at tp 1..4, same hash."""
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.model.architectures import plan_for
     from hpcllm.model.partition import partition_for, tensor_split
 
@@ -299,7 +299,7 @@ def test_hf_sequence_classifier_equals_transformers(tiny_seq_cls, corpus, tmp_pa
     from tokenizers import Tokenizer
     from transformers import BertForSequenceClassification
 
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     texts = [r[1] for r in corpus[2] if len(r[1]) < 120][:40]
     path = tmp_path / "short.jsonl"

@@ -29,7 +29,7 @@ JOB_TIMEOUT = 300   # no sbatch --wait or poll may hang a test run for longer
 # --- hpcllm.world.slurm without a cluster --------------------------------------
 
 def test_check_launch_refuses_slurm_tasks_with_a_world_of_one():
-    from hpcllm.world.slurm import check_launch
+    from hpcllm.world.launch import check_launch
     from hpcllm.errors import HpcllmError
 
     env = {"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2", "SLURMD_NODENAME": "n7"}
@@ -213,7 +213,7 @@ def test_wrapper_finds_the_template_through_hpcllm_slurm_dir(slurm_cluster, tmp_
 @pytest.mark.slurm
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_srun_without_pmi_is_refused(slurm_cluster, tmp_path):
-    code = ("from mpi4py import MPI; from hpcllm.world.slurm import check_launch; "
+    code = ("from mpi4py import MPI; from hpcllm.world.launch import check_launch; "
             "check_launch(MPI.COMM_WORLD.Get_size())")
     srun = ["timeout", str(JOB_TIMEOUT), "srun", "-n", "2", "--chdir", str(tmp_path)]
     bad = subprocess.run([*srun, "--mpi=none", sys.executable, "-c", code], capture_output=True, text=True,
@@ -450,7 +450,8 @@ def _fake_hpcllm(argv):
     """Resumable steps of 0.2 s; progress in OUT/done; stops on USR1/TERM with EXIT_REQUEUE."""
     from mpi4py import MPI
 
-    from hpcllm.world.slurm import check_launch, provenance
+    from hpcllm.world.launch import check_launch
+    from hpcllm.world.slurm import provenance
     from hpcllm.signals import EXIT_REQUEUE, StopFlag, write_stop_note
 
     comm = MPI.COMM_WORLD

@@ -30,6 +30,7 @@ from hpcllm.executor.follow import END, SKIP
 from hpcllm.executor.job import ShardData
 from hpcllm.executor.parts import part_batches, read_parts, remove_parts, write_part
 from hpcllm.progress import Progress, Timers
+from hpcllm.world.collective import from_root
 from hpcllm.world.counters import SharedCounters
 
 
@@ -63,8 +64,7 @@ class GroupLoop:
     def claim(self):
         """The next shard for this group (None: no more); in follow mode its index, resolved by load."""
         i = self.counters.claim() if self.mesh.is_group_leader else None
-        if self.mesh.tp_size > 1:
-            i = self.mesh.tp_mpi.bcast(i, root=0)
+        i = from_root(self.mesh.tp_mpi, i)
         if self.follow is not None:
             return i
         return self.todo[i] if i < len(self.todo) else None
@@ -112,8 +112,7 @@ class GroupLoop:
                 with self.timers.phase("idle"):
                     data = future.result() if future else None
                     work = data.for_workers() if isinstance(data, ShardData) else data
-                    if self.mesh.tp_size > 1:
-                        work = self.mesh.tp_mpi.bcast(work, root=0)
+                    work = from_root(self.mesh.tp_mpi, work)
                 if work == SKIP:               # follow mode: an earlier run did this shard
                     shard, future = self._claim_and_load(pool)
                     continue

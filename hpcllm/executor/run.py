@@ -20,13 +20,16 @@ from hpcllm import __version__
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.inputs import Inputs
 from hpcllm.executor.loop import GroupLoop
-from hpcllm.executor.parts import PARTS_DIR, split_plan, units
+from hpcllm.executor.parts import split_plan, units
 from hpcllm.progress import breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.store.atomic import remove_temporaries
+from hpcllm.store.layout import PARTS_DIR, SHARDS_DIR
 from hpcllm.store.manifest import completed_shards, load_or_create_manifest
+from hpcllm.world.collective import agree_any, on_root
 from hpcllm.world.mesh import Mesh, set_threads
-from hpcllm.world.slurm import check_launch, provenance
+from hpcllm.world.launch import check_launch
+from hpcllm.world.slurm import provenance
 
 
 def run_job(cfg, job_cls) -> int:
@@ -84,25 +87,26 @@ def _static_plan(cfg, job, world, mesh, inputs):
     manifest = load_or_create_manifest(cfg.output, plan_fn, job.model_hash(), job.config_hash(), comm=world,
                                        inputs=inputs.files)
     plan = manifest.shards
-    if world.Get_rank() == 0:   # before any group writes: what a killed run left half-written
-        remove_temporaries(os.path.join(cfg.output, "shards"))
+
+    def todo():          # rank 0, before any group writes: what a killed run left half-written goes
+        remove_temporaries(os.path.join(cfg.output, SHARDS_DIR))
         remove_temporaries(os.path.join(cfg.output, PARTS_DIR))
-    todo = world.bcast([u for s in plan if s.index not in completed_shards(cfg.output, plan)
-                        for u in units(cfg.output, s)] if world.Get_rank() == 0 else None, root=0)
-    return manifest, todo, 0
+        done = completed_shards(cfg.output, plan)
+        return [u for s in plan if s.index not in done for u in units(cfg.output, s)]
+    return manifest, on_root(world, todo), 0
 
 
 def _follow_plan(cfg, job, world, mesh, inputs):
     """Follow mode: the admitted files so far, the growing shard list, and where claiming starts."""
     from hpcllm.executor.follow import FollowShards
 
-    if world.Get_rank() == 0:
+    def prepare():       # rank 0, before any rank reads the output directory
         os.makedirs(cfg.output, exist_ok=True)
-        remove_temporaries(os.path.join(cfg.output, "shards"))
+        remove_temporaries(os.path.join(cfg.output, SHARDS_DIR))
         remove_temporaries(cfg.output)
-    world.Barrier()
+    on_root(world, prepare)
     follow = FollowShards(cfg, job, world)
-    first = world.bcast(follow.first_pending() if world.Get_rank() == 0 else None, root=0)
+    first = on_root(world, follow.first_pending)
     return SimpleNamespace(shards=follow.admissions.plan()), follow, first
 
 
@@ -129,22 +133,21 @@ def _rank_row(mesh, loop, model) -> dict:
 
 def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
     """Agree on the outcome world-wide; rank 0 writes the master file or the stop note."""
-    from mpi4py import MPI
-
     world = mesh.world
-    any_stopped = world.allreduce(int(stopped), op=MPI.MAX)
-    if not any_stopped:      # the job's own phase after the shards (train-classifier trains), collective
+    stopped = agree_any(world, stopped)
+    if not stopped:      # the job's own phase after the shards (train-classifier trains), collective
         with loop.timers.phase("compute"):
-            any_stopped = int(job.after_shards(cfg.output, manifest.shards, mesh, stop))
+            stopped = job.after_shards(cfg.output, manifest.shards, mesh, stop)
     rows = world.gather(_rank_row(mesh, loop, model), root=0)
-    error = None
-    if world.Get_rank() == 0:
+
+    def outcome():       # rank 0
         if loop.progress:
             loop.progress.maybe_print(*loop.counters.progress(), force=True)
         try:
-            if any_stopped:
+            if stopped:
                 write_stop_note(cfg.output, {"signal": signal_name(stop.agreed_signum or stop.signum),
                                              "shards_total": len(manifest.shards)})
+                log(f"stopped early by a signal; rerun the same command to finish (exit {EXIT_REQUEUE})")
             else:
                 attrs = {"job": job.name, "model": os.path.abspath(cfg.model) if cfg.model else None,
                          "model_hash": job.model_hash(),
@@ -153,18 +156,13 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
                          "code_version": __version__, "world": mesh.describe(), "timings": rows,
                          "slurm": provenance(), "finished": time.time()}
                 log(job.finish(cfg.output, manifest.shards, attrs))
-        except (HpcllmError, OSError) as exc:
-            error = str(exc)
-        log("time per rank (s):\n" + breakdown_table(rows))
-    loop.counters.free()
-    error = world.bcast(error, root=0)
-    if error:
-        raise HpcllmError(error)
-    if any_stopped:
-        if world.Get_rank() == 0:
-            log(f"stopped early by a signal; rerun the same command to finish (exit {EXIT_REQUEUE})")
-        return EXIT_REQUEUE
-    return 0
+        finally:
+            log("time per rank (s):\n" + breakdown_table(rows))
+    try:
+        on_root(world, outcome)     # an error there is raised on every rank
+    finally:
+        loop.counters.free()
+    return EXIT_REQUEUE if stopped else 0
 
 
 def peak_rss_mb() -> float:

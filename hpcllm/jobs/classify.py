@@ -104,23 +104,14 @@ class ClassifyJob(EmbedJob):
                 Column("top_p", np.float32, (), np.nan),
                 N_TOKENS) + BASE_COLUMNS
 
-    def start(self, work):
-        state = super().start(work)
-        n = work.n_docs
-        state.out = {"label_id": np.full(n, -1, np.int32), "probs": np.full((n, self.n_classes), np.nan, np.float32)}
-        return state
+    def empty_outputs(self, n_docs):
+        return {"label_id": np.full(n_docs, -1, np.int32), "probs": np.full((n_docs, self.n_classes), np.nan, np.float32)}
 
     @torch.no_grad()
-    def compute(self, model, state, batch):
-        from hpcllm.corpus.batching import pack_batch
-
-        rows = state.work.process[batch]
-        flat, doc_lengths = pack_batch(state.work.ids, state.work.offsets, rows)
-        device = next(model.parameters()).device
-        vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
-        probs = torch.softmax(self.head(vec.float().cpu()), dim=-1).numpy()
-        state.out["probs"][rows] = probs
-        state.out["label_id"][rows] = probs.argmax(axis=1)
+    def store(self, out, rows, vectors):
+        probs = torch.softmax(self.head(vectors.float().cpu()), dim=-1).numpy()
+        out["probs"][rows] = probs
+        out["label_id"][rows] = probs.argmax(axis=1)
 
     def result(self, state):
         ids, probs = state.out["label_id"], state.out["probs"]

@@ -30,8 +30,7 @@ class EmbedJob(Job):
 
     def start(self, work):
         lengths = np.diff(work.offsets)[work.process]
-        out = np.full((work.n_docs, self.dim), np.nan, dtype=self.out_dtype)
-        return SimpleNamespace(work=work, out=out,
+        return SimpleNamespace(work=work, out=self.empty_outputs(work.n_docs),
                                batches=make_batches(lengths, self.cfg.batch_tokens, self.cfg.window, padded=False))
 
     def compute(self, model, state, batch):
@@ -39,7 +38,15 @@ class EmbedJob(Job):
         flat, doc_lengths = pack_batch(state.work.ids, state.work.offsets, rows)
         device = next(model.parameters()).device
         vec = model(torch.from_numpy(flat).to(device), torch.from_numpy(doc_lengths).to(device))
-        state.out[rows] = vec.cpu().numpy().astype(self.out_dtype, copy=False)
+        self.store(state.out, rows, vec)
+
+    def empty_outputs(self, n_docs: int) -> dict:
+        """The shard's output arrays, filled with the schema's fill values."""
+        return {"embedding": np.full((n_docs, self.dim), np.nan, dtype=self.out_dtype)}
+
+    def store(self, out: dict, rows, vectors: torch.Tensor) -> None:
+        """The pooled vectors of ``rows`` into the output arrays."""
+        out["embedding"][rows] = vectors.cpu().numpy().astype(self.out_dtype, copy=False)
 
     def result(self, state):
-        return ShardResult({"embedding": state.out})
+        return ShardResult(state.out)

@@ -36,6 +36,7 @@ from hpcllm.executor.job import Job, ShardResult, Totals
 from hpcllm.generate.chat import ChatTemplate, TemplateRefused, conversation
 from hpcllm.generate.scheduler import FINISH_NAMES
 from hpcllm.model.architectures import require_family
+from hpcllm.scoring import with_bos
 from hpcllm.status import Status
 from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, STRING, Column, ragged, ragged_rows
 
@@ -116,9 +117,8 @@ class GenerateJob(Job):
         if self.cfg.chat:
             impl = self.tokenizer._impl             # the executor added the tokenizer's special tokens
             ids = ids[len(impl.prefix):len(ids) - len(impl.suffix)]
-        elif self.model_cfg.get("add_bos") and self.model_cfg.get("bos_id") is not None \
-                and not (len(ids) and ids[0] == self.model_cfg["bos_id"]):
-            ids = np.concatenate([[self.model_cfg["bos_id"]], ids]).astype(np.int64)
+        else:
+            ids = with_bos(ids, self.model_cfg)
         room = self.context - self.cfg.max_new_tokens
         if self.cfg.truncate_prompt and len(ids) > max(room, 1):
             return ids[len(ids) - max(room, 1):], Status.TRUNCATED

@@ -57,7 +57,7 @@ class ScoreJob(Job):
         return cols + BASE_COLUMNS
 
     def start(self, work):
-        docs = [self._prepare(work.doc(i)) for i in work.process]
+        docs = [with_bos(work.doc(i).astype(np.int64), self.model_cfg) for i in work.process]
         pieces = window_pieces([len(d) for d in docs], self.window, self.stride)
         return SimpleNamespace(work=work, docs=docs, pieces=pieces, piece_lp=[None] * len(pieces),
                                batches=make_batches(pieces[:, 2] - pieces[:, 1], self.cfg.batch_tokens,
@@ -96,9 +96,3 @@ class ScoreJob(Job):
         if self.cfg.token_logprobs:
             out["token_logprobs"], out["token_offsets"] = ragged_rows(token_lp, np.float32)
         return ShardResult(out)
-
-    def _prepare(self, doc):
-        c = self.model_cfg
-        if c.get("add_bos") and len(doc) and doc[0] == c.get("bos_id"):
-            return doc.astype(np.int64)  # the tokenizer's template already added it
-        return with_bos(doc.astype(np.int64), c)

@@ -20,6 +20,7 @@ from hpcllm import __version__
 from hpcllm.corpus.plan import Plan, Shard
 from hpcllm.errors import HpcllmError
 from hpcllm.store.atomic import write_text
+from hpcllm.world.collective import on_root
 from hpcllm.store.layout import MANIFEST_NAME, shard_file, shard_filename  # noqa: F401  (until callers move)
 
 MANIFEST_FORMAT = "hpcllm-manifest"
@@ -95,21 +96,6 @@ def _mismatch(m: Manifest, model_hash: str, config_hash: str, inputs: list[str] 
     return None
 
 
-def _agree(comm, fn):
-    """Run ``fn`` on rank 0 and broadcast its result; an HpcllmError is raised on every rank."""
-    result = None
-    if comm is None or comm.Get_rank() == 0:
-        try:
-            result = ("ok", fn())
-        except (HpcllmError, OSError) as e:
-            result = ("error", str(e))
-    if comm is not None:
-        result = comm.bcast(result, root=0)
-    if result[0] == "error":
-        raise HpcllmError(result[1])
-    return result[1]
-
-
 def load_or_create_manifest(out_dir: str, plan_fn, model_hash: str, config_hash: str,
                             comm=None, inputs: list[str] | None = None) -> Manifest:
     """Reuse ``<out>/manifest.json`` if it matches this run, else plan and write it.
@@ -129,7 +115,7 @@ def load_or_create_manifest(out_dir: str, plan_fn, model_hash: str, config_hash:
             if why:
                 raise HpcllmError(why)
         return found
-    found = _agree(comm, check)
+    found = on_root(comm, check)
     if found is not None:
         return found
     shards = plan_fn()
@@ -144,7 +130,7 @@ def load_or_create_manifest(out_dir: str, plan_fn, model_hash: str, config_hash:
                      path=path)
         write_text(path, m.to_json())
         return m
-    return _agree(comm, create)
+    return on_root(comm, create)
 
 
 def completed_shards(out_dir: str, plan: list[Shard]) -> set[int]:

@@ -7,8 +7,7 @@ launch sanity check (Slurm tasks but a world of one rank) is
 
 import os
 
-# check_launch: re-exported from its old home until every caller imports it from hpcllm.world.launch
-from hpcllm.world.launch import check_launch, env_int  # noqa: F401
+from hpcllm.world.launch import env_int
 
 # Result attribute name -> Slurm environment variable (present only in a job).
 _PROVENANCE = {
