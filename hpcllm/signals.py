@@ -26,12 +26,12 @@ import socket
 import time
 
 from hpcllm.store.atomic import write_text
+from hpcllm.store.layout import STOP_NOTE
 from hpcllm.world.collective import agree_max  # MPI is imported only when a comm is given
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
 EXIT_REQUEUE = 75
 
-STOP_NOTE = "STOPPED.json"
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

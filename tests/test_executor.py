@@ -203,3 +203,32 @@ def test_embed_term_to_one_rank_stops_all_and_rerun_equals_uninterrupted(tmp_pat
     _check_resumed(_run(2, [*args, "--output", out], tmp_path), out, left)
     _ok(_run(2, [*args, "--output", ref], tmp_path))
     _same_datasets(ref / "results.h5", out / "results.h5", required=("embedding", "status", "doc_id"))
+
+
+def test_job_statuses_merge_with_the_readers_the_more_severe_standing(tmp_path):
+    """ShardResult.status: a job's status for a row replaces the reader's unless the reader's says more
+    (not processed > bad UTF-8 > truncated > ok / empty)."""
+    import h5py
+    import numpy as np
+
+    from hpcllm.corpus.plan import make_plan
+    from hpcllm.corpus.readers import read_docs
+    from hpcllm.executor.job import Job, ShardData, ShardResult
+    from hpcllm.status import Status as S
+    from hpcllm.store.layout import shard_file
+    from hpcllm.store.results import BASE_COLUMNS, N_TOKENS
+
+    class Statuses(Job):
+        def schema(self):
+            return (N_TOKENS,) + BASE_COLUMNS
+
+    (tmp_path / "c.jsonl").write_text("".join('{"text": "d%d"}\n' % i for i in range(6)))
+    shard = make_plan(str(tmp_path / "c.jsonl"))[0]
+    reader = np.array([S.OK, S.EMPTY, S.TRUNCATED, S.BAD_UTF8, S.TOO_LONG, S.OK], np.uint8)
+    data = ShardData(shard, read_docs(shard), np.zeros(0, np.int32), np.zeros(7, np.int64), reader)
+    job_says = {0: S.TRUNCATED, 1: S.TOO_LONG, 2: S.TOO_LONG, 3: S.TRUNCATED, 4: S.TRUNCATED}
+    Statuses(None, None).write_shard(str(tmp_path / "out"), data, ShardResult({}, job_says, {"x": 1}), {"rank": 0})
+    with h5py.File(shard_file(str(tmp_path / "out"), shard.index), "r") as f:
+        assert f["status"][()].tolist() == [S.TRUNCATED, S.TOO_LONG, S.TOO_LONG, S.BAD_UTF8, S.TOO_LONG, S.OK]
+        assert (int(f.attrs["x"]), int(f.attrs["rank"])) == (1, 0)
+    assert data.status.tolist() == reader.tolist()      # the reader's statuses are not modified

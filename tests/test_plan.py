@@ -11,7 +11,8 @@ import pytest
 
 from hpcllm.corpus import plan as planmod
 from hpcllm.corpus.plan import Shard, make_plan
-from hpcllm.store.manifest import completed_shards, hash_config, load_or_create_manifest, shard_file
+from hpcllm.store.layout import shard_file
+from hpcllm.store.manifest import completed_shards, hash_config, load_or_create_manifest
 from hpcllm.errors import HpcllmError
 
 HERE = os.path.abspath(__file__)

@@ -43,7 +43,8 @@ def test_flag_sets_only_on_stop_signals_and_restores_handlers():
 
 
 def test_stop_note_is_written_atomically(tmp_path):
-    from hpcllm.signals import STOP_NOTE, read_stop_note, write_stop_note
+    from hpcllm.signals import read_stop_note, write_stop_note
+    from hpcllm.store.layout import STOP_NOTE
 
     assert read_stop_note(tmp_path) is None
     path = write_stop_note(tmp_path, {"completed_shards": [0, 2], "signal": signal.SIGUSR1, "rank": 0})

@@ -15,7 +15,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.status import Status as S
 from hpcllm.status import status_counts
 from hpcllm.inspect import summarize
-from hpcllm.store.manifest import shard_file
+from hpcllm.store.layout import shard_file
 from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, build_master, ragged,
                                   ragged_rows, read_dataset, write_shard)
 
@@ -230,3 +230,21 @@ def test_ragged_columns_join_in_input_order(tmp_path):
     assert len(offsets) == len(expect) + 1 and offsets[0] == 0
     for i, row in enumerate(expect):
         np.testing.assert_array_equal(flat[offsets[i]:offsets[i + 1]], row)
+
+
+def test_column_attributes_reach_the_master(tmp_path):
+    """A Column's attrs are the master dataset's attributes (what a reader needs: names of codes or classes),
+    set when the master is built, so no job reopens results.h5 to add them."""
+    plan = _corpus(tmp_path)
+    names = json.dumps(["négatif", "positif"], ensure_ascii=False)
+    schema = (Column("embedding", np.float32, (DIM,), np.nan, attrs={"names": names, "scale": 2}),
+              N_TOKENS) + BASE_COLUMNS
+    out = str(tmp_path / "out")
+    for s in plan:
+        cols = _fake_outputs(s, read_docs(s, id_field="id"))
+        write_shard(out, s, cols, schema=schema)
+    path = build_master(out, plan, schema)
+    with h5py.File(path, "r") as f:
+        assert json.loads(f["embedding"].attrs["names"]) == ["négatif", "positif"]
+        assert int(f["embedding"].attrs["scale"]) == 2
+        assert dict(f["status"].attrs) == {}

@@ -36,7 +36,7 @@ from hpcllm.executor.job import ShardData
 from hpcllm.progress import log
 from hpcllm.status import Status
 from hpcllm.store.admissions import Admissions
-from hpcllm.store.manifest import shard_file
+from hpcllm.store.layout import shard_file
 from hpcllm.world.counters import ADMITTED, FINAL
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".done")

@@ -21,7 +21,7 @@ from hpcllm.corpus.plan import Plan, Shard
 from hpcllm.errors import HpcllmError
 from hpcllm.store.atomic import write_text
 from hpcllm.world.collective import on_root
-from hpcllm.store.layout import MANIFEST_NAME, shard_file, shard_filename  # noqa: F401  (until callers move)
+from hpcllm.store.layout import MANIFEST_NAME, shard_file
 
 MANIFEST_FORMAT = "hpcllm-manifest"
 MANIFEST_VERSION = 1

@@ -23,7 +23,7 @@ import numpy as np
 from hpcllm.corpus.readers import format_of
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
-from hpcllm.store.manifest import shard_file
+from hpcllm.store.layout import shard_file
 from hpcllm.train.labels import MISSING
 from hpcllm.world.collective import sum_all, world_rank, world_size
 

@@ -61,7 +61,6 @@ from hpcllm.train.metrics import evaluate
 from hpcllm.train.split import row_hashes
 from hpcllm.world.collective import sum_all, world_rank
 
-STATE_NAME = "finetune-state.pt"
 FROZEN = ("embed.tokens.",)        # parameters that never train (see the module docstring)
 
 
@@ -255,9 +254,9 @@ class Finetune:
         probs = score(self.model, self.head, self.docs, self.val, self.opts.eval_tokens)
         return evaluate(self.y[self.val], probs.argmax(axis=1), self.n_classes, self.comm)
 
-    def run(self, stop) -> int:
-        """Train the epochs not done yet; returns 0, or the signal number when a stop signal was agreed
-        (the state is saved then)."""
+    def run(self, stop) -> bool:
+        """Train the epochs not done yet; True when a stop signal was agreed between two steps (the
+        state is saved then)."""
         self.model.train()
         started = time.time() - self.seconds
         while self.epoch < self.opts.epochs:
@@ -266,7 +265,7 @@ class Finetune:
                 if stop.should_stop(self.comm):
                     self.seconds = time.time() - started
                     self._save()
-                    return stop.agreed_signum
+                    return True
                 self._loss_sum += self._step(self.train[batch == self.step], float(totals[self.step]))
                 self.step += 1
             entry = {"epoch": self.epoch + 1, "train_loss": self._loss_sum / self.n_batches}
@@ -291,7 +290,7 @@ class Finetune:
         for _, p in self.params:
             p.requires_grad_(False)
         self.model.eval()
-        return 0
+        return False
 
     def summary(self) -> dict:
         """What the classifier's provenance records about the fine-tuning."""
