@@ -47,7 +47,7 @@ world = MPI.COMM_WORLD
 out_path, backends = sys.argv[1:3]
 saved = {}
 for backend in backends.split(","):
-    comm = Mesh.create(world, world.Get_size(), backend).tp
+    comm = Mesh.create(world, world.Get_size(), backend).tp_comm
     for name, params in CASES.items():
         saved[f"ids_{backend}_{name}"] = draws(comm, params)
 if world.Get_rank() == 0:
