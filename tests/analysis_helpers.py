@@ -62,7 +62,9 @@ def make_results(out, corpus, n, shard_docs=None, seed=0, token_lp=False, dim=0,
               Column("n_tokens", np.int32, (), -1)] + [c for c in BASE_COLUMNS if doc_ids or c.name != "doc_id"]
     if enum:
         cols["finish_reason"] = rng.integers(0, 3, n).astype(np.uint8)
-        schema.append(Column("finish_reason", np.uint8, (), 255))
+        # names as generate writes them: a JSON object {code: name}
+        schema.append(Column("finish_reason", np.uint8, (), 255,
+                             attrs={"names": json.dumps({0: "stop", 1: "length", 2: "eos", 255: "none"})}))
     if dim:
         cols["embedding"] = rng.normal(size=(n, dim)).astype(np.float32)
         schema.append(Column("embedding", np.float32, (dim,), np.nan))
@@ -79,10 +81,6 @@ def make_results(out, corpus, n, shard_docs=None, seed=0, token_lp=False, dim=0,
                  attrs={"job": "score", "model": "/models/tiny.h5", "model_hash": "ab" * 32, "config": {"tp": 1},
                         "world": {"world": 2, "dp": 2, "tp": 1}, "timings": timings, "slurm": {}},
                  inputs=[corpus])
-    if enum:
-        import h5py
-        with h5py.File(os.path.join(out, "results.h5"), "a") as f:
-            f["finish_reason"].attrs["names"] = json.dumps(["stop", "length", "eos"])
     manifest = {"format": "hpcllm-manifest", "version": 1, "shards": [s.__dict__ for s in plan],
                 "inputs": [corpus], "input_sizes": [os.path.getsize(corpus)], "model_hash": "ab" * 32,
                 "config_hash": "cd" * 32, "code_version": "test", "created": "2100-01-01T00:00:00+00:00"}
