@@ -16,7 +16,13 @@ hash table: key = node * 0x110000 + code point. Continuation pieces ("##x")
 are found by walking the same trie from the node of the "##" prefix.
 
 Kernels take the tokenizer as one `WordPieceTables` (W) and each thread's
-buffers and per-document state as one `Doc` (D).
+buffers and per-document state as one `Doc` (D), except on the hot path:
+encode_doc's per-character loop reads W and D's arrays into locals once per
+document, and the per-word calls (_end_word, _wordpiece, _emit) take only the
+arrays they touch. Every array a compiled call receives, also inside a
+NamedTuple, costs an atomic NRT incref and decref per call: handing all of W
+and D to a call per character and per word made the kernel 3.5x slower
+(commit 379d727, found in issue 20).
 """
 
 from typing import NamedTuple
@@ -83,23 +89,21 @@ class Doc(NamedTuple):
 
 # ---------------------------------------------------------------- emitting
 @njit(nogil=True, cache=True, inline="always")
-def _emit(D, tok):
+def _emit(out, st, tok):
     # Writes past the capacity are dropped but counted: the caller sees
     # truncation (or an overflow it reports) from st[S_N] > cap.
-    st = D.st
     if st[S_N] < st[S_CAP]:
-        D.out[st[S_BASE] + st[S_N]] = tok
+        out[st[S_BASE] + st[S_N]] = tok
     st[S_N] += 1
 
 
 @njit(nogil=True, cache=True)
-def _wordpiece(n, W, D):
-    """Greedy longest-match-first pieces of D.wbuf[:n]; one [UNK] if any piece fails."""
-    vt, wbuf, st = W.vocab, D.wbuf, D.st
+def _wordpiece(n, vt, cfg, wbuf, out, st):
+    """Greedy longest-match-first pieces of wbuf[:n]; one [UNK] if any piece fails."""
     start_n = st[S_N]
     pos = 0
     while pos < n:
-        node = 0 if pos == 0 else W.cfg.cont
+        node = 0 if pos == 0 else cfg.cont
         best_end = -1
         best_id = -1
         j = pos
@@ -111,22 +115,28 @@ def _wordpiece(n, W, D):
                 best_id = vt.node_id[node]
         if best_id < 0:
             st[S_N] = start_n
-            _emit(D, W.cfg.unk_id)
+            _emit(out, st, cfg.unk_id)
             return
-        _emit(D, best_id)
+        _emit(out, st, best_id)
         pos = best_end
 
 
 @njit(nogil=True, cache=True)
-def _end_word(W, D):
-    n = D.st[S_W]
+def _end_word(vt, cfg, wbuf, out, st):
+    n = st[S_W]
     if n == 0:
         return
-    D.st[S_W] = 0
-    if n > W.cfg.max_chars:
-        _emit(D, W.cfg.unk_id)
+    st[S_W] = 0
+    if n > cfg.max_chars:
+        _emit(out, st, cfg.unk_id)
     else:
-        _wordpiece(n, W, D)
+        _wordpiece(n, vt, cfg, wbuf, out, st)
+
+
+@njit(nogil=True, cache=True)
+def _end_word_of(vt, cfg, D):
+    """_end_word from the general (rare) path, which holds D."""
+    _end_word(vt, cfg, D.wbuf, D.out, D.st)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -142,11 +152,11 @@ def _split(c, W, D):
     """BertPreTokenizer on one normalized code point."""
     cls = W.ut.cls[c]
     if cls & (WS | PUNCT):
-        _end_word(W, D)
+        _end_word_of(W.vocab, W.cfg, D)
         if cls & PUNCT:
             D.wbuf[0] = c
             D.st[S_W] = 1
-            _end_word(W, D)
+            _end_word_of(W.vocab, W.cfg, D)
     else:
         _append(D, c)
 
@@ -227,11 +237,11 @@ def _raw_char(cp, W, D):
         _normalized(cp, W, D)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _end_segment(W, D):
     if D.st[S_P] > 0:
         _flush_pending(W, D)
-    _end_word(W, D)
+    _end_word(W.vocab, W.cfg, D.wbuf, D.out, D.st)
 
 
 @njit(nogil=True, cache=True)
@@ -251,51 +261,49 @@ def _match_added(cps, i, n, at):
 
 
 @njit(nogil=True, cache=True)
-def _fast_char(f, cp, W, D):
-    """One code point by its fast_map code f (see unicode_tables.fast_map)."""
-    if f >= 0:
-        _append(D, f)
-    elif f == FM_DROP:
-        pass
-    elif f == FM_SPLIT:
-        _end_word(W, D)
-    elif f <= FM_SEQ:
-        for k in range(W.fast.seq_off[FM_SEQ - f], W.fast.seq_off[FM_SEQ - f + 1]):
-            _append(D, W.fast.seq_data[k])
-    elif f <= FM_ISOLATE:
-        _end_word(W, D)
-        _append(D, FM_ISOLATE - f)
-        _end_word(W, D)
-    else:
-        _raw_char(cp, W, D)
-
-
-@njit(nogil=True, cache=True)
 def encode_doc(buf, b0, b1, W, D, max_content):
     """Content tokens of document buf[b0:b1] into D.out[st[S_BASE]:] (at most st[S_CAP] kept).
 
     Returns (n, bad): n tokens produced (stops once n > max_content, the sign
     of truncation) and the bad-UTF-8 flag. Most characters take the fast path
-    through W.fast; the rest go through _raw_char.
+    through W.fast (one lookup, see unicode_tables.fast_map); the rest go
+    through _raw_char.
     """
-    cps, st = D.cps, D.st
+    cps, st, wbuf, out = D.cps, D.st, D.wbuf, D.out
     n, bad = decode_range(buf, b0, b1, cps)
     st[S_N] = 0
     st[S_W] = 0
     st[S_P] = 0
     has_added = len(W.added.node_id) > 1
+    vt, cfg = W.vocab, W.cfg
+    fm, seq_off, seq_data, afirst = W.fast
     i = 0
     while i < n and st[S_N] <= max_content:
         cp = cps[i]
-        if has_added and W.fast.afirst[cp & 4095]:
+        if has_added and afirst[cp & 4095]:
             m, tok = _match_added(cps, i, n, W.added)
             if m > 0:   # an added token ends the segment before it
                 _end_segment(W, D)
-                _emit(D, tok)
+                _emit(out, st, tok)
                 i += m
                 continue
         i += 1
-        _fast_char(W.fast.fm[cp] if st[S_P] == 0 else FM_SLOW, cp, W, D)
+        f = fm[cp] if st[S_P] == 0 else FM_SLOW
+        if f >= 0:
+            _append(D, f)
+        elif f == FM_DROP:
+            pass
+        elif f == FM_SPLIT:
+            _end_word(vt, cfg, wbuf, out, st)
+        elif f <= FM_SEQ:
+            for k in range(seq_off[FM_SEQ - f], seq_off[FM_SEQ - f + 1]):
+                _append(D, seq_data[k])
+        elif f <= FM_ISOLATE:
+            _end_word(vt, cfg, wbuf, out, st)
+            _append(D, FM_ISOLATE - f)
+            _end_word(vt, cfg, wbuf, out, st)
+        else:
+            _raw_char(cp, W, D)
     if st[S_N] <= max_content:
         _end_segment(W, D)
     return st[S_N], bad
