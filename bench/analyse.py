@@ -14,13 +14,12 @@ the corpus read line by line into a gzip file.  Each side runs as its own proces
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/common.py, also under PYTHONSAFEPATH=1
+
+from common import analysis_helpers, timed_peak  # noqa: E402
 
 PEER_EXPORT = """
 import sys, h5py, pandas as pd
@@ -51,22 +50,12 @@ with open(sys.argv[2], "rb") as src, gzip.open(sys.argv[3], "wb", compresslevel=
 """
 
 
-def timed(cmd) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of one child process."""
-    wrapper = ("import subprocess, sys, resource; subprocess.run(sys.argv[1:], check=True); "
-               "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", wrapper, *map(str, cmd)], capture_output=True, text=True, check=True)
-    secs = time.perf_counter() - t
-    return secs, float(out.stdout.strip().split()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--dir", default=None)
     a = ap.parse_args()
-    from analysis_helpers import make_results
+    make_results = analysis_helpers().make_results
 
     d = a.dir or tempfile.mkdtemp(prefix="bench-analyse-")
     out, corpus = os.path.join(d, "out"), os.path.join(d, "corpus.jsonl")
@@ -82,7 +71,7 @@ def main():
             ("filter q(0.6) -> .jsonl.gz", hp + ["filter", out, "--where", "status == ok and perplexity <= q(0.6)",
                                                  "--output", os.path.join(d, "a.jsonl.gz")],
              [sys.executable, "-c", PEER_FILTER, out, corpus, os.path.join(d, "b.jsonl.gz")])):
-        (ts, ms), (tp, mp) = timed(ours), timed(peer)
+        (ts, ms), (tp, mp) = timed_peak(ours), timed_peak(peer)
         rows.append({"what": what, "rows": a.rows, "hpcllm_s": round(ts, 2), "hpcllm_peak_mib": round(ms),
                      "peer_s": round(tp, 2), "peer_peak_mib": round(mp), "speed_ratio": round(tp / ts, 2)})
         print(f"{what}: {a.rows:,} rows  hpcllm {ts:.2f} s, peak {ms:.0f} MiB | peer {tp:.2f} s, peak {mp:.0f} MiB"

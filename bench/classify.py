@@ -23,11 +23,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/ holds tokenize.py, named like the stdlib module torch imports: keep bench/ off the path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def make_data(path, rows, dim, classes, seed=0):

@@ -32,20 +32,11 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, HERE)   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import numpy as np  # noqa: E402
 
-
-def _pipeline():
-    """bench/classify_pipeline.py as a module (its task and split), bench/ kept off sys.path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("classify_pipeline", os.path.join(HERE, "classify_pipeline.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from common import REPO, minilm_dir  # noqa: E402
 
 
 def embed(d, name, ckpt, ranks, max_length):
@@ -86,8 +77,6 @@ def finetune(x_train, y_train, x_test, y_test, scores, epochs, max_length, threa
 
     import torch
     from transformers import AutoModel, AutoTokenizer
-
-    from conftest import minilm_dir
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -140,7 +129,7 @@ def decoder_features(texts, max_length, threads, layers=(15,), batch_tokens=4096
     import torch
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.model.build import build_model
     from hpcllm.model_packages import model_path
     from hpcllm.scoring import with_bos
@@ -192,16 +181,13 @@ def main():
     p.add_argument("--decoder-length", type=int, default=128)
     p.add_argument("--decoder-only", action="store_true", help="only the SmolLM2 feature runs (and MiniLM 256)")
     args = p.parse_args()
-    cp = _pipeline()
+    import classify_pipeline as cp
     d = tempfile.mkdtemp(prefix="bench-clf-acc-")
     task = cp.build_task(d, args.classes, args.per_class)
     print(f"task: {json.dumps(task)}", flush=True)
     x_train, y_train = cp.read_jsonl(os.path.join(d, "train.jsonl"))
     x_test, y_test = cp.read_jsonl(os.path.join(d, "test.jsonl"))
     y_train, y_test = np.array(y_train), np.array(y_test)
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from conftest import minilm_dir
-
     ckpt = os.path.join(d, "minilm.h5")
     subprocess.run([sys.executable, "-m", "hpcllm", "convert", minilm_dir(), ckpt], check=True, capture_output=True)
     rows = []

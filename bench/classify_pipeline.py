@@ -32,17 +32,16 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# bench/ holds tokenize.py, named like the stdlib module torch imports: keep bench/ off the path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, HERE)   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from common import REPO, minilm_dir  # noqa: E402
 
 FORTUNES = "/usr/share/games/fortunes"
 NOT_ENGLISH = ("chinese", "tang300", "song100")
@@ -102,9 +101,6 @@ def st_sklearn(d: str, threads: int) -> dict:
     from sentence_transformers import SentenceTransformer
     from sklearn.linear_model import LogisticRegression
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from conftest import minilm_dir
-
     torch.set_num_threads(threads)
     model = SentenceTransformer(minilm_dir(), device="cpu")
     x_train, y_train = read_jsonl(os.path.join(d, "train.jsonl"))
@@ -116,12 +112,8 @@ def st_sklearn(d: str, threads: int) -> dict:
 def hf_finetune(d: str, threads: int, epochs: int) -> dict:
     """HF's MiniLM fine-tuned in PyTorch (bench/classify_accuracy.py's loop: mean pooling + linear head,
     AdamW 1e-4, batch 32, 128 tokens, dropout on), the test rows predicted after the last epoch."""
-    import importlib.util
+    import classify_accuracy as module
 
-    spec = importlib.util.spec_from_file_location("classify_accuracy", os.path.join(HERE, "classify_accuracy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.path.insert(0, os.path.join(REPO, "tests"))
     x_train, y_train = read_jsonl(os.path.join(d, "train.jsonl"))
     x_test, y_test = read_jsonl(os.path.join(d, "test.jsonl"))
     for _, _, result in module.finetune(x_train, np.array(y_train), x_test, np.array(y_test), scores, epochs, 128,
@@ -156,12 +148,7 @@ def spark(d: str, threads: int) -> dict:
 # --------------------------------------------------------------------------- timing whole processes
 
 def timed(cmd: list, env=None) -> tuple:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), cwd=REPO)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return seconds, proc
+    return common.timed(cmd, env, cwd=REPO)
 
 
 def worker_result(name: str, d: str, ranks: int, epochs: int = 0) -> dict:
@@ -211,9 +198,6 @@ def main():
     task = build_task(d, args.classes, args.per_class)
     print(f"task: {json.dumps(task)}  (files in {d})", flush=True)
     ckpt = os.path.join(d, "minilm.h5")
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from conftest import minilm_dir
-
     t_convert, _ = timed([sys.executable, "-m", "hpcllm", "convert", minilm_dir(), ckpt])
     print(f"hpcllm convert (once, not counted below): {t_convert:.1f} s", flush=True)
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONSAFEPATH": "1"}

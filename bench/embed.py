@@ -21,16 +21,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/ holds tokenize.py, named like the stdlib module torch imports: keep bench/ off the path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, HERE)   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import h5py  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-import corpora  # noqa: E402
-
-from hpcllm.model_packages import model_path  # noqa: E402
+from common import corpora, model_path  # noqa: E402
 
 
 def run_st(path, dtype, out):

