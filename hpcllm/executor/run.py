@@ -27,8 +27,8 @@ from hpcllm.store.atomic import remove_temporaries
 from hpcllm.store.layout import PARTS_DIR, SHARDS_DIR
 from hpcllm.store.manifest import completed_shards, load_or_create_manifest
 from hpcllm.world.collective import agree_any, on_root
-from hpcllm.world.mesh import Mesh, set_threads
 from hpcllm.world.launch import check_launch
+from hpcllm.world.mesh import Mesh, set_threads
 from hpcllm.world.slurm import provenance
 
 
