@@ -38,11 +38,11 @@ ALLOWED = {
     "model_packages": ("errors",),
     "world": ("errors",),          # MPI: mesh, Comm, counters, collectives, Slurm, launch
     # the data path: corpus -> tokens -> batches (corpus.batching) -> model -> results
-    "corpus": ("errors", "status"),
+    "corpus": ("errors", "status", "world"),
     "tokenizer": ("errors", "kernels"),
     "model": ("errors", "world"),  # plain PyTorch, plus the tp group's Comm in the parallel layers
     "store": ("hpcllm", "errors", "status", "corpus", "world"),   # the files a run writes, per corpus Shard
-    "analysis": ("errors", "status", "progress", "store"),        # report / export / filter read results.h5
+    "analysis": ("errors", "status", "progress", "store", "world"),   # report / export / filter read results.h5
     "results": ("analysis",),      # the notebook API over analysis.columns
     # what runs the data path
     "checkpoint": ("errors", "model", "store", "tokenizer", "world"),   # split plan, GGUF tokenizer, shard files

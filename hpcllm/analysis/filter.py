@@ -35,57 +35,30 @@ from hpcllm.analysis.sketch import Local, Sketch, exact_quantiles
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 from hpcllm.store.atomic import atomic_path
+from hpcllm.world.collective import (gather_all, max_all, min_all, on_every_rank, sum_all, world_rank,
+                                     world_size)
+from hpcllm.world.launch import launched_world
 
 MAX_GROUPS = 10_000
 
 
 class MpiReduce(Local):
-    """Local's reductions over an mpi4py communicator."""
+    """Local's reductions over an mpi4py communicator (hpcllm.world.collective)."""
 
     def __init__(self, comm):
         self.comm = comm
 
-    def _op(self, a, op):
-        out = np.empty_like(a)
-        self.comm.Allreduce(np.ascontiguousarray(a), out, op=op)
-        return out
-
     def sum(self, a):
-        from mpi4py import MPI
-        return self._op(a, MPI.SUM)
+        return sum_all(self.comm, a)
 
     def min(self, a):
-        from mpi4py import MPI
-        return self._op(a, MPI.MIN)
+        return min_all(self.comm, a)
 
     def max(self, a):
-        from mpi4py import MPI
-        return self._op(a, MPI.MAX)
+        return max_all(self.comm, a)
 
     def concat(self, a):
-        return np.concatenate(self.comm.allgather(a))
-
-
-def _world():
-    """(comm, rank, size): mpi4py's world when launched with several ranks, else (None, 0, 1)."""
-    if not any(v in os.environ for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "MPI_LOCALNRANKS")):
-        return None, 0, 1
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    return (comm, comm.Get_rank(), comm.Get_size()) if comm.Get_size() > 1 else (None, 0, 1)
-
-
-def _agree(comm, fn):
-    """Run ``fn`` on every rank; if any raised an HpcllmError, all raise the first one."""
-    try:
-        out, err = fn(), None
-    except HpcllmError as e:
-        out, err = None, str(e)
-    errors = comm.allgather(err) if comm is not None else [err]
-    first = next((e for e in errors if e), None)
-    if first:
-        raise HpcllmError(first)
-    return out
+        return np.concatenate(gather_all(self.comm, a))
 
 
 # --------------------------------------------------------------------------- quantiles
@@ -116,7 +89,7 @@ def _sketches(blocks, red) -> dict:
             local.setdefault(g.item() if hasattr(g, "item") else g, Sketch()).add(values[groups == g])
         if len(local) > MAX_GROUPS:
             raise HpcllmError(f"--by has more than {MAX_GROUPS} distinct values; group by a coarser column")
-    parts = red.comm.allgather(local) if isinstance(red, MpiReduce) else [local]
+    parts = gather_all(red.comm, local) if isinstance(red, MpiReduce) else [local]
     merged = {}
     for part in parts:
         for g, sk in part.items():
@@ -305,7 +278,8 @@ def _my_shards(shards, rank: int, size: int) -> list:
 def run_filter(paths, where: str, output: str, inputs=None, rejected: str | None = None,
                by: str | None = None, per_shard: bool = False) -> str:
     """Filter the corpus of the results dir(s); returns the one-line summary (rank 0) or ''."""
-    comm, rank, size = _world()
+    comm = launched_world()
+    rank, size = world_rank(comm), world_size(comm)
     res = Results(paths)
     bound = Bound(where, res)
     if by:
@@ -316,15 +290,15 @@ def run_filter(paths, where: str, output: str, inputs=None, rejected: str | None
     mine = _my_shards(shards, rank, size)
     red = MpiReduce(comm) if comm is not None else Local()
     rows = [(int(s["row_start"]), int(s["row_start"]) + int(s["n_docs"])) for s in mine]
-    qv = _lookup(_agree(comm, lambda: quantiles(res, bound, rows, by, red)), by)
+    qv = _lookup(on_every_rank(comm, lambda: quantiles(res, bound, rows, by, red)), by)
     qv.by = by
     part_dir = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.parts")
     if rank == 0:
         os.makedirs(part_dir, exist_ok=True)
-    _agree(comm, lambda: None)                                  # the part dir exists before anyone writes
-    counts = _agree(comm, lambda: _filter_shards(res, bound, qv, mine, files, part_dir,
+    on_every_rank(comm, lambda: None)                                  # the part dir exists before anyone writes
+    counts = on_every_rank(comm, lambda: _filter_shards(res, bound, qv, mine, files, part_dir,
                                                            {"kept": output, "rejected": rejected}))
-    totals = comm.allreduce(np.array(counts)) if comm is not None else np.array(counts)
+    totals = sum_all(comm, np.array(counts))
     if rank == 0:
         try:
             _join_parts(part_dir, "kept", shards, output, per_shard)
@@ -332,7 +306,7 @@ def run_filter(paths, where: str, output: str, inputs=None, rejected: str | None
                 _join_parts(part_dir, "rejected", shards, rejected, per_shard)
         finally:
             shutil.rmtree(part_dir, ignore_errors=True)
-    _agree(comm, lambda: None)
+    on_every_rank(comm, lambda: None)
     if rank:
         return ""
     kept, dropped = int(totals[0]), int(totals[1])

@@ -28,6 +28,7 @@ import numpy as np
 from hpcllm.corpus.readers import format_of, list_inputs
 from hpcllm.corpus.shard import DEFAULT_SHARD_DOCS, Shard
 from hpcllm.errors import HpcllmError
+from hpcllm.world.collective import agree_error, gather_all, world_rank, world_size
 
 SCAN_BLOCK = 64 << 20      # bytes of a plain file scanned as one unit of work
 READ_SIZE = 4 << 20        # bytes per read() while scanning
@@ -137,19 +138,16 @@ def _scan_all(files, items, shard_docs, comm) -> list[list[tuple]]:
     Errors are gathered rather than raised locally, so that every rank raises
     the same one-line error instead of some ranks waiting in the collective.
     """
-    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    rank, size = world_rank(comm), world_size(comm)
     mine, error = {}, None
     try:
         for i in range(rank, len(items), size):
             mine[i] = _scan_item(files, items[i], shard_docs)
     except (OSError, EOFError, zlib.error) as e:      # BadGzipFile is an OSError
         error = f"cannot read input {files[items[i][0]]}: {e}"
-    parts = comm.allgather((mine, error)) if comm is not None else [(mine, error)]
-    errors = [e for _, e in parts if e]
-    if errors:
-        raise HpcllmError(errors[0])
+    agree_error(comm, error)
     merged = {}
-    for m, _ in parts:
+    for m in gather_all(comm, mine):
         merged.update(m)
     return [merged[i] for i in range(len(items))]
 
