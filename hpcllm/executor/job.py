@@ -82,9 +82,9 @@ class Work:
 @dataclass
 class ShardResult:
     """What a job computed for one shard, every row in input order."""
-    columns: dict                                   # the schema's job columns (and their offsets columns)
-    status: dict = field(default_factory=dict)      # row -> Status the job gave it (replaces the reader's)
-    attrs: dict = field(default_factory=dict)       # attributes of the shard file (e.g. generate's KV cache use)
+    columns: dict                                # the schema's job columns (and their offsets columns)
+    status: dict = field(default_factory=dict)   # row -> Status the job gave it (a more severe reader's stands)
+    attrs: dict = field(default_factory=dict)    # attributes of the shard file (e.g. generate's KV cache use)
 
 
 @dataclass

@@ -105,7 +105,8 @@ class ClassifyJob(EmbedJob):
                 N_TOKENS) + BASE_COLUMNS
 
     def empty_outputs(self, n_docs):
-        return {"label_id": np.full(n_docs, -1, np.int32), "probs": np.full((n_docs, self.n_classes), np.nan, np.float32)}
+        return {"label_id": np.full(n_docs, -1, np.int32),
+                "probs": np.full((n_docs, self.n_classes), np.nan, np.float32)}
 
     @torch.no_grad()
     def store(self, out, rows, vectors):
