@@ -24,7 +24,8 @@ SMOL_CONFIG = {
     "rms_eps": 9.999999747378752e-06, "rope_theta": 100000.0, "rope_scaling": None, "max_positions": 8192,
     "tie_embeddings": True, "qkv_bias": False, "o_bias": False,
 }
-SMOL_CONTENT_HASH = "832ea575e64f3a749d98cb640ae56b388b10f5bd830744b6f4ba134e1a7e95e6"
+# names + tensor bytes + tokenizer, then architecture + config (the hash covered no config before #21)
+SMOL_CONTENT_HASH = "e0aeb984f338bf4ea6c245b1183df966eba91d9316c8603b5a72177d14bedc7a"
 
 # the tiny HF Llama below: llama3 rope scaling, biases, an untied head, eos ids from two files
 TINY_CONFIG = {
@@ -77,6 +78,32 @@ def test_tiny_hf_llama_converts_to_the_same_config(tiny_llama_dir, tmp_path):
 
     convert(tiny_llama_dir, str(tmp_path / "tiny.h5"))
     assert _stored_config(tmp_path / "tiny.h5") == json.dumps(TINY_CONFIG, sort_keys=True)
+
+
+def test_content_hash_covers_the_config(tiny_llama_dir, tmp_path):
+    """Same weights and tokenizer, another config (no rope scaling; another chat template): another hash.
+    The same source converted twice: the same hash."""
+    import shutil
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+
+    no_scaling = {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    hashes = {}
+    for name, file, change in (("a", None, {}), ("b", None, {}), ("rope", "config.json", no_scaling),
+                               ("chat", "tokenizer_config.json", {"chat_template": "{{ messages[0] }}"})):
+        src = tmp_path / name
+        shutil.copytree(tiny_llama_dir, src)
+        if file:
+            d = json.loads((src / file).read_text())
+            (src / file).write_text(json.dumps({**d, **change}))
+        convert(str(src), str(tmp_path / f"{name}.h5"))
+        with Checkpoint(str(tmp_path / f"{name}.h5")) as ck:
+            hashes[name] = ck.content_hash
+            if name == "rope":
+                assert ck.config["rope_scaling"] is None
+    assert hashes["a"] == hashes["b"]
+    assert len({hashes["a"], hashes["rope"], hashes["chat"]}) == 3
 
 
 def test_both_importers_fill_every_field_of_one_schema():

@@ -1,7 +1,7 @@
 """The HDF5 checkpoint: one home for its layout.
 
     /                       attrs: format, format_version, architecture, config (JSON),
-                                   source, content_hash (sha256 of names + tensor bytes), dtype
+                                   source, content_hash, dtype
     /tensors/<name>         one dataset per tensor in its full logical shape;
                             attrs: split ("replicate" | "col" | "row" | "vocab"), unit, axis,
                             from the architecture's plan; checked against the plan on load
@@ -9,6 +9,12 @@
 
 A rank reads only its hyperslab (``Checkpoint.read``), so any tp size loads
 from the same file and a rank holds ~1/tp of the split weights.
+
+``content_hash`` covers everything that changes results: the tensors' names
+and stored bytes, the tokenizer, the architecture and the model config (rope
+scaling, windows, chat template...), so two models built from the same weights
+but configured differently never share it (resume and a classifier's encoder
+check compare it).
 """
 
 import hashlib
@@ -49,12 +55,15 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
         digest.update(stored[name].tobytes())
     tok = tokenizer_json.encode("utf-8")
     digest.update(tok)
+    config_json = json.dumps(config, sort_keys=True)
+    digest.update(architecture.encode())
+    digest.update(config_json.encode())
     content_hash = digest.hexdigest()
 
     def write_rest(f):
         f.create_dataset("tokenizer", data=np.frombuffer(tok, dtype=np.uint8))
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
-                        "config": json.dumps(config, sort_keys=True), "source": source,
+                        "config": config_json, "source": source,
                         "content_hash": content_hash, "dtype": dtype})
 
     write_tensor_file(path, "tensors", stored, write_rest, comm, {n: a["axis"] for n, a in attrs.items()}, attrs)
