@@ -22,10 +22,11 @@ SMOL_CONFIG = {
                      "{% endif %}",
     "vocab": 49152, "hidden": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "ffn": 1536,
     "rms_eps": 9.999999747378752e-06, "rope_theta": 100000.0, "rope_scaling": None, "max_positions": 8192,
-    "tie_embeddings": True, "qkv_bias": False, "o_bias": False,
+    "tie_embeddings": True, "qkv_bias": False, "o_bias": False, "qk_norm": False,
 }
-# names + tensor bytes + tokenizer, then architecture + config (the hash covered no config before #21)
-SMOL_CONTENT_HASH = "e0aeb984f338bf4ea6c245b1183df966eba91d9316c8603b5a72177d14bedc7a"
+# names + tensor bytes + tokenizer, then architecture + config (the hash covered no config before #21;
+# the config gained qk_norm, false here, with Qwen3)
+SMOL_CONTENT_HASH = "bcd2c8d5475313b02485c2a7a61486905778e7742ec8aa89918845bd6aaa1632"
 
 # the tiny HF Llama below: llama3 rope scaling, biases, an untied head, eos ids from two files
 TINY_CONFIG = {
@@ -35,7 +36,7 @@ TINY_CONFIG = {
     "rms_eps": 1e-06, "rope_theta": 500000.0, "max_positions": 64,
     "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                      "original_max_position_embeddings": 32, "rope_type": "llama3"},
-    "tie_embeddings": False, "qkv_bias": True, "o_bias": True,
+    "tie_embeddings": False, "qkv_bias": True, "o_bias": True, "qk_norm": False,
 }
 
 

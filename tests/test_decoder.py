@@ -1,7 +1,8 @@
-"""Llama-family decoder against HF transformers on tiny random Llama, Mistral
-and Qwen2 models (head counts tp does not divide, tp > KV heads, q/k/v bias,
-Llama-3 rope scaling, tied and untied heads), at tp = 1..4 with both comm
-backends, including sliding-window scoring of documents longer than the context."""
+"""Llama-family decoder against HF transformers on tiny random Llama, Mistral,
+Qwen2 and Qwen3 models (head counts tp does not divide, tp > KV heads, q/k/v bias,
+Qwen3's per-head q/k norms and head_dim != hidden / heads, Llama-3 rope scaling,
+tied and untied heads), at tp = 1..4 with both comm backends, including
+sliding-window scoring of documents longer than the context."""
 
 import json
 import os
@@ -24,7 +25,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def _tiny_models():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=70, max_position_embeddings=64)
     return {
@@ -37,6 +38,9 @@ def _tiny_models():
         # 6 heads / 2 KV heads with q/k/v bias (no o bias), head_dim 12
         "qwen2": Qwen2Config(hidden_size=72, num_attention_heads=6, num_key_value_heads=2,
                              tie_word_embeddings=False, **common),
+        # 9 heads / 3 KV heads of head_dim 12 (9 * 12 != hidden 40), per-head q/k RMSNorm, no bias, tied head
+        "qwen3": Qwen3Config(hidden_size=40, num_attention_heads=9, num_key_value_heads=3, head_dim=12,
+                             tie_word_embeddings=True, **common),
     }
 
 
@@ -105,7 +109,7 @@ def test_windows_cover_every_target_once():
                 assert e - b <= window and (b == 0 or first - b >= window - stride)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
 def test_tiny_tp1_matches_transformers(tiny, name):
     hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:
@@ -128,6 +132,51 @@ def test_tiny_config_mapping(tiny):
         assert ck.config["max_positions"] == 32 and ck.config["tie_embeddings"] and "lm_head.weight" not in ck.names
     with Checkpoint(tiny["qwen2"][1]) as ck:
         assert (ck.config["qkv_bias"], ck.config["o_bias"], ck.config["head_dim"]) == (True, False, 12)
+        assert not ck.config["qk_norm"]
+    with Checkpoint(tiny["qwen3"][1]) as ck:
+        c = ck.config
+        assert (c["qk_norm"], c["qkv_bias"], c["o_bias"], c["tie_embeddings"]) == (True, False, False, True)
+        assert (c["hidden"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["max_positions"]) == (40, 9, 3, 12, 64)
+        assert ck.split_attrs("layers.1.attn.k_norm.weight")["split"] == "replicate"
+
+
+@pytest.mark.parametrize("tp,heads", [(2, [6, 3]), (3, [3, 3, 3]), (4, [2, 1, 3, 3])])
+def test_qk_norms_are_replicated_on_every_rank(tiny, tp, heads):
+    """Qwen3's 9 query heads split unevenly on its 3 KV heads' groups (tp 4: the first KV head on two
+    ranks): every rank holds the whole q_norm / k_norm (head_dim) and its own fused Q|K|V rows."""
+    from hpcllm.world.comm import LocalComm
+
+    class Group(LocalComm):  # shapes only: no collective runs while building
+        size = tp
+
+    with Checkpoint(tiny["qwen3"][1]) as ck:
+        k_norm = ck.read("layers.1.attn.k_norm.weight", lambda shape: ...)
+        for rank, n_q in enumerate(heads):
+            attn = build_model(ck, rank, tp, Group(), pack=False).layers[1].attn
+            assert attn.n_heads == n_q and attn.q_norm.weight.shape == attn.k_norm.weight.shape == (12,)
+            np.testing.assert_array_equal(attn.k_norm.weight.numpy(), k_norm)
+            assert attn.qkv.weight.shape == ((attn.n_heads + 2 * attn.n_kv_heads) * 12, 40)
+
+
+def test_layerwise_sliding_windows_are_refused(tiny, tmp_path):
+    """Qwen3 (as Qwen2) windows only some layers when use_sliding_window is true: refused for now;
+    false (HF's default) ignores sliding_window, which then does not cap the context as Mistral's does."""
+    import shutil
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.errors import HpcllmError
+
+    src = tmp_path / "src"
+    shutil.copytree(os.path.dirname(tiny["qwen3"][1]), src, ignore=shutil.ignore_patterns("*.h5"))
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "use_sliding_window": False, "sliding_window": 16}))
+    convert(str(src), str(tmp_path / "off.h5"))
+    with Checkpoint(str(tmp_path / "off.h5")) as ck:
+        assert ck.config["max_positions"] == 64
+    (src / "config.json").write_text(json.dumps({**hf, "use_sliding_window": True, "sliding_window": 16}))
+    with pytest.raises(HpcllmError, match=r"config\.json: use_sliding_window=true \(Qwen2/Qwen3 layer-wise sliding "
+                                          r"windows\) is not supported$"):
+        convert(str(src), str(tmp_path / "x.h5"))
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])
@@ -209,7 +258,8 @@ def test_unknown_model_type_is_one_line_error(tmp_path):
     from hpcllm.errors import HpcllmError
 
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported \(bert, llama, mistral, qwen2\)$"):
+    known = r"\(bert, llama, mistral, qwen2, qwen3\)$"
+    with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported " + known):
         convert(str(tmp_path), str(tmp_path / "x.h5"))
 
 

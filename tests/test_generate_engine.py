@@ -1,5 +1,5 @@
 """The generation engine in one process: greedy ids equal HF ``transformers.generate`` on tiny
-random Llama / Mistral / Qwen2 models (chunked prefill, continuous batching through few slots,
+random Llama / Mistral / Qwen2 / Qwen3 models (chunked prefill, continuous batching through few slots,
 shared prefixes), sampling matches softmax(logits / T) cut by top-k / top-p / min-p (chi-square)
 and is identical when the vocabulary is split over two ranks (threads with a counting comm that
 never sees V numbers), stop strings across token boundaries, byte-exact detokenizing, and chat
@@ -61,7 +61,7 @@ def _hf_greedy(hf, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_equals_transformers_generate(tiny, name):
     hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:

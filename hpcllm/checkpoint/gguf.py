@@ -1,4 +1,4 @@
-"""Import a GGUF file (llama.cpp's format) of a Llama-family model.
+"""Import a GGUF file (llama.cpp's format) of a Llama-family model (llama, qwen2, qwen3).
 
 Weights are dequantised to float32 with the ``gguf`` package (F32, F16,
 BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants, whatever
@@ -19,8 +19,8 @@ from hpcllm.model.architectures import gguf_architecture
 # GGUF tensor name (after "blk.{i}.") -> hpcllm decoder name (after "layers.{i}.")
 _LAYER_NAMES = {
     "attn_norm": "attn_norm", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
-    "attn_output": "attn.o", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
-    "ffn_down": "mlp.down",
+    "attn_output": "attn.o", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
+    "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down",
 }
 _TOP_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 # architectures whose q/k rows llama.cpp permuted on conversion
@@ -62,6 +62,7 @@ def gguf_config(reader, path: str) -> dict:
         max_positions=int(get("context_length")),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
         # llama.cpp's default: SentencePiece vocabularies add BOS, byte-level BPE ones do not
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", tok_model == "llama", path)),
         bos_id=int(bos) if bos >= 0 else None,

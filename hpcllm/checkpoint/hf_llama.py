@@ -1,9 +1,9 @@
-"""Import a Hugging Face Llama / Mistral / Qwen2 directory (config.json,
+"""Import a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory (config.json,
 *.safetensors, tokenizer.json) into hpcllm's decoder names and config.
 
-Which optional weights exist (q/k/v bias, o bias, an untied LM head) is read
-from the tensors themselves, so Qwen2's q/k/v bias and Llama's
-``attention_bias`` need no per-family code.
+Which optional weights exist (q/k/v bias, o bias, Qwen3's per-head q/k norms,
+an untied LM head) is read from the tensors themselves, so Qwen2's q/k/v bias,
+Llama's ``attention_bias`` and Qwen3's ``qk_norm`` need no per-family code.
 """
 
 import json
@@ -15,7 +15,8 @@ from hpcllm.errors import HpcllmError
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
     "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
-    "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+    "self_attn.o_proj": "attn.o", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
+    "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
     "mlp.down_proj": "mlp.down",
 }
 _TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
@@ -49,14 +50,17 @@ def _add_bos(src: str, tokenizer: dict) -> bool:
 def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise HpcllmError(f"{src}/config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    if hf.get("use_sliding_window"):
-        raise HpcllmError(f"{src}/config.json: use_sliding_window=true (Qwen2 layer-wise windows) is not supported")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
+        raise HpcllmError(f"{src}/config.json: use_sliding_window=true (Qwen2/Qwen3 layer-wise sliding windows) "
+                          f"is not supported")
     if "model.layers.0.mlp.gate_proj.bias" in names:
         raise HpcllmError(f"{src}: MLP biases (mlp_bias=true) are not supported")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     theta, scaling = _rope(src, hf)
     context = hf["max_position_embeddings"]
-    if hf.get("sliding_window"):  # Mistral: windows no longer than the attention window keep attention exact
+    # Mistral: windows no longer than the attention window keep attention exact; Qwen2/3 window no layer
+    # (use_sliding_window false, refused above when true) whatever sliding_window says
+    if hf.get("sliding_window") and "use_sliding_window" not in hf:
         context = min(context, int(hf["sliding_window"]))
     bos = hf.get("bos_token_id")
     return decoder_config(
@@ -67,6 +71,7 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
         max_positions=context, tie_embeddings="lm_head.weight" not in names,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
         o_bias="model.layers.0.self_attn.o_proj.bias" in names,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in names,
         add_bos=_add_bos(src, tokenizer) and bos is not None, bos_id=bos,
         eos_id=hf.get("eos_token_id"), pad_id=hf.get("pad_token_id"),
         eos_ids=_eos_ids(src, hf), chat_template=_chat_template(src),

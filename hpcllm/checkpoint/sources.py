@@ -51,12 +51,13 @@ def rename(key: str, top: dict, layers: dict, layer_prefix: str):
 
 def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                    ffn: int, rms_eps: float, rope_theta: float, rope_scaling: dict | None, max_positions: int,
-                   tie_embeddings: bool, qkv_bias: bool, o_bias: bool, add_bos: bool, bos_id, eos_id, pad_id,
-                   eos_ids, chat_template: str | None) -> dict:
+                   tie_embeddings: bool, qkv_bias: bool, o_bias: bool, qk_norm: bool, add_bos: bool, bos_id,
+                   eos_id, pad_id, eos_ids, chat_template: str | None) -> dict:
     """The config a Llama-family checkpoint stores (JSON in its ``config`` attribute) and the decoder
     reads, from fields each importer has already normalised from its source (HF config.json, GGUF
     metadata).  Every field is required, so an importer cannot leave one out.
 
+    ``qk_norm``: an RMSNorm over each query and key head before RoPE (Qwen3's q_norm / k_norm);
     ``rope_scaling``: None, or the HF ``rope_scaling`` dict (linear, llama3) without ``rope_theta``;
     ``max_positions``: the context the model attends exactly (capped by a sliding window);
     ``bos_id`` / ``pad_id``: None when the source names none; ``eos_id``: the source's own
@@ -66,7 +67,7 @@ def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv
         "vocab": vocab, "hidden": hidden, "n_layers": n_layers,
         "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "ffn": ffn,
         "rms_eps": rms_eps, "rope_theta": rope_theta, "rope_scaling": rope_scaling, "max_positions": max_positions,
-        "tie_embeddings": tie_embeddings, "qkv_bias": qkv_bias, "o_bias": o_bias,
+        "tie_embeddings": tie_embeddings, "qkv_bias": qkv_bias, "o_bias": o_bias, "qk_norm": qk_norm,
         "add_bos": add_bos, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id,
         "eos_ids": sorted(eos_ids), "chat_template": chat_template,
     }

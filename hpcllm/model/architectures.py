@@ -29,7 +29,8 @@ BERT_PLAN = {
 }
 
 # hpcllm's Llama decoder: the same Megatron split, GQA heads on group boundaries, vocab-parallel
-# embedding and LM head (tied or not).
+# embedding and LM head (tied or not). Not in the plan, so replicated: the norms, Qwen3's per-head
+# attn.q_norm / attn.k_norm included (every rank applies them to its own heads).
 LLAMA_PLAN = {
     "embed": VOCAB, "lm_head": VOCAB,
     "layers.*.attn": HEADS,
@@ -59,8 +60,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("bert", "encoder", "hpcllm.model.encoder:Encoder", BERT_PLAN,
                  hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
     Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
-                 hf_model_types=("llama", "mistral", "qwen2"), hf_importer="hpcllm.checkpoint.hf_llama:import_llama",
-                 gguf_architectures=("llama", "qwen2")),
+                 hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
+                 hf_importer="hpcllm.checkpoint.hf_llama:import_llama", gguf_architectures=("llama", "qwen2", "qwen3")),
 )}
 
 

@@ -1,5 +1,9 @@
-"""Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2): RoPE, RMSNorm,
-SwiGLU, grouped-query causal attention, tied or untied LM head.
+"""Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2, Qwen3): RoPE, RMSNorm,
+SwiGLU, grouped-query causal attention, tied or untied LM head. Per-family
+features are config fields (``hpcllm.checkpoint.sources.decoder_config``):
+q/k/v and o biases, and ``qk_norm`` (Qwen3: an RMSNorm over each query and
+key head, weights of size D shared by all heads, before RoPE; replicated on
+every tp rank, which applies them to its own heads).
 
 Plain PyTorch at full size: the model knows nothing about ranks.
 ``parallel.parallelize`` cuts it for a tp rank with the plan in
@@ -92,6 +96,10 @@ class Attention(nn.Module):
         self.k = nn.Linear(hidden, self.n_kv_heads * d, bias=bias)
         self.v = nn.Linear(hidden, self.n_kv_heads * d, bias=bias)
         self.o = nn.Linear(self.n_heads * d, hidden, bias=cfg.get("o_bias", False))
+        self.qk_norm = cfg.get("qk_norm", False)
+        if self.qk_norm:
+            self.q_norm = RMSNorm(d, cfg["rms_eps"])
+            self.k_norm = RMSNorm(d, cfg["rms_eps"])
 
     def fuse(self):
         """After loading: this rank's Q, K and V become one matmul (fewer, larger GEMMs per token)."""
@@ -99,13 +107,15 @@ class Attention(nn.Module):
         del self.q, self.k, self.v
 
     def heads(self, x, cos, sin):
-        """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden], RoPE applied to q and k."""
+        """q [B, Hq, L, D], k and v [B, Hkv, L, D] of x [B, L, hidden]; q and k normalised per head
+        (``qk_norm``), then RoPE applied to them."""
         B, L, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split((Hq * D, Hkv * D, Hkv * D), dim=-1)
-        q = q.view(B, L, Hq, D).transpose(1, 2)
-        k = k.view(B, L, Hkv, D).transpose(1, 2)
-        v = v.view(B, L, Hkv, D).transpose(1, 2)
+        q, k, v = q.view(B, L, Hq, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D)
+        if self.qk_norm:   # over D, the last axis: each head on its own
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, kv=None):

@@ -1,0 +1,90 @@
+"""Qwen3 from a GGUF file (llama.cpp's "qwen3": per-head attn_q_norm / attn_k_norm, head dim from
+attention.key_length, q/k rows not permuted) against HF transformers loading the same file. The HF
+directory path (tp = 1..4, both backends, greedy generation) is in test_decoder / test_generate_engine."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_decoder import hf_logprobs
+
+HIDDEN, HEADS, KV, HEAD_DIM, FFN = 64, 3, 1, 128, 96  # HF's GGUF loader keeps Qwen3's default head_dim 128
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(tmp_path_factory):
+    import gguf
+
+    from hpcllm.tokenizer.bpe import BYTE_CHARS
+
+    T = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(3)
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny-qwen3.gguf")
+    w = gguf.GGUFWriter(path, "qwen3")
+    for key, val in [("block_count", 2), ("context_length", 64), ("embedding_length", HIDDEN),
+                     ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV),
+                     ("key_length", HEAD_DIM), ("value_length", HEAD_DIM), ("rope_freq_base", 1e6),
+                     ("layer_norm_rms_eps", 1e-6)]:
+        getattr(w, f"add_{key}")(val)
+    tokens = [BYTE_CHARS[b] for b in range(256)] + ["<|endoftext|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3])
+    w.add_token_merges([])
+    w.add_eos_token_id(256)
+    w.add_add_bos_token(False)
+
+    def weight(*shape, scale=0.1):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def norm(n):
+        return (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", gguf.quants.quantize(weight(len(tokens), HIDDEN, scale=1.0), T.Q8_0),
+                 raw_dtype=T.Q8_0)  # no output.weight: the head is tied to the embedding
+    w.add_tensor("output_norm.weight", norm(HIDDEN))
+    for i in range(2):
+        for name, shape in [("attn_q", (HEADS * HEAD_DIM, HIDDEN)), ("attn_k", (KV * HEAD_DIM, HIDDEN)),
+                            ("attn_v", (KV * HEAD_DIM, HIDDEN)), ("attn_output", (HIDDEN, HEADS * HEAD_DIM)),
+                            ("ffn_gate", (FFN, HIDDEN)), ("ffn_up", (FFN, HIDDEN)), ("ffn_down", (HIDDEN, FFN))]:
+            w.add_tensor(f"blk.{i}.{name}.weight", weight(*shape).astype(np.float16))
+        for name, n in [("attn_norm", HIDDEN), ("ffn_norm", HIDDEN), ("attn_q_norm", HEAD_DIM),
+                        ("attn_k_norm", HEAD_DIM)]:
+            w.add_tensor(f"blk.{i}.{name}.weight", norm(n))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_qwen3_gguf_matches_transformers(qwen3_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.build import build_model
+    from hpcllm.scoring import score_documents
+    from hpcllm.world.comm import LocalComm
+
+    h5 = str(tmp_path / "tiny.h5")
+    convert(qwen3_gguf, h5)
+    where, name = os.path.split(qwen3_gguf)
+    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    assert hf.config.model_type == "qwen3" and hf.config.head_dim == HEAD_DIM
+    with Checkpoint(h5) as ck:
+        c = ck.config
+        assert (c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden"], c["vocab"]) == (HEADS, KV, HEAD_DIM,
+                                                                                            HIDDEN, 257)
+        assert c["qk_norm"] and c["tie_embeddings"] and not c["qkv_bias"] and c["rope_theta"] == 1e6
+        model = build_model(ck, 0, 1, LocalComm())
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 257, size=n) for n in (2, 9, 40, 64, 100)]
+    ours = score_documents(model, docs, 64, 32)
+    refs = [hf_logprobs(hf, ids, 64, 32) for ids in docs]
+    assert np.std(np.concatenate(refs)) > 0.1  # the weights matter
+    for lp, ref in zip(ours, refs):
+        np.testing.assert_allclose(lp, ref, atol=1e-4, rtol=0)
