@@ -1,6 +1,7 @@
 """Llama-family decoder against HF transformers on tiny random Llama, Mistral,
-Qwen2 and Qwen3 models (head counts tp does not divide, tp > KV heads, q/k/v bias,
-Qwen3's per-head q/k norms and head_dim != hidden / heads, Llama-3 rope scaling,
+Qwen2, Qwen3 and Phi-3 models (head counts tp does not divide, tp > KV heads, q/k/v bias,
+Qwen3's per-head q/k norms and head_dim != hidden / heads, Phi-3's fused qkv and gate|up
+weights split at import, Llama-3 rope scaling,
 tied and untied heads), at tp = 1..4 with both comm backends, including
 sliding-window scoring of documents longer than the context."""
 
@@ -25,7 +26,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def _tiny_models():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=70, max_position_embeddings=64)
     return {
@@ -41,6 +42,9 @@ def _tiny_models():
         # 9 heads / 3 KV heads of head_dim 12 (9 * 12 != hidden 40), per-head q/k RMSNorm, no bias, tied head
         "qwen3": Qwen3Config(hidden_size=40, num_attention_heads=9, num_key_value_heads=3, head_dim=12,
                              tie_word_embeddings=True, **common),
+        # 9 heads / 3 KV heads of head_dim 6, fused qkv_proj and gate_up_proj, no window, untied head
+        "phi3": Phi3Config(hidden_size=54, num_attention_heads=9, num_key_value_heads=3, sliding_window=None,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common),
     }
 
 
@@ -109,7 +113,7 @@ def test_windows_cover_every_target_once():
                 assert e - b <= window and (b == 0 or first - b >= window - stride)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_tiny_tp1_matches_transformers(tiny, name):
     hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:
@@ -138,6 +142,52 @@ def test_tiny_config_mapping(tiny):
         assert (c["qk_norm"], c["qkv_bias"], c["o_bias"], c["tie_embeddings"]) == (True, False, False, True)
         assert (c["hidden"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["max_positions"]) == (40, 9, 3, 12, 64)
         assert ck.split_attrs("layers.1.attn.k_norm.weight")["split"] == "replicate"
+    with Checkpoint(tiny["phi3"][1]) as ck:
+        c = ck.config
+        assert (c["qk_norm"], c["qkv_bias"], c["o_bias"], c["tie_embeddings"]) == (False, False, False, False)
+        assert (c["hidden"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"]) == (54, 9, 3, 6, 70)
+        assert c["max_positions"] == 64 and c["rope_scaling"] is None
+        assert not any("qkv" in n or "gate_up" in n for n in ck.names)
+
+
+def test_phi3_fused_weights_split_in_order(tiny):
+    """Phi-3's qkv_proj rows are Q (9 * 6), K (3 * 6), V (3 * 6); gate_up_proj's are gate (70), up (70)."""
+    hf, h5 = tiny["phi3"]
+    layer = hf.model.layers[1]
+    qkv, gate_up = layer.self_attn.qkv_proj.weight.detach().numpy(), layer.mlp.gate_up_proj.weight.detach().numpy()
+    with Checkpoint(h5) as ck:
+        def read(name):
+            return ck.read(f"layers.1.{name}.weight", lambda shape: ...)
+        np.testing.assert_array_equal(np.concatenate([read("attn.q"), read("attn.k"), read("attn.v")]), qkv)
+        np.testing.assert_array_equal(np.concatenate([read("mlp.gate"), read("mlp.up")]), gate_up)
+        assert read("attn.q").shape == (54, 54) and read("attn.k").shape == read("attn.v").shape == (18, 54)
+
+
+def test_phi3_config_refusals_and_window(tiny, tmp_path):
+    """Partial RoPE and longrope (Phi-3 128k / su / yarn) are refused in one line; Phi-3 windows every
+    layer (no use_sliding_window key), so a sliding_window below the context caps it as Mistral's does."""
+    import shutil
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.errors import HpcllmError
+
+    src = tmp_path / "src"
+    shutil.copytree(os.path.dirname(tiny["phi3"][1]), src, ignore=shutil.ignore_patterns("*.h5"))
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "sliding_window": 16}))
+    convert(str(src), str(tmp_path / "w.h5"))
+    with Checkpoint(str(tmp_path / "w.h5")) as ck:
+        assert ck.config["max_positions"] == 16
+    rope = {**(hf.get("rope_parameters") or {}), "partial_rotary_factor": 0.5}
+    (src / "config.json").write_text(json.dumps({**hf, "rope_parameters": rope}))
+    with pytest.raises(HpcllmError, match=r"config\.json: partial_rotary_factor 0\.5 is not supported \(1\.0 only\)$"):
+        convert(str(src), str(tmp_path / "x.h5"))
+    for kind in ("longrope", "su", "yarn"):
+        rope = {"rope_type": kind, "short_factor": [1.0] * 3, "long_factor": [2.0] * 3, "rope_theta": 10000.0}
+        (src / "config.json").write_text(json.dumps({**hf, "rope_parameters": None, "rope_scaling": rope}))
+        with pytest.raises(HpcllmError, match=rf"config\.json: rope scaling type '{kind}' is not supported "
+                                              r"\(default, linear, llama3\)$"):
+            convert(str(src), str(tmp_path / "x.h5"))
 
 
 @pytest.mark.parametrize("tp,heads", [(2, [6, 3]), (3, [3, 3, 3]), (4, [2, 1, 3, 3])])
@@ -258,7 +308,7 @@ def test_unknown_model_type_is_one_line_error(tmp_path):
     from hpcllm.errors import HpcllmError
 
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    known = r"\(bert, llama, mistral, qwen2, qwen3\)$"
+    known = r"\(bert, llama, mistral, phi3, qwen2, qwen3\)$"
     with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported " + known):
         convert(str(tmp_path), str(tmp_path / "x.h5"))
 

@@ -61,7 +61,7 @@ def _hf_greedy(hf, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_greedy_equals_transformers_generate(tiny, name):
     hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:

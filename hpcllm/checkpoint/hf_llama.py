@@ -1,9 +1,12 @@
-"""Import a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory (config.json,
+"""Import a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 directory (config.json,
 *.safetensors, tokenizer.json) into hpcllm's decoder names and config.
 
 Which optional weights exist (q/k/v bias, o bias, Qwen3's per-head q/k norms,
 an untied LM head) is read from the tensors themselves, so Qwen2's q/k/v bias,
-Llama's ``attention_bias`` and Qwen3's ``qk_norm`` need no per-family code.
+Llama's ``attention_bias`` and Qwen3's ``qk_norm`` need no per-family code. Phi-3's
+fused ``qkv_proj`` (Q rows, then K, then V) and ``gate_up_proj`` (gate rows, then up)
+are split here into hpcllm's q/k/v and gate/up weights, so the decoder, the loader
+and the tp split plan see a Llama.
 """
 
 import json
@@ -18,6 +21,8 @@ _LAYER_NAMES = {
     "self_attn.o_proj": "attn.o", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
     "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
     "mlp.down_proj": "mlp.down",
+    # Phi-3's fused weights: renamed here, then split row-wise by _unfuse
+    "self_attn.qkv_proj": "attn.qkv", "mlp.gate_up_proj": "mlp.gate_up",
 }
 _TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
 _ROPE_TYPES = ("default", "linear", "llama3")
@@ -53,12 +58,16 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
     if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
         raise HpcllmError(f"{src}/config.json: use_sliding_window=true (Qwen2/Qwen3 layer-wise sliding windows) "
                           f"is not supported")
-    if "model.layers.0.mlp.gate_proj.bias" in names:
+    if {"model.layers.0.mlp.gate_proj.bias", "model.layers.0.mlp.gate_up_proj.bias"} & names:
         raise HpcllmError(f"{src}: MLP biases (mlp_bias=true) are not supported")
+    partial = hf.get("partial_rotary_factor") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0
+    if float(partial) != 1.0:
+        raise HpcllmError(f"{src}/config.json: partial_rotary_factor {partial} is not supported (1.0 only)")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     theta, scaling = _rope(src, hf)
     context = hf["max_position_embeddings"]
-    # Mistral: windows no longer than the attention window keep attention exact; Qwen2/3 window no layer
+    # Mistral and Phi-3 (every layer windowed, no use_sliding_window key): windows no longer than the
+    # attention window keep attention exact; Qwen2/3 window no layer
     # (use_sliding_window false, refused above when true) whatever sliding_window says
     if hf.get("sliding_window") and "use_sliding_window" not in hf:
         context = min(context, int(hf["sliding_window"]))
@@ -69,7 +78,7 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
         head_dim=hf.get("head_dim") or hidden // heads, ffn=hf["intermediate_size"],
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
         max_positions=context, tie_embeddings="lm_head.weight" not in names,
-        qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
+        qkv_bias=bool({"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.qkv_proj.bias"} & names),
         o_bias="model.layers.0.self_attn.o_proj.bias" in names,
         qk_norm="model.layers.0.self_attn.q_norm.weight" in names,
         add_bos=_add_bos(src, tokenizer) and bos is not None, bos_id=bos,
@@ -103,7 +112,26 @@ def _chat_template(src: str):
     return template if isinstance(template, str) else None
 
 
-def llama_tensors(src: str, files) -> dict:
+def _unfuse(path: str, name: str, w, cfg: dict) -> dict:
+    """hpcllm name -> array for one source tensor: Phi-3's fused attn.qkv / mlp.gate_up rows
+    split into q, k, v (n_heads, n_kv_heads, n_kv_heads heads of head_dim) / gate, up (ffn each)."""
+    q, kv, ffn = cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"], cfg["ffn"]
+    pieces = {"attn.qkv": (("attn.q", q), ("attn.k", kv), ("attn.v", kv)),
+              "mlp.gate_up": (("mlp.gate", ffn), ("mlp.up", ffn))}
+    fused = next((f for f in pieces if f".{f}." in name), None)
+    if fused is None:
+        return {name: w}
+    rows = [n for _, n in pieces[fused]]
+    if w.shape[0] != sum(rows):
+        raise HpcllmError(f"{path}: {name} has {w.shape[0]} rows, the config says {' + '.join(map(str, rows))}")
+    out, start = {}, 0
+    for part, n in pieces[fused]:
+        out[name.replace(f".{fused}.", f".{part}.")] = w[start:start + n]
+        start += n
+    return out
+
+
+def llama_tensors(src: str, files, cfg: dict) -> dict:
     """hpcllm name -> float32 numpy array (bf16/fp16 files are widened through torch)."""
     import torch
     from safetensors import safe_open
@@ -117,7 +145,7 @@ def llama_tensors(src: str, files) -> dict:
                 name = rename(key, _TOP_NAMES, _LAYER_NAMES, "model.layers.")
                 if name is None:
                     raise HpcllmError(f"{path}: unexpected tensor {key!r} for a Llama-family model")
-                out[name] = f.get_tensor(key).to(torch.float32).numpy()
+                out.update(_unfuse(path, name, f.get_tensor(key).to(torch.float32).numpy(), cfg))
     return out
 
 
@@ -133,7 +161,7 @@ def import_llama(src: str):
         with safe_open(path, framework="pt") as f:
             names.update(f.keys())
     cfg = llama_config(src, hf, names, json.loads(tokenizer_json))
-    tensors = llama_tensors(src, files)
+    tensors = llama_tensors(src, files, cfg)
     missing = [n for n in ("embed.weight", "norm.weight") if n not in tensors]
     if missing:
         raise HpcllmError(f"{src}: weights missing from the safetensors files: {', '.join(missing)}")

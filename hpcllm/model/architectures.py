@@ -60,7 +60,7 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("bert", "encoder", "hpcllm.model.encoder:Encoder", BERT_PLAN,
                  hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
     Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
-                 hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
+                 hf_model_types=("llama", "mistral", "qwen2", "qwen3", "phi3"),
                  hf_importer="hpcllm.checkpoint.hf_llama:import_llama", gguf_architectures=("llama", "qwen2", "qwen3")),
 )}
 
