@@ -2,7 +2,9 @@
 
 `Tokenizer.from_file("tokenizer.json")` reads a HF tokenizer.json and picks
 the implementation from `model.type`: "WordPiece" (BERT family,
-hpcllm.tokenizer.wordpiece) or "BPE" (byte-level, hpcllm.tokenizer.bpe);
+hpcllm.tokenizer.wordpiece) or "BPE": byte-level when the pre-tokenizer has a
+ByteLevel step (GPT-2, Llama-3; hpcllm.tokenizer.bpe), else SentencePiece style
+(byte_fallback, "\u2581" for spaces: Llama-2, Mistral; hpcllm.tokenizer.spm);
 `Tokenizer.from_gguf` reads a GGUF file's tokenizer metadata. Batches go in
 as one UTF-8 byte buffer plus offsets and come out as a ragged `Encoding`
 (flat ids + offsets + per-document flags).
@@ -40,8 +42,14 @@ def chunk_ranges(offsets, limit=None):
         start = end
 
 
+def _sentencepiece_style(spec):
+    """A BPE tokenizer.json over characters with "\u2581" for spaces (Llama-2, Mistral), not byte-level:
+    its pre-tokenizer has no ByteLevel step."""
+    return "ByteLevel" not in json.dumps(spec.get("pre_tokenizer"))
+
+
 class Tokenizer:
-    """Public tokenizer API; delegates to the WordPiece or byte-level BPE implementation."""
+    """Public tokenizer API; delegates to the WordPiece, SentencePiece BPE or byte-level BPE implementation."""
 
     def __init__(self, impl, json_text=None, truncation=None, padding=None):
         self._impl = impl
@@ -70,6 +78,9 @@ class Tokenizer:
         if kind == "WordPiece":
             from hpcllm.tokenizer.wordpiece import WordPiece
             impl = WordPiece(spec, source)
+        elif kind == "BPE" and _sentencepiece_style(spec):
+            from hpcllm.tokenizer.spm import SentencePieceBPE
+            impl = SentencePieceBPE.from_json_dict(spec)
         elif kind == "BPE":
             from hpcllm.tokenizer.bpe import ByteLevelBPE
             impl = ByteLevelBPE.from_json_dict(spec)

@@ -1,0 +1,212 @@
+"""SentencePiece-style BPE tokenizers (Llama-2, Mistral-7B-v0.1, TinyLlama; HF's
+SentencePieceBPETokenizer without its NFKC normalizer), HF-exact.
+
+Loads an HF tokenizer.json dict whose model is BPE over characters (not GPT-2's
+byte alphabet): byte_fallback to <0xNN> tokens, fuse_unk, spaces spelled "▁".
+Two shapes are accepted: the Llama-2 normalizer Sequence[Prepend("▁"),
+Replace(" ", "▁")] without pre-tokenizer (merges run over whole segments), and
+no normalizer with a Metaspace pre-tokenizer. Encoding runs in the Numba kernels
+of hpcllm.kernels.spm_bpe; anything else raises HpcllmError naming the field.
+"""
+
+import re
+
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+from hpcllm.kernels import spm_bpe as K
+from hpcllm.kernels.bpe_tables import int_table
+from hpcllm.tokenizer import template
+from hpcllm.tokenizer.bpe import _trie
+from hpcllm.tokenizer.encoding import Encoding, check_batch, content_limit
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")
+_SCHEMES = {"always": K.PREPEND_ALWAYS, "first": K.PREPEND_FIRST, "never": K.PREPEND_NONE}
+
+
+def _err(field, msg):
+    raise HpcllmError("tokenizer.json %s: %s (SentencePiece BPE)" % (field, msg))
+
+
+def _one_char(field, s):
+    if not isinstance(s, str) or len(s) != 1:
+        _err(field, "must be one character, got %r" % (s,))
+    return ord(s)
+
+
+def _parse_normalizer(norm):
+    """(replace cp or -1, prepend cp or -1) of a Sequence of Prepend / Replace(" ")."""
+    if norm is None:
+        return -1, -1
+    steps = norm.get("normalizers") or [] if norm.get("type") == "Sequence" else [norm]
+    replace = prepend = -1
+    for step in steps:
+        kind = (step or {}).get("type")
+        if kind == "Prepend" and prepend < 0:
+            prepend = _one_char("normalizer.Prepend.prepend", step.get("prepend"))
+        elif kind == "Replace" and replace < 0 and step.get("pattern") == {"String": " "}:
+            replace = _one_char("normalizer.Replace.content", step.get("content"))
+        else:
+            _err("normalizer", "only Prepend and Replace(' ') are supported, got %r" % kind)
+    if prepend >= 0 and replace >= 0 and prepend != replace:
+        _err("normalizer", "Prepend and Replace must use the same character")
+    return replace, prepend
+
+
+def _parse_spacing(d):
+    """(replace, mark, prepend mode, split) from the normalizer and pre-tokenizer."""
+    replace, prepend = _parse_normalizer(d.get("normalizer"))
+    pre = d.get("pre_tokenizer")
+    if pre is None:
+        mark = prepend if prepend >= 0 else max(replace, 0x2581)
+        return replace, mark, K.PREPEND_NONEMPTY if prepend >= 0 else K.PREPEND_NONE, 0
+    if pre.get("type") != "Metaspace":
+        _err("pre_tokenizer", "only null or Metaspace is supported, got %r" % pre.get("type"))
+    if d.get("normalizer") is not None:
+        _err("normalizer", "must be null with a Metaspace pre-tokenizer, got %r" % d["normalizer"].get("type"))
+    mark = _one_char("pre_tokenizer.Metaspace.replacement", pre.get("replacement", "\u2581"))
+    scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+    if scheme not in _SCHEMES:
+        _err("pre_tokenizer.Metaspace.prepend_scheme", "unsupported value %r" % scheme)
+    return mark, mark, _SCHEMES[scheme], int(bool(pre.get("split", True)))
+
+
+def _parse_model(m):
+    if m.get("type") != "BPE":
+        _err("model.type", "must be BPE, got %r" % m.get("type"))
+    for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
+        if m.get(field):  # null / "" / false / 0 change nothing
+            _err("model." + field, "unsupported value %r" % m.get(field))
+    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m.get("merges", [])]
+    return dict(m["vocab"]), merges, m.get("unk_token"), bool(m.get("fuse_unk")), bool(m.get("byte_fallback"))
+
+
+class SentencePieceBPE:
+    """An HF-exact SentencePiece-style BPE tokenizer over numpy batches."""
+
+    kind = "spm_bpe"
+    cls_id = None
+    sep_id = None
+
+    def __init__(self, vocab, merges, added, spacing, unk_token=None, fuse_unk=False, byte_fallback=True,
+                 prefix=(), suffix=()):
+        self.vocab, self.merges, self.added = vocab, merges, added
+        self.replace, self.mark, self.prepend, self.split = spacing
+        self.unk_token, self.fuse_unk, self.byte_fallback = unk_token, fuse_unk, byte_fallback
+        self.prefix = np.asarray(prefix, dtype=np.int32)
+        self.suffix = np.asarray(suffix, dtype=np.int32)
+        self.add_bos, self.add_eos = bool(len(prefix)), bool(len(suffix))
+        self.unk_id = vocab.get(unk_token) if unk_token is not None else None
+        by_content = {t["content"]: t["id"] for t in added}
+        self.bos_id = int(prefix[0]) if len(prefix) else by_content.get("<s>")
+        self.eos_id = int(suffix[-1]) if len(suffix) else by_content.get("</s>")
+        self.pad_id = None
+        ids = [t["id"] for t in added] + list(vocab.values())
+        self.vocab_size = max(ids) + 1 if ids else 0
+        self.special_ids = np.array(sorted(t["id"] for t in added if t.get("special")), dtype=np.int64)
+        self._build()
+
+    def _char_ids(self, ch):
+        """How many ids one character becomes on its own."""
+        if ch in self.vocab:
+            return 1
+        raw = ch.encode("utf-8")
+        return len(raw) if all(self._byte_ids[b] >= 0 for b in raw) else 1
+
+    def _cuttable(self):
+        """1 if no merge makes a token with the mark after another character (then a word can be cut
+        before such a mark without changing the result), with the mark a token of its own."""
+        mark = chr(self.mark)
+        if mark not in self.vocab:
+            return 0
+        inner = re.compile("[^%s]%s" % (re.escape(mark), re.escape(mark)))
+        return 0 if any(inner.search(a + b) for a, b in self.merges) else 1
+
+    def _build(self):
+        names = [""] * self.vocab_size
+        for tok, i in self.vocab.items():
+            names[i] = tok
+        for t in self.added:
+            names[t["id"]] = t["content"]
+        self._names = names
+        char_ids = np.full(0x110000, -1, dtype=np.int32)
+        for tok, i in self.vocab.items():
+            if len(tok) == 1 and not 0xD800 <= ord(tok) <= 0xDFFF:
+                char_ids[ord(tok)] = i
+        self._byte_ids = np.full(256, -1, dtype=np.int32)
+        if self.byte_fallback:
+            for b in range(256):
+                self._byte_ids[b] = self.vocab.get("<0x%02X>" % b, -1)
+        mk, mv = [], []
+        for rank, (a, b) in enumerate(self.merges):
+            if a not in self.vocab or b not in self.vocab or a + b not in self.vocab:
+                raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (rank, a + " " + b))
+            mk.append((self.vocab[a] << 32) | self.vocab[b])
+            mv.append((rank << 32) | self.vocab[a + b])
+        ttab, term, first = _trie(self.added)
+        self._tables = K.SpmTables(char_ids, self._byte_ids, int_table(mk, mv), ttab, term, first)
+        lens = [len(t["content"].encode("utf-8")) for t in self.added if t["content"]]
+        per_byte = self._char_ids(chr(self.replace)) if self.replace >= 0 else 1
+        per_prepend = self._char_ids(chr(self.mark)) if self.prepend != K.PREPEND_NONE else 0
+        unk = -1 if self.unk_id is None else self.unk_id
+        self._params = K.SpmParams(*(np.int64(x) for x in (
+            unk, self.fuse_unk, self.replace, self.mark, self.prepend, self.split, self._cuttable(), 1 if lens else 0,
+            max(1, per_byte), per_prepend, min(lens) if lens else 1)))
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_json_dict(cls, d):
+        """A parsed HF tokenizer.json."""
+        spacing = _parse_spacing(d)
+        vocab, merges, unk, fuse_unk, byte_fallback = _parse_model(d.get("model") or {})
+        if unk is not None and unk not in vocab:
+            _err("model.unk_token", "%r is not in the vocab" % unk)
+        added = [dict(t) for t in d.get("added_tokens", [])]
+        for t in added:
+            if t.get("normalized") or t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
+                _err("added_tokens[%r]" % t["content"], "normalized/single_word/lstrip/rstrip unsupported")
+        by_content = {t["content"]: t["id"] for t in added}
+
+        def token_id(name):
+            if name in by_content or name in vocab:
+                return by_content.get(name, vocab.get(name))
+            _err("post_processor", "unknown special token %r" % name)
+
+        prefix, suffix = template.special_ids(d.get("post_processor"), token_id, "tokenizer.json")
+        return cls(vocab, merges, added, spacing, unk, fuse_unk, byte_fallback, prefix, suffix)
+
+    # ---- encoding ------------------------------------------------------------------------
+    def encode_bytes(self, buf, offsets, max_length=None, add_special_tokens=True):
+        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding.
+
+        flags per document: 1 truncated, 2 bad UTF-8 replaced by U+FFFD.
+        max_length counts the special tokens added.
+        """
+        buf, offsets = check_batch(buf, offsets)
+        prefix = self.prefix if add_special_tokens else self.prefix[:0]
+        suffix = self.suffix if add_special_tokens else self.suffix[:0]
+        limit = content_limit(max_length, len(prefix) + len(suffix))
+        return Encoding(*K.encode_batch(buf, offsets, -1 if limit is None else limit, self._tables, self._params,
+                                        prefix, suffix))
+
+    # ---- decoding ------------------------------------------------------------------------
+    def decode_bytes(self, ids, skip_special_tokens=True):
+        """Bytes of ids: <0xNN> tokens are their byte, the mark is a space; one leading space
+        (the prepended mark) is dropped, as the Llama-2 / Metaspace decoders do."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+        if skip_special_tokens and len(self.special_ids):
+            ids = ids[~np.isin(ids, self.special_ids)]
+        out = bytearray()
+        space = chr(self.mark)
+        for i in ids.tolist():
+            name = self._names[i]
+            m = _BYTE_TOKEN.fullmatch(name) if self.byte_fallback else None
+            out += bytes([int(m.group(1), 16)]) if m else name.replace(space, " ").encode("utf-8")
+        if self.prepend != K.PREPEND_NONE and out[:1] == b" ":
+            del out[:1]
+        return bytes(out)
+
+    def decode(self, ids, skip_special_tokens=True):
+        """Text of ids (invalid UTF-8 from byte tokens becomes U+FFFD; unknown ids skipped)."""
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
