@@ -14,7 +14,7 @@ from hpcllm.kernels.bpe_tables import bytes_table, int_table
 from hpcllm.kernels.regex_pretok import GPT2, PATTERN_OF, PATTERNS, exact_fold, load_tables
 from hpcllm.tokenizer import template
 from hpcllm.tokenizer.byte_level import BYTE_CHARS, CHAR_BYTES, token_bytes
-from hpcllm.tokenizer.encoding import Encoding, check_batch, content_limit
+from hpcllm.tokenizer.encoding import decodable_ids, encode_merges
 
 
 def _err(field, msg):
@@ -46,16 +46,46 @@ def _parse_pretokenizer(pt):
     _err("pre_tokenizer", "unsupported sequence %s" % [s and s.get("type") for s in steps])
 
 
-def _parse_model(m):
+def parse_bpe_model(m, refused, err):
+    """(vocab, merges) of a tokenizer.json BPE model whose ``refused`` fields are unset
+    (null / "" / false / 0 change nothing); ``err(field, message)`` raises."""
     if m.get("type") != "BPE":
-        _err("model.type", "must be BPE, got %r" % m.get("type"))
-    for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
-        if m.get(field):  # null / "" / false / 0 change nothing
-            _err("model." + field, "unsupported value %r" % m.get(field))
+        err("model.type", "must be BPE, got %r" % m.get("type"))
+    for field in refused:
+        if m.get(field):
+            err("model." + field, "unsupported value %r" % m.get(field))
+    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m.get("merges", [])]
+    return dict(m["vocab"]), merges
+
+
+def _parse_model(m):
+    vocab, merges = parse_bpe_model(m, ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                                        "byte_fallback"), _err)
     if m.get("fuse_unk") and m.get("unk_token") is not None:
         _err("model.fuse_unk", "unsupported with an unk_token")
-    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m.get("merges", [])]
-    return dict(m["vocab"]), merges, m.get("unk_token"), bool(m.get("ignore_merges", False))
+    return vocab, merges, m.get("unk_token"), bool(m.get("ignore_merges", False))
+
+
+def merge_table(vocab, merges):
+    """The kernels' merge table: (left id << 32 | right id) -> (rank << 32 | merged id)."""
+    mk, mv = [], []
+    for rank, (a, b) in enumerate(merges):
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (rank, a + " " + b))
+        mk.append((vocab[a] << 32) | vocab[b])
+        mv.append((rank << 32) | vocab[a + b])
+    return int_table(mk, mv)
+
+
+def token_names(vocab, added) -> list:
+    """Each id's token string: the model vocab's, then the added tokens' (ids missing: "")."""
+    ids = [t["id"] for t in added] + list(vocab.values())
+    names = [""] * (max(ids) + 1 if ids else 0)
+    for tok, i in vocab.items():
+        names[i] = tok
+    for t in added:
+        names[t["id"]] = t["content"]
+    return names
 
 
 def _trie(added):
@@ -102,17 +132,13 @@ class ByteLevelBPE:
         self.bos_id = bos_id if bos_id is not None else (int(prefix[0]) if len(prefix) else None)
         self.eos_id = eos_id if eos_id is not None else (int(suffix[-1]) if len(suffix) else None)
         self.pad_id = pad_id if pad_id is not None else self.eos_id
-        ids = [t["id"] for t in added] + list(vocab.values())
-        self.vocab_size = max(ids) + 1 if ids else 0
+        self._names = token_names(vocab, added)
+        self.vocab_size = len(self._names)
         self.special_ids = np.array(sorted(t["id"] for t in added if t.get("special")), dtype=np.int64)
         self._build()
 
     def _build(self):
-        names = [""] * self.vocab_size
-        for tok, i in self.vocab.items():
-            names[i] = tok
-        for t in self.added:
-            names[t["id"]] = t["content"]
+        names = self._names
         spelled = [token_bytes(t) for t in names]
         self._spelled = spelled
         # ignore_merges looks pieces up in the model vocab, whose keys are byte-alphabet
@@ -123,13 +149,7 @@ class ByteLevelBPE:
         np.cumsum([len(b) for b in model], out=tok_off[1:])
         tok_bytes = np.frombuffer(b"".join(model) + b"\0", dtype=np.uint8).copy()
         byte_ids = np.array([self.vocab.get(BYTE_CHARS[b], -1) for b in range(256)], dtype=np.int32)
-        mk, mv = [], []
-        for rank, (a, b) in enumerate(self.merges):
-            if a not in self.vocab or b not in self.vocab or a + b not in self.vocab:
-                raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (rank, a + " " + b))
-            mk.append((self.vocab[a] << 32) | self.vocab[b])
-            mv.append((rank << 32) | self.vocab[a + b])
-        mtab = int_table(mk, mv)
+        mtab = merge_table(self.vocab, self.merges)
         classes, fold, self.tables_version = load_tables()
         vslots = bytes_table(tok_bytes, tok_off)
         ttab, term, first = _trie(self.added)
@@ -155,15 +175,9 @@ class ByteLevelBPE:
         mode, digits = _parse_pretokenizer(d.get("pre_tokenizer"))
         vocab, merges, unk, ignore_merges = _parse_model(d.get("model") or {})
         added = [dict(t) for t in d.get("added_tokens", [])]
-        by_content = {t["content"]: t["id"] for t in added}
-
-        def token_id(name):
-            if name in by_content or name in vocab:
-                return by_content.get(name, vocab.get(name))
-            _err("post_processor", "unknown special token %r" % name)
-
-        prefix, suffix = template.special_ids(d.get("post_processor"), token_id, "tokenizer.json")
-        ids = {"eos_id": by_content.get("<|endoftext|>") if not suffix else None}
+        prefix, suffix = template.template_ids(d, vocab, "byte-level BPE")
+        eot = next((t["id"] for t in added if t["content"] == "<|endoftext|>"), None)
+        ids = {"eos_id": eot if not suffix else None}
         ids.update(special_ids or {})
         return cls(vocab, merges, added, mode, digits, ignore_merges, unk, prefix, suffix, **ids)
 
@@ -204,26 +218,15 @@ class ByteLevelBPE:
 
     # ---- encoding ------------------------------------------------------------------------
     def encode_bytes(self, buf, offsets, max_length=None, add_special_tokens=True):
-        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding.
-
-        flags per document: 1 truncated, 2 bad UTF-8 replaced by U+FFFD.
-        max_length counts the special tokens added.
-        """
-        buf, offsets = check_batch(buf, offsets)
-        prefix = self.prefix if add_special_tokens else self.prefix[:0]
-        suffix = self.suffix if add_special_tokens else self.suffix[:0]
-        limit = content_limit(max_length, len(prefix) + len(suffix))
-        return Encoding(*K.encode_batch(buf, offsets, -1 if limit is None else limit, self._tables, self._params,
-                                        prefix, suffix))
+        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding (``encode_merges``)."""
+        return encode_merges(K.encode_batch, self._tables, self._params, self.prefix, self.suffix, buf, offsets,
+                             max_length, add_special_tokens)
 
     def decode_bytes(self, ids, skip_special_tokens=True):
         """The raw bytes of ids (HF's ByteLevel decoder before its lossy UTF-8 step): a
         generator can join them across steps and decode only complete characters."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
-        if skip_special_tokens and len(self.special_ids):
-            ids = ids[~np.isin(ids, self.special_ids)]
-        return b"".join(self._spelled[i] for i in ids.tolist())
+        ids = decodable_ids(ids, self.vocab_size, self.special_ids, skip_special_tokens)
+        return b"".join(self._spelled[i] for i in ids)
 
     def decode(self, ids, skip_special_tokens=True):
         """Text of ids (HF ByteLevel decoder; invalid UTF-8 becomes U+FFFD; unknown ids skipped)."""

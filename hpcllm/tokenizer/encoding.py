@@ -87,3 +87,24 @@ def content_limit(max_length, n_special):
         raise HpcllmError(f"max_length={max_length} is shorter than the {n_special} special tokens "
                           "the tokenizer adds")
     return int(max_length) - n_special
+
+
+def encode_merges(encode_batch, tables, params, prefix, suffix, buf, offsets, max_length=None,
+                  add_special_tokens=True) -> Encoding:
+    """A merge-based kernel's ``encode_batch`` over documents buf[offsets[d]:offsets[d+1]] (UTF-8)
+    -> Encoding (the byte-level and SentencePiece BPE facades).  flags per document: 1 truncated,
+    2 bad UTF-8 replaced by U+FFFD; max_length counts the special tokens added."""
+    buf, offsets = check_batch(buf, offsets)
+    if not add_special_tokens:
+        prefix, suffix = prefix[:0], suffix[:0]
+    limit = content_limit(max_length, len(prefix) + len(suffix))
+    return Encoding(*encode_batch(buf, offsets, -1 if limit is None else limit, tables, params, prefix, suffix))
+
+
+def decodable_ids(ids, vocab_size: int, special_ids, skip_special_tokens: bool) -> list:
+    """The ids a decoder spells: those in the vocabulary, special ones dropped when asked."""
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    ids = ids[(ids >= 0) & (ids < vocab_size)]
+    if skip_special_tokens and len(special_ids):
+        ids = ids[~np.isin(ids, special_ids)]
+    return ids.tolist()

@@ -15,10 +15,9 @@ import numpy as np
 
 from hpcllm.errors import HpcllmError
 from hpcllm.kernels import spm_bpe as K
-from hpcllm.kernels.bpe_tables import int_table
 from hpcllm.tokenizer import template
-from hpcllm.tokenizer.bpe import _trie
-from hpcllm.tokenizer.encoding import Encoding, check_batch, content_limit
+from hpcllm.tokenizer.bpe import _trie, merge_table, parse_bpe_model, token_names
+from hpcllm.tokenizer.encoding import decodable_ids, encode_merges
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")
 _SCHEMES = {"always": K.PREPEND_ALWAYS, "first": K.PREPEND_FIRST, "never": K.PREPEND_NONE}
@@ -72,13 +71,9 @@ def _parse_spacing(d):
 
 
 def _parse_model(m):
-    if m.get("type") != "BPE":
-        _err("model.type", "must be BPE, got %r" % m.get("type"))
-    for field in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
-        if m.get(field):  # null / "" / false / 0 change nothing
-            _err("model." + field, "unsupported value %r" % m.get(field))
-    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m.get("merges", [])]
-    return dict(m["vocab"]), merges, m.get("unk_token"), bool(m.get("fuse_unk")), bool(m.get("byte_fallback"))
+    vocab, merges = parse_bpe_model(m, ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                                        "ignore_merges"), _err)
+    return vocab, merges, m.get("unk_token"), bool(m.get("fuse_unk")), bool(m.get("byte_fallback"))
 
 
 class SentencePieceBPE:
@@ -101,8 +96,8 @@ class SentencePieceBPE:
         self.bos_id = int(prefix[0]) if len(prefix) else by_content.get("<s>")
         self.eos_id = int(suffix[-1]) if len(suffix) else by_content.get("</s>")
         self.pad_id = None
-        ids = [t["id"] for t in added] + list(vocab.values())
-        self.vocab_size = max(ids) + 1 if ids else 0
+        self._names = token_names(vocab, added)
+        self.vocab_size = len(self._names)
         self.special_ids = np.array(sorted(t["id"] for t in added if t.get("special")), dtype=np.int64)
         self._build()
 
@@ -123,12 +118,6 @@ class SentencePieceBPE:
         return 0 if any(inner.search(a + b) for a, b in self.merges) else 1
 
     def _build(self):
-        names = [""] * self.vocab_size
-        for tok, i in self.vocab.items():
-            names[i] = tok
-        for t in self.added:
-            names[t["id"]] = t["content"]
-        self._names = names
         char_ids = np.full(0x110000, -1, dtype=np.int32)
         for tok, i in self.vocab.items():
             if len(tok) == 1 and not 0xD800 <= ord(tok) <= 0xDFFF:
@@ -137,14 +126,8 @@ class SentencePieceBPE:
         if self.byte_fallback:
             for b in range(256):
                 self._byte_ids[b] = self.vocab.get("<0x%02X>" % b, -1)
-        mk, mv = [], []
-        for rank, (a, b) in enumerate(self.merges):
-            if a not in self.vocab or b not in self.vocab or a + b not in self.vocab:
-                raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (rank, a + " " + b))
-            mk.append((self.vocab[a] << 32) | self.vocab[b])
-            mv.append((rank << 32) | self.vocab[a + b])
         ttab, term, first = _trie(self.added)
-        self._tables = K.SpmTables(char_ids, self._byte_ids, int_table(mk, mv), ttab, term, first)
+        self._tables = K.SpmTables(char_ids, self._byte_ids, merge_table(self.vocab, self.merges), ttab, term, first)
         lens = [len(t["content"].encode("utf-8")) for t in self.added if t["content"]]
         per_byte = self._char_ids(chr(self.replace)) if self.replace >= 0 else 1
         per_prepend = self._char_ids(chr(self.mark)) if self.prepend != K.PREPEND_NONE else 0
@@ -165,41 +148,22 @@ class SentencePieceBPE:
         for t in added:
             if t.get("normalized") or t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
                 _err("added_tokens[%r]" % t["content"], "normalized/single_word/lstrip/rstrip unsupported")
-        by_content = {t["content"]: t["id"] for t in added}
-
-        def token_id(name):
-            if name in by_content or name in vocab:
-                return by_content.get(name, vocab.get(name))
-            _err("post_processor", "unknown special token %r" % name)
-
-        prefix, suffix = template.special_ids(d.get("post_processor"), token_id, "tokenizer.json")
+        prefix, suffix = template.template_ids(d, vocab, "SentencePiece BPE")
         return cls(vocab, merges, added, spacing, unk, fuse_unk, byte_fallback, prefix, suffix)
 
     # ---- encoding ------------------------------------------------------------------------
     def encode_bytes(self, buf, offsets, max_length=None, add_special_tokens=True):
-        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding.
-
-        flags per document: 1 truncated, 2 bad UTF-8 replaced by U+FFFD.
-        max_length counts the special tokens added.
-        """
-        buf, offsets = check_batch(buf, offsets)
-        prefix = self.prefix if add_special_tokens else self.prefix[:0]
-        suffix = self.suffix if add_special_tokens else self.suffix[:0]
-        limit = content_limit(max_length, len(prefix) + len(suffix))
-        return Encoding(*K.encode_batch(buf, offsets, -1 if limit is None else limit, self._tables, self._params,
-                                        prefix, suffix))
+        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding (``encode_merges``)."""
+        return encode_merges(K.encode_batch, self._tables, self._params, self.prefix, self.suffix, buf, offsets,
+                             max_length, add_special_tokens)
 
     # ---- decoding ------------------------------------------------------------------------
     def decode_bytes(self, ids, skip_special_tokens=True):
         """Bytes of ids: <0xNN> tokens are their byte, the mark is a space; one leading space
         (the prepended mark) is dropped, as the Llama-2 / Metaspace decoders do."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
-        if skip_special_tokens and len(self.special_ids):
-            ids = ids[~np.isin(ids, self.special_ids)]
         out = bytearray()
         space = chr(self.mark)
-        for i in ids.tolist():
+        for i in decodable_ids(ids, self.vocab_size, self.special_ids, skip_special_tokens):
             name = self._names[i]
             m = _BYTE_TOKEN.fullmatch(name) if self.byte_fallback else None
             out += bytes([int(m.group(1), 16)]) if m else name.replace(space, " ").encode("utf-8")

@@ -11,6 +11,18 @@ from hpcllm.errors import HpcllmError
 SUPPORTED = ("TemplateProcessing", "BertProcessing", "RobertaProcessing", "ByteLevel", "Sequence")
 
 
+def template_ids(d: dict, vocab: dict, kind: str):
+    """(prefix ids, suffix ids) of a parsed tokenizer.json's post-processor; a template token is
+    resolved among the added tokens, then the vocab (a model that is ``kind``, for the error)."""
+    by_content = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
+
+    def token_id(name):
+        if name in by_content or name in vocab:
+            return by_content.get(name, vocab.get(name))
+        raise HpcllmError(f"tokenizer.json post_processor: unknown special token {name!r} ({kind})")
+    return special_ids(d.get("post_processor"), token_id, "tokenizer.json")
+
+
 def special_ids(post, token_id, source):
     """(prefix ids, suffix ids) the post-processor puts around a single sequence.
 
