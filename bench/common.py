@@ -17,7 +17,7 @@ REPO = os.path.dirname(HERE)
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hpcllm-bench")
 
 
-def _tests_module(name):
+def tests_module(name):
     """tests/<name>.py loaded by path (the tests folder stays off sys.path)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tests", f"{name}.py"))
@@ -27,7 +27,7 @@ def _tests_module(name):
     return sys.modules[name]
 
 
-corpora = _tests_module("corpora")   # Debian's fortunes packages: fortunes(), all_fortunes(), mixed()
+corpora = tests_module("corpora")   # Debian's fortunes packages: fortunes(), all_fortunes(), mixed()
 
 
 def installed_fortunes(limit=None):
@@ -37,7 +37,7 @@ def installed_fortunes(limit=None):
 
 
 def analysis_helpers():
-    return _tests_module("analysis_helpers")
+    return tests_module("analysis_helpers")
 
 
 def model_path(package):

@@ -22,7 +22,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
-from common import best_of, installed_fortunes, minilm_dir, smollm2_gguf  # noqa: E402
+from common import best_of, installed_fortunes, minilm_dir, smollm2_gguf, tests_module  # noqa: E402
 
 
 def minilm_json():
@@ -43,6 +43,10 @@ def tokenizer_pairs():
         pairs["bpe (SmolLM2-135M)"] = (Tokenizer.from_gguf(path), ref.backend_tokenizer)
     except Exception as e:   # the BPE side is optional for this benchmark
         print(f"# skipping BPE: {type(e).__name__}: {e}", file=sys.stderr)
+    # SentencePiece BPE in the Llama-2 shape: trained on the fortunes as tests/test_tokenizer_spm.py does
+    # (no Llama-2 tokenizer.json ships in a package here); HF's own Llama-2 tokenizers run the same model
+    spm = json.dumps(tests_module("test_tokenizer_spm").llama2_style_json())
+    pairs["sentencepiece bpe (Llama-2 shape)"] = (Tokenizer.from_str(spm), HFTokenizer.from_str(spm))
     for _, h in pairs.values():
         h.no_truncation()
         h.no_padding()

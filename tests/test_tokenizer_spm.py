@@ -30,7 +30,7 @@ BOS_TEMPLATE = {"type": "TemplateProcessing",
                 "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
 
 
-def _trained():
+def llama2_style_json():
     """A Llama-2-style tokenizer.json dict: specials 0-2, bytes 3-258 as in Llama-2, then the merges' tokens."""
     from tokenizers import models, pre_tokenizers, trainers
 
@@ -89,7 +89,7 @@ NAMES = ["llama", "metaspace-always-split", "metaspace-first-split", "metaspace-
 @pytest.fixture(scope="module")
 def configs():
     """name -> (ours through the facade, HF tokenizers on the same JSON)."""
-    base = _trained()
+    base = llama2_style_json()
     out = {}
     for name in NAMES:
         text = json.dumps(_variant(base, name))
