@@ -18,6 +18,7 @@ all-reduce sum of a [size, k] buffer in which each rank fills its own row.
 Both count the seconds and calls spent communicating, for the timing report.
 """
 
+import atexit
 import os
 import socket
 import time
@@ -124,3 +125,14 @@ def init_torch_distributed(world, backend: str, timeout_s: float = 600.0):
         world_size=world.Get_size(),
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    # Torn down before the interpreter exits (atexit runs this before mpi4py's finalize, registered
+    # earlier): a gloo group left to static destruction can still have worker threads running, and a
+    # rank then aborts with "terminate called without an active exception" (seen once at tp 3 in CI).
+    atexit.register(_destroy_torch_distributed)
+
+
+def _destroy_torch_distributed():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
