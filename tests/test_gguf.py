@@ -104,7 +104,9 @@ def tiny_gguf(request, tmp_path_factory):
     return path
 
 
-def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
+def gguf_matches_transformers(path, tmp_path, check_config):
+    """Convert a GGUF, check its config (``check_config(config, hf_model)``), then score random
+    documents with hpcllm and with transformers loading the same file: within 1e-4 per token."""
     from transformers import AutoModelForCausalLM
 
     from hpcllm.checkpoint.convert import convert
@@ -114,22 +116,28 @@ def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
     from hpcllm.world.comm import LocalComm
 
     h5 = str(tmp_path / "tiny.h5")
-    convert(tiny_gguf, h5)
-    where, name = os.path.split(tiny_gguf)
+    convert(path, h5)
+    where, name = os.path.split(path)
     hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
     with Checkpoint(h5) as ck:
-        c = ck.config
-        assert (c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"], c["vocab"]) == (HEADS, KV, 64, FFN, 258)
-        assert c["add_bos"] and c["bos_id"] == 256 and not c["tie_embeddings"] and c["rope_theta"] == 50000.0
-        assert c["qkv_bias"] == ("qwen2" in tiny_gguf) and not c["o_bias"]
+        check_config(ck.config, hf)
         model = build_model(ck, 0, 1, LocalComm())
+        vocab = ck.config["vocab"]
     rng = np.random.default_rng(2)
-    docs = [rng.integers(0, 258, size=n) for n in (2, 9, 40, 64, 100)]
+    docs = [rng.integers(0, vocab, size=n) for n in (2, 9, 40, 64, 100)]
     ours = score_documents(model, docs, 64, 32)
     refs = [hf_logprobs(hf, ids, 64, 32) for ids in docs]
     assert np.std(np.concatenate(refs)) > 0.1  # the weights matter
     for lp, ref in zip(ours, refs):
         np.testing.assert_allclose(lp, ref, atol=1e-4, rtol=0)
+
+
+def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
+    def check(c, hf):
+        assert (c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"], c["vocab"]) == (HEADS, KV, 64, FFN, 258)
+        assert c["add_bos"] and c["bos_id"] == 256 and not c["tie_embeddings"] and c["rope_theta"] == 50000.0
+        assert c["qkv_bias"] == ("qwen2" in tiny_gguf) and not c["o_bias"]
+    gguf_matches_transformers(tiny_gguf, tmp_path, check)
 
 
 def test_smollm2_metadata():

@@ -2,13 +2,11 @@
 attention.key_length, q/k rows not permuted) against HF transformers loading the same file. The HF
 directory path (tp = 1..4, both backends, greedy generation) is in test_decoder / test_generate_engine."""
 
-import os
 
 import numpy as np
 import pytest
-import torch
 
-from test_decoder import hf_logprobs
+from test_gguf import gguf_matches_transformers
 
 HIDDEN, HEADS, KV, HEAD_DIM, FFN = 64, 3, 1, 128, 96  # HF's GGUF loader keeps Qwen3's default head_dim 128
 
@@ -62,29 +60,9 @@ def qwen3_gguf(tmp_path_factory):
 
 
 def test_qwen3_gguf_matches_transformers(qwen3_gguf, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from hpcllm.checkpoint.convert import convert
-    from hpcllm.checkpoint.hdf5 import Checkpoint
-    from hpcllm.model.build import build_model
-    from hpcllm.scoring import score_documents
-    from hpcllm.world.comm import LocalComm
-
-    h5 = str(tmp_path / "tiny.h5")
-    convert(qwen3_gguf, h5)
-    where, name = os.path.split(qwen3_gguf)
-    hf = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
-    assert hf.config.model_type == "qwen3" and hf.config.head_dim == HEAD_DIM
-    with Checkpoint(h5) as ck:
-        c = ck.config
+    def check(c, hf):
+        assert hf.config.model_type == "qwen3" and hf.config.head_dim == HEAD_DIM
         assert (c["n_heads"], c["n_kv_heads"], c["head_dim"], c["hidden"], c["vocab"]) == (HEADS, KV, HEAD_DIM,
                                                                                             HIDDEN, 257)
         assert c["qk_norm"] and c["tie_embeddings"] and not c["qkv_bias"] and c["rope_theta"] == 1e6
-        model = build_model(ck, 0, 1, LocalComm())
-    rng = np.random.default_rng(2)
-    docs = [rng.integers(0, 257, size=n) for n in (2, 9, 40, 64, 100)]
-    ours = score_documents(model, docs, 64, 32)
-    refs = [hf_logprobs(hf, ids, 64, 32) for ids in docs]
-    assert np.std(np.concatenate(refs)) > 0.1  # the weights matter
-    for lp, ref in zip(ours, refs):
-        np.testing.assert_allclose(lp, ref, atol=1e-4, rtol=0)
+    gguf_matches_transformers(qwen3_gguf, tmp_path, check)
