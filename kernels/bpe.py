@@ -288,6 +288,33 @@ def _assemble(B, limit, prefix, suffix):
     return ids, out_off, flags
 
 
+def run_batch(buf, offsets, limit, T, P, prefix, suffix, slots, encode_chunk, encode_parallel):
+    """The batch driver of a merge kernel (this one, spm_bpe): decode the documents' UTF-8, size
+    each document's id slots (``slots(nbytes, limit, P)``), encode runs of documents on the calling
+    thread or in parallel (``encode_chunk`` / ``encode_parallel``), assemble with prefix/suffix."""
+    nd = len(offsets) - 1
+    nbytes = np.empty(nd, np.int64)
+    B = Batch(np.empty(offsets[-1] - offsets[0], np.int32), offsets, np.empty(nd, np.int64), nbytes,
+              np.zeros(nd, np.bool_), np.zeros(nd + 1, np.int64), np.empty(0, np.int32), np.zeros(nd, np.int64))
+    if nd:
+        _decode_all(buf, B)
+    limit = np.int64(limit)
+    np.cumsum(slots(nbytes, limit, P), out=B.slot_off[1:])
+    B = B._replace(tmp=np.empty(B.slot_off[-1], np.int32))
+    if nd:
+        threads = numba.get_num_threads()
+        if threads > 1 and nd > 1 and len(B.cps) >= PARALLEL_MIN_BYTES:
+            encode_parallel(_chunks(nbytes, min(nd, 4 * threads)), B, limit, T, P)
+        else:
+            encode_chunk(0, nd, B, limit, T, P)
+    return _assemble(B, limit, prefix, suffix)
+
+
+def _content_slots(nbytes, limit, P):
+    """A byte-level document has at most one id per byte (its content limit aside)."""
+    return nbytes if limit < 0 else np.minimum(nbytes, limit)
+
+
 def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
     """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8 bytes) with tables T, settings P.
 
@@ -295,20 +322,4 @@ def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
     the special ids the post-processor puts around each document (int32).
     Returns (ids int32, offsets int64 n+1, flags uint8: 1 truncated, 2 bad UTF-8).
     """
-    nd = len(offsets) - 1
-    nbytes = np.empty(nd, np.int64)
-    B = Batch(np.empty(offsets[-1] - offsets[0], np.int32), offsets, np.empty(nd, np.int64), nbytes,
-              np.zeros(nd, np.bool_), np.zeros(nd + 1, np.int64), np.empty(0, np.int32), np.zeros(nd, np.int64))
-    if nd:
-        _decode_all(buf, B)
-    slots = nbytes if limit < 0 else np.minimum(nbytes, limit)
-    np.cumsum(slots, out=B.slot_off[1:])
-    B = B._replace(tmp=np.empty(B.slot_off[-1], np.int32))
-    limit = np.int64(limit)
-    if nd:
-        threads = numba.get_num_threads()
-        if threads > 1 and nd > 1 and len(B.cps) >= PARALLEL_MIN_BYTES:
-            _encode_parallel(_chunks(nbytes, min(nd, 4 * threads)), B, limit, T, P)
-        else:
-            _encode_chunk(0, nd, B, limit, T, P)
-    return _assemble(B, limit, prefix, suffix)
+    return run_batch(buf, offsets, limit, T, P, prefix, suffix, _content_slots, _encode_chunk, _encode_parallel)

@@ -20,11 +20,10 @@ words, so a whole document without pre-tokenizer stays O(n log n)).
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from .bpe import CACHE_MAX, CACHE_MIN, PARALLEL_MIN_BYTES, SMALL, Batch, _assemble, _chunks, _decode_all, _find_added
+from .bpe import CACHE_MAX, CACHE_MIN, SMALL, _find_added, run_batch
 from .bpe_merge import merge_heap, merge_scan
 from .bpe_tables import CACHE_MAX_PIECE, WordCache, cache_get, cache_new, cache_put, hash_bytes
 from .utf8 import encode_one
@@ -277,25 +276,9 @@ def _slots(nbytes, limit, P):
 
 
 def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
-    """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8 bytes) with tables T, settings P.
-
-    limit: the most content ids a document keeps (-1: no limit); prefix/suffix:
-    the special ids the post-processor puts around each document (int32).
+    """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8 bytes) with tables T, settings P
+    (``kernels.bpe.run_batch``). limit: the most content ids a document keeps (-1: no limit);
+    prefix/suffix: the special ids around each document (int32).
     Returns (ids int32, offsets int64 n+1, flags uint8: 1 truncated, 2 bad UTF-8).
     """
-    nd = len(offsets) - 1
-    nbytes = np.empty(nd, np.int64)
-    B = Batch(np.empty(offsets[-1] - offsets[0], np.int32), offsets, np.empty(nd, np.int64), nbytes,
-              np.zeros(nd, np.bool_), np.zeros(nd + 1, np.int64), np.empty(0, np.int32), np.zeros(nd, np.int64))
-    if nd:
-        _decode_all(buf, B)
-    limit = np.int64(limit)
-    np.cumsum(_slots(nbytes, limit, P), out=B.slot_off[1:])
-    B = B._replace(tmp=np.empty(B.slot_off[-1], np.int32))
-    if nd:
-        threads = numba.get_num_threads()
-        if threads > 1 and nd > 1 and len(B.cps) >= PARALLEL_MIN_BYTES:
-            _encode_parallel(_chunks(nbytes, min(nd, 4 * threads)), B, limit, T, P)
-        else:
-            _encode_chunk(0, nd, B, limit, T, P)
-    return _assemble(B, limit, prefix, suffix)
+    return run_batch(buf, offsets, limit, T, P, prefix, suffix, _slots, _encode_chunk, _encode_parallel)
