@@ -9,9 +9,12 @@ put in front (the Prepend normalizer: every non-empty segment; Metaspace
 "always": unless the segment starts with the mark; "first": the same, only for
 the segment at the start of the document). Metaspace(split=true) then cuts
 before every mark; without it the whole segment is one word, which is cut (as
-an optimization only) before a mark that follows another character when no
-merge can span such a place (the Llama-2 vocabulary: "▁" only starts tokens),
-so that the word cache serves most of it. Each word's
+an optimization only) before a mark wherever no merge can span that place: a
+merge (l, r) spans "x|▁" only if r starts with the mark and l ends with x (or,
+for a character without a token of its own, with its <0xNN> / unk token), so
+the cuts come from one table per character (Llama-2's and Gemma's
+vocabularies: "▁" starts tokens, it rarely ends one), and the word cache
+serves most of a segment. Each word's
 characters become their vocab ids, or with byte_fallback their UTF-8 bytes'
 <0xNN> ids, or the unk id (fused with a preceding unk when fuse_unk), and merge
 lowest rank first, leftmost on ties (kernels/bpe_merge.py: a heap on long
@@ -39,6 +42,7 @@ class SpmTables(NamedTuple):
     ttab: np.ndarray       # added-token trie edges (root 0 only: non-normalized tokens)
     term: np.ndarray       # int32 per trie node: the token id ending there, or -1
     first: np.ndarray      # uint8 per code point: bit 0 set if it starts an added token
+    nocut: np.ndarray      # uint8 per code point: 1 if a merge may join it to a mark that follows
 
 
 class SpmParams(NamedTuple):
@@ -49,7 +53,7 @@ class SpmParams(NamedTuple):
     mark: int              # code point put in front of a segment, and split before
     prepend: int           # PREPEND_*
     split: int             # 1: Metaspace(split=true): a new word starts at every mark
-    cut: int               # 1: no merge spans "x▁" (x not the mark): words may be cut before such a mark
+    cut: int               # 1: words may be cut before a mark after a character x where nocut[x] == 0
     roots: int             # 1 if there are added tokens
     per_byte: int          # at most this many ids per input byte (a space becoming the mark)
     per_prepend: int       # ids of the prepended mark
@@ -194,13 +198,13 @@ def _segment(cps, a, b, at_start, T, P, S, o, limit):
         norm[n] = P.replace if c == 32 and P.replace >= 0 else c
         n += 1
     pb, work, C = S.piece, S.work, S.cache
-    split, cut, mark = P.split, P.cut, P.mark
+    split, cut, mark, nocut = P.split, P.cut, P.mark, T.nocut
     if not split and not cut:
         r = _cached(norm, 0, n, pb, work, C, o)
         return r if r >= 0 else _word(norm, 0, n, T, P, S, o)
     s = 0
     for k in range(1, n + 1):
-        if k == n or (norm[k] == mark and (split or norm[k - 1] != mark)):
+        if k == n or (norm[k] == mark and (split or not nocut[norm[k - 1]])):
             r = _cached(norm, s, k, pb, work, C, o)
             o = r if r >= 0 else _word(norm, s, k, T, P, S, o)
             if limit >= 0 and o > limit:

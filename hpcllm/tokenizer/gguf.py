@@ -1,4 +1,8 @@
-"""Tokenizer metadata of a GGUF file (tokenizer.ggml.*) as byte-level BPE arguments.
+"""Tokenizer metadata of a GGUF file (tokenizer.ggml.*): the tokenizer.json it describes.
+
+`tokenizer_json` dispatches on tokenizer.ggml.model: "gpt2" is byte-level BPE
+(hpcllm.tokenizer.bpe, from `bpe_arguments`), "llama" SentencePiece BPE as
+transformers builds it (hpcllm.tokenizer.gguf_spm, run by hpcllm.tokenizer.spm).
 
 A gguf.GGUFReader that the caller already holds (the checkpoint importer) is
 read through the gguf library. A path is read by the small reader below: it
@@ -8,6 +12,7 @@ builds numpy views of every vocabulary string. Measured on SmolLM2-135M Q4_1
 gguf.GGUFReader(path) (gguf 0.19.0), on every load of the model.
 """
 
+import json
 import mmap
 import struct
 
@@ -18,6 +23,8 @@ from hpcllm.kernels.regex_pretok import GPT2, LLAMA3, QWEN2
 from hpcllm.tokenizer.byte_level import BYTE_CHARS, CHAR_BYTES
 
 PREFIX = "tokenizer.ggml."
+ARCH = "general.architecture"   # kept under its full name (transformers picks the SentencePiece shape by it)
+SUPPORTED = "gpt2: byte-level BPE, llama: SentencePiece BPE"
 # tokenizer.ggml.pre values that transformers (the reference loader) maps to the
 # Llama-3 split; any other pre-tokenizer transformers knows uses a regex we do not have.
 LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
@@ -64,6 +71,8 @@ def read_meta(path):
                 value, pos = _value(mm, pos + 4, vtype)
                 if key.startswith(PREFIX):
                     meta[key[len(PREFIX):]] = value
+                elif key == ARCH:
+                    meta[key] = value
     except (OSError, ValueError, struct.error, KeyError) as e:
         raise HpcllmError("%s: cannot read GGUF metadata: %s" % (path, e))
     return meta
@@ -73,18 +82,43 @@ def meta_from_reader(reader):
     """tokenizer.ggml.* of an open gguf.GGUFReader, as read_meta returns them."""
     out = {}
     for key, field in reader.fields.items():
-        if key.startswith(PREFIX):
+        if key.startswith(PREFIX) or key == ARCH:
             value = field.contents()
-            out[key[len(PREFIX):]] = value.tolist() if isinstance(value, np.ndarray) else value
+            out[key[len(PREFIX):] if key != ARCH else key] = value.tolist() if isinstance(value, np.ndarray) else value
     return out
 
 
-def bpe_arguments(source, split_digits=False):
-    """ByteLevelBPE(**arguments) for a GGUF path or gguf.GGUFReader."""
+def _read(source):
+    """(metadata, where) of a GGUF path or gguf.GGUFReader; a file without a vocabulary is an error."""
     where = str(getattr(source, "path", source))
     meta = meta_from_reader(source) if hasattr(source, "fields") else read_meta(source)
     if "tokens" not in meta:
         raise HpcllmError("%s: no tokenizer.ggml.tokens in this GGUF file" % where)
+    return meta, where
+
+
+def tokenizer_json(source) -> str:
+    """The HF tokenizer.json text of a GGUF file's tokenizer (a path or gguf.GGUFReader), as
+    transformers' GGUF loader builds it; Tokenizer.from_str runs it, HF `tokenizers` loads it."""
+    meta, where = _read(source)
+    kind = meta.get("model")
+    if kind == "gpt2":
+        from hpcllm.tokenizer.bpe import ByteLevelBPE
+        d = ByteLevelBPE(**_bpe_arguments(meta, where)).to_json_dict()
+    elif kind == "llama":
+        from hpcllm.tokenizer.gguf_spm import sentencepiece_json
+        d = sentencepiece_json(meta, meta.get(ARCH, ""), where)
+    else:
+        raise HpcllmError("%s: tokenizer.ggml.model %r is not supported (%s)" % (where, kind, SUPPORTED))
+    return json.dumps(d, ensure_ascii=False)
+
+
+def bpe_arguments(source, split_digits=False):
+    """ByteLevelBPE(**arguments) for a GGUF path or gguf.GGUFReader."""
+    return _bpe_arguments(*_read(source), split_digits)
+
+
+def _bpe_arguments(meta, where, split_digits=False):
     if meta.get("model") != "gpt2":
         raise HpcllmError("%s: tokenizer.ggml.model %r is not byte-level BPE" % (where, meta.get("model")))
     pre = meta.get("pre", "default")

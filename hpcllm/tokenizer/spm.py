@@ -52,15 +52,24 @@ def _parse_normalizer(norm):
     return replace, prepend
 
 
+def _splits_on_space(pre):
+    """A Split pre-tokenizer on the string " " (not inverted), as transformers' Gemma tokenizer has."""
+    return (pre is not None and pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}
+            and not pre.get("invert"))
+
+
 def _parse_spacing(d):
     """(replace, mark, prepend mode, split) from the normalizer and pre-tokenizer."""
     replace, prepend = _parse_normalizer(d.get("normalizer"))
     pre = d.get("pre_tokenizer")
+    if _splits_on_space(pre) and replace >= 0:
+        pre = None   # Gemma: Split(" ") after Replace(" ") finds no space left to split on
     if pre is None:
         mark = prepend if prepend >= 0 else max(replace, 0x2581)
         return replace, mark, K.PREPEND_NONEMPTY if prepend >= 0 else K.PREPEND_NONE, 0
     if pre.get("type") != "Metaspace":
-        _err("pre_tokenizer", "only null or Metaspace is supported, got %r" % pre.get("type"))
+        _err("pre_tokenizer", "only null, Metaspace, or Split(' ') after Replace(' ') is supported, got %r"
+             % pre.get("type"))
     if d.get("normalizer") is not None:
         _err("normalizer", "must be null with a Metaspace pre-tokenizer, got %r" % d["normalizer"].get("type"))
     mark = _one_char("pre_tokenizer.Metaspace.replacement", pre.get("replacement", "\u2581"))
@@ -108,14 +117,24 @@ class SentencePieceBPE:
         raw = ch.encode("utf-8")
         return len(raw) if all(self._byte_ids[b] >= 0 for b in raw) else 1
 
-    def _cuttable(self):
-        """1 if no merge makes a token with the mark after another character (then a word can be cut
-        before such a mark without changing the result), with the mark a token of its own."""
+    def _cuts(self, char_ids):
+        """(cut, nocut): where a word may be cut before a mark without changing its merges.
+
+        A merge (l, r) joins the symbol before "x|▁" to the mark only if r starts with the
+        mark and l ends with x, or, for a character without a token of its own, with the
+        <0xNN> / unk token it becomes. cut is 0 when the mark has no token of its own."""
         mark = chr(self.mark)
+        nocut = np.zeros(0x110000, dtype=np.uint8)
         if mark not in self.vocab:
-            return 0
-        inner = re.compile("[^%s]%s" % (re.escape(mark), re.escape(mark)))
-        return 0 if any(inner.search(a + b) for a, b in self.merges) else 1
+            return 0, nocut
+        lefts = {a for a, b in self.merges if b.startswith(mark)}
+        fallback = [t for t in (self.unk_token,) if t] + (["<0x%02X>" % b for b in range(256)]
+                                                          if self.byte_fallback else [])
+        if any(a.endswith(t) for a in lefts for t in fallback):
+            nocut[char_ids < 0] = 1
+        for a in lefts:
+            nocut[ord(a[-1])] = 1
+        return 1, nocut
 
     def _build(self):
         char_ids = np.full(0x110000, -1, dtype=np.int32)
@@ -127,13 +146,15 @@ class SentencePieceBPE:
             for b in range(256):
                 self._byte_ids[b] = self.vocab.get("<0x%02X>" % b, -1)
         ttab, term, first = _trie(self.added)
-        self._tables = K.SpmTables(char_ids, self._byte_ids, merge_table(self.vocab, self.merges), ttab, term, first)
+        cut, nocut = self._cuts(char_ids)
+        self._tables = K.SpmTables(char_ids, self._byte_ids, merge_table(self.vocab, self.merges), ttab, term, first,
+                                   nocut)
         lens = [len(t["content"].encode("utf-8")) for t in self.added if t["content"]]
         per_byte = self._char_ids(chr(self.replace)) if self.replace >= 0 else 1
         per_prepend = self._char_ids(chr(self.mark)) if self.prepend != K.PREPEND_NONE else 0
         unk = -1 if self.unk_id is None else self.unk_id
         self._params = K.SpmParams(*(np.int64(x) for x in (
-            unk, self.fuse_unk, self.replace, self.mark, self.prepend, self.split, self._cuttable(), 1 if lens else 0,
+            unk, self.fuse_unk, self.replace, self.mark, self.prepend, self.split, cut, 1 if lens else 0,
             max(1, per_byte), per_prepend, min(lens) if lens else 1)))
 
     # ---- loading -------------------------------------------------------------------------
