@@ -40,18 +40,20 @@ CHUNK_BYTES = 64 << 20  # float32 logits per rank per chunk
 
 @torch.inference_mode()
 def vocab_parallel_logprobs(hidden, targets, weight, vocab_start: int, comm: Comm,
-                            chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                            chunk_bytes: int = CHUNK_BYTES, soften=None) -> torch.Tensor:
     """float32 [N] log-softmax(hidden @ weight.T)[target] over the whole (split) vocabulary.
 
     hidden [N, H]; targets [N] int64 global ids; weight [V_local, H] this
     rank's LM-head rows (dense or packed: ``hpcllm.model.layers.linear``), the ids
-    [vocab_start, vocab_start + V_local).
+    [vocab_start, vocab_start + V_local); ``soften``: the model's logit soft-cap (``Decoder.soften``), or None.
     """
     n, v_local = hidden.shape[0], weight.shape[0]
     rows = max(1, chunk_bytes // (4 * v_local))
     out = torch.empty(n, dtype=torch.float32)
     for s in range(0, n, rows):
         logits = linear(hidden[s:s + rows], weight).float()       # [n_chunk, V_local]
+        if soften is not None:
+            logits = soften(logits)
         local = targets[s:s + rows] - vocab_start
         mine = (local >= 0) & (local < v_local)
         idx = local.clamp(0, v_local - 1)[:, None]
@@ -149,7 +151,7 @@ def _score_windows(model, rows, first):
     pos = torch.from_numpy(pos).to(device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     lp = vocab_parallel_logprobs(flat[pos], ids.view(-1)[pos + 1], model.head, model.vocab_start,
-                                 model.comm).numpy()
+                                 model.comm, soften=model.soften).numpy()
     counts = np.cumsum([0] + [len(r) - f for r, f in zip(rows, first)])
     return [lp[counts[i]:counts[i + 1]] for i in range(len(rows))]
 

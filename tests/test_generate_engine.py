@@ -1,6 +1,6 @@
 """The generation engine in one process: greedy ids equal HF ``transformers.generate`` on tiny
-random Llama / Mistral / Qwen2 / Qwen3 models (chunked prefill, continuous batching through few slots,
-shared prefixes), sampling matches softmax(logits / T) cut by top-k / top-p / min-p (chi-square)
+random models of every decoder family (chunked prefill, continuous batching through few slots,
+shared prefixes, sliding-window layers' ring caches wrapping in decode and in prefill chunks), sampling matches softmax(logits / T) cut by top-k / top-p / min-p (chi-square)
 and is identical when the vocabulary is split over two ranks (threads with a counting comm that
 never sees V numbers), stop strings across token boundaries, byte-exact detokenizing, and chat
 templates against transformers' renderer and its sandbox."""
@@ -23,7 +23,7 @@ from hpcllm.generate.text import Completion
 from hpcllm.model.build import build_model
 from hpcllm.world.comm import Comm, LocalComm
 from conftest import REPO, mpirun
-from test_decoder import GGUF_PATH, smol_tokenizer_json, tiny  # noqa: F401  (fixtures)
+from test_decoder import FAMILIES, GGUF_PATH, smol_tokenizer_json, tiny  # noqa: F401  (fixtures)
 
 SPLIT_SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "sample_split.py")
 
@@ -61,7 +61,7 @@ def _hf_greedy(hf, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_equals_transformers_generate(tiny, name):
     hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:
@@ -79,15 +79,21 @@ def test_greedy_equals_transformers_generate(tiny, name):
     assert all(again.results[k][0] == eng.results[k][0] for k in eng.results)
 
 
-def test_shared_prefixes_are_reused_not_recomputed(tiny):
-    hf, h5 = tiny["llama"]
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_shared_prefixes_are_reused_not_recomputed(tiny, name):
+    """gemma3: its sliding layers' rings (8 rows) have moved past a kept slot's prefix, so only prefixes
+    of slots that hold no more than max(prefix, 8) positions are reused; the ids stay the same."""
+    hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:
         model = build_model(ck, 0, 1, LocalComm())
     a = np.random.default_rng(4).integers(0, 320, size=33).astype(np.int64)
     prompts = [a, a[:2], np.concatenate([a[:30], [7, 8]]), a.copy(), np.concatenate([a[:20], [9]])]
     eng = _engine(model, prompts, n_slots=2, batch_tokens=64)
     # b and the copy of a land in a's kept slot (30 and 32 positions), the last copies 20 from a busy one
-    assert eng.sched.reused_tokens >= 30 + 20
+    if name == "llama":
+        assert eng.sched.reused_tokens >= 30 + 20
+    else:   # a's slot holds 33 + 10 positions, past every prefix but a's own copy (32: 43 > max(32, 8))
+        assert eng.sched.reused_tokens == 0
     solo = _engine(model, prompts, n_slots=1, batch_tokens=7)        # other sharing and chunks: same ids
     assert all(eng.results[k][0] == solo.results[k][0] for k in eng.results)
     assert eng.results[0, 0][0] == _hf_greedy(hf, a, MAX_NEW)
@@ -97,8 +103,11 @@ def test_shared_prefixes_are_reused_not_recomputed(tiny):
     assert all(eng.results[k][0] == cold.results[k][0] for k in eng.results)
 
 
-def test_n_completions_share_the_prompt_and_differ(tiny):
-    hf, h5 = tiny["llama"]
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_n_completions_share_the_prompt_and_differ(tiny, name):
+    """Forks copy their prompt's KV (gemma3: the sliding layers' whole rings, prompts being longer
+    than the 8-token window)."""
+    hf, h5 = tiny[name]
     with Checkpoint(h5) as ck:
         model = build_model(ck, 0, 1, LocalComm())
     prompts = _prompts(2)[:4]
@@ -112,6 +121,21 @@ def test_n_completions_share_the_prompt_and_differ(tiny):
     greedy = _engine(model, prompts, n_slots=6, batch_tokens=24, n=2)
     for j, p in enumerate(prompts):
         assert greedy.results[j, 0][0] == greedy.results[j, 1][0] == _hf_greedy(hf, p, MAX_NEW)
+
+
+def test_sliding_layers_keep_only_their_window(tiny):
+    """gemma3's 3 sliding layers (window 8) hold 8 rows per slot, its 2 full layers the slot length:
+    (2 * 64 + 3 * 8) / (5 * 64) of a full cache, which is what the scheduler sizes slots with."""
+    from hpcllm.generate.kv_cache import slot_bytes
+
+    with Checkpoint(tiny["gemma3"][1]) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    cache = KVCache(model, 3, 64, torch.float32)
+    assert [k.shape[2] for k in cache.k] == [8, 8, 64, 8, 64] and cache.ring == 8
+    full = 3 * 5 * 2 * 2 * 64 * 16 * 4                   # slots x layers x K,V x KV heads x rows x D x bytes
+    assert cache.nbytes == 3 * slot_bytes(model, 64, torch.float32) == full * (2 * 64 + 3 * 8) // (5 * 64)
+    assert [cache.reusable(n, held) for n, held in [(5, 8), (20, 20), (20, 21), (5, 9), (30, 30)]] == \
+        [5, 20, 0, 0, 30]
 
 
 def test_finish_reasons_eos_stop_ids_stop_strings_length(tiny):
@@ -357,7 +381,7 @@ def test_decode_attention_equals_per_sequence_attention(lengths, slots, dtype):
     from hpcllm.generate.kv_cache import LayerKV
 
     hq, hkv, d = 6, 2, 16
-    attn = SimpleNamespace(n_heads=hq, n_kv_heads=hkv, head_dim=d)
+    attn = SimpleNamespace(n_heads=hq, n_kv_heads=hkv, head_dim=d, window=None, scale=None, softcap=None)
     model = SimpleNamespace(layers=[SimpleNamespace(attn=attn)])
     cache = KVCache(model, 16, 512, dtype)
     g = torch.Generator().manual_seed(0)
@@ -366,9 +390,9 @@ def test_decode_attention_equals_per_sequence_attention(lengths, slots, dtype):
     step = cache.step(slots, [n - 1 for n in lengths], [])
     assert cache.kernel == (dtype == torch.float32)
     if not cache.kernel:                                               # the matmul path's slot view
-        assert (step.decode["view"] is None) == (2 * len(slots) < max(slots) + 1)
+        assert (step.decode(512)["view"] is None) == (2 * len(slots) < max(slots) + 1)
     q = torch.randn(hq, len(slots), d, generator=g, dtype=dtype)
-    got = LayerKV(step, cache.k[0], cache.v[0])._decode(q)[0]          # [Hq, B, D]
+    got = LayerKV(step, cache.k[0], cache.v[0])._decode(q, attn)[0]    # [Hq, B, D]
     for i, (slot, n) in enumerate(zip(slots, lengths)):
         k = cache.k[0][slot, :, :n].repeat_interleave(hq // hkv, 0)     # [Hq, n, D]
         v = cache.v[0][slot, :, :n].repeat_interleave(hq // hkv, 0)

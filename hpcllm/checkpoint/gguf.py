@@ -1,11 +1,12 @@
-"""Import a GGUF file (llama.cpp's format) of a Llama-family model (llama, qwen2, qwen3).
+"""Import a GGUF file (llama.cpp's format) of a decoder (llama, qwen2, qwen3, gemma2, gemma3).
 
 Weights are dequantised to float32 with the ``gguf`` package (F32, F16,
 BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants, whatever
 ``gguf.quants.dequantize`` handles); config and tokenizer come from the file's
 metadata. llama.cpp's converter interleaves the rows of each q/k head for its
 RoPE kernel (for the "llama" architecture only); we undo that so the weights
-are in HF's rotate-half order, which the decoder uses.
+are in HF's rotate-half order, which the decoder uses. Gemma's norm weights are stored by
+llama.cpp as the multiplier 1 + w, which is what hpcllm stores too.
 """
 
 import json
@@ -14,7 +15,7 @@ import numpy as np
 
 from hpcllm.checkpoint.sources import decoder_config, rename
 from hpcllm.errors import HpcllmError
-from hpcllm.model.architectures import gguf_architecture
+from hpcllm.model.architectures import decoder_family, gguf_architecture
 
 # GGUF tensor name (after "blk.{i}.") -> hpcllm decoder name (after "layers.{i}.")
 _LAYER_NAMES = {
@@ -36,29 +37,58 @@ def _field(reader, key, default=None, where=""):
     return f.contents()
 
 
+def _layer_types(arch: str, n: int, window) -> list:
+    """llama.cpp's fixed sliding-window patterns: Gemma 2 every other layer from the first, Gemma 3
+    five of every six (both as transformers' configs default them)."""
+    pattern = {"gemma2": 2, "gemma3": 6}.get(arch)
+    if not window or pattern is None:
+        return ["full"] * n
+    return ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(n)]
+
+
+def _rope_scaling(reader, arch: str, path: str, names: set, head_dim: int):
+    """None, {"rope_type": "linear", "factor": f}, or Llama-3.1's per-dimension frequency factors
+    (the ``rope_freqs`` tensor llama.cpp's converter writes from the llama3 rope_scaling): inverse
+    frequencies are divided by them, as llama.cpp does."""
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none", path)
+    if "rope_freqs.weight" in names:
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        factors = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        if len(factors) != head_dim // 2:
+            raise HpcllmError(f"{path}: rope_freqs has {len(factors)} factors, the head dim {head_dim} needs "
+                              f"{head_dim // 2}")
+        return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor", where=path))}
+    if kind != "none":
+        raise HpcllmError(f"{path}: GGUF rope scaling {kind!r} is not supported (none, linear, rope_freqs)")
+    return None
+
+
 def gguf_config(reader, path: str) -> dict:
     arch = _field(reader, "general.architecture", where=path)
     gguf_architecture(arch, path)  # a one-line error for an architecture no importer reads
+    features = decoder_family(arch)
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default, path)  # noqa: E731
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise HpcllmError(f"{path}: partial rotary embeddings (rope.dimension_count != head dim) are not supported")
-    if reader.fields.get(f"{arch}.rope.scaling.type") is not None and get("rope.scaling.type") != "none":
-        raise HpcllmError(f"{path}: GGUF rope scaling {get('rope.scaling.type')!r} is not supported")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise HpcllmError(f"{path}: per-dimension rope_freqs (Llama-3.1 style GGUF) are not supported; "
-                          f"convert from the HF directory instead")
+    n_layers = int(get("block_count"))
+    window = int(get("attention.sliding_window", 0)) or None
+    layer_types = _layer_types(arch, n_layers, window)
+    softcap = lambda key: float(get(key, 0.0)) or None  # noqa: E731
     tok_model = _field(reader, "tokenizer.ggml.model", "", path)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = int(get("vocab_size", len(tokens.data) if tokens is not None else 0))
     bos = _field(reader, "tokenizer.ggml.bos_token_id", -1, path)
     return decoder_config(
-        vocab=vocab, hidden=hidden, n_layers=int(get("block_count")),
+        vocab=vocab, hidden=hidden, n_layers=n_layers,
         n_heads=heads, n_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
         ffn=int(get("feed_forward_length")), rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=None,
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch, path, names, head_dim),
         max_positions=int(get("context_length")),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
@@ -71,6 +101,11 @@ def gguf_config(reader, path: str) -> dict:
         # generate: the ids that end a reply (EOS, end-of-turn) and the chat template (untrusted jinja)
         eos_ids={int(_field(reader, f"tokenizer.ggml.{k}_token_id", -1, path)) for k in ("eos", "eot", "eom")} - {-1},
         chat_template=_field(reader, "tokenizer.chat_template", "", path) or None,
+        features=features, layer_types=layer_types, sliding_window=window,
+        # Gemma 3's local layers: llama.cpp's fixed base 10000
+        rope_local_theta=10000.0 if features.local_rope else None,
+        attn_scale=head_dim ** -0.5 if features.norm == "gemma" else None,
+        attn_softcap=softcap("attn_logit_softcapping"), final_softcap=softcap("final_logit_softcapping"),
     )
 
 
@@ -83,9 +118,12 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 def gguf_tensors(reader, cfg: dict, arch: str, path: str) -> dict:
     from gguf.quants import dequantize
 
+    layer_names = {**_LAYER_NAMES, **dict(decoder_family(arch).gguf_names)}
     out = {}
     for t in reader.tensors:
-        name = rename(t.name, _TOP_NAMES, _LAYER_NAMES, "blk.")
+        if t.name == "rope_freqs.weight":
+            continue   # in the config (rope_scaling "freq_factors")
+        name = rename(t.name, _TOP_NAMES, layer_names, "blk.")
         if name is None:
             raise HpcllmError(f"{path}: unexpected GGUF tensor {t.name!r} for a {arch} model")
         try:

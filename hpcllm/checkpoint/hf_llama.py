@@ -1,5 +1,7 @@
-"""Import a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 directory (config.json,
-*.safetensors, tokenizer.json) into hpcllm's decoder names and config.
+"""Import a Hugging Face decoder directory (config.json, *.safetensors, tokenizer.json) of a
+family in ``architectures.DECODER_FAMILIES`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2,
+Gemma 3) into hpcllm's decoder names and config. What a family fixes comes from its
+``DecoderFeatures`` entry; what each model sets (windows, soft-caps, RoPE) from its config.json.
 
 Which optional weights exist (q/k/v bias, o bias, Qwen3's per-head q/k norms,
 an untied LM head) is read from the tensors themselves, so Qwen2's q/k/v bias,
@@ -14,6 +16,7 @@ import os
 
 from hpcllm.checkpoint.sources import decoder_config, read_json, read_tokenizer_json, rename, safetensors_files
 from hpcllm.errors import HpcllmError
+from hpcllm.model.architectures import decoder_family
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
@@ -26,19 +29,54 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
 _ROPE_TYPES = ("default", "linear", "llama3")
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
-def _rope(src: str, hf: dict):
-    """(theta, scaling or None): transformers 5 nests both in rope_parameters, 4.x kept them flat."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or params or None
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in _ROPE_TYPES:
-            raise HpcllmError(f"{src}/config.json: rope scaling type {kind!r} is not supported ({', '.join(_ROPE_TYPES)})")
-        scaling = None if kind == "default" else {k: v for k, v in scaling.items() if k != "rope_theta"}
-    return float(theta), scaling
+def _rope_pair(src: str, params: dict, theta_default: float):
+    """(theta, scaling or None) of one RoPE parameter set."""
+    params = dict(params)
+    theta = params.pop("rope_theta", theta_default)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise HpcllmError(f"{src}/config.json: rope scaling type {kind!r} is not supported ({', '.join(_ROPE_TYPES)})")
+    return float(theta), (None if kind == "default" else params)
+
+
+def _rope(src: str, hf: dict, local: bool):
+    """(theta, scaling, local theta): transformers 5 nests RoPE in rope_parameters (per layer type for
+    Gemma 3: "full_attention" / "sliding_attention"), 4.x kept rope_theta / rope_scaling /
+    rope_local_base_freq flat."""
+    params = hf.get("rope_parameters") or {}
+    theta0 = hf.get("rope_theta", 10000.0)
+    if "full_attention" in params:
+        theta, scaling = _rope_pair(src, params["full_attention"], theta0)
+        local_theta = _rope_pair(src, params.get("sliding_attention", {}), 10000.0)[0]
+    else:
+        theta, scaling = _rope_pair(src, hf.get("rope_scaling") or params, theta0)
+        if "rope_theta" in params:
+            theta = float(params["rope_theta"])
+        local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+    return theta, scaling, local_theta if local else None
+
+
+def _layer_types(src: str, hf: dict, windows: str) -> list:
+    """Per layer "full" or "sliding", as transformers builds the family's masks."""
+    n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    if windows == "all":
+        return ["sliding" if window else "full"] * n
+    if windows == "none" or not window or hf.get("use_sliding_window") is False:
+        return ["full"] * n
+    if hf.get("layer_types"):
+        unknown = set(hf["layer_types"]) - set(_LAYER_TYPES)
+        if unknown:
+            raise HpcllmError(f"{src}/config.json: layer_types {sorted(unknown)} are not supported "
+                              f"({', '.join(_LAYER_TYPES)})")
+        return [_LAYER_TYPES[t] for t in hf["layer_types"]]
+    if "use_sliding_window" in hf:   # Qwen2/3 (4.x configs): layers from max_window_layers on slide
+        return ["sliding" if i >= hf.get("max_window_layers", n) else "full" for i in range(n)]
+    pattern = hf.get("sliding_window_pattern", 2)    # Gemma 2: every other layer; Gemma 3: 5 of 6
+    return ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(n)]
 
 
 def _add_bos(src: str, tokenizer: dict) -> bool:
@@ -52,38 +90,36 @@ def _add_bos(src: str, tokenizer: dict) -> bool:
     return bool(template) and "SpecialToken" in template[0]
 
 
-def llama_config(src: str, hf: dict, names: set, tokenizer: dict) -> dict:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HpcllmError(f"{src}/config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
-        raise HpcllmError(f"{src}/config.json: use_sliding_window=true (Qwen2/Qwen3 layer-wise sliding windows) "
-                          f"is not supported")
+def llama_config(src: str, hf: dict, names: set, tokenizer: dict, features) -> dict:
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if _ACTIVATIONS.get(act) != features.activation:
+        raise HpcllmError(f"{src}/config.json: hidden_act {act!r} is not supported for {features.family} "
+                          f"({next(k for k, v in _ACTIVATIONS.items() if v == features.activation)})")
     if {"model.layers.0.mlp.gate_proj.bias", "model.layers.0.mlp.gate_up_proj.bias"} & names:
         raise HpcllmError(f"{src}: MLP biases (mlp_bias=true) are not supported")
     partial = hf.get("partial_rotary_factor") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0
     if float(partial) != 1.0:
         raise HpcllmError(f"{src}/config.json: partial_rotary_factor {partial} is not supported (1.0 only)")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    theta, scaling = _rope(src, hf)
-    context = hf["max_position_embeddings"]
-    # Mistral and Phi-3 (every layer windowed, no use_sliding_window key): windows no longer than the
-    # attention window keep attention exact; Qwen2/3 window no layer
-    # (use_sliding_window false, refused above when true) whatever sliding_window says
-    if hf.get("sliding_window") and "use_sliding_window" not in hf:
-        context = min(context, int(hf["sliding_window"]))
+    head_dim = hf.get("head_dim") or hidden // heads
+    theta, scaling, local_theta = _rope(src, hf, features.local_rope)
+    scalar = hf.get("query_pre_attn_scalar") if features.norm == "gemma" else None
     bos = hf.get("bos_token_id")
     return decoder_config(
         vocab=hf["vocab_size"], hidden=hidden, n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hidden // heads, ffn=hf["intermediate_size"],
+        head_dim=head_dim, ffn=hf["intermediate_size"],
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-        max_positions=context, tie_embeddings="lm_head.weight" not in names,
+        max_positions=hf["max_position_embeddings"], tie_embeddings="lm_head.weight" not in names,
         qkv_bias=bool({"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.qkv_proj.bias"} & names),
         o_bias="model.layers.0.self_attn.o_proj.bias" in names,
         qk_norm="model.layers.0.self_attn.q_norm.weight" in names,
         add_bos=_add_bos(src, tokenizer) and bos is not None, bos_id=bos,
         eos_id=hf.get("eos_token_id"), pad_id=hf.get("pad_token_id"),
-        eos_ids=_eos_ids(src, hf), chat_template=_chat_template(src),
+        eos_ids=_eos_ids(src, hf), chat_template=_chat_template(src), features=features,
+        layer_types=_layer_types(src, hf, features.windows), sliding_window=hf.get("sliding_window"),
+        rope_local_theta=local_theta, attn_scale=float(scalar) ** -0.5 if scalar else None,
+        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
     )
 
 
@@ -131,21 +167,26 @@ def _unfuse(path: str, name: str, w, cfg: dict) -> dict:
     return out
 
 
-def llama_tensors(src: str, files, cfg: dict) -> dict:
-    """hpcllm name -> float32 numpy array (bf16/fp16 files are widened through torch)."""
+def llama_tensors(src: str, files, cfg: dict, features) -> dict:
+    """hpcllm name -> float32 numpy array (bf16/fp16 files are widened through torch). Gemma's norm
+    weights w become the multiplier 1 + w its RMSNorm applies (as GGUF stores them)."""
     import torch
     from safetensors import safe_open
 
+    layer_names = {**_LAYER_NAMES, **dict(features.hf_names)}
     out = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):
                     continue  # derived from the config
-                name = rename(key, _TOP_NAMES, _LAYER_NAMES, "model.layers.")
+                name = rename(key, _TOP_NAMES, layer_names, "model.layers.")
                 if name is None:
-                    raise HpcllmError(f"{path}: unexpected tensor {key!r} for a Llama-family model")
-                out.update(_unfuse(path, name, f.get_tensor(key).to(torch.float32).numpy(), cfg))
+                    raise HpcllmError(f"{path}: unexpected tensor {key!r} for a {features.family} model")
+                w = f.get_tensor(key).to(torch.float32)
+                if features.norm == "gemma" and name.endswith("norm.weight"):
+                    w = w + 1.0
+                out.update(_unfuse(path, name, w.numpy(), cfg))
     return out
 
 
@@ -154,14 +195,18 @@ def import_llama(src: str):
     from safetensors import safe_open
 
     hf = read_json(os.path.join(src, "config.json"))
+    features = decoder_family(hf.get("model_type"))
+    if "text_config" in hf:
+        raise HpcllmError(f"{src}/config.json: a multimodal {hf.get('model_type')} model; hpcllm runs text "
+                          f"decoders (convert the text model, e.g. Gemma3ForCausalLM's directory)")
     tokenizer_json = read_tokenizer_json(src)
     files = safetensors_files(src)
     names = set()
     for path in files:
         with safe_open(path, framework="pt") as f:
             names.update(f.keys())
-    cfg = llama_config(src, hf, names, json.loads(tokenizer_json))
-    tensors = llama_tensors(src, files, cfg)
+    cfg = llama_config(src, hf, names, json.loads(tokenizer_json), features)
+    tensors = llama_tensors(src, files, cfg, features)
     missing = [n for n in ("embed.weight", "norm.weight") if n not in tensors]
     if missing:
         raise HpcllmError(f"{src}: weights missing from the safetensors files: {', '.join(missing)}")

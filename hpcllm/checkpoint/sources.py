@@ -52,21 +52,40 @@ def rename(key: str, top: dict, layers: dict, layer_prefix: str):
 def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                    ffn: int, rms_eps: float, rope_theta: float, rope_scaling: dict | None, max_positions: int,
                    tie_embeddings: bool, qkv_bias: bool, o_bias: bool, qk_norm: bool, add_bos: bool, bos_id,
-                   eos_id, pad_id, eos_ids, chat_template: str | None) -> dict:
-    """The config a Llama-family checkpoint stores (JSON in its ``config`` attribute) and the decoder
+                   eos_id, pad_id, eos_ids, chat_template: str | None, features, layer_types: list,
+                   sliding_window: int | None, rope_local_theta: float | None, attn_scale: float | None,
+                   attn_softcap: float | None, final_softcap: float | None) -> dict:
+    """The config a decoder checkpoint stores (JSON in its ``config`` attribute) and the decoder
     reads, from fields each importer has already normalised from its source (HF config.json, GGUF
     metadata).  Every field is required, so an importer cannot leave one out.
 
-    ``qk_norm``: an RMSNorm over each query and key head before RoPE (Qwen3's q_norm / k_norm);
-    ``rope_scaling``: None, or the HF ``rope_scaling`` dict (linear, llama3) without ``rope_theta``;
-    ``max_positions``: the context the model attends exactly (capped by a sliding window);
+    ``features``: the family's fixed features (``hpcllm.model.architectures.DecoderFeatures``:
+    family name, norm kind and placement, embedding scale, activation);
+    ``qk_norm``: an RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3);
+    ``layer_types``: per layer "full" (causal over the whole context) or "sliding" (each token
+    attends its last ``sliding_window`` tokens, itself included, as transformers masks it);
+    ``rope_scaling``: None, or the HF ``rope_scaling`` dict (linear, llama3) without ``rope_theta``,
+    for the full layers; ``rope_local_theta``: the sliding layers' own RoPE base, unscaled (Gemma 3),
+    or None when they share the full layers' RoPE;
+    ``attn_scale``: the query scale (None: 1 / sqrt(head_dim)); ``attn_softcap`` / ``final_softcap``:
+    ``cap * tanh(x / cap)`` on attention scores / logits (Gemma 2), or None;
+    ``max_positions``: the context the model attends;
     ``bos_id`` / ``pad_id``: None when the source names none; ``eos_id``: the source's own
     (HF: an id or a list of ids); ``eos_ids``: every id that ends a reply (stored sorted);
     ``chat_template``: jinja text, or None."""
+    if len(layer_types) != n_layers or set(layer_types) - {"full", "sliding"}:
+        raise HpcllmError(f"decoder config: layer_types {layer_types} must be {n_layers} of 'full' / 'sliding'")
+    if "sliding" in layer_types and not sliding_window:
+        raise HpcllmError("decoder config: sliding layers need a sliding_window")
     return {
-        "vocab": vocab, "hidden": hidden, "n_layers": n_layers,
+        "family": features.family, "vocab": vocab, "hidden": hidden, "n_layers": n_layers,
         "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "ffn": ffn,
-        "rms_eps": rms_eps, "rope_theta": rope_theta, "rope_scaling": rope_scaling, "max_positions": max_positions,
+        "rms_eps": rms_eps, "norm": features.norm, "sandwich_norms": features.sandwich_norms,
+        "embed_scale": float(hidden) ** 0.5 if features.embed_scale else None, "activation": features.activation,
+        "rope_theta": rope_theta, "rope_scaling": rope_scaling, "rope_local_theta": rope_local_theta,
+        "max_positions": max_positions, "layer_types": list(layer_types),
+        "sliding_window": int(sliding_window) if "sliding" in layer_types else None,
+        "attn_scale": attn_scale, "attn_softcap": attn_softcap, "final_softcap": final_softcap,
         "tie_embeddings": tie_embeddings, "qkv_bias": qkv_bias, "o_bias": o_bias, "qk_norm": qk_norm,
         "add_bos": add_bos, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id,
         "eos_ids": sorted(eos_ids), "chat_template": chat_template,

@@ -38,7 +38,7 @@ class Engine:
         self.prompts, self.max_new, self.doc_ids = prompts, max_new, doc_ids
         self.params, self.limits, self.n, self.logprobs = params, limits, n, logprobs
         self.tokenizer = tokenizer
-        self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs, prefix_cache)
+        self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs, prefix_cache, cache.reusable)
         self.vocab = model.cfg["vocab"]
         self.head = model.head      # the LM head as linear() takes it (packed for oneDNN where that runs)
         self.texts = {}                      # seq id -> Completion (leader)
@@ -89,7 +89,7 @@ class Engine:
         if not plan.samples:                 # only prefill chunks that end inside their prompts
             return [], None
         rows = torch.tensor([where[t] for t, _ in plan.samples], dtype=torch.int64)
-        logits = linear(hidden[rows], self.head).float()
+        logits = self.model.soften(linear(hidden[rows], self.head).float())
         sampled = [seqs[i] for _, i in plan.samples]
         keys = torch.tensor([_signed(row_key(self.params.seed, self.doc_ids[s.doc], s.completion,
                                              len(s.generated))) for s in sampled], dtype=torch.int64)

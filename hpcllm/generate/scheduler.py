@@ -111,11 +111,14 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class Scheduler:
     """The running set and the slots; ``plan()`` on the leader, ``apply`` (bookkeeping) everywhere."""
 
-    def __init__(self, prompts, n_slots: int, n: int, batch_tokens: int, max_seqs: int, reuse: bool = True):
+    def __init__(self, prompts, n_slots: int, n: int, batch_tokens: int, max_seqs: int, reuse: bool = True,
+                 reusable=None):
         self.prompts = prompts                       # per document: int64 prompt ids (empty: not run)
         self.waiting = deque(j for j, p in enumerate(prompts) if len(p))
         self.n, self.budget, self.max_seqs = n, max(1, batch_tokens), max(n, max_seqs)
         self.reuse = reuse                           # False: shared prefixes are recomputed
+        # (n, positions a slot holds) -> how much of an n-token shared prefix is reusable (KVCache.reusable)
+        self.reusable = reusable or (lambda n, held: n)
         self.owner = [None] * n_slots                # slot -> seq id
         self.kept = [np.zeros(0, np.int64)] * n_slots   # slot -> tokens whose KV the slot holds
         self.seqs: dict[int, Seq] = {}
@@ -159,17 +162,20 @@ class Scheduler:
         if not p.admits or not self.reuse:
             return False
         prompt = self.prompts[j]
-        limit = len(prompt) - 1
-        have = max(min(common_prefix(v, prompt), limit) for v in valid.values())
-        soon = max(min(common_prefix(self.prompts[a[1]], prompt), limit) for a in p.admits if a[2] == 0)
+        have = max(self._shared(v, prompt) for v in valid.values())
+        soon = max(self._shared(self.prompts[a[1]], prompt) for a in p.admits if a[2] == 0)
         return soon >= have + MIN_COPY
+
+    def _shared(self, held: np.ndarray, prompt: np.ndarray) -> int:
+        """Prompt positions whose KV a slot holding ``held`` can give (the last prompt token is always
+        computed; a sliding layer's ring may have moved past the prefix)."""
+        return self.reusable(min(common_prefix(held, prompt), len(prompt) - 1), len(held))
 
     def _admit(self, p: StepPlan, j: int, free: list, valid: dict) -> None:
         """Doc j into the free slot sharing the longest prefix with it (copied from a busy slot when
         that shares at least MIN_COPY more); its forks (--n) into the next free slots."""
         prompt = self.prompts[j]
-        limit = len(prompt) - 1                      # the last prompt token is always computed
-        shared = {s: min(common_prefix(v, prompt), limit) for s, v in valid.items()}
+        shared = {s: self._shared(v, prompt) for s, v in valid.items()}
         home = max(free, key=lambda s: (shared[s], -s))
         reuse = shared[home]
         src = max(shared, key=lambda s: (shared[s], -s))

@@ -28,9 +28,9 @@ BERT_PLAN = {
     "layers.*.up": col("ffn"), "layers.*.down": row("ffn"),
 }
 
-# hpcllm's Llama decoder: the same Megatron split, GQA heads on group boundaries, vocab-parallel
-# embedding and LM head (tied or not). Not in the plan, so replicated: the norms, Qwen3's per-head
-# attn.q_norm / attn.k_norm included (every rank applies them to its own heads).
+# hpcllm's decoder (every family of DECODER_FAMILIES): the same Megatron split, GQA heads on group
+# boundaries, vocab-parallel embedding and LM head (tied or not). Not in the plan, so replicated: the
+# norms, the per-head attn.q_norm / attn.k_norm included (every rank applies them to its own heads).
 LLAMA_PLAN = {
     "embed": VOCAB, "lm_head": VOCAB,
     "layers.*.attn": HEADS,
@@ -40,6 +40,56 @@ LLAMA_PLAN = {
 }
 
 FAMILIES = {"encoder": "an encoder", "decoder": "a decoder"}
+
+
+@dataclass(frozen=True)
+class DecoderFeatures:
+    """What a decoder family fixes (the rest, window sizes, soft-caps, RoPE bases, biases, comes from
+    each checkpoint's own config). One decoder (``decoder.py``), one loader and the one plan above
+    read them; adding a dense family is an entry here and, where its names differ, an importer mapping.
+
+    ``norm``: "llama" (RMSNorm scaled in the activation dtype) or "gemma" (scaled in float32; weights
+    stored as the multiplier 1 + w, as GGUF stores them); ``sandwich_norms``: a norm after the
+    attention and after the MLP as well as before them (Gemma 2/3); ``embed_scale``: embeddings times
+    sqrt(hidden) (Gemma); ``activation``: the gated MLP's, "silu" or "gelu_tanh";
+    ``windows``: which layers slide when the config has a window: "all" (Mistral, Phi-3),
+    "layer_types" (the config's per-layer list: Gemma 2/3, Qwen2/3's use_sliding_window) or "none";
+    ``local_rope``: sliding layers use their own RoPE base (Gemma 3's rope_local_base_freq);
+    ``hf_names`` / ``gguf_names``: source layer names that differ from the Llama mapping."""
+
+    family: str
+    norm: str = "llama"
+    sandwich_norms: bool = False
+    embed_scale: bool = False
+    activation: str = "silu"
+    windows: str = "none"
+    local_rope: bool = False
+    hf_names: tuple = ()
+    gguf_names: tuple = ()
+    aliases: tuple = ()     # other HF model_type values of the family
+
+
+def decoder_family(model_type: str) -> "DecoderFeatures | None":
+    """The family an HF ``model_type`` or a GGUF architecture names, or None."""
+    return next((f for f in DECODER_FAMILIES.values() if model_type == f.family or model_type in f.aliases), None)
+
+
+_GEMMA_HF = (("post_attention_layernorm", "attn_post_norm"), ("pre_feedforward_layernorm", "mlp_norm"),
+             ("post_feedforward_layernorm", "mlp_post_norm"))
+_GEMMA_GGUF = (("post_attention_norm", "attn_post_norm"), ("post_ffw_norm", "mlp_post_norm"))
+_GEMMA = dict(norm="gemma", sandwich_norms=True, embed_scale=True, activation="gelu_tanh", windows="layer_types",
+              hf_names=_GEMMA_HF, gguf_names=_GEMMA_GGUF)
+
+# HF model_type / GGUF general.architecture -> features (llama.cpp writes Mistral as "llama")
+DECODER_FAMILIES = {f.family: f for f in (
+    DecoderFeatures("llama"),
+    DecoderFeatures("mistral", windows="all"),
+    DecoderFeatures("qwen2", windows="layer_types"),
+    DecoderFeatures("qwen3", windows="layer_types"),
+    DecoderFeatures("phi3", windows="all"),
+    DecoderFeatures("gemma2", **_GEMMA),
+    DecoderFeatures("gemma3", local_rope=True, aliases=("gemma3_text",), **_GEMMA),
+)}
 
 
 @dataclass(frozen=True)
@@ -60,8 +110,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("bert", "encoder", "hpcllm.model.encoder:Encoder", BERT_PLAN,
                  hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
     Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
-                 hf_model_types=("llama", "mistral", "qwen2", "qwen3", "phi3"),
-                 hf_importer="hpcllm.checkpoint.hf_llama:import_llama", gguf_architectures=("llama", "qwen2", "qwen3")),
+                 hf_model_types=tuple(t for f in DECODER_FAMILIES.values() for t in (f.family, *f.aliases)), hf_importer="hpcllm.checkpoint.hf_llama:import_llama",
+                 gguf_architectures=("llama", "qwen2", "qwen3", "gemma2", "gemma3")),
 )}
 
 
