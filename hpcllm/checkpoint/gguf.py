@@ -9,7 +9,6 @@ are in HF's rotate-half order, which the decoder uses. Gemma's norm weights are 
 llama.cpp as the multiplier 1 + w, which is what hpcllm stores too.
 """
 
-import json
 
 import numpy as np
 
@@ -144,7 +143,7 @@ def import_gguf(path: str):
     """-> (architecture, config, tensors, tokenizer_json) of a GGUF file."""
     from gguf import GGUFReader
 
-    from hpcllm.tokenizer.bpe import ByteLevelBPE
+    from hpcllm.tokenizer.gguf import tokenizer_json as gguf_tokenizer_json
 
     try:
         reader = GGUFReader(path)
@@ -155,5 +154,5 @@ def import_gguf(path: str):
     tensors = gguf_tensors(reader, cfg, gguf_arch, path)
     if tensors["embed.weight"].shape[0] != cfg["vocab"]:
         cfg["vocab"] = int(tensors["embed.weight"].shape[0])
-    tokenizer_json = json.dumps(ByteLevelBPE.from_gguf(path).to_json_dict(), ensure_ascii=False)
+    tokenizer_json = gguf_tokenizer_json(reader)
     return gguf_architecture(gguf_arch, path).name, cfg, tensors, tokenizer_json
