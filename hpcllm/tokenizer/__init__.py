@@ -5,7 +5,8 @@ the implementation from `model.type`: "WordPiece" (BERT family,
 hpcllm.tokenizer.wordpiece) or "BPE": byte-level when the pre-tokenizer has a
 ByteLevel step (GPT-2, Llama-3; hpcllm.tokenizer.bpe), else SentencePiece style
 (byte_fallback, "\u2581" for spaces: Llama-2, Mistral; hpcllm.tokenizer.spm);
-`Tokenizer.from_gguf` reads a GGUF file's tokenizer metadata. Batches go in
+`Tokenizer.from_gguf` reads a GGUF file's tokenizer metadata (byte-level or
+SentencePiece BPE, hpcllm.tokenizer.gguf). Batches go in
 as one UTF-8 byte buffer plus offsets and come out as a ragged `Encoding`
 (flat ids + offsets + per-document flags).
 
@@ -93,9 +94,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source, split_digits=False):
-        """A GGUF path or gguf.GGUFReader (byte-level BPE; GGUF declares no truncation or padding)."""
-        from hpcllm.tokenizer.bpe import ByteLevelBPE
-        return cls(ByteLevelBPE.from_gguf(source, split_digits))
+        """A GGUF path or gguf.GGUFReader: byte-level BPE ("gpt2", split_digits as ByteLevelBPE.from_gguf)
+        or SentencePiece BPE ("llama"), as transformers builds them; GGUF declares no truncation or padding."""
+        from hpcllm.tokenizer import gguf
+        meta, where = gguf.read(source)
+        if meta.get("model") == "gpt2":
+            from hpcllm.tokenizer.bpe import ByteLevelBPE
+            return cls(ByteLevelBPE(**gguf.bpe_arguments_of(meta, where, split_digits)))
+        return cls.from_str(gguf.json_of(meta, where), source=where, apply_file_settings=False)
 
     def to_str(self):
         """tokenizer.json text that from_str() loads back to the same tokenizer."""

@@ -73,7 +73,8 @@ def merge_table(vocab, merges):
         right = np.array([vocab[b] for _, b in merges], dtype=np.int64)
         new = np.array([vocab[a + b] for a, b in merges], dtype=np.int64)
     except KeyError:
-        rank, (a, b) = next((r, m) for r, m in enumerate(merges) if not all(t in vocab for t in (m[0], m[1], m[0] + m[1])))
+        rank, (a, b) = next((r, (a, b)) for r, (a, b) in enumerate(merges)
+                            if a not in vocab or b not in vocab or a + b not in vocab)
         raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (rank, a + " " + b)) from None
     return int_table((left << 32) | right, (np.arange(len(merges), dtype=np.int64) << 32) | new)
 

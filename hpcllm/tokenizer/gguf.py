@@ -88,7 +88,7 @@ def meta_from_reader(reader):
     return out
 
 
-def _read(source):
+def read(source):
     """(metadata, where) of a GGUF path or gguf.GGUFReader; a file without a vocabulary is an error."""
     where = str(getattr(source, "path", source))
     meta = meta_from_reader(source) if hasattr(source, "fields") else read_meta(source)
@@ -100,11 +100,15 @@ def _read(source):
 def tokenizer_json(source) -> str:
     """The HF tokenizer.json text of a GGUF file's tokenizer (a path or gguf.GGUFReader), as
     transformers' GGUF loader builds it; Tokenizer.from_str runs it, HF `tokenizers` loads it."""
-    meta, where = _read(source)
+    return json_of(*read(source))
+
+
+def json_of(meta, where) -> str:
+    """tokenizer_json of metadata that `read` returned."""
     kind = meta.get("model")
     if kind == "gpt2":
         from hpcllm.tokenizer.bpe import ByteLevelBPE
-        d = ByteLevelBPE(**_bpe_arguments(meta, where)).to_json_dict()
+        d = ByteLevelBPE(**bpe_arguments_of(meta, where)).to_json_dict()
     elif kind == "llama":
         from hpcllm.tokenizer.gguf_spm import sentencepiece_json
         d = sentencepiece_json(meta, meta.get(ARCH, ""), where)
@@ -115,10 +119,11 @@ def tokenizer_json(source) -> str:
 
 def bpe_arguments(source, split_digits=False):
     """ByteLevelBPE(**arguments) for a GGUF path or gguf.GGUFReader."""
-    return _bpe_arguments(*_read(source), split_digits)
+    return bpe_arguments_of(*read(source), split_digits)
 
 
-def _bpe_arguments(meta, where, split_digits=False):
+def bpe_arguments_of(meta, where, split_digits=False):
+    """bpe_arguments of metadata that `read` returned."""
     if meta.get("model") != "gpt2":
         raise HpcllmError("%s: tokenizer.ggml.model %r is not byte-level BPE" % (where, meta.get("model")))
     pre = meta.get("pre", "default")

@@ -45,18 +45,21 @@ def generate_merges(vocab: dict, ranking: dict) -> list:
 
 
 def _added_tokens(tokens, types, vocab, meta, defaults):
-    """{content: (id, special)} in the order transformers adds them (the class's defaults, control
-    tokens, user-defined ones, the file's named ones); a content not in the vocab gets a new id."""
-    added = {}
-    next_id = [max(vocab.values(), default=-1) + 1]
+    """{id: (content, special)} as HF `tokenizers` serializes the tokens transformers adds (the class's
+    defaults, control tokens, user-defined ones, the file's named ones). A content not in the vocab
+    gets the next id: len(vocab) (entries: a vocabulary with duplicate tokens has holes), or one past
+    the largest added id (HF's AddedVocabulary, whose id -> token map a later token can overwrite)."""
+    ids, by_id = {}, {}
 
     def add(content, special):
-        if content in added:
+        if content in ids:
             return
         i = vocab.get(content)
         if i is None:
-            i, next_id[0] = next_id[0], next_id[0] + 1
-        added[content] = (i, special)
+            top = max(ids.values(), default=-1)
+            i = top + 1 if top >= len(vocab) else len(vocab)
+        ids[content] = i
+        by_id[i] = (content, special)
 
     for content in defaults:
         add(content, True)
@@ -64,16 +67,18 @@ def _added_tokens(tokens, types, vocab, meta, defaults):
         if ty == CONTROL:
             add(t, True)
     for t, ty in zip(tokens, types):
-        if ty == USER_DEFINED and (t in vocab or t in added):
+        if ty == USER_DEFINED and (t in vocab or t in ids):
             add(t, False)
     for key in NAMED:
         if meta.get(key) is not None:
             add(tokens[meta[key]], True)
-    return added
+    return by_id
 
 
-def _template(meta, tokens, added):
+def _template(meta, tokens, vocab, added):
     """transformers' update_post_processor: [bos] $A [eos] (bos unless add_bos_token is false)."""
+    ids = dict(vocab)
+    ids.update({c: i for i, (c, _) in added.items()})
     ends = []
     for key, flag, default in (("bos_token_id", "add_bos_token", True), ("eos_token_id", "add_eos_token", False)):
         i = meta.get(key)
@@ -87,7 +92,7 @@ def _template(meta, tokens, added):
     pair = single + special(bos, 1) + [{"Sequence": {"id": "B", "type_id": 1}}] + special(eos, 1)
     used = [n for n in (bos, eos) if n is not None]
     return {"type": "TemplateProcessing", "single": single, "pair": pair,
-            "special_tokens": {n: {"id": n, "ids": [added[n][0]], "tokens": [n]} for n in used}}
+            "special_tokens": {n: {"id": n, "ids": [ids[n]], "tokens": [n]} for n in used}}
 
 
 def _spacing(arch):
@@ -131,7 +136,7 @@ def sentencepiece_json(meta: dict, arch: str, where: str) -> dict:
              "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
              "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": merges}
     added_json = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                   "normalized": False, "special": s} for c, (i, s) in sorted(added.items(), key=lambda x: x[1][0])]
+                   "normalized": False, "special": s} for i, (c, s) in sorted(added.items())]
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added_json,
-            "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": _template(meta, tokens, added),
+            "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": _template(meta, tokens, vocab, added),
             "decoder": {"type": "Sequence", "decoders": decoder}, "model": model}

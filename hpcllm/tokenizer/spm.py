@@ -19,7 +19,7 @@ from hpcllm.tokenizer import template
 from hpcllm.tokenizer.bpe import _trie, merge_table, parse_bpe_model, token_names
 from hpcllm.tokenizer.encoding import decodable_ids, encode_merges
 
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # HF ByteFallback decoder: any hex case
 _SCHEMES = {"always": K.PREPEND_ALWAYS, "first": K.PREPEND_FIRST, "never": K.PREPEND_NONE}
 
 
@@ -79,6 +79,17 @@ def _parse_spacing(d):
     return mark, mark, _SCHEMES[scheme], int(bool(pre.get("split", True)))
 
 
+def _bos_eos(by_content, prefix, suffix):
+    """(bos id, eos id): the template's, else (tokenizer.json does not name them) the added tokens
+    spelled as Llama-2's <s> </s> or Gemma's <bos> <eos>, the pair whose bos the template uses."""
+    bos = int(prefix[0]) if len(prefix) else None
+    eos = int(suffix[-1]) if len(suffix) else None
+    for b, e in (("<s>", "</s>"), ("<bos>", "<eos>")):
+        if b in by_content and bos in (None, by_content[b]):
+            return by_content[b], eos if eos is not None else by_content.get(e)
+    return bos, eos
+
+
 def _parse_model(m):
     vocab, merges = parse_bpe_model(m, ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
                                         "ignore_merges"), _err)
@@ -102,9 +113,8 @@ class SentencePieceBPE:
         self.add_bos, self.add_eos = bool(len(prefix)), bool(len(suffix))
         self.unk_id = vocab.get(unk_token) if unk_token is not None else None
         by_content = {t["content"]: t["id"] for t in added}
-        self.bos_id = int(prefix[0]) if len(prefix) else by_content.get("<s>")
-        self.eos_id = int(suffix[-1]) if len(suffix) else by_content.get("</s>")
-        self.pad_id = None
+        self.bos_id, self.eos_id = _bos_eos(by_content, prefix, suffix)
+        self.pad_id = by_content.get("<pad>")
         self._names = token_names(vocab, added)
         self.vocab_size = len(self._names)
         self.special_ids = np.array(sorted(t["id"] for t in added if t.get("special")), dtype=np.int64)
@@ -179,19 +189,52 @@ class SentencePieceBPE:
                              max_length, add_special_tokens)
 
     # ---- decoding ------------------------------------------------------------------------
-    def decode_bytes(self, ids, skip_special_tokens=True):
-        """Bytes of ids: <0xNN> tokens are their byte, the mark is a space; one leading space
-        (the prepended mark) is dropped, as the Llama-2 / Metaspace decoders do."""
-        out = bytearray()
-        space = chr(self.mark)
+    def _byte_values(self):
+        """Per id: the byte a <0xNN> token stands for, else -1 (built on the first decode)."""
+        if getattr(self, "_bytes", None) is None:
+            values = np.full(self.vocab_size, -1, dtype=np.int16)
+            if self.byte_fallback:
+                for i, name in enumerate(self._names):
+                    m = _BYTE_TOKEN.fullmatch(name)
+                    if m:
+                        values[i] = int(m.group(1), 16)
+            self._bytes = values
+        return self._bytes
+
+    def _pieces(self, ids, skip_special_tokens):
+        """(is a byte run, bytes or text) pieces of ids, in order: runs of <0xNN> tokens and token texts."""
+        values, space = self._byte_values(), chr(self.mark)
+        run = bytearray()
         for i in decodable_ids(ids, self.vocab_size, self.special_ids, skip_special_tokens):
-            name = self._names[i]
-            m = _BYTE_TOKEN.fullmatch(name) if self.byte_fallback else None
-            out += bytes([int(m.group(1), 16)]) if m else name.replace(space, " ").encode("utf-8")
-        if self.prepend != K.PREPEND_NONE and out[:1] == b" ":
-            del out[:1]
-        return bytes(out)
+            if values[i] >= 0:
+                run.append(values[i])
+                continue
+            if run:
+                yield True, bytes(run)
+                run.clear()
+            yield False, self._names[i].replace(space, " ")
+        if run:
+            yield True, bytes(run)
+
+    def _strip(self, out):
+        """The Llama-2 / Metaspace decoders drop one leading space (the prepended mark)."""
+        return out[1:] if self.prepend != K.PREPEND_NONE and out[:1] in (b" ", " ") else out
+
+    def decode_bytes(self, ids, skip_special_tokens=True):
+        """Bytes of ids: <0xNN> tokens are their byte, the mark is a space, one leading space dropped
+        where a mark was prepended; may end inside a character (for incremental detokenizing)."""
+        pieces = self._pieces(ids, skip_special_tokens)
+        return self._strip(b"".join(p if run else p.encode("utf-8") for run, p in pieces))
 
     def decode(self, ids, skip_special_tokens=True):
-        """Text of ids (invalid UTF-8 from byte tokens becomes U+FFFD; unknown ids skipped)."""
-        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+        """Text of ids as HF's decoders give it (Replace mark, ByteFallback, Fuse, Strip): a run of
+        <0xNN> tokens that is not valid UTF-8 becomes one U+FFFD per token; unknown ids are skipped."""
+        out = []
+        for run, p in self._pieces(ids, skip_special_tokens):
+            if run:
+                try:
+                    p = p.decode("utf-8")
+                except UnicodeDecodeError:
+                    p = "\ufffd" * len(p)
+            out.append(p)
+        return self._strip("".join(out))
