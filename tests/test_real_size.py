@@ -85,7 +85,8 @@ def _part_file(package: str) -> str | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", f"part{int(module.rsplit('part', 1)[1]):02d}.bin")
+    number = int(module.rsplit("part", 1)[1])
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", f"part{number:02d}.bin")
     return path if os.path.isfile(path) else None
 
 
