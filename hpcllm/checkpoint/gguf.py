@@ -12,7 +12,7 @@ llama.cpp as the multiplier 1 + w, which is what hpcllm stores too.
 
 import numpy as np
 
-from hpcllm.checkpoint.sources import decoder_config, rename
+from hpcllm.checkpoint.sources import decoder_config, moe_config, rename
 from hpcllm.errors import HpcllmError
 from hpcllm.model.architectures import decoder_family, gguf_architecture
 
@@ -64,6 +64,26 @@ def _rope_scaling(reader, arch: str, path: str, names: set, head_dim: int):
     return None
 
 
+def _moe(reader, arch: str, path: str, names: set, n_layers: int):
+    """The ``moe`` config entry of a GGUF with experts (``{arch}.expert_count``), or None. A layer
+    without ``ffn_gate_inp`` (the router) is dense; the top-k weights are renormalised where
+    ``expert_weights_norm`` says, else as llama.cpp does per architecture (qwen3moe yes, qwen2moe no)."""
+    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default, path)  # noqa: E731
+    n_experts = int(get("expert_count", 0))
+    if not n_experts:
+        return None
+    if not decoder_family(arch).moe:
+        raise HpcllmError(f"{path}: a {arch} GGUF with {n_experts} experts (Mixtral?) is not supported; "
+                          f"convert the HF model (or a qwen2moe / qwen3moe GGUF)")
+    shared = int(get("expert_shared_feed_forward_length", 0)) if "blk.0.ffn_up_shexp.weight" in names else 0
+    return moe_config(
+        n_experts=n_experts, top_k=int(get("expert_used_count")), expert_ffn=int(get("expert_feed_forward_length")),
+        shared_ffn=shared, shared_gate="blk.0.ffn_gate_inp_shexp.weight" in names, router="softmax_topk",
+        norm_topk=bool(get("expert_weights_norm", arch == "qwen3moe")),
+        dense_layers=[i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names],
+        n_layers=n_layers, where=path)
+
+
 def gguf_config(reader, path: str) -> dict:
     arch = _field(reader, "general.architecture", where=path)
     gguf_architecture(arch, path)  # a one-line error for an architecture no importer reads
@@ -105,6 +125,7 @@ def gguf_config(reader, path: str) -> dict:
         rope_local_theta=10000.0 if features.local_rope else None,
         attn_scale=head_dim ** -0.5 if features.norm == "gemma" else None,
         attn_softcap=softcap("attn_logit_softcapping"), final_softcap=softcap("final_logit_softcapping"),
+        moe=_moe(reader, arch, path, names, n_layers),
     )
 
 
@@ -135,6 +156,8 @@ def gguf_tensors(reader, cfg: dict, arch: str, path: str) -> dict:
             w = unpermute_rows(w, cfg["n_heads"])
         elif arch in _PERMUTED and name.endswith(("attn.k.weight", "attn.k.bias")):
             w = unpermute_rows(w, cfg["n_kv_heads"])
+        if name.endswith("mlp.shared_router.weight"):
+            w = w.reshape(1, -1)   # llama.cpp stores the shared expert's gate [hidden]
         out[name] = w
     return out
 

@@ -50,7 +50,7 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
         arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
         # bfloat16: stored as its 16 raw bits, marked by the root attribute
         stored[name] = _round_bf16(arr) if np_dtype is None else arr.astype(np_dtype)
-        attrs[name] = split_attrs(tensor_split(plan, name))
+        attrs[name] = split_attrs(tensor_split(plan, name), arr.ndim)
         digest.update(name.encode())
         digest.update(stored[name].tobytes())
     tok = tokenizer_json.encode("utf-8")

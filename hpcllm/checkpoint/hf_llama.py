@@ -9,12 +9,21 @@ Llama's ``attention_bias`` and Qwen3's ``qk_norm`` need no per-family code. Phi-
 fused ``qkv_proj`` (Q rows, then K, then V) and ``gate_up_proj`` (gate rows, then up)
 are split here into hpcllm's q/k/v and gate/up weights, so the decoder, the loader
 and the tp split plan see a Llama.
+
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): each expert's weights
+(``experts.<e>.w1/w3/w2`` or ``gate_proj/up_proj/down_proj``; transformers' stacked
+``experts.gate_up_proj`` / ``down_proj`` too) are stacked into ``mlp.gate_exps`` / ``up_exps``
+[E, ffn, hidden] and ``down_exps`` [E, hidden, ffn]; the routing comes from ``moe_from_hf``.
 """
 
 import json
 import os
+import re
 
-from hpcllm.checkpoint.sources import decoder_config, read_json, read_tokenizer_json, rename, safetensors_files
+import numpy as np
+
+from hpcllm.checkpoint.sources import (decoder_config, moe_config, read_json, read_tokenizer_json, rename,
+                                       safetensors_files)
 from hpcllm.errors import HpcllmError
 from hpcllm.model.architectures import decoder_family
 
@@ -90,6 +99,33 @@ def _add_bos(src: str, tokenizer: dict) -> bool:
     return bool(template) and "SpecialToken" in template[0]
 
 
+def moe_from_hf(src: str, hf: dict, features):
+    """The ``moe`` config entry of a mixture-of-experts family (``features.moe``), or None."""
+    where, n_layers = f"{src}/config.json", hf["num_hidden_layers"]
+    if not features.moe:
+        return None
+    n_experts = hf.get("num_local_experts") or hf.get("num_experts")   # transformers 5 / 4.x names
+    if features.moe == "mixtral":
+        return moe_config(n_experts=n_experts, top_k=hf["num_experts_per_tok"],
+                          expert_ffn=hf["intermediate_size"], shared_ffn=0, shared_gate=False,
+                          router="softmax_topk", norm_topk=True, dense_layers=[], n_layers=n_layers, where=where)
+    if features.moe == "olmoe":
+        if hf.get("clip_qkv") is not None:
+            raise HpcllmError(f"{where}: clip_qkv {hf['clip_qkv']} is not supported (null only)")
+        return moe_config(n_experts=n_experts, top_k=hf["num_experts_per_tok"],
+                          expert_ffn=hf["intermediate_size"], shared_ffn=0, shared_gate=False,
+                          router="softmax_topk", norm_topk=bool(hf.get("norm_topk_prob")), dense_layers=[],
+                          n_layers=n_layers, where=where)
+    # Qwen2-MoE / Qwen3-MoE: dense layers where mlp_only_layers says or decoder_sparse_step skips
+    step = hf.get("decoder_sparse_step") or 1
+    dense = [i for i in range(n_layers) if i in (hf.get("mlp_only_layers") or []) or (i + 1) % step]
+    shared = hf.get("shared_expert_intermediate_size") or 0
+    return moe_config(n_experts=n_experts, top_k=hf["num_experts_per_tok"],
+                      expert_ffn=hf["moe_intermediate_size"], shared_ffn=shared, shared_gate=bool(shared),
+                      router="softmax_topk", norm_topk=bool(hf.get("norm_topk_prob")), dense_layers=dense,
+                      n_layers=n_layers, where=where)
+
+
 def llama_config(src: str, hf: dict, names: set, tokenizer: dict, features) -> dict:
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     if _ACTIVATIONS.get(act) != features.activation:
@@ -113,13 +149,14 @@ def llama_config(src: str, hf: dict, names: set, tokenizer: dict, features) -> d
         max_positions=hf["max_position_embeddings"], tie_embeddings="lm_head.weight" not in names,
         qkv_bias=bool({"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.qkv_proj.bias"} & names),
         o_bias="model.layers.0.self_attn.o_proj.bias" in names,
-        qk_norm="model.layers.0.self_attn.q_norm.weight" in names,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in names and features.qk_norm_over == "head",
         add_bos=_add_bos(src, tokenizer) and bos is not None, bos_id=bos,
         eos_id=hf.get("eos_token_id"), pad_id=hf.get("pad_token_id"),
         eos_ids=_eos_ids(src, hf), chat_template=_chat_template(src), features=features,
         layer_types=_layer_types(src, hf, features.windows), sliding_window=hf.get("sliding_window"),
         rope_local_theta=local_theta, attn_scale=float(scalar) ** -0.5 if scalar else None,
         attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+        moe=moe_from_hf(src, hf, features),
     )
 
 
@@ -167,6 +204,32 @@ def _unfuse(path: str, name: str, w, cfg: dict) -> dict:
     return out
 
 
+# one expert's weight (Mixtral's w1 / w3 / w2, the others' gate/up/down_proj), or all experts stacked
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?:(\d+)\.)?"
+                     r"(w1|w3|w2|gate_proj|up_proj|down_proj|gate_up_proj)(?:\.weight)?$")
+_EXPERT_NAMES = {"w1": "gate_exps", "gate_proj": "gate_exps", "w3": "up_exps", "up_proj": "up_exps",
+                 "w2": "down_exps", "down_proj": "down_exps"}
+
+
+def _stack_experts(path: str, experts: dict, cfg: dict) -> dict:
+    """(layer, hpcllm name) -> {expert: [out, in]} (or {None: stacked [E, out, in]}) -> stacked tensors."""
+    if not experts:
+        return {}
+    n, ffn = cfg["moe"]["n_experts"], cfg["moe"]["expert_ffn"]
+    out = {}
+    for (layer, name), parts in experts.items():
+        if None in parts:
+            w = parts[None]
+            pieces = {"gate_exps": w[:, :ffn], "up_exps": w[:, ffn:]} if name == "gate_up" else {name: w}
+        else:
+            if sorted(parts) != list(range(n)):
+                raise HpcllmError(f"{path}: layer {layer} {name}: experts {sorted(parts)}, the config says {n}")
+            pieces = {name: np.stack([parts[e] for e in range(n)])}
+        for part, w in pieces.items():
+            out[f"layers.{layer}.mlp.{part}.weight"] = np.ascontiguousarray(w)
+    return out
+
+
 def llama_tensors(src: str, files, cfg: dict, features) -> dict:
     """hpcllm name -> float32 numpy array (bf16/fp16 files are widened through torch). Gemma's norm
     weights w become the multiplier 1 + w its RMSNorm applies (as GGUF stores them)."""
@@ -174,12 +237,19 @@ def llama_tensors(src: str, files, cfg: dict, features) -> dict:
     from safetensors import safe_open
 
     layer_names = {**_LAYER_NAMES, **dict(features.hf_names)}
-    out = {}
+    out, experts = {}, {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):
                     continue  # derived from the config
+                m = _EXPERT.match(key) if cfg.get("moe") else None
+                if m:
+                    layer, e, w = m.groups()
+                    name = "gate_up" if w == "gate_up_proj" else _EXPERT_NAMES[w]
+                    parts = experts.setdefault((int(layer), name), {})
+                    parts[None if e is None else int(e)] = f.get_tensor(key).to(torch.float32).numpy()
+                    continue
                 name = rename(key, _TOP_NAMES, layer_names, "model.layers.")
                 if name is None:
                     raise HpcllmError(f"{path}: unexpected tensor {key!r} for a {features.family} model")
@@ -187,6 +257,7 @@ def llama_tensors(src: str, files, cfg: dict, features) -> dict:
                 if features.norm == "gemma" and name.endswith("norm.weight"):
                     w = w + 1.0
                 out.update(_unfuse(path, name, w.numpy(), cfg))
+    out.update(_stack_experts(src, experts, cfg))
     return out
 
 

@@ -54,7 +54,7 @@ def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv
                    tie_embeddings: bool, qkv_bias: bool, o_bias: bool, qk_norm: bool, add_bos: bool, bos_id,
                    eos_id, pad_id, eos_ids, chat_template: str | None, features, layer_types: list,
                    sliding_window: int | None, rope_local_theta: float | None, attn_scale: float | None,
-                   attn_softcap: float | None, final_softcap: float | None) -> dict:
+                   attn_softcap: float | None, final_softcap: float | None, moe: dict | None) -> dict:
     """The config a decoder checkpoint stores (JSON in its ``config`` attribute) and the decoder
     reads, from fields each importer has already normalised from its source (HF config.json, GGUF
     metadata).  Every field is required, so an importer cannot leave one out.
@@ -72,7 +72,10 @@ def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv
     ``max_positions``: the context the model attends;
     ``bos_id`` / ``pad_id``: None when the source names none; ``eos_id``: the source's own
     (HF: an id or a list of ids); ``eos_ids``: every id that ends a reply (stored sorted);
-    ``chat_template``: jinja text, or None."""
+    ``chat_template``: jinja text, or None;
+    ``moe``: None (a dense model) or ``moe_config(...)``: the mixture-of-experts layers.
+    Stored only where set (``moe``, and a family's ``qk_norm_over`` "projection"), so dense models'
+    configs and content hashes stay what they were."""
     if len(layer_types) != n_layers or set(layer_types) - {"full", "sliding"}:
         raise HpcllmError(f"decoder config: layer_types {layer_types} must be {n_layers} of 'full' / 'sliding'")
     if "sliding" in layer_types and not sliding_window:
@@ -89,4 +92,31 @@ def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv
         "tie_embeddings": tie_embeddings, "qkv_bias": qkv_bias, "o_bias": o_bias, "qk_norm": qk_norm,
         "add_bos": add_bos, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id,
         "eos_ids": sorted(eos_ids), "chat_template": chat_template,
+        **({"moe": moe} if moe else {}),
+        **({"qk_norm_over": features.qk_norm_over} if features.qk_norm_over != "head" else {}),
     }
+
+
+ROUTERS = ("softmax_topk", "topk_softmax")
+
+
+def moe_config(*, n_experts: int, top_k: int, expert_ffn: int, shared_ffn: int, shared_gate: bool,
+               router: str, norm_topk: bool, dense_layers: list, n_layers: int, where: str) -> dict:
+    """The ``moe`` entry of a decoder config (``hpcllm.model.moe`` reads it).
+
+    ``n_experts`` routed experts of intermediate size ``expert_ffn``, ``top_k`` of them per token;
+    ``router``: "softmax_topk" (softmax over all experts, then the top k: Mixtral, Qwen-MoE, OLMoE)
+    or "topk_softmax" (top k logits, softmax over them); ``norm_topk``: the k weights renormalised
+    to sum 1 (Mixtral always, Qwen3-MoE / OLMoE per config); ``shared_ffn``: a shared expert every
+    token goes through (0: none), scaled by sigmoid(w . x) when ``shared_gate`` (Qwen2-MoE);
+    ``dense_layers``: layers with the dense MLP (``ffn``) instead (Qwen-MoE's mlp_only_layers /
+    decoder_sparse_step)."""
+    if router not in ROUTERS:
+        raise HpcllmError(f"{where}: router {router!r} is not supported ({', '.join(ROUTERS)})")
+    if not 0 < top_k <= n_experts:
+        raise HpcllmError(f"{where}: {top_k} experts per token of {n_experts} experts")
+    if any(not 0 <= i < n_layers for i in dense_layers):
+        raise HpcllmError(f"{where}: dense layers {sorted(dense_layers)} outside the {n_layers} layers")
+    return {"n_experts": int(n_experts), "top_k": int(top_k), "expert_ffn": int(expert_ffn),
+            "shared_ffn": int(shared_ffn), "shared_gate": bool(shared_gate and shared_ffn), "router": router,
+            "norm_topk": bool(norm_topk), "dense_layers": sorted(int(i) for i in dense_layers)}

@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass
 
 from hpcllm.errors import HpcllmError
-from hpcllm.model.partition import HEADS, VOCAB, col, row
+from hpcllm.model.partition import HEADS, REDUCE, VOCAB, col, row
 
 # Module names of hpcllm's BERT encoder ("*" = layer index). q/k/v/up are column-parallel,
 # o/down row-parallel (one all-reduce after each), the token embedding vocab-parallel;
@@ -28,6 +28,11 @@ BERT_PLAN = {
     "layers.*.up": col("ffn"), "layers.*.down": row("ffn"),
 }
 
+# How experts are split over a tp group: "expert_ffn" (1/tp of each expert's columns: every rank
+# runs every routed token, on its columns) or "experts" (whole experts, uneven counts: a rank runs
+# only the tokens routed to its own experts). Chosen by measurement (tests/test_moe.py, moe.py).
+MOE_UNIT = "expert_ffn"
+
 # hpcllm's decoder (every family of DECODER_FAMILIES): the same Megatron split, GQA heads on group
 # boundaries, vocab-parallel embedding and LM head (tied or not). Not in the plan, so replicated: the
 # norms, the per-head attn.q_norm / attn.k_norm included (every rank applies them to its own heads).
@@ -37,6 +42,14 @@ LLAMA_PLAN = {
     "layers.*.attn.q": col("q"), "layers.*.attn.k": col("kv"), "layers.*.attn.v": col("kv"),
     "layers.*.attn.o": row("q"),
     "layers.*.mlp.gate": col("ffn"), "layers.*.mlp.up": col("ffn"), "layers.*.mlp.down": row("ffn"),
+    # OLMoE's q/k norms span the whole projections: their weights follow the heads
+    "layers.*.attn.q_proj_norm": col("q"), "layers.*.attn.k_proj_norm": col("kv"),
+    # mixture of experts (moe.py): the router replicated; 1/tp of every expert's columns (stacked
+    # [E, ffn, hidden] gate/up, [E, hidden, ffn] down) and of the shared expert's; the block sums its
+    # experts' and shared expert's partial products with the layer's one all-reduce
+    "layers.*.mlp": REDUCE,
+    **{f"layers.*.mlp.{w}_exps": (row if w == "down" else col)(MOE_UNIT) for w in ("gate", "up", "down")},
+    **{f"layers.*.mlp.shared_{w}": (row if w == "down" else col)("shared_ffn") for w in ("gate", "up", "down")},
 }
 
 FAMILIES = {"encoder": "an encoder", "decoder": "a decoder"}
@@ -55,6 +68,10 @@ class DecoderFeatures:
     ``windows``: which layers slide when the config has a window: "all" (Mistral, Phi-3),
     "layer_types" (the config's per-layer list: Gemma 2/3, Qwen2/3's use_sliding_window) or "none";
     ``local_rope``: sliding layers use their own RoPE base (Gemma 3's rope_local_base_freq);
+    ``qk_norm_over``: what the q/k norms span, "head" (each head: Qwen3, Gemma 3) or "projection"
+    (the whole q and k projections, all heads at once: OLMoE);
+    ``moe``: the family's mixture-of-experts routing, as ``hf_llama.moe_from_hf`` reads it
+    ("" dense; "mixtral", "qwen_moe", "olmoe");
     ``hf_names`` / ``gguf_names``: source layer names that differ from the Llama mapping."""
 
     family: str
@@ -64,6 +81,8 @@ class DecoderFeatures:
     activation: str = "silu"
     windows: str = "none"
     local_rope: bool = False
+    qk_norm_over: str = "head"
+    moe: str = ""
     hf_names: tuple = ()
     gguf_names: tuple = ()
     aliases: tuple = ()     # other HF model_type values of the family
@@ -80,6 +99,17 @@ _GEMMA_GGUF = (("post_attention_norm", "attn_post_norm"), ("post_ffw_norm", "mlp
 _GEMMA = dict(norm="gemma", sandwich_norms=True, embed_scale=True, activation="gelu_tanh", windows="layer_types",
               hf_names=_GEMMA_HF, gguf_names=_GEMMA_GGUF)
 
+_MIXTRAL_HF = (("block_sparse_moe.gate", "mlp.router"),)
+_QWEN_MOE_HF = (("mlp.gate", "mlp.router"), ("mlp.shared_expert.gate_proj", "mlp.shared_gate"),
+                ("mlp.shared_expert.up_proj", "mlp.shared_up"), ("mlp.shared_expert.down_proj", "mlp.shared_down"),
+                ("mlp.shared_expert_gate", "mlp.shared_router"))
+_OLMOE_HF = (("mlp.gate", "mlp.router"), ("self_attn.q_norm", "attn.q_proj_norm"),
+             ("self_attn.k_norm", "attn.k_proj_norm"))
+_MOE_GGUF = (("ffn_gate_inp", "mlp.router"), ("ffn_gate_exps", "mlp.gate_exps"), ("ffn_up_exps", "mlp.up_exps"),
+             ("ffn_down_exps", "mlp.down_exps"), ("ffn_gate_shexp", "mlp.shared_gate"),
+             ("ffn_up_shexp", "mlp.shared_up"), ("ffn_down_shexp", "mlp.shared_down"),
+             ("ffn_gate_inp_shexp", "mlp.shared_router"))
+
 # HF model_type / GGUF general.architecture -> features (llama.cpp writes Mistral as "llama")
 DECODER_FAMILIES = {f.family: f for f in (
     DecoderFeatures("llama"),
@@ -89,6 +119,13 @@ DECODER_FAMILIES = {f.family: f for f in (
     DecoderFeatures("phi3", windows="all"),
     DecoderFeatures("gemma2", **_GEMMA),
     DecoderFeatures("gemma3", local_rope=True, aliases=("gemma3_text",), **_GEMMA),
+    # mixture of experts (hpcllm.model.moe); GGUF writes Mixtral as "llama" with ffn_*_exps tensors
+    DecoderFeatures("mixtral", windows="all", moe="mixtral", hf_names=_MIXTRAL_HF),
+    DecoderFeatures("qwen2_moe", windows="layer_types", moe="qwen_moe", hf_names=_QWEN_MOE_HF,
+                    gguf_names=_MOE_GGUF, aliases=("qwen2moe",)),
+    DecoderFeatures("qwen3_moe", windows="layer_types", moe="qwen_moe", hf_names=_QWEN_MOE_HF,
+                    gguf_names=_MOE_GGUF, aliases=("qwen3moe",)),
+    DecoderFeatures("olmoe", qk_norm_over="projection", moe="olmoe", hf_names=_OLMOE_HF, gguf_names=_MOE_GGUF),
 )}
 
 
@@ -111,7 +148,7 @@ ARCHITECTURES = {a.name: a for a in (
                  hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
     Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
                  hf_model_types=tuple(t for f in DECODER_FAMILIES.values() for t in (f.family, *f.aliases)), hf_importer="hpcllm.checkpoint.hf_llama:import_llama",
-                 gguf_architectures=("llama", "qwen2", "qwen3", "gemma2", "gemma3")),
+                 gguf_architectures=("llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")),
 )}
 
 

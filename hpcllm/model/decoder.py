@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcllm.model.layers import frozen_embedding, fuse_linears, pack, pack_weight
+from hpcllm.model.moe import MoE, ProjectionNorm, is_moe_layer, projection_norms
 from hpcllm.world.comm import LocalComm
 
 
@@ -150,6 +151,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = norm(cfg, d)
             self.k_norm = norm(cfg, d)
+        self.proj_norm = cfg.get("qk_norm_over") == "projection"
+        if self.proj_norm:   # OLMoE: over all heads of q and of k (moe.projection_norms)
+            self.q_proj_norm = ProjectionNorm(self.n_heads * d, cfg["rms_eps"])
+            self.k_proj_norm = ProjectionNorm(self.n_kv_heads * d, cfg["rms_eps"])
+            self.comm, self.kv_copies = LocalComm(), 1    # the tp group's (parallelize)
         sliding = layer_type(cfg, index) == "sliding"
         self.window = cfg["sliding_window"] if sliding else None
         self.local_rope = sliding and cfg.get("rope_local_theta") is not None
@@ -166,6 +172,8 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split((Hq * D, Hkv * D, Hkv * D), dim=-1)
+        if self.proj_norm:
+            q, k = projection_norms(self, q, k)
         q, k, v = q.view(B, L, Hq, D), k.view(B, L, Hkv, D), v.view(B, L, Hkv, D)
         if self.qk_norm:   # over D, the last axis: each head on its own
             q, k = self.q_norm(q), self.k_norm(k)
@@ -205,6 +213,9 @@ class MLP(nn.Module):
         self.gate_up = fuse_linears(self.gate, self.up)
         del self.gate, self.up
 
+    def pack(self):
+        pack(self.gate_up, self.down)
+
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(gate) * up)  # all-reduce 2 (row-parallel down)
@@ -216,7 +227,8 @@ class DecoderLayer(nn.Module):
         self.attn_norm = norm(cfg)
         self.attn = Attention(cfg, index)
         self.mlp_norm = norm(cfg)
-        self.mlp = MLP(cfg)
+        act = ACTIVATIONS[cfg.get("activation", "silu")]
+        self.mlp = MoE(cfg, act) if is_moe_layer(cfg, index) else MLP(cfg)   # MoE: all-reduce 2 in the block
         self.sandwich = cfg.get("sandwich_norms", False)
         if self.sandwich:   # Gemma 2/3: the sublayers' outputs are normalised before the residual add
             self.attn_post_norm = norm(cfg)
@@ -289,7 +301,8 @@ class Decoder(nn.Module):
         """On its device: the fused linears' weights packed for oneDNN where that runs (fp32 on the CPU,
         bf16 where it has native bf16; ``hpcllm.model.layers.pack``), a no-op elsewhere."""
         for layer in self.layers:
-            pack(layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
+            pack(layer.attn.qkv, layer.attn.o)
+            layer.mlp.pack()
         if self.cfg.get("tie_embeddings", False):
             self.packed_head = pack_weight(self.embed.weight)   # a plain tensor attribute: not in the state
         else:

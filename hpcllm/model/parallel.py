@@ -11,7 +11,13 @@ Split kinds:
                        products are summed by one all-reduce, then the bias is added once
     ("vocab", "vocab") rows of an embedding (mask, look up, all-reduce) or LM head, split evenly
     ("heads", "")      the module's ``n_heads`` / ``n_kv_heads`` become this rank's local counts
+    ("reduce", "")     the module sums partial outputs itself: its ``comm`` becomes the group's
+                       (a mixture-of-experts block, ``moe.py``)
     not in the plan    replicated (norms, position embeddings)
+
+A module that is neither a linear nor an embedding but has a ``cut(axis, start, stop)`` method
+(stacked expert weights, a norm over a whole split projection) keeps its class and cuts its own
+weights along the split's axis; whoever owns it sums the partial products (no all-reduce here).
 
 Units say what is split: "q" (query heads), "kv" (key/value heads), "ffn"
 (MLP intermediate columns), "vocab". Heads are split on GQA group
@@ -28,7 +34,7 @@ from torch import nn
 
 from hpcllm.errors import HpcllmError
 from hpcllm.model.layers import linear
-from hpcllm.model.partition import Partition, Split, module_split, split_attrs, tensor_split
+from hpcllm.model.partition import Partition, Split, module_split, split_attrs, split_axis, tensor_split
 from hpcllm.world.comm import Comm, LocalComm
 
 
@@ -82,6 +88,10 @@ def parallelize(model: nn.Module, plan: dict, partition: Partition, comm: Comm) 
             q0, q1 = partition.q_heads
             k0, k1 = partition.kv_heads
             module.n_heads, module.n_kv_heads = q1 - q0, k1 - k0
+            if hasattr(module, "comm"):     # a collective of its own (OLMoE's q/k norms over all heads)
+                module.comm, module.kv_copies = comm, partition.kv_copies
+        elif split.kind == "reduce":
+            module.comm = comm
         else:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, _parallel_layer(name, module, split, partition, comm))
@@ -91,6 +101,9 @@ def parallelize(model: nn.Module, plan: dict, partition: Partition, comm: Comm) 
 
 def _parallel_layer(name: str, module: nn.Module, split: Split, partition: Partition, comm: Comm) -> nn.Module:
     start, stop = partition.range(split.unit)
+    if hasattr(module, "cut") and not isinstance(module, (nn.Linear, nn.Embedding)):
+        module.cut(split_axis((split.kind, split.unit), module.weight.ndim), start, stop)
+        return module
     with torch.device(module.weight.device):
         if split.kind == "vocab" and isinstance(module, nn.Embedding):
             return VocabParallelEmbedding((start, stop), module.embedding_dim, comm)
@@ -111,7 +124,7 @@ def load_state(module: nn.Module, ckpt, plan: dict, partition: Partition, dtype:
     """
     for name, param in list(module.named_parameters()):
         split = tensor_split(plan, name)
-        stored, expected = ckpt.split_attrs(name), split_attrs(split)
+        stored, expected = ckpt.split_attrs(name), split_attrs(split, param.ndim)
         if stored != expected:
             raise HpcllmError(f"{ckpt.path}: tensor {name} is stored with split {_show(stored)} but the "
                               f"{ckpt.architecture} plan splits it {_show(expected)}; convert the model again")

@@ -31,6 +31,9 @@ class Partition:
     head_dim: int
     ffn: int
     vocab: int
+    n_experts: int = 0     # mixture of experts (hpcllm.model.moe): routed experts per MoE layer,
+    expert_ffn: int = 0    # their intermediate size,
+    shared_ffn: int = 0    # and the shared expert's (0: none)
 
     def __post_init__(self):
         if self.size > self.n_heads:
@@ -76,6 +79,12 @@ class Partition:
             return even_split(self.ffn, self.size, self.rank)
         if unit == "vocab":
             return even_split(self.vocab, self.size, self.rank)
+        if unit == "experts":       # whole experts, near-equal (uneven) counts per rank
+            return even_split(self.n_experts, self.size, self.rank)
+        if unit == "expert_ffn":    # 1/tp of every expert's intermediate columns
+            return even_split(self.expert_ffn, self.size, self.rank)
+        if unit == "shared_ffn":
+            return even_split(self.shared_ffn, self.size, self.rank)
         raise ValueError(f"unknown split unit {unit!r}")
 
     def slice(self, split, shape) -> tuple[slice, ...]:
@@ -85,24 +94,45 @@ class Partition:
             return full
         kind, unit = split
         start, stop = self.range(unit)
-        # col / vocab split axis 0 (weights are [out, in]; biases 1-D); row splits axis 1 of weights
-        axis = 1 if kind == "row" else 0
         if kind == "row" and len(shape) == 1:
             return full  # row-parallel bias: replicated, added after the all-reduce
+        axis = split_axis(split, len(shape))
         return full[:axis] + (slice(start, stop),) + full[axis + 1:]
+
+    @property
+    def kv_copies(self) -> int:
+        """How many ranks hold this rank's KV heads (1 unless tp > n_kv_heads replicates them)."""
+        if self.size <= self.n_kv_heads:
+            return 1
+        kv = self.kv_heads[0]
+        return self._first_rank_of_kv(kv + 1) - self._first_rank_of_kv(kv)
 
 
 def partition_for(config, rank: int, size: int) -> Partition:
+    moe = config.get("moe") or {}
     return Partition(rank, size, config["n_heads"], config["n_kv_heads"], config["head_dim"],
-                     config["ffn"], config["vocab"])
+                     config["ffn"], config["vocab"], moe.get("n_experts", 0), moe.get("expert_ffn", 0),
+                     moe.get("shared_ffn", 0))
+
+
+def split_axis(split, ndim: int = 2) -> int:
+    """The axis a (kind, unit) split cuts in a tensor of ``ndim`` axes: col / vocab axis 0 of an
+    [out, in] weight or a bias, row axis 1; a stacked expert tensor [E, out, in] (``moe.py``) one
+    axis further, except for whole experts (unit "experts"), cut on E."""
+    kind, unit = split
+    if unit == "experts":
+        return 0
+    return (1 if kind == "row" else 0) + max(ndim - 2, 0)
 
 
 @dataclass(frozen=True)
 class Split:
     """One row of a split plan: how a module is cut across the tp group.
 
-    kind "col" / "row" / "vocab" (a linear or embedding, see ``parallel.py``) or "heads" (a module
-    whose ``n_heads`` / ``n_kv_heads`` become this rank's local counts); unit "q", "kv", "ffn", "vocab".
+    kind "col" / "row" / "vocab" (a linear or embedding, see ``parallel.py``), "heads" (a module
+    whose ``n_heads`` / ``n_kv_heads`` become this rank's local counts) or "reduce" (a module that
+    sums its partial outputs with one all-reduce of its own ``comm``: a mixture-of-experts block);
+    unit "q", "kv", "ffn", "vocab", "experts", "expert_ffn", "shared_ffn".
     """
 
     kind: str
@@ -119,6 +149,7 @@ def row(unit: str) -> Split:
 
 VOCAB = Split("vocab", "vocab")
 HEADS = Split("heads")
+REDUCE = Split("reduce")
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -135,14 +166,15 @@ def tensor_split(plan: dict, name: str):
     """Split of tensor ``name`` ("<module>.weight" / "<module>.bias"): ("col" | "row" | "vocab", unit)
     or "replicate" (norms, position embeddings, anything the plan does not name)."""
     split = module_split(plan, name.rpartition(".")[0])
-    if split is None or split.kind == "heads":
+    if split is None or split.kind in ("heads", "reduce"):
         return "replicate"
     return split.kind, split.unit
 
 
-def split_attrs(split) -> dict:
-    """The attributes a checkpoint stores on a tensor with this split (and checks on load)."""
+def split_attrs(split, ndim: int = 2) -> dict:
+    """The attributes a checkpoint stores on a tensor of ``ndim`` axes with this split (and checks on
+    load; a bias stores the axis of its weight, as it always has)."""
     if split == "replicate":
         return {"split": "replicate", "unit": "", "axis": -1}
     kind, unit = split
-    return {"split": kind, "unit": unit, "axis": 1 if kind == "row" else 0}
+    return {"split": kind, "unit": unit, "axis": split_axis(split, max(ndim, 2))}
