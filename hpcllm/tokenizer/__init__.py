@@ -96,11 +96,11 @@ class Tokenizer:
     def from_gguf(cls, source, split_digits=False):
         """A GGUF path or gguf.GGUFReader: byte-level BPE ("gpt2", split_digits as ByteLevelBPE.from_gguf)
         or SentencePiece BPE ("llama"), as transformers builds them; GGUF declares no truncation or padding."""
-        from hpcllm.tokenizer import gguf
-        meta, where = gguf.read(source)
+        from hpcllm.tokenizer import gguf, gguf_meta
+        meta, where = gguf_meta.read(source)
         if meta.get("model") == "gpt2":
             from hpcllm.tokenizer.bpe import ByteLevelBPE
-            return cls(ByteLevelBPE(**gguf.bpe_arguments_of(meta, where, split_digits)))
+            return cls(ByteLevelBPE(**gguf_meta.bpe_arguments_of(meta, where, split_digits)))
         return cls.from_str(gguf.json_of(meta, where), source=where, apply_file_settings=False)
 
     def to_str(self):

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2, SmolLM2 style), HF-exact.
 
-Loads an HF tokenizer.json dict (or, through hpcllm.tokenizer.gguf, a GGUF
+Loads an HF tokenizer.json dict (or, through hpcllm.tokenizer.gguf_meta, a GGUF
 file's tokenizer metadata) and encodes batches through the Numba kernels in
 hpcllm.kernels.bpe. Only the configurations whose semantics the kernels
 reproduce exactly are accepted; anything else raises HpcllmError naming the field.
@@ -191,7 +191,7 @@ class ByteLevelBPE:
         the plain GPT-2 ByteLevel split. split_digits=True puts HF's Digits(individual)
         step in front, as in SmolLM2's own tokenizer.json and llama.cpp's "smollm".
         """
-        from hpcllm.tokenizer.gguf import bpe_arguments
+        from hpcllm.tokenizer.gguf_meta import bpe_arguments
         return cls(**bpe_arguments(source, split_digits))
 
     def to_json_dict(self):

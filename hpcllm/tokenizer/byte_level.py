@@ -1,7 +1,7 @@
 """GPT-2's byte-level alphabet: each byte spelled as one printable character.
 
 A leaf of the tokenizer package, shared by the BPE tokenizer (hpcllm.tokenizer.bpe)
-and the GGUF metadata reader (hpcllm.tokenizer.gguf), which respells raw-text tokens in it.
+and the GGUF metadata reader (hpcllm.tokenizer.gguf_meta), which respells raw-text tokens in it.
 """
 
 
