@@ -140,12 +140,30 @@ def test_tiny_gguf_all_types_match_transformers(tiny_gguf, tmp_path):
     gguf_matches_transformers(tiny_gguf, tmp_path, check)
 
 
-def test_smollm2_metadata():
+def test_header_reader_equals_gguf_reader():
+    """read_gguf (the header parsed directly, data memory-mapped) gives what gguf.GGUFReader gives:
+    every metadata value, and every tensor's name, shape, type and bytes."""
     from gguf import GGUFReader
 
-    from hpcllm.checkpoint.gguf import gguf_config
+    from hpcllm.checkpoint.gguf import read_gguf
 
-    c = gguf_config(GGUFReader(GGUF_PATH), GGUF_PATH)
+    meta, tensors = read_gguf(GGUF_PATH)
+    ref = GGUFReader(GGUF_PATH)
+    assert set(meta) == set(ref.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    for key, value in meta.items():
+        want = ref.fields[key].contents()
+        want = want.tolist() if isinstance(want, np.ndarray) else want
+        assert value == want or (isinstance(value, float) and np.float32(value) == np.float32(want)), key
+    assert [(t.name, t.shape, t.qtype) for t in tensors] == \
+        [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type)) for t in ref.tensors]
+    for t, r in zip(tensors, ref.tensors):
+        assert t.data.tobytes() == np.asarray(r.data).tobytes(), t.name
+
+
+def test_smollm2_metadata():
+    from hpcllm.checkpoint.gguf import gguf_config, read_gguf
+
+    c = gguf_config(*read_gguf(GGUF_PATH), GGUF_PATH)
     assert (c["n_layers"], c["hidden"], c["n_heads"], c["n_kv_heads"], c["head_dim"]) == (30, 576, 9, 3, 64)
     assert (c["vocab"], c["ffn"], c["rope_theta"], c["max_positions"]) == (49152, 1536, 100000.0, 8192)
     assert c["tie_embeddings"] and not c["add_bos"] and not c["qkv_bias"]  # tokenizer.ggml.add_bos_token = false
