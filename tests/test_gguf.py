@@ -177,3 +177,80 @@ def test_not_a_gguf_file_is_one_line_error(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(HpcllmError, match="x.gguf"):
         convert(str(bad), str(tmp_path / "x.h5"))
+
+
+def test_llama31_rope_freqs_equal_transformers_llama3_scaling(tmp_path):
+    """A Llama-3.1-style GGUF: llama.cpp's converter writes the llama3 rope_scaling as per-dimension
+    factors (``rope_freqs.weight``: unscaled / scaled inverse frequency). The tiny HF Llama with llama3
+    scaling, written as such a GGUF (q/k rows permuted as llama.cpp does), scores as transformers
+    scores the HF model; the same GGUF without rope_freqs does not."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.build import build_model
+    from hpcllm.model.decoder import rope_frequencies
+    from hpcllm.scoring import score_documents
+    from hpcllm.tokenizer.bpe import BYTE_CHARS
+    from hpcllm.world.comm import LocalComm
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=258, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, intermediate_size=96, max_position_embeddings=64,
+                      rope_parameters={**rope, "rope_theta": 500000.0}, tie_word_embeddings=False)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():          # sharp attention, so that positions (and their RoPE) matter
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    factors = (rope_frequencies(16, 500000.0, None) / rope_frequencies(16, 500000.0, rope)).numpy()
+    assert factors.min() == 1.0 and factors.max() == 8.0 and ((factors > 1) & (factors < 8)).any()  # all 3 bands
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    paths = {}
+    for with_freqs in (True, False):
+        path = str(tmp_path / f"llama31-{with_freqs}.gguf")
+        w = gguf.GGUFWriter(path, "llama")
+        for key, val in [("block_count", 2), ("context_length", 64), ("embedding_length", 64),
+                         ("feed_forward_length", 96), ("head_count", 4), ("head_count_kv", 2),
+                         ("rope_freq_base", 500000.0), ("layer_norm_rms_eps", cfg.rms_norm_eps)]:
+            getattr(w, f"add_{key}")(val)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_list([BYTE_CHARS[b] for b in range(256)] + ["<s>", "</s>"])
+        w.add_token_types([1] * 256 + [3, 3])
+        w.add_token_merges([])
+        w.add_eos_token_id(257)
+        w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+        w.add_tensor("output_norm.weight", sd["model.norm.weight"] + 0.1)
+        if with_freqs:
+            w.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+        for i in range(2):
+            for src, dst in names.items():
+                t = sd[f"model.layers.{i}.{src}.weight"]
+                if dst in ("attn_q", "attn_k"):
+                    t = llama_cpp_permute(t, 4 if dst == "attn_q" else 2)
+                w.add_tensor(f"blk.{i}.{dst}.weight", np.ascontiguousarray(t))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        paths[with_freqs] = path
+    with torch.no_grad():
+        hf.model.norm.weight.add_(0.1)
+    docs = [np.random.default_rng(5).integers(0, 258, size=n) for n in (40, 64)]
+    refs = np.concatenate([hf_logprobs(hf, ids, 64, 32) for ids in docs])
+    got = {}
+    for with_freqs, path in paths.items():
+        convert(path, str(tmp_path / f"{with_freqs}.h5"))
+        with Checkpoint(str(tmp_path / f"{with_freqs}.h5")) as ck:
+            kind = (ck.config["rope_scaling"] or {}).get("rope_type")
+            assert kind == ("freq_factors" if with_freqs else None)
+            got[with_freqs] = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm()), docs, 64, 32))
+    np.testing.assert_allclose(got[True], refs, atol=1e-4, rtol=0)
+    assert np.abs(got[False] - refs).max() > 1e-2
