@@ -39,8 +39,11 @@ def _tiny_models():
         # 5 heads / 1 KV head (MQA), tied head; every layer attends a 16-token window of the 64 context
         "mistral": MistralConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, sliding_window=16,
                                  tie_word_embeddings=True, **common),
-        # 6 heads / 2 KV heads with q/k/v bias (no o bias), head_dim 12
+        # 6 heads / 2 KV heads with q/k/v bias (no o bias), head_dim 12; YaRN rope scaling x4 over a
+        # 16-token pre-training context (its attention factor on cos/sin, its ramp over the dimensions)
         "qwen2": Qwen2Config(hidden_size=72, num_attention_heads=6, num_key_value_heads=2,
+                             rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                              "original_max_position_embeddings": 16},
                              tie_word_embeddings=False, **common),
         # 9 heads / 3 KV heads of head_dim 12 (9 * 12 != hidden 40), per-head q/k RMSNorm, no bias, tied head
         "qwen3": Qwen3Config(hidden_size=40, num_attention_heads=9, num_key_value_heads=3, head_dim=12,
@@ -158,6 +161,7 @@ def test_tiny_config_mapping(tiny):
         assert c["tie_embeddings"] and "lm_head.weight" not in ck.names
     with Checkpoint(tiny["qwen2"][1]) as ck:
         assert (ck.config["qkv_bias"], ck.config["o_bias"], ck.config["head_dim"]) == (True, False, 12)
+        assert ck.config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
         assert not ck.config["qk_norm"]
     with Checkpoint(tiny["qwen3"][1]) as ck:
         c = ck.config
@@ -197,7 +201,7 @@ def test_phi3_fused_weights_split_in_order(tiny):
 
 
 def test_phi3_config_refusals_and_window(tiny, tmp_path):
-    """Partial RoPE and longrope (Phi-3 128k / su / yarn) are refused in one line; Phi-3 windows every
+    """Partial RoPE and longrope (Phi-3 128k / su) are refused in one line; Phi-3 windows every
     layer (no use_sliding_window key), as Mistral does."""
     import shutil
 
@@ -216,11 +220,11 @@ def test_phi3_config_refusals_and_window(tiny, tmp_path):
     (src / "config.json").write_text(json.dumps({**hf, "rope_parameters": rope}))
     with pytest.raises(HpcllmError, match=r"config\.json: partial_rotary_factor 0\.5 is not supported \(1\.0 only\)$"):
         convert(str(src), str(tmp_path / "x.h5"))
-    for kind in ("longrope", "su", "yarn"):
+    for kind in ("longrope", "su"):
         rope = {"rope_type": kind, "short_factor": [1.0] * 3, "long_factor": [2.0] * 3, "rope_theta": 10000.0}
         (src / "config.json").write_text(json.dumps({**hf, "rope_parameters": None, "rope_scaling": rope}))
         with pytest.raises(HpcllmError, match=rf"config\.json: rope scaling type '{kind}' is not supported "
-                                              r"\(default, linear, llama3\)$"):
+                                              r"\(default, linear, llama3, yarn\)$"):
             convert(str(src), str(tmp_path / "x.h5"))
 
 

@@ -37,7 +37,7 @@ _LAYER_NAMES = {
     "self_attn.qkv_proj": "attn.qkv", "mlp.gate_up_proj": "mlp.gate_up",
 }
 _TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
@@ -50,6 +50,20 @@ def _rope_pair(src: str, params: dict, theta_default: float):
     if kind not in _ROPE_TYPES:
         raise HpcllmError(f"{src}/config.json: rope scaling type {kind!r} is not supported ({', '.join(_ROPE_TYPES)})")
     return float(theta), (None if kind == "default" else params)
+
+
+def _complete_scaling(hf: dict, scaling):
+    """llama3 / yarn parameters transformers fills from the config: the pre-training context (the
+    config's original_max_position_embeddings, else max_position_embeddings) and yarn's factor."""
+    if not scaling or scaling.get("rope_type", scaling.get("type")) not in ("llama3", "yarn"):
+        return scaling
+    scaling = dict(scaling)
+    if hf.get("original_max_position_embeddings"):
+        scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    if scaling.get("factor") is None:
+        scaling["factor"] = hf["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    return scaling
 
 
 def _rope(src: str, hf: dict, local: bool):
@@ -66,7 +80,7 @@ def _rope(src: str, hf: dict, local: bool):
         if "rope_theta" in params:
             theta = float(params["rope_theta"])
         local_theta = float(hf.get("rope_local_base_freq", 10000.0))
-    return theta, scaling, local_theta if local else None
+    return theta, _complete_scaling(hf, scaling), local_theta if local else None
 
 
 def _layer_types(src: str, hf: dict, windows: str) -> list:

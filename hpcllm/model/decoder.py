@@ -77,9 +77,43 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch
         inv = inv / scaling["factor"]
     elif kind == "freq_factors":
         inv = inv / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
+    elif kind == "yarn":
+        inv = _yarn_scaling(inv, d, theta, scaling)
     elif kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, freq_factors)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, yarn, freq_factors)")
     return inv
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """What YaRN multiplies cos and sin by (1 for every other kind): the configured attention_factor,
+    else 0.1 * ln(factor) + 1 (scaled by mscale / mscale_all_dim where both are given)."""
+    scaling = scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(m=1.0):
+        return 1.0 if scaling["factor"] <= 1 else 0.1 * m * math.log(scaling["factor"]) + 1.0
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return float(mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"]))
+    return mscale()
+
+
+def _yarn_scaling(inv: torch.Tensor, d: int, theta: float, s: dict) -> torch.Tensor:
+    # YaRN: dimensions rotating fewer than beta_slow times over the original context are interpolated
+    # (divided by factor), those rotating more than beta_fast times kept, a linear ramp between
+    old_ctx, factor = s["original_max_position_embeddings"], s["factor"]
+
+    def dim_of(rotations):
+        return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001), 0, 1)
+    keep = 1 - ramp
+    return inv / factor * (1 - keep) + inv * keep
 
 
 def _llama3_scaling(inv: torch.Tensor, s: dict) -> torch.Tensor:
@@ -94,11 +128,15 @@ def _llama3_scaling(inv: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rope_tables(inv_freq, positions, dtype):
-    """cos, sin [B or 1, 1, L, D] for integer positions [B or 1, L] (computed in float32)."""
+def rope_tables(inv_freq, positions, dtype, scale: float = 1.0):
+    """cos, sin [B or 1, 1, L, D] for integer positions [B or 1, L] (computed in float32, times ``scale``:
+    YaRN's attention factor)."""
     angles = positions[..., None].float() * inv_freq  # [B, L, D/2]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
@@ -265,6 +303,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq_local", None if local is None else rope_frequencies(cfg["head_dim"], local, None),
                              persistent=False)
         self.embed_scale, self.final_softcap = cfg.get("embed_scale"), cfg.get("final_softcap")
+        self.rope_scale = rope_attention_factor(cfg.get("rope_scaling"))
         self.packed_head = None   # set by pack when the head is tied to the embedding
 
     @property
@@ -317,7 +356,7 @@ class Decoder(nn.Module):
         x = self.embed(ids)
         if self.embed_scale is not None:   # Gemma: the scale rounded to the activation dtype, as HF does
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        rope = rope_tables(self.inv_freq.to(ids.device), positions, x.dtype)
+        rope = rope_tables(self.inv_freq.to(ids.device), positions, x.dtype, self.rope_scale)
         rope = (rope, rope if self.inv_freq_local is None else
                 rope_tables(self.inv_freq_local.to(ids.device), positions, x.dtype))
         for i, layer in enumerate(self.layers):
