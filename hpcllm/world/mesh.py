@@ -40,8 +40,10 @@ class Mesh:
         dp_rank, tp_rank = divmod(rank, tp)
         tp_mpi = world.Split(color=dp_rank, key=tp_rank)
         node = world.Split_type(_shared_type(), key=rank)
-        local_size = node.Get_size()
+        local_size, node_rank = node.Get_size(), node.Get_rank()
         node.Free()
+        if device == "cuda":
+            _pick_gpu(node_rank)
         if backend == "none":    # a job without a model (tokenize): no collectives, and no torch
             comm = None
         elif backend == "mpi":
@@ -57,6 +59,16 @@ class Mesh:
     def describe(self) -> dict:
         return {"world": self.world.Get_size(), "dp": self.dp_size, "tp": self.tp_size,
                 "comm": self.backend, "ranks_per_node": self.local_size}
+
+
+def _pick_gpu(node_rank: int) -> None:
+    """--device cuda on a node with several GPUs: each rank of the node takes its own (round robin), so
+    "cuda" means that GPU for the model, the KV cache and NCCL (which refuses two ranks on one GPU)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if n > 1:
+        torch.cuda.set_device(node_rank % n)
 
 
 def _shared_type():
