@@ -286,3 +286,63 @@ def encode_batch(buf, offsets, limit, T, P, prefix, suffix):
     Returns (ids int32, offsets int64 n+1, flags uint8: 1 truncated, 2 bad UTF-8).
     """
     return run_batch(buf, offsets, limit, T, P, prefix, suffix, _slots, _encode_chunk, _encode_parallel)
+
+
+# ---- loading: the merges' token ids -----------------------------------------------------------
+# A 262k-token vocabulary has ~515k merges: three dict lookups each (left, right, left + right) are
+# most of a load in Python, so the strings come in as code points (one buffer + offsets) instead.
+
+@njit(nogil=True, cache=True, inline="always")
+def _seq_hash(cps, a, b):
+    h = np.uint64(0xCBF29CE484222325)   # FNV-1a over the code points
+    for k in range(a, b):
+        h = (h ^ np.uint64(cps[k])) * np.uint64(0x100000001B3)
+    return h
+
+
+@njit(nogil=True, cache=True)
+def _find_seq(tab, vcps, cps, a, b):
+    """Index of the vocab token equal to cps[a:b], or -1 (tab rows: hash, index, start, length)."""
+    mask = len(tab) - 1
+    h = np.int64(_seq_hash(cps, a, b))
+    s = h & mask
+    while tab[s, 1] >= 0:
+        if tab[s, 0] == h and tab[s, 3] == b - a:
+            start = tab[s, 2]
+            same = True
+            for k in range(b - a):
+                if vcps[start + k] != cps[a + k]:
+                    same = False
+                    break
+            if same:
+                return tab[s, 1]
+        s = (s + 1) & mask
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def merge_ids(vcps, voff, vids, mcps, moff):
+    """Per merge i (left = mcps[moff[2i]:moff[2i+1]], right = mcps[moff[2i+1]:moff[2i+2]]): the ids of
+    left, right and left + right among the vocab tokens vcps[voff[t]:voff[t+1]] (id vids[t]), -1 if absent.
+    One row per slot (hash, index, start, length): a probe reads one cache line, a hit one more."""
+    cap = 16
+    while cap < 2 * len(vids):
+        cap *= 2
+    tab = np.full((cap, 4), -1, np.int64)
+    mask = cap - 1
+    for t in range(len(vids)):
+        h = np.int64(_seq_hash(vcps, voff[t], voff[t + 1]))
+        s = h & mask
+        while tab[s, 1] >= 0:
+            s = (s + 1) & mask
+        tab[s, 0], tab[s, 1], tab[s, 2], tab[s, 3] = h, t, voff[t], voff[t + 1] - voff[t]
+    n = (len(moff) - 1) // 2
+    out = np.full((n, 3), -1, np.int64)
+    for i in range(n):
+        a, m, b = moff[2 * i], moff[2 * i + 1], moff[2 * i + 2]
+        left, right, both = _find_seq(tab, vcps, mcps, a, m), _find_seq(tab, vcps, mcps, m, b), \
+            _find_seq(tab, vcps, mcps, a, b)
+        out[i, 0] = vids[left] if left >= 0 else -1
+        out[i, 1] = vids[right] if right >= 0 else -1
+        out[i, 2] = vids[both] if both >= 0 else -1
+    return out

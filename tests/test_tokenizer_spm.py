@@ -8,6 +8,7 @@ Metaspace shapes HF's SentencePieceBPETokenizer writes (without its NFKC), plus
 the unk paths (no byte fallback, fuse_unk on and off, a partial byte table).
 """
 
+import functools
 import json
 
 import numpy as np
@@ -30,8 +31,10 @@ BOS_TEMPLATE = {"type": "TemplateProcessing",
                 "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
 
 
+@functools.lru_cache(maxsize=1)
 def llama2_style_json():
-    """A Llama-2-style tokenizer.json dict: specials 0-2, bytes 3-258 as in Llama-2, then the merges' tokens."""
+    """A Llama-2-style tokenizer.json dict: specials 0-2, bytes 3-258 as in Llama-2, then the merges' tokens.
+    Trained once per process (tests/test_tokenizer_gguf_spm.py uses it too): callers must not change it."""
     from tokenizers import models, pre_tokenizers, trainers
 
     tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -242,6 +245,8 @@ def test_unsupported_configs_are_refused_in_one_line(configs):
         "model.dropout": dict(base, model=dict(base["model"], dropout=0.1)),
         "Metaspace": dict(base, pre_tokenizer=meta),   # with the Llama normalizer as well
         "added_tokens": dict(base, added_tokens=[dict(base["added_tokens"][0], lstrip=True)]),
+        "merges[": dict(base, model=dict(base["model"], merges=base["model"]["merges"] + [["zz", "\u00e9q"]])),
+        "model.merges": dict(base, model=dict(base["model"], merges=base["model"]["merges"] + [["a", "b", "c"]])),
     }
     for field, d in cases.items():
         with pytest.raises(HpcllmError) as e:

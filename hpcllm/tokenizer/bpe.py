@@ -54,7 +54,9 @@ def parse_bpe_model(m, refused, err):
     for field in refused:
         if m.get(field):
             err("model." + field, "unsupported value %r" % m.get(field))
-    merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in m.get("merges", [])]
+    merges = m.get("merges", [])   # pairs (lists in the current format) or "a b" strings (older files)
+    if not all(isinstance(x, list) for x in merges):
+        merges = [tuple(x.split(" ")) if isinstance(x, str) else tuple(x) for x in merges]
     return dict(m["vocab"]), merges
 
 

@@ -10,17 +10,26 @@ of hpcllm.kernels.spm_bpe; anything else raises HpcllmError naming the field.
 """
 
 import re
+from itertools import chain
 
 import numpy as np
 
 from hpcllm.errors import HpcllmError
 from hpcllm.kernels import spm_bpe as K
 from hpcllm.tokenizer import template
-from hpcllm.tokenizer.bpe import _trie, merge_table, parse_bpe_model, token_names
+from hpcllm.kernels.bpe_tables import int_table
+from hpcllm.tokenizer.bpe import _trie, parse_bpe_model, token_names
 from hpcllm.tokenizer.encoding import decodable_ids, encode_merges
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # HF ByteFallback decoder: any hex case
 _SCHEMES = {"always": K.PREPEND_ALWAYS, "first": K.PREPEND_FIRST, "never": K.PREPEND_NONE}
+
+
+def _code_points(strings):
+    """(uint32 code points, int64 offsets) of a list of str, back to back (lone surrogates kept)."""
+    off = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, strings), np.int64, len(strings)), out=off[1:])
+    return np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.uint32), off
 
 
 def _err(field, msg):
@@ -127,24 +136,43 @@ class SentencePieceBPE:
         raw = ch.encode("utf-8")
         return len(raw) if all(self._byte_ids[b] >= 0 for b in raw) else 1
 
-    def _cuts(self, char_ids):
+    def _cuts(self, char_ids, mcps, moff):
         """(cut, nocut): where a word may be cut before a mark without changing its merges.
 
         A merge (l, r) joins the symbol before "x|▁" to the mark only if r starts with the
         mark and l ends with x, or, for a character without a token of its own, with the
-        <0xNN> / unk token it becomes. cut is 0 when the mark has no token of its own."""
-        mark = chr(self.mark)
+        <0xNN> / unk token it becomes. cut is 0 when the mark has no token of its own.
+        mcps, moff: the merges' strings as code points (left, right, left, ...)."""
         nocut = np.zeros(0x110000, dtype=np.uint8)
-        if mark not in self.vocab:
+        if chr(self.mark) not in self.vocab:
             return 0, nocut
-        lefts = {a for a, b in self.merges if b.startswith(mark)}
+        if not len(mcps):
+            return 1, nocut
+        a, m, b = moff[0:-1:2], moff[1::2], moff[2::2]
+        joins = (m > a) & (b > m) & (mcps[np.minimum(m, len(mcps) - 1)] == self.mark)
+        last = mcps[m - 1]   # the left part's last character (where it is not empty)
+        nocut[last[joins]] = 1
         fallback = [t for t in (self.unk_token,) if t] + (["<0x%02X>" % b for b in range(256)]
                                                           if self.byte_fallback else [])
-        if any(a.endswith(t) for a in lefts for t in fallback):
+        if any(self.merges[i][0].endswith(t) for i in np.flatnonzero(joins & (last == ord(">"))) for t in fallback):
             nocut[char_ids < 0] = 1
-        for a in lefts:
-            nocut[ord(a[-1])] = 1
         return 1, nocut
+
+    def _merge_table(self):
+        """(the kernels' merge table, the merges as code points and offsets) (kernels.spm_bpe.merge_ids)."""
+        vcps, voff = _code_points(list(self.vocab))
+        vids = np.fromiter(self.vocab.values(), np.int64, len(self.vocab))
+        flat = list(chain.from_iterable(self.merges))
+        if len(flat) != 2 * len(self.merges):
+            _err("model.merges", "every merge must be a pair of tokens")
+        mcps, moff = _code_points(flat)
+        ids = K.merge_ids(vcps, voff, vids, mcps, moff)
+        bad = np.flatnonzero((ids < 0).any(axis=1))
+        if len(bad):
+            a, b = self.merges[bad[0]]
+            raise HpcllmError("tokenizer merges[%d] %r: a token is not in the vocab" % (bad[0], a + " " + b))
+        rank = np.arange(len(ids), dtype=np.int64)
+        return int_table((ids[:, 0] << 32) | ids[:, 1], (rank << 32) | ids[:, 2]), mcps, moff
 
     def _build(self):
         char_ids = np.full(0x110000, -1, dtype=np.int32)
@@ -156,9 +184,9 @@ class SentencePieceBPE:
             for b in range(256):
                 self._byte_ids[b] = self.vocab.get("<0x%02X>" % b, -1)
         ttab, term, first = _trie(self.added)
-        cut, nocut = self._cuts(char_ids)
-        self._tables = K.SpmTables(char_ids, self._byte_ids, merge_table(self.vocab, self.merges), ttab, term, first,
-                                   nocut)
+        mtab, mcps, moff = self._merge_table()
+        cut, nocut = self._cuts(char_ids, mcps, moff)
+        self._tables = K.SpmTables(char_ids, self._byte_ids, mtab, ttab, term, first, nocut)
         lens = [len(t["content"].encode("utf-8")) for t in self.added if t["content"]]
         per_byte = self._char_ids(chr(self.replace)) if self.replace >= 0 else 1
         per_prepend = self._char_ids(chr(self.mark)) if self.prepend != K.PREPEND_NONE else 0
