@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hpcllm.checkpoint.sources import decoder_config, moe_config, rename
+from hpcllm.checkpoint.sources import decoder_config, moe_config, rename, unfuse
 from hpcllm.errors import HpcllmError
 from hpcllm.model.architectures import decoder_family, gguf_architecture
 
@@ -91,10 +91,15 @@ def _field(meta: dict, key, default=None, where=""):
 
 
 def _layer_types(arch: str, n: int, window) -> list:
-    """llama.cpp's fixed sliding-window patterns: Gemma 2 every other layer from the first, Gemma 3
-    five of every six (both as transformers' configs default them)."""
+    """Which layers slide: every one where the family windows all (Phi-3), else llama.cpp's fixed
+    patterns: Gemma 2 every other layer from the first, Gemma 3 five of every six (both as
+    transformers' configs default them)."""
+    if not window:
+        return ["full"] * n
+    if decoder_family(arch).windows == "all":
+        return ["sliding"] * n
     pattern = {"gemma2": 2, "gemma3": 6}.get(arch)
-    if not window or pattern is None:
+    if pattern is None:
         return ["full"] * n
     return ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(n)]
 
@@ -148,6 +153,8 @@ def gguf_config(meta: dict, tensors: list, path: str) -> dict:
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise HpcllmError(f"{path}: partial rotary embeddings (rope.dimension_count != head dim) are not supported")
     names = {t.name for t in tensors}
+    if "rope_factors_long.weight" in names:
+        raise HpcllmError(f"{path}: longrope (rope_factors_long / rope_factors_short: Phi-3 128k) is not supported")
     n_layers = int(get("block_count"))
     window = int(get("attention.sliding_window", 0)) or None
     layer_types = _layer_types(arch, n_layers, window)
@@ -217,7 +224,7 @@ def gguf_tensors(tensors: list, cfg: dict, arch: str, path: str) -> dict:
             w = unpermute_rows(w, cfg["n_kv_heads"])
         if name.endswith("mlp.shared_router.weight"):
             w = w.reshape(1, -1)   # llama.cpp stores the shared expert's gate [hidden]
-        out[name] = w
+        out.update(unfuse(path, name, w, cfg))   # Phi-3's fused attn_qkv and ffn_up (gate | up)
     return out
 
 

@@ -7,7 +7,7 @@ Which optional weights exist (q/k/v bias, o bias, Qwen3's per-head q/k norms,
 an untied LM head) is read from the tensors themselves, so Qwen2's q/k/v bias,
 Llama's ``attention_bias`` and Qwen3's ``qk_norm`` need no per-family code. Phi-3's
 fused ``qkv_proj`` (Q rows, then K, then V) and ``gate_up_proj`` (gate rows, then up)
-are split here into hpcllm's q/k/v and gate/up weights, so the decoder, the loader
+are split at import (``sources.unfuse``) into hpcllm's q/k/v and gate/up weights, so the decoder, the loader
 and the tp split plan see a Llama.
 
 Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): each expert's weights
@@ -33,7 +33,7 @@ _LAYER_NAMES = {
     "self_attn.o_proj": "attn.o", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
     "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
     "mlp.down_proj": "mlp.down",
-    # Phi-3's fused weights: renamed here, then split row-wise by _unfuse
+    # Phi-3's fused weights: renamed here, then split row-wise by sources.unfuse
     "self_attn.qkv_proj": "attn.qkv", "mlp.gate_up_proj": "mlp.gate_up",
 }
 _TOP_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head"}
@@ -199,25 +199,6 @@ def _chat_template(src: str):
     return template if isinstance(template, str) else None
 
 
-def _unfuse(path: str, name: str, w, cfg: dict) -> dict:
-    """hpcllm name -> array for one source tensor: Phi-3's fused attn.qkv / mlp.gate_up rows
-    split into q, k, v (n_heads, n_kv_heads, n_kv_heads heads of head_dim) / gate, up (ffn each)."""
-    q, kv, ffn = cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"], cfg["ffn"]
-    pieces = {"attn.qkv": (("attn.q", q), ("attn.k", kv), ("attn.v", kv)),
-              "mlp.gate_up": (("mlp.gate", ffn), ("mlp.up", ffn))}
-    fused = next((f for f in pieces if f".{f}." in name), None)
-    if fused is None:
-        return {name: w}
-    rows = [n for _, n in pieces[fused]]
-    if w.shape[0] != sum(rows):
-        raise HpcllmError(f"{path}: {name} has {w.shape[0]} rows, the config says {' + '.join(map(str, rows))}")
-    out, start = {}, 0
-    for part, n in pieces[fused]:
-        out[name.replace(f".{fused}.", f".{part}.")] = w[start:start + n]
-        start += n
-    return out
-
-
 # one expert's weight (Mixtral's w1 / w3 / w2, the others' gate/up/down_proj), or all experts stacked
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?:(\d+)\.)?"
                      r"(w1|w3|w2|gate_proj|up_proj|down_proj|gate_up_proj)(?:\.weight)?$")
@@ -270,7 +251,7 @@ def llama_tensors(src: str, files, cfg: dict, features) -> dict:
                 w = f.get_tensor(key).to(torch.float32)
                 if features.norm == "gemma" and name.endswith("norm.weight"):
                     w = w + 1.0
-                out.update(_unfuse(path, name, w.numpy(), cfg))
+                out.update(unfuse(path, name, w.numpy(), cfg))
     out.update(_stack_experts(src, experts, cfg))
     return out
 

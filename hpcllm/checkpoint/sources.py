@@ -49,6 +49,25 @@ def rename(key: str, top: dict, layers: dict, layer_prefix: str):
     return None
 
 
+def unfuse(path: str, name: str, w, cfg: dict) -> dict:
+    """hpcllm name -> array for one source tensor: Phi-3's fused attn.qkv / mlp.gate_up rows (HF and
+    GGUF alike) split into q, k, v (n_heads, n_kv_heads, n_kv_heads heads of head_dim) / gate, up (ffn each)."""
+    q, kv, ffn = cfg["n_heads"] * cfg["head_dim"], cfg["n_kv_heads"] * cfg["head_dim"], cfg["ffn"]
+    pieces = {"attn.qkv": (("attn.q", q), ("attn.k", kv), ("attn.v", kv)),
+              "mlp.gate_up": (("mlp.gate", ffn), ("mlp.up", ffn))}
+    fused = next((f for f in pieces if f".{f}." in name), None)
+    if fused is None:
+        return {name: w}
+    rows = [n for _, n in pieces[fused]]
+    if w.shape[0] != sum(rows):
+        raise HpcllmError(f"{path}: {name} has {w.shape[0]} rows, the config says {' + '.join(map(str, rows))}")
+    out, start = {}, 0
+    for part, n in pieces[fused]:
+        out[name.replace(f".{fused}.", f".{part}.")] = w[start:start + n]
+        start += n
+    return out
+
+
 def decoder_config(*, vocab: int, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                    ffn: int, rms_eps: float, rope_theta: float, rope_scaling: dict | None, max_positions: int,
                    tie_embeddings: bool, qkv_bias: bool, o_bias: bool, qk_norm: bool, add_bos: bool, bos_id,

@@ -116,7 +116,7 @@ DECODER_FAMILIES = {f.family: f for f in (
     DecoderFeatures("mistral", windows="all"),
     DecoderFeatures("qwen2", windows="layer_types"),
     DecoderFeatures("qwen3", windows="layer_types"),
-    DecoderFeatures("phi3", windows="all"),
+    DecoderFeatures("phi3", windows="all", gguf_names=(("attn_qkv", "attn.qkv"), ("ffn_up", "mlp.gate_up"))),
     DecoderFeatures("gemma2", **_GEMMA),
     DecoderFeatures("gemma3", local_rope=True, aliases=("gemma3_text",), **_GEMMA),
     # mixture of experts (hpcllm.model.moe); GGUF writes Mixtral as "llama" with ffn_*_exps tensors
@@ -148,7 +148,7 @@ ARCHITECTURES = {a.name: a for a in (
                  hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
     Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
                  hf_model_types=tuple(t for f in DECODER_FAMILIES.values() for t in (f.family, *f.aliases)), hf_importer="hpcllm.checkpoint.hf_llama:import_llama",
-                 gguf_architectures=("llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")),
+                 gguf_architectures=("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")),
 )}
 
 
