@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 from hpcllm.checkpoint.sources import (decoder_config, moe_config, read_json, read_tokenizer_json, rename,
-                                       safetensors_files)
+                                       safetensors_files, unfuse)
 from hpcllm.errors import HpcllmError
 from hpcllm.model.architectures import decoder_family
 
