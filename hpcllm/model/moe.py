@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcllm.model.layers import linear, pack_weight
 from hpcllm.world.comm import LocalComm
 
 
@@ -117,23 +118,35 @@ class MoE(nn.Module):
     def fuse(self):
         """After loading: each expert's gate and up rows become one matmul ([E_l, 2 F_l, H]), as the
         shared expert's do ([2 F_shared_l, H])."""
-        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
-        self.gate_up_exps = frozen(torch.cat([self.gate_exps.weight, self.up_exps.weight], dim=1))
+        gate_up = torch.cat([self.gate_exps.weight, self.up_exps.weight], dim=1)
         self.first = self.gate_exps.first
-        self.down = frozen(self.down_exps.weight)
+        # plain attributes (moved by _apply): (gate|up [2 F_l, H], down [H, F_l]) per local expert
+        self.experts = list(zip(gate_up.unbind(), self.down_exps.weight.unbind()))
         del self.gate_exps, self.up_exps, self.down_exps
         if self.shared:
-            self.shared_gate_up = frozen(torch.cat([self.shared_gate.weight, self.shared_up.weight]))
-            self.shared_down_w = frozen(self.shared_down.weight)
+            self.shared_mlp = (torch.cat([self.shared_gate.weight, self.shared_up.weight]), self.shared_down.weight)
             del self.shared_gate, self.shared_up, self.shared_down
-        self.load = torch.zeros(self.n_experts, dtype=torch.int64, device=self.down.device)
+        self.load = torch.zeros(self.n_experts, dtype=torch.int64, device=gate_up.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to(device)`` / ``.to(dtype)`` move the fused weights (plain attributes) too."""
+        super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "experts"):
+            self.experts = [(fn(gu), fn(d)) for gu, d in self.experts]
+            self.shared_mlp = tuple(fn(w) for w in self.shared_mlp) if self.shared else None
+        return self
 
     def pack(self):
-        """Expert weights stay dense: oneDNN packs 2-D weights, and a token group per expert is small."""
+        """Each expert's (and the shared expert's) weights packed for oneDNN where that runs
+        (``layers.pack_weight``: a token group per expert is small, where MKL repacks its weight on
+        every call)."""
+        self.experts = [(pack_weight(gu.contiguous()), pack_weight(d.contiguous())) for gu, d in self.experts]
+        if self.shared:
+            self.shared_mlp = tuple(pack_weight(w) for w in self.shared_mlp)
 
     def _mlp(self, x, gate_up, down):
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, down)
+        gate, up = linear(x, gate_up).chunk(2, dim=-1)
+        return linear(self.act(gate) * up, down)
 
     def forward(self, x):
         shape = x.shape
@@ -146,16 +159,15 @@ class MoE(nn.Module):
         tokens, w = order // self.top_k, weights.reshape(-1)[order].to(x.dtype)
         ends = torch.cumsum(counts, 0).tolist()
         y = torch.zeros_like(x)
-        for j in range(self.down.shape[0]):                 # this rank's experts
+        for j, (gate_up, down) in enumerate(self.experts):   # this rank's experts
             e = self.first + j
             start, stop = (ends[e - 1] if e else 0), ends[e]
             if start == stop:
                 continue
             idx = tokens[start:stop]
-            out = self._mlp(x[idx], self.gate_up_exps[j], self.down[j]) * w[start:stop, None]
-            y.index_add_(0, idx, out)
+            y.index_add_(0, idx, self._mlp(x[idx], gate_up, down) * w[start:stop, None])
         if self.shared:
-            s = self._mlp(x, self.shared_gate_up, self.shared_down_w)
+            s = self._mlp(x, *self.shared_mlp)
             if hasattr(self, "shared_router"):
                 s = s * torch.sigmoid(F.linear(x, self.shared_router.weight))
             y = y + s
@@ -177,7 +189,7 @@ def rank_load(model) -> int:
     for layer in model.layers:
         if isinstance(layer.mlp, MoE):
             m = layer.mlp
-            total += int(m.load[m.first:m.first + m.down.shape[0]].sum())
+            total += int(m.load[m.first:m.first + len(m.experts)].sum())
     return total
 
 
@@ -187,6 +199,6 @@ def expert_bytes(model) -> int:
     for layer in model.layers:
         if isinstance(layer.mlp, MoE):
             m = layer.mlp
-            ws = [m.gate_up_exps, m.down] + ([m.shared_gate_up, m.shared_down_w] if m.shared else [])
+            ws = [w for pair in m.experts for w in pair] + (list(m.shared_mlp) if m.shared else [])
             total += sum(w.numel() * w.element_size() for w in ws)
     return total
