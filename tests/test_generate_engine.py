@@ -31,9 +31,9 @@ MAX_NEW = 10
 
 
 def _engine(model, prompts, n_slots, batch_tokens, params=SamplingParams(temperature=0), n=1, limits=None,
-            max_new=MAX_NEW, tokenizer=None, prefix_cache=True):
+            max_new=MAX_NEW, tokenizer=None, prefix_cache=True, cache_dtype=torch.float32):
     context = model.cfg["max_positions"]
-    cache = KVCache(model, n_slots, context, torch.float32)
+    cache = KVCache(model, n_slots, context, cache_dtype)
     limits = limits or Limits(frozenset(), frozenset(), ())
     eng = Engine(model, cache, prompts, [min(max_new, context - len(p)) for p in prompts],
                  [f"doc{i}" for i in range(len(prompts))], params, limits, n, batch_tokens, n_slots,
@@ -77,6 +77,9 @@ def test_greedy_equals_transformers_generate(tiny, name):
     # one slot at a time and a bigger budget: the same ids
     again = _engine(model, prompts, n_slots=1, batch_tokens=64)
     assert all(again.results[k][0] == eng.results[k][0] for k in eng.results)
+    if "sliding" in model.cfg["layer_types"]:   # a float64 cache: the batched-matmul decode path (a GPU's)
+        wide = _engine(model, prompts, n_slots=3, batch_tokens=16, cache_dtype=torch.float64)
+        assert all(wide.results[k][0] == eng.results[k][0] for k in eng.results)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
