@@ -6,8 +6,6 @@ OLMoE (q/k norms over whole projections, across the tp group); odd head counts, 
 generate, GGUF ``*_exps`` imports (qwen2moe, qwen3moe) against transformers loading the file,
 resident expert bytes per rank, the per-expert load counters."""
 
-import json
-import os
 
 import numpy as np
 import pytest
@@ -107,3 +105,141 @@ def test_tiny_moe_tensor_parallel_matches_transformers(tiny_moe, tmp_path, tp):
         ref = np.concatenate([hf_logprobs(tiny_moe[name][0], ids, 64, 32) for ids in docs])
         for comm in ("mpi", "torch"):
             np.testing.assert_allclose(got[f"lp{k}_{comm}"], ref, atol=ATOL, rtol=0, err_msg=f"{name} {comm}")
+
+
+# transformers' GGUF loader keeps Qwen-MoE's default expert sizes (it reads no expert_feed_forward_length)
+GGUF_MOE = {"qwen2moe": dict(expert_ffn=1408, shared_ffn=5632, heads=4, kv=2, head_dim=8, qkv_bias=True),
+            "qwen3moe": dict(expert_ffn=768, shared_ffn=0, heads=3, kv=1, head_dim=16, qkv_bias=False)}
+
+
+def _write_moe_gguf(path, arch, n_experts=4, hidden=32, n_layers=2):
+    """A tiny GGUF with llama.cpp's MoE names: ffn_gate_inp (router), ffn_{gate,up,down}_exps stacked
+    [E, ...], and qwen2moe's shared expert (ffn_*_shexp, its gate ffn_gate_inp_shexp stored [hidden])."""
+    import gguf
+
+    from hpcllm.tokenizer.bpe import BYTE_CHARS
+
+    T, p = gguf.GGMLQuantizationType, GGUF_MOE[arch]
+    rng = np.random.default_rng(5)
+    w = gguf.GGUFWriter(path, arch)
+    for key, val in [("block_count", n_layers), ("context_length", 64), ("embedding_length", hidden),
+                     ("feed_forward_length", 64), ("head_count", p["heads"]), ("head_count_kv", p["kv"]),
+                     ("rope_freq_base", 1e6), ("layer_norm_rms_eps", 1e-6), ("expert_count", n_experts),
+                     ("expert_used_count", 2), ("expert_feed_forward_length", p["expert_ffn"])]:
+        getattr(w, f"add_{key}")(val)
+    if arch == "qwen3moe":
+        w.add_key_length(p["head_dim"])
+        w.add_value_length(p["head_dim"])
+    if p["shared_ffn"]:
+        w.add_expert_shared_feed_forward_length(p["shared_ffn"])
+    tokens = [BYTE_CHARS[b] for b in range(256)] + ["<|endoftext|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3])
+    w.add_token_merges([])
+    w.add_eos_token_id(256)
+    w.add_add_bos_token(False)
+
+    def weight(*shape, scale=0.1):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    q, kv, ffn, sffn = p["heads"] * p["head_dim"], p["kv"] * p["head_dim"], p["expert_ffn"], p["shared_ffn"]
+    w.add_tensor("token_embd.weight", weight(len(tokens), hidden, scale=1.0))
+    w.add_tensor("output.weight", weight(len(tokens), hidden))
+    w.add_tensor("output_norm.weight", 1 + weight(hidden, scale=0.2))
+    for i in range(n_layers):
+        tensors = {"attn_q": weight(q, hidden), "attn_k": weight(kv, hidden), "attn_v": weight(kv, hidden),
+                   "attn_output": weight(hidden, q), "attn_norm": 1 + weight(hidden, scale=0.2),
+                   "ffn_norm": 1 + weight(hidden, scale=0.2), "ffn_gate_inp": weight(n_experts, hidden, scale=2.0),
+                   "ffn_down_exps": weight(n_experts, hidden, ffn, scale=0.05)}
+        w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gguf.quants.quantize(weight(n_experts, ffn, hidden), T.Q8_0),
+                     raw_dtype=T.Q8_0)
+        tensors["ffn_up_exps"] = weight(n_experts, ffn, hidden).astype(np.float16)
+        if p["qkv_bias"]:
+            tensors.update({"attn_q.bias": weight(q), "attn_k.bias": weight(kv), "attn_v.bias": weight(kv)})
+        if arch == "qwen3moe":
+            tensors.update({"attn_q_norm": 1 + weight(p["head_dim"], scale=0.2),
+                            "attn_k_norm": 1 + weight(p["head_dim"], scale=0.2)})
+        if sffn:
+            tensors.update({"ffn_gate_shexp": weight(sffn, hidden), "ffn_up_shexp": weight(sffn, hidden),
+                            "ffn_down_shexp": weight(hidden, sffn, scale=0.02), "ffn_gate_inp_shexp": weight(hidden)})
+        for name, t in tensors.items():
+            w.add_tensor(f"blk.{i}.{name}" + ("" if name.endswith(".bias") else ".weight"), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(GGUF_MOE))
+def test_moe_gguf_matches_transformers(arch, tmp_path):
+    from test_gguf import gguf_matches_transformers
+
+    path = str(tmp_path / f"tiny-{arch}.gguf")
+    _write_moe_gguf(path, arch)
+    p = GGUF_MOE[arch]
+
+    def check(c, hf):
+        m = c["moe"]
+        assert (m["n_experts"], m["top_k"], m["expert_ffn"], m["shared_ffn"]) == (4, 2, p["expert_ffn"], p["shared_ffn"])
+        assert m["shared_gate"] == bool(p["shared_ffn"]) and m["norm_topk"] == (arch == "qwen3moe")
+        assert hf.config.norm_topk_prob == m["norm_topk"] and m["dense_layers"] == []
+        assert c["qkv_bias"] == p["qkv_bias"] and c["qk_norm"] == (arch == "qwen3moe")
+    gguf_matches_transformers(path, tmp_path, check)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_moe_greedy_equals_transformers_generate(tiny_moe, name):
+    """The generation engine (chunked prefill, slots reused, decode batches of several sequences)
+    gives transformers' greedy ids."""
+    hf, h5 = tiny_moe[name]
+    with Checkpoint(h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    prompts = _prompts(1)
+    eng = _engine(model, prompts, n_slots=3, batch_tokens=16)
+    for j, p in enumerate(prompts):
+        assert eng.results[j, 0][0] == _hf_greedy(hf, p, 10), (name, j)
+
+
+class _Group(LocalComm):   # shapes only: no collective runs while building
+    def __init__(self, size):
+        self.size = size
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_resident_expert_weights_are_split(tiny_moe, name):
+    """Whole experts per rank: Mixtral's 5 over tp 2 = 3 + 2, over tp 3 = 2 + 2 + 1, each rank holding
+    only its experts' bytes (ceil(E / tp) / E at most, all ranks together the whole); Qwen2-MoE's
+    shared expert split 1/tp by columns; the router replicated."""
+    from hpcllm.model.moe import MoE, expert_bytes
+    from hpcllm.model.partition import even_split
+
+    with Checkpoint(tiny_moe[name][1]) as ck:
+        n = ck.config["moe"]["n_experts"]
+        whole = expert_bytes(build_model(ck, 0, 1, LocalComm()))
+        for tp in (2, 3):
+            ranks = [build_model(ck, r, tp, _Group(tp)) for r in range(tp)]
+            sizes = [expert_bytes(m) for m in ranks]
+            counts = [len(m.layers[0].mlp.experts) for m in ranks]
+            assert counts == [b - a for a, b in (even_split(n, tp, r) for r in range(tp))]
+            assert sum(sizes) == whole and max(sizes) <= whole * -(-n // tp) / n
+            moe = [m.layers[0].mlp for m in ranks]
+            assert all(isinstance(m, MoE) and m.router.weight.shape == (n, ck.config["hidden"]) for m in moe)
+            assert [m.first for m in moe] == list(np.cumsum([0] + counts[:-1]))
+            print(f"{name} tp={tp}: expert bytes per rank {sizes} of {whole} ({[round(s / whole, 3) for s in sizes]})")
+
+
+def test_expert_load_counts_every_routed_token(tiny_moe):
+    """Each MoE layer counts top_k assignments per token it ran (padding included); a rank's load is
+    the part on its own experts."""
+    from hpcllm.model.moe import expert_load, rank_load
+
+    with Checkpoint(tiny_moe["qwen2_moe"][1]) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+        rank1 = build_model(ck, 1, 2, _Group(2))
+    x = torch.as_tensor(np.random.default_rng(0).integers(0, 320, (3, 11)))
+    model(x)
+    load = expert_load(model)
+    assert load.shape == (2, 4) and (load.sum(axis=1) == 3 * 11 * 2).all()   # layer 1 is dense
+    assert rank_load(model) == load.sum() and rank_load(rank1) == 0
