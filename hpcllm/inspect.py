@@ -41,8 +41,10 @@ def checkpoint_summary(path: str) -> str:
         for n in ck.names:
             kind = tensors[n].attrs["split"]
             split[kind] = split.get(kind, 0) + int(np.prod(tensors[n].shape))
+        family = ck.config.get("family")
+        kind = f"{ck.architecture}: {family}" if family and family != ck.architecture else ck.architecture
         lines = [
-            f"{path}: hpcllm checkpoint ({ck.architecture}), {n_params / 1e6:.1f}M parameters stored as {ck.dtype}",
+            f"{path}: hpcllm checkpoint ({kind}), {n_params / 1e6:.1f}M parameters stored as {ck.dtype}",
             f"  content hash {ck.content_hash}",
             f"  source {ck.source}",
             f"  config {json.dumps(ck.config, sort_keys=True)}",

@@ -61,6 +61,7 @@ def prompts():
 
 def test_config_and_long_document_scores(gemma_h5, gemma_hf):
     from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.inspect import inspect_file
     from hpcllm.model.build import build_model
     from hpcllm.scoring import score_documents
     from hpcllm.world.comm import LocalComm
@@ -74,6 +75,7 @@ def test_config_and_long_document_scores(gemma_h5, gemma_hf):
         assert (c["norm"], c["sandwich_norms"], c["qk_norm"], c["n_heads"], c["n_kv_heads"]) == ("gemma", True, True,
                                                                                                  4, 1)
         model = build_model(ck, 0, 1, LocalComm())
+    assert "hpcllm checkpoint (llama: gemma3), 268.1M parameters" in inspect_file(gemma_h5).splitlines()[0]
     ids = np.array(tok(" ".join(mixed(400)))["input_ids"][:700])
     assert len(ids) == 700 and ids[0] == tok.bos_token_id
     with torch.inference_mode():
