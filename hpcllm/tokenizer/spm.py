@@ -1,12 +1,15 @@
-"""SentencePiece-style BPE tokenizers (Llama-2, Mistral-7B-v0.1, TinyLlama; HF's
-SentencePieceBPETokenizer without its NFKC normalizer), HF-exact.
+"""SentencePiece-style BPE tokenizers (Llama-2, Mistral-7B-v0.1, TinyLlama, Gemma; HF's
+SentencePieceBPETokenizer without its NFKC normalizer; GGUF SentencePiece vocabularies
+through hpcllm.tokenizer.gguf_spm), HF-exact.
 
 Loads an HF tokenizer.json dict whose model is BPE over characters (not GPT-2's
 byte alphabet): byte_fallback to <0xNN> tokens, fuse_unk, spaces spelled "▁".
-Two shapes are accepted: the Llama-2 normalizer Sequence[Prepend("▁"),
-Replace(" ", "▁")] without pre-tokenizer (merges run over whole segments), and
-no normalizer with a Metaspace pre-tokenizer. Encoding runs in the Numba kernels
-of hpcllm.kernels.spm_bpe; anything else raises HpcllmError naming the field.
+Three shapes are accepted: the Llama-2 normalizer Sequence[Prepend("▁"),
+Replace(" ", "▁")] or Gemma's Replace(" ", "▁") alone, without pre-tokenizer
+(merges run over whole segments) or with a Split(" ") that finds no space left
+(Gemma's), and no normalizer with a Metaspace pre-tokenizer. Encoding runs in the
+Numba kernels of hpcllm.kernels.spm_bpe; anything else raises HpcllmError naming
+the field.
 """
 
 import re
