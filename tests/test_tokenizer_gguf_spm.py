@@ -198,6 +198,7 @@ VARIANTS = {   # name -> (architecture, tied scores, extra metadata)
     "llama-ties-eos": ("llama", True, {"add_bos_token": False, "add_eos_token": True, "add_space_prefix": False}),
     "phi3": ("phi3", False, {}),
     "gemma3": ("gemma3", True, {}),
+    "llama-merges": ("llama", True, None),   # the file lists the merges (the trainer's): used as they are
 }
 
 
@@ -218,6 +219,8 @@ def llama_ggufs(tmp_path_factory):
     for name, (arch, ties, keys) in VARIANTS.items():
         # scores: -id for merged tokens (the trainer's order); "ties": equal in groups of 5
         scores = [0.0] * 259 + [-float(i // 5 if ties else i) for i in range(259, len(tokens))]
+        if keys is None:
+            keys = {"token_merges": [" ".join(m) for m in d["model"]["merges"]]}
         path = write_gguf(folder / f"{name}.gguf", arch, tokens, scores, types, **keys)
         out[name] = (path, Tokenizer.from_gguf(path), transformers_tokenizer(path))
     return out
@@ -251,6 +254,8 @@ def test_llama_gguf_shapes(llama_ggufs):
     assert MARK * 2 in spec["gemma3"]["model"]["vocab"] and "  " not in spec["gemma3"]["model"]["vocab"]
     _, ours, _ = llama_ggufs["llama-ties-eos"]
     assert ours.encode("x")[-1] == 2 and ours.encode("x")[0] != 1
+    trained = json.loads(json.dumps(llama2_style_json()["model"]["merges"]))
+    assert spec["llama-merges"]["model"]["merges"] == trained != spec["llama"]["model"]["merges"]
 
 
 def test_unsupported_gguf_tokenizer_is_one_line_error(tmp_path):
