@@ -49,10 +49,11 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
         # bfloat16: stored as its 16 raw bits, marked by the root attribute
-        stored[name] = _round_bf16(arr) if np_dtype is None else arr.astype(np_dtype)
+        # float32 stored as it came (no copy: a converted model's weights are held once, not twice)
+        stored[name] = _round_bf16(arr) if np_dtype is None else arr.astype(np_dtype, copy=False)
         attrs[name] = split_attrs(tensor_split(plan, name), arr.ndim)
         digest.update(name.encode())
-        digest.update(stored[name].tobytes())
+        digest.update(memoryview(np.ascontiguousarray(stored[name])).cast("B"))
     tok = tokenizer_json.encode("utf-8")
     digest.update(tok)
     config_json = json.dumps(config, sort_keys=True)
