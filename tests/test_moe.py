@@ -233,7 +233,7 @@ def test_resident_expert_weights_are_split(tiny_moe, name):
 def test_expert_load_counts_every_routed_token(tiny_moe):
     """Each MoE layer counts top_k assignments per token it ran (padding included); a rank's load is
     the part on its own experts."""
-    from hpcllm.model.moe import expert_load, rank_load
+    from hpcllm.model.moe import expert_load, group_loads, rank_load
 
     with Checkpoint(tiny_moe["qwen2_moe"][1]) as ck:
         model = build_model(ck, 0, 1, LocalComm())
@@ -243,3 +243,4 @@ def test_expert_load_counts_every_routed_token(tiny_moe):
     load = expert_load(model)
     assert load.shape == (2, 4) and (load.sum(axis=1) == 3 * 11 * 2).all()   # layer 1 is dense
     assert rank_load(model) == load.sum() and rank_load(rank1) == 0
+    assert group_loads(model, 3) == [load[:, :2].sum(), load[:, 2].sum(), load[:, 3].sum()]

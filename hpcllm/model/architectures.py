@@ -90,11 +90,13 @@ class DecoderFeatures:
     hf_names: tuple = ()
     gguf_names: tuple = ()
     aliases: tuple = ()     # other HF model_type values of the family
+    gguf: tuple = ()        # its GGUF general.architecture values, where they differ from ``family``
 
 
 def decoder_family(model_type: str) -> "DecoderFeatures | None":
     """The family an HF ``model_type`` or a GGUF architecture names, or None."""
-    return next((f for f in DECODER_FAMILIES.values() if model_type == f.family or model_type in f.aliases), None)
+    return next((f for f in DECODER_FAMILIES.values()
+                 if model_type == f.family or model_type in f.aliases or model_type in f.gguf), None)
 
 
 _GEMMA_HF = (("post_attention_layernorm", "attn_post_norm"), ("pre_feedforward_layernorm", "mlp_norm"),
@@ -126,10 +128,10 @@ DECODER_FAMILIES = {f.family: f for f in (
     # mixture of experts (hpcllm.model.moe); GGUF writes Mixtral as "llama" with ffn_*_exps tensors
     DecoderFeatures("mixtral", windows="all", moe="mixtral", hf_names=_MIXTRAL_HF),
     DecoderFeatures("qwen2_moe", windows="layer_types", moe="qwen_moe", hf_names=_QWEN_MOE_HF,
-                    gguf_names=_MOE_GGUF, aliases=("qwen2moe",)),
+                    gguf_names=_MOE_GGUF, gguf=("qwen2moe",)),
     DecoderFeatures("qwen3_moe", windows="layer_types", moe="qwen_moe", hf_names=_QWEN_MOE_HF,
-                    gguf_names=_MOE_GGUF, aliases=("qwen3moe",)),
-    DecoderFeatures("olmoe", qk_norm_over="projection", moe="olmoe", hf_names=_OLMOE_HF, gguf_names=_MOE_GGUF),
+                    gguf_names=_MOE_GGUF, gguf=("qwen3moe",)),
+    DecoderFeatures("olmoe", qk_norm_over="projection", moe="olmoe", hf_names=_OLMOE_HF),
 )}
 
 

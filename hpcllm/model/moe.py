@@ -193,6 +193,16 @@ def rank_load(model) -> int:
     return total
 
 
+def group_loads(model, tp_size: int) -> list[int]:
+    """Token-expert assignments each rank of a tp group of ``tp_size`` computes (whole experts: the
+    counts of its experts, from any rank's counters, every rank routing the same tokens), e.g. for a
+    job summary's "expert load per tp rank"."""
+    from hpcllm.model.partition import even_split
+
+    load = expert_load(model).sum(axis=0)
+    return [int(load[slice(*even_split(len(load), tp_size, r))].sum()) for r in range(tp_size)]
+
+
 def expert_bytes(model) -> int:
     """Bytes of expert weights (routed and shared) resident on this rank."""
     total = 0
