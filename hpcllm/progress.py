@@ -104,10 +104,14 @@ def _fmt_s(s: float) -> str:
 
 
 def breakdown_table(rows: list[dict]) -> str:
-    """Per-rank seconds per phase, one line per rank."""
-    head = "rank  " + "".join(f"{p:>10}" for p in PHASES) + f"{'docs':>10}{'shards':>8}{'weights MiB':>12}{'peak MiB':>10}"
+    """Per-rank seconds per phase, one line per rank; a mixture-of-experts model adds each rank's
+    expert load (token x expert products its own experts computed, padding included)."""
+    experts = any("expert_tokens" in r for r in rows)
+    head = ("rank  " + "".join(f"{p:>10}" for p in PHASES) + f"{'docs':>10}{'shards':>8}{'weights MiB':>12}{'peak MiB':>10}"
+            + (f"{'expert load':>13}" if experts else ""))
     lines = [head]
     for r in rows:
         lines.append(f"{r['rank']:>4}  " + "".join(f"{r['seconds'][p]:>10.2f}" for p in PHASES)
-                     + f"{r['docs']:>10}{r['shards']:>8}{r['weights_mb']:>12.1f}{r['peak_rss_mb']:>10.0f}")
+                     + f"{r['docs']:>10}{r['shards']:>8}{r['weights_mb']:>12.1f}{r['peak_rss_mb']:>10.0f}"
+                     + (f"{r.get('expert_tokens', 0):>13}" if experts else ""))
     return "\n".join(lines)

@@ -7,6 +7,8 @@ generate, GGUF ``*_exps`` imports (qwen2moe, qwen3moe) against transformers load
 resident expert bytes per rank, the per-expert load counters."""
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,25 @@ def test_expert_load_counts_every_routed_token(tiny_moe):
     assert load.shape == (2, 4) and (load.sum(axis=1) == 3 * 11 * 2).all()   # layer 1 is dense
     assert rank_load(model) == load.sum() and rank_load(rank1) == 0
     assert group_loads(model, 3) == [load[:, :2].sum(), load[:, 2].sum(), load[:, 3].sum()]
+
+
+def test_score_job_reports_the_expert_load_per_rank(tiny_moe, tmp_path):
+    """`hpcllm score` at tp 2 on Mixtral's 5 experts (3 + 2 per rank): each rank's row of the timings
+    in results.h5 (and the time table on stderr) carries the load its own experts computed; the two
+    add up to top_k assignments per forwarded token and layer (padding included)."""
+    import h5py
+
+    from conftest import mpirun, write_jsonl
+
+    texts = ["the quick brown fox jumps over the lazy dog " * k for k in (1, 2, 3, 5)]
+    inp = write_jsonl(tmp_path / "in.jsonl", texts)
+    proc = mpirun(2, ["score", "--model", tiny_moe["mixtral"][1], "--input", inp, "--output", tmp_path / "out",
+                      "--tp", 2, "--progress", 0])
+    with h5py.File(tmp_path / "out" / "results.h5", "r") as f:
+        rows = json.loads(f.attrs["timings"])
+        n_tokens = int(f["n_tokens"][()].sum())
+    with Checkpoint(tiny_moe["mixtral"][1]) as ck:
+        top_k, layers = ck.config["moe"]["top_k"], ck.config["n_layers"]
+    load = [r["expert_tokens"] for r in sorted(rows, key=lambda r: r["tp_rank"])]
+    assert all(n > 0 for n in load) and sum(load) >= top_k * layers * n_tokens
+    assert "expert load" in proc.stderr

@@ -126,9 +126,14 @@ def _rank_row(mesh, loop, model) -> dict:
         seconds["comm"] = mesh.tp_comm.seconds
         seconds["compute"] -= mesh.tp_comm.seconds
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 if model is not None else 0.0
-    return {"rank": mesh.rank, "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank, "seconds": seconds,
-            "docs": loop.docs_done, "tokens": loop.tokens_done, "shards": loop.shards_done,
-            "finished_at": loop.finished_at, "peak_rss_mb": peak_rss_mb(), "weights_mb": weights}
+    row = {"rank": mesh.rank, "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank, "seconds": seconds,
+           "docs": loop.docs_done, "tokens": loop.tokens_done, "shards": loop.shards_done,
+           "finished_at": loop.finished_at, "peak_rss_mb": peak_rss_mb(), "weights_mb": weights}
+    if model is not None and getattr(model, "has_experts", False):
+        from hpcllm.model.moe import rank_load
+
+        row["expert_tokens"] = rank_load(model)   # token x expert products this rank's experts computed
+    return row
 
 
 def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:

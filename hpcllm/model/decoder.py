@@ -307,6 +307,11 @@ class Decoder(nn.Module):
         self.packed_head = None   # set by pack when the head is tied to the embedding
 
     @property
+    def has_experts(self) -> bool:
+        """Whether any layer is a mixture of experts (its load: ``hpcllm.model.moe.rank_load``)."""
+        return any(isinstance(layer.mlp, MoE) for layer in self.layers)
+
+    @property
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.cfg.get("tie_embeddings", False) else self.lm_head.weight
 
