@@ -346,9 +346,11 @@ def test_plan_makes_the_layers(tp, heads):
     assert starts[0][0] == 0 and starts[-1][1] == 101 and all(a[1] == b[0] for a, b in zip(starts, starts[1:]))
 
 
-def test_bfloat16_scores_match_float32(tiny):
-    """bf16 weights and activations (no oneDNN-only path in the decoder): log-probabilities near fp32's."""
-    hf, h5 = tiny["qwen2"]
+@pytest.mark.parametrize("name", ["qwen2", "gemma2", "gemma3"])
+def test_bfloat16_scores_match_float32(tiny, name):
+    """bf16 weights and activations (no oneDNN-only path in the decoder; Gemma 2's soft-capped eager
+    attention, Gemma's float32 norms): log-probabilities near fp32's."""
+    hf, h5 = tiny[name]
     docs = _docs(seed=7)[:8]
     with Checkpoint(h5) as ck:
         ref = score_documents(build_model(ck, 0, 1, LocalComm(), torch.float32), docs, 32, 16)

@@ -268,3 +268,14 @@ def test_score_job_reports_the_expert_load_per_rank(tiny_moe, tmp_path):
     load = [r["expert_tokens"] for r in sorted(rows, key=lambda r: r["tp_rank"])]
     assert all(n > 0 for n in load) and sum(load) >= top_k * layers * n_tokens
     assert "expert load" in proc.stderr
+
+
+def test_bfloat16_scores_match_float32(tiny_moe):
+    """Mixtral's experts in bf16 (router, grouped tokens, packed expert weights): near fp32's."""
+    from hpcllm.scoring import score_documents
+
+    docs = [np.random.default_rng(1).integers(0, 320, n) for n in (5, 30, 60)]
+    with Checkpoint(tiny_moe["mixtral"][1]) as ck:
+        ref = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm(), torch.float32), docs, 64, 32))
+        got = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm(), torch.bfloat16), docs, 64, 32))
+    assert np.abs(got - ref).max() < 0.1 and abs(got.mean() - ref.mean()) < 0.01 and np.abs(got - ref).max() > 0
