@@ -74,6 +74,7 @@ def test_config_and_long_document_scores(gemma_h5, gemma_hf):
                                                                                               640 ** 0.5)
         assert (c["norm"], c["sandwich_norms"], c["qk_norm"], c["n_heads"], c["n_kv_heads"]) == ("gemma", True, True,
                                                                                                  4, 1)
+        assert c["eos_ids"] == [1, 106] and tok.convert_ids_to_tokens(106) == "<end_of_turn>"
         model = build_model(ck, 0, 1, LocalComm())
     assert "hpcllm checkpoint (llama: gemma3), 268.1M parameters" in inspect_file(gemma_h5).splitlines()[0]
     ids = np.array(tok(" ".join(mixed(400)))["input_ids"][:700])

@@ -143,6 +143,15 @@ def _moe(meta, arch: str, path: str, names: set, n_layers: int):
         n_layers=n_layers, where=path)
 
 
+def _end_of_turn(meta: dict, features) -> set:
+    """Gemma's <end_of_turn> ends a reply (its generation_config lists it beside EOS), though its GGUFs
+    name no eot id."""
+    if features.norm != "gemma":
+        return set()
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return {i for i, t in enumerate(tokens) if t == "<end_of_turn>"}
+
+
 def gguf_config(meta: dict, tensors: list, path: str) -> dict:
     arch = _field(meta, "general.architecture", where=path)
     gguf_architecture(arch, path)  # a one-line error for an architecture no importer reads
@@ -178,7 +187,8 @@ def gguf_config(meta: dict, tensors: list, path: str) -> dict:
         eos_id=int(_field(meta, "tokenizer.ggml.eos_token_id", -1, path)),
         pad_id=int(_field(meta, "tokenizer.ggml.padding_token_id", 0, path)),
         # generate: the ids that end a reply (EOS, end-of-turn) and the chat template (untrusted jinja)
-        eos_ids={int(_field(meta, f"tokenizer.ggml.{k}_token_id", -1, path)) for k in ("eos", "eot", "eom")} - {-1},
+        eos_ids=({int(_field(meta, f"tokenizer.ggml.{k}_token_id", -1, path)) for k in ("eos", "eot", "eom")}
+                 | _end_of_turn(meta, features)) - {-1},
         chat_template=_field(meta, "tokenizer.chat_template", "", path) or None,
         features=features, layer_types=layer_types, sliding_window=window,
         # Gemma 3's local layers: llama.cpp's fixed base 10000
