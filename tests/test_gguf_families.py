@@ -8,20 +8,22 @@ loading the same GGUF file itself: within 1e-4 per token. Gemma 3's GGUF is the 
 import numpy as np
 import torch
 
-from test_gguf import gguf_matches_transformers
+from test_gguf import gguf_matches_transformers, llama_cpp_permute
 
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 PHI3 = {**LAYER, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
         "post_attention_layernorm": "ffn_norm"}
+MIXTRAL = {**LAYER, "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp"}
 GEMMA = {**LAYER, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
          "post_feedforward_layernorm": "post_ffw_norm"}
 
 
-def write_gguf(path, arch, hf, names, metadata, norm_offset=0.0):
-    """hf's weights as llama.cpp's converter names them (norm weights + ``norm_offset``: Gemma's 1 + w),
-    with byte-level tokens for its vocabulary (transformers' model loader reads none of them)."""
+def write_gguf(path, arch, hf, names, metadata, norm_offset=0.0, rope_theta=10000.0):
+    """hf's weights as llama.cpp's converter names them (norm weights + ``norm_offset``: Gemma's 1 + w;
+    "llama": q/k rows permuted; stacked experts as ffn_*_exps), with byte-level tokens for its
+    vocabulary (transformers' model loader reads none of them)."""
     import gguf
 
     from hpcllm.tokenizer.byte_level import BYTE_CHARS
@@ -31,7 +33,7 @@ def write_gguf(path, arch, hf, names, metadata, norm_offset=0.0):
     for key, val in [("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
                      ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
                      ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
-                     ("layer_norm_rms_eps", c.rms_norm_eps), ("rope_freq_base", 10000.0), *metadata]:
+                     ("layer_norm_rms_eps", c.rms_norm_eps), ("rope_freq_base", rope_theta), *metadata]:
         getattr(w, f"add_{key}")(val)
     tokens = [BYTE_CHARS[b] for b in range(256)] + [f"<extra{i}>" for i in range(c.vocab_size - 256)]
     w.add_tokenizer_model("gpt2")
@@ -51,8 +53,18 @@ def write_gguf(path, arch, hf, names, metadata, norm_offset=0.0):
         if not key.startswith("model.layers."):
             continue
         i, rest = key[len("model.layers."):].split(".", 1)
+        if rest == "mlp.experts.gate_up_proj":      # transformers' stacked experts [E, gate | up, hidden]
+            gate, up = np.split(t, 2, axis=1)
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            continue
+        if rest == "mlp.experts.down_proj":
+            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", t)
+            continue
         module = rest.rsplit(".", 1)[0]
         if module in names:
+            if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):   # llama.cpp's rope order
+                t = llama_cpp_permute(t, c.num_attention_heads if "q_proj" in module else c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{names[module]}.weight", norm(t) if "norm" in module else np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -279,3 +279,27 @@ def test_bfloat16_scores_match_float32(tiny_moe):
         ref = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm(), torch.float32), docs, 64, 32))
         got = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm(), torch.bfloat16), docs, 64, 32))
     assert np.abs(got - ref).max() < 0.1 and abs(got.mean() - ref.mean()) < 0.01 and np.abs(got - ref).max() > 0
+
+
+def test_mixtral_gguf_equals_the_hf_model(tiny_moe, tmp_path):
+    """llama.cpp writes Mixtral as a "llama" GGUF with experts (ffn_gate_inp, ffn_*_exps; q/k rows
+    permuted): imported as Mixtral (softmax, top 2, renormalised), it scores as transformers scores
+    the HF model it was written from (transformers' GGUF loader reads no Mixtral)."""
+    from test_gguf_families import MIXTRAL, write_gguf
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.scoring import score_documents
+
+    hf = tiny_moe["mixtral"][0]
+    c = hf.config
+    path = str(tmp_path / "mixtral.gguf")
+    write_gguf(path, "llama", hf, MIXTRAL, [("expert_count", c.num_local_experts),
+                                            ("expert_used_count", c.num_experts_per_tok)], rope_theta=c.rope_parameters["rope_theta"])
+    convert(path, str(tmp_path / "m.h5"))
+    docs = _docs(seed=4)[:6]
+    with Checkpoint(str(tmp_path / "m.h5")) as ck:
+        assert ck.config["family"] == "mixtral" and ck.config["moe"]["norm_topk"]
+        assert (ck.config["moe"]["n_experts"], ck.config["moe"]["top_k"]) == (c.num_local_experts, 2)
+        got = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm()), docs, 64, 32))
+    ref = np.concatenate([hf_logprobs(hf, ids, 64, 32) for ids in docs])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)

@@ -123,22 +123,24 @@ def _rope_scaling(meta, tensors, arch: str, path: str, names: set, head_dim: int
     return None
 
 
-def _moe(meta, arch: str, path: str, names: set, n_layers: int):
+def _moe(meta, arch: str, features, path: str, names: set, n_layers: int):
     """The ``moe`` config entry of a GGUF with experts (``{arch}.expert_count``), or None. A layer
     without ``ffn_gate_inp`` (the router) is dense; the top-k weights are renormalised where
-    ``expert_weights_norm`` says, else as llama.cpp does per architecture (qwen3moe yes, qwen2moe no)."""
+    ``expert_weights_norm`` says, else as llama.cpp does per architecture (Mixtral's "llama" and
+    qwen3moe yes, qwen2moe no)."""
     get = lambda key, default=None: _field(meta, f"{arch}.{key}", default, path)  # noqa: E731
     n_experts = int(get("expert_count", 0))
     if not n_experts:
         return None
-    if not decoder_family(arch).moe:
-        raise HpcllmError(f"{path}: a {arch} GGUF with {n_experts} experts (Mixtral?) is not supported; "
-                          f"convert the HF model (or a qwen2moe / qwen3moe GGUF)")
+    if not features.moe:
+        raise HpcllmError(f"{path}: a {arch} GGUF with {n_experts} experts is not supported "
+                          f"(llama: Mixtral, qwen2moe, qwen3moe)")
     shared = int(get("expert_shared_feed_forward_length", 0)) if "blk.0.ffn_up_shexp.weight" in names else 0
     return moe_config(
-        n_experts=n_experts, top_k=int(get("expert_used_count")), expert_ffn=int(get("expert_feed_forward_length")),
+        n_experts=n_experts, top_k=int(get("expert_used_count")),
+        expert_ffn=int(get("expert_feed_forward_length", get("feed_forward_length"))),
         shared_ffn=shared, shared_gate="blk.0.ffn_gate_inp_shexp.weight" in names, router="softmax_topk",
-        norm_topk=bool(get("expert_weights_norm", arch == "qwen3moe")),
+        norm_topk=bool(get("expert_weights_norm", arch in ("llama", "qwen3moe"))),
         dense_layers=[i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names],
         n_layers=n_layers, where=path)
 
@@ -155,8 +157,9 @@ def _end_of_turn(meta: dict, features) -> set:
 def gguf_config(meta: dict, tensors: list, path: str) -> dict:
     arch = _field(meta, "general.architecture", where=path)
     gguf_architecture(arch, path)  # a one-line error for an architecture no importer reads
-    features = decoder_family(arch)
     get = lambda key, default=None: _field(meta, f"{arch}.{key}", default, path)  # noqa: E731
+    # llama.cpp writes Mixtral as "llama" with experts
+    features = decoder_family("mixtral" if arch == "llama" and get("expert_count", 0) else arch)
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
     if int(get("rope.dimension_count", head_dim)) != head_dim:
@@ -195,7 +198,7 @@ def gguf_config(meta: dict, tensors: list, path: str) -> dict:
         rope_local_theta=10000.0 if features.local_rope else None,
         attn_scale=head_dim ** -0.5 if features.norm == "gemma" else None,
         attn_softcap=softcap("attn_logit_softcapping"), final_softcap=softcap("final_logit_softcapping"),
-        moe=_moe(meta, arch, path, names, n_layers),
+        moe=_moe(meta, arch, features, path, names, n_layers),
     )
 
 
@@ -219,7 +222,7 @@ def _dequantize(t: GGUFTensor, path: str) -> np.ndarray:
 
 
 def gguf_tensors(tensors: list, cfg: dict, arch: str, path: str) -> dict:
-    layer_names = {**_LAYER_NAMES, **dict(decoder_family(arch).gguf_names)}
+    layer_names = {**_LAYER_NAMES, **dict(decoder_family(cfg["family"]).gguf_names)}
     out = {}
     for t in tensors:
         if t.name == "rope_freqs.weight":

@@ -126,7 +126,7 @@ DECODER_FAMILIES = {f.family: f for f in (
     DecoderFeatures("gemma2", **_GEMMA),
     DecoderFeatures("gemma3", local_rope=True, aliases=("gemma3_text",), **_GEMMA),
     # mixture of experts (hpcllm.model.moe); GGUF writes Mixtral as "llama" with ffn_*_exps tensors
-    DecoderFeatures("mixtral", windows="all", moe="mixtral", hf_names=_MIXTRAL_HF),
+    DecoderFeatures("mixtral", windows="all", moe="mixtral", hf_names=_MIXTRAL_HF, gguf_names=_MOE_GGUF),
     DecoderFeatures("qwen2_moe", windows="layer_types", moe="qwen_moe", hf_names=_QWEN_MOE_HF,
                     gguf_names=_MOE_GGUF, gguf=("qwen2moe",)),
     DecoderFeatures("qwen3_moe", windows="layer_types", moe="qwen_moe", hf_names=_QWEN_MOE_HF,
