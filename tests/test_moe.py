@@ -8,6 +8,7 @@ resident expert bytes per rank, the per-expert load counters."""
 
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -296,3 +297,42 @@ def test_mixtral_gguf_equals_the_hf_model(tiny_moe, tmp_path):
         got = np.concatenate(score_documents(build_model(ck, 0, 1, LocalComm()), docs, 64, 32))
     ref = np.concatenate([hf_logprobs(hf, ids, 64, 32) for ids in docs])
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("unit", ["experts", "expert_ffn"])
+def test_both_expert_splits_equal_transformers(tiny_moe, tmp_path, monkeypatch, unit):
+    """Both ways of splitting experts (MOE_UNIT: whole experts per rank, the default, measured faster by
+    bench/moe_split.py; or 1/tp of every expert's columns) give transformers' log-probs at tp 2: two
+    ranks as threads summing through a shared buffer, Mixtral's 5 experts 3 + 2 or 13 + 13 columns each."""
+    import threading
+
+    from test_generate_engine import _ThreadComm
+
+    from hpcllm.checkpoint.convert import convert
+    from hpcllm.model import architectures
+    from hpcllm.model.partition import col, row
+    from hpcllm.scoring import score_documents
+
+    for w in ("gate", "up", "down"):
+        monkeypatch.setitem(architectures.LLAMA_PLAN, f"layers.*.mlp.{w}_exps", (row if w == "down" else col)(unit))
+    hf, h5 = tiny_moe["mixtral"]
+    convert(os.path.dirname(h5), str(tmp_path / "m.h5"))
+    docs = _docs(seed=6)[:6]
+    shared = {"barrier": threading.Barrier(2), "slots": [None, None], "largest": 0}
+    got, held = [None, None], [None, None]
+
+    def rank(r):
+        with Checkpoint(str(tmp_path / "m.h5")) as ck:
+            model = build_model(ck, r, 2, _ThreadComm(r, shared))
+        held[r] = len(model.layers[0].mlp.experts)
+        got[r] = np.concatenate(score_documents(model, docs, 64, 32))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert held == ([3, 2] if unit == "experts" else [5, 5])
+    ref = np.concatenate([hf_logprobs(hf, ids, 64, 32) for ids in docs])
+    for lp in got:
+        np.testing.assert_allclose(lp, ref, atol=1e-4, rtol=0)
