@@ -6,6 +6,7 @@ loading the same GGUF file itself: within 1e-4 per token. Gemma 3's GGUF is the 
 (tests/test_gemma3.py)."""
 
 import numpy as np
+import pytest
 import torch
 
 from test_gguf import add_byte_vocab, gguf_matches_transformers, llama_cpp_permute
@@ -111,3 +112,19 @@ def test_gemma2_gguf_matches_transformers(tmp_path):
         assert (c["family"], c["layer_types"], c["sliding_window"]) == ("gemma2", ["sliding", "full", "sliding"], 16)
         assert (c["attn_softcap"], c["final_softcap"], c["attn_scale"], c["norm"]) == (50.0, 30.0, 1 / 16, "gemma")
     gguf_matches_transformers(path, tmp_path, check)
+
+
+@pytest.mark.parametrize("arch,layers,hidden,heads,want", [("gemma2", 46, 4608, 32, 144), ("gemma2", 26, 2304, 8, 256),
+                                                        ("gemma3", 62, 5376, 32, 168), ("gemma3", 18, 640, 4, 256)])
+def test_gemma_query_scale_as_llama_cpp(arch, layers, hidden, heads, want):
+    """Gemma's GGUFs carry no query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(hidden / heads) for
+    the 27B models (144 and 168, their configs' values) and by 1/sqrt(head_dim = 256) for the others."""
+    from hpcllm.checkpoint.gguf import gguf_config
+
+    meta = {"general.architecture": arch, f"{arch}.embedding_length": hidden, f"{arch}.attention.head_count": heads,
+            f"{arch}.attention.head_count_kv": heads // 2, f"{arch}.attention.key_length": 256,
+            f"{arch}.block_count": layers, f"{arch}.feed_forward_length": 4 * hidden, f"{arch}.context_length": 8192,
+            f"{arch}.attention.layer_norm_rms_epsilon": 1e-6, f"{arch}.attention.sliding_window": 4096,
+            "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>"],
+            "tokenizer.ggml.eos_token_id": 1}
+    assert gguf_config(meta, [], "x.gguf")["attn_scale"] == want ** -0.5

@@ -145,6 +145,17 @@ def _moe(meta, arch: str, features, path: str, names: set, n_layers: int):
         n_layers=n_layers, where=path)
 
 
+# llama.cpp's Gemma 2 / 3 27B (their block counts): queries scaled by 1/sqrt(hidden / heads), which
+# is their query_pre_attn_scalar (144, 168); every other size by 1/sqrt(head_dim) (256 = head_dim)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_query_scale(arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> float:
+    if _GEMMA_27B_LAYERS.get(arch) == n_layers:
+        return (hidden / heads) ** -0.5
+    return head_dim ** -0.5
+
+
 def _end_of_turn(meta: dict, features) -> set:
     """Gemma's <end_of_turn> ends a reply (its generation_config lists it beside EOS), though its GGUFs
     name no eot id."""
@@ -196,7 +207,7 @@ def gguf_config(meta: dict, tensors: list, path: str) -> dict:
         features=features, layer_types=layer_types, sliding_window=window,
         # Gemma 3's local layers: llama.cpp's fixed base 10000
         rope_local_theta=10000.0 if features.local_rope else None,
-        attn_scale=head_dim ** -0.5 if features.norm == "gemma" else None,
+        attn_scale=_gemma_query_scale(arch, n_layers, hidden, heads, head_dim) if features.norm == "gemma" else None,
         attn_softcap=softcap("attn_logit_softcapping"), final_softcap=softcap("final_logit_softcapping"),
         moe=_moe(meta, arch, features, path, names, n_layers),
     )
