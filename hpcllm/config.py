@@ -38,13 +38,13 @@ def opt(default, help, result=False, choices=None, jobs=None):
 class JobConfig:
     model: str = opt(None, "HDF5 checkpoint written by `hpcllm convert` (tokenize: use its tokenizer and max length)", result=False)
     tokenizer: str = opt(None, "a HF tokenizer.json to tokenize with, instead of --model", jobs=("tokenize",))
-    input: str = opt(None, "corpus: a .jsonl / .jsonl.gz / .txt file, a directory, a glob, or HDF5 token shards", result=True)
+    input: str = opt(None, "corpus: a .jsonl / .txt file (optionally .gz or .zst), .parquet, a datasets.save_to_disk directory, a directory, a glob, or HDF5 token shards", result=True)
     output: str = opt(None, "output directory (results.h5, shards/, manifest.json)")
     tp: int = opt(1, "tensor-parallel ranks per model replica (must divide the world size)", jobs=MODEL_JOBS)
     comm: str = opt("mpi", "collectives backend", choices=("mpi", "torch"), jobs=MODEL_JOBS)
     device: str = opt("cpu", "torch device (cpu, cuda)", jobs=MODEL_JOBS)
     dtype: str = opt("float32", "compute dtype", result=True, choices=("float32", "bfloat16"), jobs=MODEL_JOBS)
-    text_field: str = opt("text", "JSONL field holding the document text", result=True)
+    text_field: str = opt("text", "JSONL field or Parquet / Arrow column holding the document text (a.b: nested)", result=True)
     id_field: str = opt(None, "JSONL field holding the document id (default: the `id` field where a line has one, else file:line)", result=True)
     format: str = opt("auto", "input format", result=True, choices=("auto", "jsonl", "text"))
     max_length: int = opt(None, "max tokens per document incl. special tokens (default: an encoder's own; "

@@ -9,7 +9,9 @@ the job planned it, or whose line count does not match the rows, is a
 one-line error (and nothing is written).
 
 Lines are written byte for byte (a last line without a newline gets one), in
-input order, gzip-compressed when the output name ends with ``.gz``.  The work
+input order, gzip-compressed when the output name ends with ``.gz``.  Over
+Parquet / Arrow input (rows, hpcllm.corpus.columnar) the output is Parquet
+(``.parquet``) with the input's schema and the kept rows' values unchanged.  The work
 is split by shard: under ``mpiexec -n N`` each rank filters a contiguous run of
 shards into part files (gzip members concatenate into one valid gzip stream)
 and rank 0 joins them, so the output equals the single-rank run;
@@ -32,6 +34,8 @@ import numpy as np
 from hpcllm.analysis.columns import Results
 from hpcllm.analysis.expr import Bound
 from hpcllm.analysis.sketch import Local, Sketch, exact_quantiles
+from hpcllm.corpus.columnar import ColumnarFile, columnar_kind
+from hpcllm.corpus.streams import compression_of, open_stream
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 from hpcllm.store.atomic import atomic_path
@@ -157,11 +161,11 @@ def check_inputs(res, files: list[str], used: set[int]) -> None:
 
 
 class LineReader:
-    """Lines of one input file, shard by shard, in plan order (plain: seek; gzip: stream on)."""
+    """Lines of one input file, shard by shard, in plan order (plain: seek; .gz / .zst: stream on)."""
 
     def __init__(self, path: str):
-        self.path, self.gz = path, path.endswith(".gz")
-        self.fh = gzip.open(path, "rb") if self.gz else open(path, "rb", buffering=1 << 20)
+        self.path, self.gz = path, compression_of(path) is not None
+        self.fh = open_stream(path)
         self.line = 0
 
     def lines(self, shard: dict):
@@ -211,6 +215,29 @@ def _open_out(path: str):
     return gzip.open(path, "wb", compresslevel=6) if path.endswith(".gz") else open(path, "wb")
 
 
+def _columnar_output(files: list[str], used: set[int], outputs: dict) -> bool:
+    """Whether the corpus is Parquet / Arrow (then every output is Parquet); mixed inputs are an error."""
+    kinds = {columnar_kind(files[i]) is not None for i in used}
+    if kinds != {True}:
+        if True in kinds:
+            raise HpcllmError("filter: the job's inputs mix Parquet / Arrow files with line files; filter "
+                              "each kind from its own job")
+        return False
+    for out in filter(None, outputs.values()):
+        if not out.endswith(".parquet"):
+            raise HpcllmError(f"filter over Parquet / Arrow input writes Parquet: name the output .parquet, not {out}")
+    return True
+
+
+def _write_rows(table, mask, part_dir, shard, outputs) -> None:
+    """A columnar shard's kept (and rejected) rows, values and schema unchanged, as Parquet part files."""
+    import pyarrow.parquet as pq
+
+    for which, sel in (("kept", mask), ("rejected", ~mask)):
+        if outputs[which]:
+            pq.write_table(table.filter(sel), _part(part_dir, which, shard, outputs[which]))
+
+
 def _filter_shards(res, bound, qv, shards, files, part_dir, outputs: dict) -> tuple[int, int]:
     """Write each of ``shards``' kept (and, with outputs["rejected"], rejected) lines to part files."""
     kept = dropped = 0
@@ -218,8 +245,14 @@ def _filter_shards(res, bound, qv, shards, files, part_dir, outputs: dict) -> tu
     try:
         for s in shards:
             fi = int(s.get("file_index", 0))
-            reader = readers.setdefault(fi, LineReader(files[fi]))
             mask = _shard_mask(res, bound, qv, s)
+            if columnar_kind(files[fi]):
+                table = ColumnarFile(files[fi]).table(int(s["line_start"]), int(s["n_docs"]))
+                _write_rows(table, mask, part_dir, s, outputs)
+                kept += int(mask.sum())
+                dropped += int((~mask).sum())
+                continue
+            reader = readers.setdefault(fi, LineReader(files[fi]))
             with _open_out(_part(part_dir, "kept", s, outputs["kept"])) as out, \
                     (_open_out(_part(part_dir, "rejected", s, outputs["rejected"])) if outputs["rejected"]
                      else open(os.devnull, "wb")) as rej:
@@ -258,10 +291,28 @@ def _join_parts(part_dir: str, which: str, shards, output: str, per_shard: bool)
             with atomic_path(_per_shard_name(output, int(s["index"]))) as tmp:
                 shutil.move(_part(part_dir, which, s, output), tmp)
         return
+    if output.endswith(".parquet"):
+        _join_parquet(part_dir, which, shards, output)
+        return
     with atomic_path(output) as tmp, open(tmp, "wb") as out:
         for s in shards:                 # gzip members concatenate into one valid stream
             with open(_part(part_dir, which, s, output), "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _join_parquet(part_dir: str, which: str, shards, output: str) -> None:
+    """The shards' Parquet parts as one file, in shard order (each part's rows one row group or more)."""
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(_part(part_dir, which, s, output)) for s in shards[:1]]
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, parts[0].schema) as writer:
+        for s in shards:
+            table = pq.read_table(_part(part_dir, which, s, output))
+            if not table.schema.equals(writer.schema, check_metadata=False):
+                raise HpcllmError(f"filter: {s.get('path')} has another schema than the first input; pass "
+                                  "--per-shard to write one Parquet file per shard")
+            if table.num_rows:
+                writer.write_table(table)
 
 
 def _my_shards(shards, rank: int, size: int) -> list:
@@ -286,7 +337,9 @@ def run_filter(paths, where: str, output: str, inputs=None, rejected: str | None
         res.column(by)
     shards = res.dirs[0].shards()
     files = _match_inputs(res, inputs)
-    check_inputs(res, files, {int(s.get("file_index", 0)) for s in shards})
+    used = {int(s.get("file_index", 0)) for s in shards}
+    check_inputs(res, files, used)
+    _columnar_output(files, used, {"kept": output, "rejected": rejected})
     mine = _my_shards(shards, rank, size)
     red = MpiReduce(comm) if comm is not None else Local()
     rows = [(int(s["row_start"]), int(s["row_start"]) + int(s["n_docs"])) for s in mine]

@@ -2,10 +2,13 @@
 
 A shard is a run of at most ``shard_docs`` consecutive lines of one input file.
 For a plain file it is a byte range ``[byte_start, byte_end)`` that starts and
-ends on line starts, so a rank reads only its own part.  A ``.gz`` file cannot
+ends on line starts, so a rank reads only its own part.  A ``.gz`` / ``.zst`` file cannot
 be entered in the middle, so its shards are line ranges read by decompressing
-from the start of the file; a many-file gz corpus is parallel because whole
-files go to different shards.
+from the start of the file; a many-file compressed corpus is parallel because whole
+files go to different shards.  A Parquet / Arrow file's units are its row groups
+/ record batches (hpcllm.corpus.columnar), counted from metadata: a unit larger
+than ``shard_docs`` is cut into row ranges and consecutive small ones are
+packed into one shard, as plain-file runs are.
 
 Planning scans the files once.  Plain files are cut into fixed-size byte blocks
 (independent of the number of ranks, so the plan is identical at any world
@@ -19,14 +22,14 @@ across ranks and gathered, and every rank assembles the same plan.
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 
 import numpy as np
 
+from hpcllm.corpus.columnar import columnar_errors, columnar_kind, unit_rows
 from hpcllm.corpus.readers import format_of, list_inputs
 from hpcllm.corpus.shard import DEFAULT_SHARD_DOCS, Shard
+from hpcllm.corpus.streams import compression_of, open_stream, stream_errors
 from hpcllm.errors import HpcllmError
 from hpcllm.world.collective import agree_error, gather_all, world_rank, world_size
 
@@ -44,10 +47,10 @@ class Plan(list):
 
 # --------------------------------------------------------------------------- scanning
 
-def _count_lines_gz(path: str) -> int:
-    """Lines of a gzip file: newlines, plus a final line without one."""
+def _count_lines_stream(path: str) -> int:
+    """Lines of a compressed file: newlines, plus a final line without one."""
     count, last = 0, b"\n"
-    with gzip.open(path, "rb") as f:
+    with open_stream(path) as f:
         while block := f.read(READ_SIZE):
             count += block.count(b"\n")
             last = block[-1:]
@@ -101,11 +104,11 @@ def _scan_block(path: str, start: int, end: int, size: int, stride: int) -> list
 
 
 def _work_items(files: list[str]) -> list[tuple]:
-    """Units of scanning work: (file_index, start, end, size) blocks; gz is one item."""
+    """Units of scanning work: (file_index, start, end, size) blocks; a compressed file is one item."""
     items = []
     for fi, path in enumerate(files):
         size = os.path.getsize(path)
-        if path.endswith(".gz"):
+        if compression_of(path) or columnar_kind(path):
             items.append((fi, 0, size, size))
         else:
             items += [(fi, s, min(s + SCAN_BLOCK, size), size) for s in range(0, size, SCAN_BLOCK)]
@@ -115,8 +118,10 @@ def _work_items(files: list[str]) -> list[tuple]:
 def _scan_item(files, item, shard_docs) -> list[tuple]:
     fi, start, end, size = item
     path = files[fi]
-    if path.endswith(".gz"):
-        n, runs = _count_lines_gz(path), []
+    if columnar_kind(path):      # units from metadata: a large one cut into row ranges
+        return [(0, size, min(shard_docs, n - r)) for n in unit_rows(path) for r in range(0, n, shard_docs)]
+    if compression_of(path):
+        n, runs = _count_lines_stream(path), []
         for ls in range(0, n, shard_docs):
             runs.append((0, size, min(shard_docs, n - ls)))
         return runs
@@ -143,7 +148,7 @@ def _scan_all(files, items, shard_docs, comm) -> list[list[tuple]]:
     try:
         for i in range(rank, len(items), size):
             mine[i] = _scan_item(files, items[i], shard_docs)
-    except (OSError, EOFError, zlib.error) as e:      # BadGzipFile is an OSError
+    except stream_errors() + columnar_errors() as e:
         error = f"cannot read input {files[items[i][0]]}: {e}"
     agree_error(comm, error)
     merged = {}
@@ -170,7 +175,7 @@ def make_plan(inputs, shard_docs: int = DEFAULT_SHARD_DOCS, comm=None, fmt: str 
     for item, runs in zip(items, scanned):
         fi = item[0]
         for bs, be, n in runs:
-            if pending and pending[0] == fi and pending[3] + n <= shard_docs and not files[fi].endswith(".gz"):
+            if pending and pending[0] == fi and pending[3] + n <= shard_docs and not compression_of(files[fi]):
                 pending = (fi, pending[1], be, pending[3] + n)
                 continue
             if pending:
@@ -185,7 +190,7 @@ def make_plan(inputs, shard_docs: int = DEFAULT_SHARD_DOCS, comm=None, fmt: str 
 def _finish(run, files, fmts, line_in_file, index, row) -> Shard:
     fi, bs, be, n = run
     path = files[fi]
-    shard = Shard(index=index, path=path, fmt=fmts[fi], compressed=path.endswith(".gz"),
+    shard = Shard(index=index, path=path, fmt=fmts[fi], compressed=compression_of(path) is not None or columnar_kind(path) is not None,
                   byte_start=bs, byte_end=be, line_start=line_in_file[fi], n_docs=n,
                   row_start=row, file_index=fi)
     line_in_file[fi] += n

@@ -1,4 +1,4 @@
-"""Corpus readers: JSONL / plain text (optionally .gz) shards -> documents with a status.
+"""Corpus readers: JSONL / plain text (optionally .gz or .zst) shards -> documents with a status.
 
 Every line of an input is one document, blank lines included: a shard of n
 lines always gives n rows, each with a status (hpcllm.status.Status), so bad
@@ -22,15 +22,15 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
-import gzip
 import json
 import os
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from hpcllm.corpus.columnar import ColumnarFile, columnar_errors, columnar_kind, dataset_files, text_values
 from hpcllm.corpus.shard import Shard
+from hpcllm.corpus.streams import open_stream, stream_errors, strip_compression
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 
@@ -78,18 +78,22 @@ class Docs:
 # --------------------------------------------------------------------------- inputs
 
 def format_of(path: str, fmt: str = "auto") -> str:
-    """"jsonl" or "text", from ``fmt`` or else from the file extension (.gz ignored)."""
+    """"parquet" / "arrow" (by extension, always), else "jsonl" or "text", from ``fmt`` or else from the
+    file extension (.gz / .zst ignored)."""
+    columnar = columnar_kind(path)
+    if columnar:
+        return columnar
     if fmt in ("jsonl", "text"):
         return fmt
     if fmt != "auto":
         raise HpcllmError(f"unknown input format {fmt!r}; use auto, jsonl or text")
-    base = path[:-3] if path.endswith(".gz") else path
+    base = strip_compression(path)
     if base.endswith(_JSON_EXTS):
         return "jsonl"
     if base.endswith(_TEXT_EXTS):
         return "text"
     raise HpcllmError(f"cannot tell the format of {path} from its extension; "
-                      "name it .jsonl/.txt (optionally .gz) or pass the format (jsonl or text)")
+                      "name it .jsonl/.txt (optionally .gz or .zst) or .parquet / .arrow, or pass the format (jsonl or text)")
 
 
 def _known(path: str, fmt: str) -> bool:
@@ -101,12 +105,18 @@ def _known(path: str, fmt: str) -> bool:
 
 
 def _expand_dir(d: str, fmt: str) -> list[str]:
-    """Input files under a directory, recursively, sorted; hidden and unknown-format files skipped."""
-    found = []
+    """Input files under a directory, recursively, sorted; hidden and unknown-format files skipped.
+    A ``datasets.save_to_disk`` directory gives its data files, in its state.json's order."""
+    found = []      # (sort key, files)
     for root, dirs, files in os.walk(d):
         dirs[:] = [x for x in dirs if not x.startswith(".")]
-        found += [os.path.join(root, f) for f in files if not f.startswith(".") and _known(f, fmt)]
-    return sorted(found)
+        saved = dataset_files(root)
+        if saved is not None:
+            found.append((os.path.join(root, ""), saved))
+            dirs[:] = []
+            continue
+        found += [(p, [p]) for p in (os.path.join(root, f) for f in files if not f.startswith(".") and _known(f, fmt))]
+    return [p for _, group in sorted(found) for p in group]
 
 
 def list_inputs(spec, fmt: str = "auto") -> list[str]:
@@ -283,19 +293,22 @@ def _changed(shard: Shard, found) -> str:
 
 
 class DocReader:
-    """Reads shards into Docs.  Keeps the last gz file open, so the next shard
+    """Reads shards into Docs.  Keeps the last compressed (.gz / .zst) file open, so the next shard
     of the same file continues from where the previous one ended instead of
     decompressing the file again from its start (a rank that reads several
-    shards of one gz file decompresses it at most once).  Use as a context
+    shards of one compressed file decompresses it at most once).  Use as a context
     manager, or call close()."""
 
     def __init__(self, text_field: str = "text", id_field: str | None = None,
-                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, extract=None):
+                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, extract=None, fields=()):
         self.text_field, self.id_field, self.max_doc_bytes = text_field, id_field, max_doc_bytes
         self.extract = extract   # obj -> text or None, instead of obj[text_field] (_parse_json)
-        self._gz = None          # (path, open gzip file, _LineStream)
+        self.fields = tuple(fields)   # columnar input: more fields ``extract`` reads (--messages-field)
+        self._gz = None          # (path, open decompressing stream, _LineStream)
+        self._columnar = None    # the last ColumnarFile read
 
     def close(self) -> None:
+        self._columnar = None
         if self._gz is not None:
             self._gz[1].close()
             self._gz = None
@@ -314,17 +327,23 @@ class DocReader:
         g = self._gz
         if g is None or g[0] != shard.path or g[2].line > shard.line_start:
             self.close()
-            f = gzip.open(shard.path, "rb")
+            f = open_stream(shard.path)
             g = self._gz = (shard.path, f, _LineStream(f.read, self.max_doc_bytes))
         g[2].skip(shard.line_start - g[2].line)
         return g[2]
 
     def read(self, shard: Shard) -> Docs:
         """Exactly ``shard.n_docs`` rows, in input order (HpcllmError if the file changed)."""
+        if columnar_kind(shard.path):
+            try:
+                return self._read_columnar(shard)
+            except columnar_errors() as e:
+                self._columnar = None
+                raise HpcllmError(f"cannot read input {shard.path}: {str(e).splitlines()[0]}") from None
         try:
             with contextlib.ExitStack() as stack:
                 docs = self._parse(shard, self._lines(shard, stack))
-        except (OSError, EOFError, zlib.error) as e:      # BadGzipFile is an OSError
+        except stream_errors() as e:
             self.close()
             raise HpcllmError(f"cannot read input {shard.path}: {e}") from None
         except BaseException:
@@ -355,6 +374,59 @@ class DocReader:
             raise HpcllmError(_changed(shard, "more"))
         line = np.arange(shard.line_start + 1, shard.line_start + n + 1, dtype=np.int64)
         return Docs(texts=texts, status=status, doc_id=ids, line=line, source=shard.path)
+
+
+    def _read_columnar(self, shard: Shard) -> Docs:
+        """A shard of a Parquet / Arrow file: a row range; a status per row as a JSONL line gets."""
+        f = self._columnar
+        if f is None or f.path != shard.path:
+            f = self._columnar = ColumnarFile(shard.path)
+        start, n = shard.line_start, shard.n_docs
+        if start + n > f.n_rows:
+            raise HpcllmError(_changed(shard, max(0, f.n_rows - start)))
+        id_field = self.id_field or DEFAULT_ID_FIELD
+        extra = self.fields if self.extract is not None else ()
+        cols = f.fields(start, n, (self.text_field, id_field) + extra)
+        if cols[self.text_field] is None and not any(cols[x] is not None for x in extra):
+            raise HpcllmError(f"{shard.path} has no column {self.text_field!r} (columns: "
+                              f"{', '.join(f.schema.names)}); pass --text-field")
+        base = os.path.basename(shard.path)
+        ids = [f"{base}:{start + i + 1}" for i in range(n)]
+        if cols[id_field] is not None:
+            ids = [i if v is None else _safe_str(v) for i, v in zip(ids, cols[id_field].to_pylist())]
+        if self.extract is not None:
+            texts, valid = self._extracted(cols, n, extra)
+        else:
+            texts, valid = text_values(cols[self.text_field]) if cols[self.text_field] is not None else (None, True)
+        status = np.full(n, Status.MISSING_FIELD, np.uint8)
+        out: list[bytes] = [b""] * n
+        for i, t in enumerate(texts or ()):
+            if t is None:
+                continue
+            if len(t) > self.max_doc_bytes:
+                status[i] = Status.TOO_LONG
+                continue
+            ok = valid
+            if not ok:
+                try:
+                    t.decode("utf-8")
+                    ok = True
+                except UnicodeDecodeError:
+                    pass
+            out[i], status[i] = t, _text_status(t, ok)
+        line = np.arange(start + 1, start + n + 1, dtype=np.int64)
+        return Docs(texts=out, status=status, doc_id=ids, line=line, source=shard.path)
+
+    def _extracted(self, cols, n, extra):
+        """The job's text of each row (``extract`` over {field: value}); strings only, else None."""
+        names = [self.text_field, *extra]
+        values = [cols[x].to_pylist() if cols[x] is not None else [None] * n for x in names]
+        texts = []
+        for row in zip(*values):
+            obj = {k: v for k, v in zip(names, row) if v is not None}
+            value = self.extract(obj)
+            texts.append(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else None)
+        return texts, False
 
 
 def read_docs(shard: Shard, text_field: str = "text", id_field: str | None = None,

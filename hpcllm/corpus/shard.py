@@ -16,12 +16,12 @@ DEFAULT_SHARD_DOCS = 10_000
 class Shard:
     index: int          # position in the plan (also names the result file)
     path: str           # absolute path of the input file
-    fmt: str            # "jsonl" or "text"
-    compressed: bool    # gzip: read as a stream, line range only
-    byte_start: int     # plain files: first byte (a line start); gz: 0
-    byte_end: int       # plain files: end byte (a line start or EOF); gz: compressed size
-    line_start: int     # 0-based line number, within the file, of the first document
-    n_docs: int         # number of lines (documents) in the shard
+    fmt: str            # "jsonl", "text", "parquet" or "arrow"
+    compressed: bool    # .gz / .zst read as a stream, and Parquet / Arrow: a line (row) range only
+    byte_start: int     # plain files: first byte (a line start); compressed and columnar: 0
+    byte_end: int       # plain files: end byte (a line start or EOF); else the file's size
+    line_start: int     # 0-based line (columnar: row) number, within the file, of the first document
+    n_docs: int         # number of lines (rows) in the shard
     row_start: int      # global row of the first document, in input order
     file_index: int = 0  # position of `path` in the plan's input list
     parts: int = 1      # work units the shard's batches are split into (hpcllm.executor.parts)

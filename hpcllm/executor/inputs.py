@@ -117,7 +117,9 @@ class Inputs:
                     ids, offsets, status = cut_long(ids, offsets, status, max_length, skip_long)
                 return ShardData(shard, docs, ids, offsets, status)
         if self._reader is None:   # one reader per group: a gz file's shards continue its stream
-            self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes, self.extract)
+            fields = (self.cfg.messages_field,) if self.extract is not None else ()   # columnar input reads only these
+            self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes, self.extract,
+                                     fields)
         with timers.phase("read"):
             docs = self._reader.read(shard)
         with timers.phase("tokenize"):

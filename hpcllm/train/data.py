@@ -14,13 +14,14 @@ reason, and skipped.
 """
 
 import dataclasses
-import gzip
 import json
 
 import h5py
 import numpy as np
 
+from hpcllm.corpus.columnar import ColumnarFile, columnar_kind
 from hpcllm.corpus.readers import format_of
+from hpcllm.corpus.streams import open_stream
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 from hpcllm.store.layout import shard_file
@@ -55,13 +56,15 @@ def _source_of(shard) -> tuple:
 
 def read_labels(path: str, fmt: str, lines: np.ndarray, field: str, byte_start: int = 0, first_line: int = 1) -> list:
     """The ``field`` value of each 1-based line number in ``lines`` (MISSING if absent / not JSON)."""
+    if columnar_kind(path):       # Parquet / Arrow: the rows' values of the label column
+        values = _column_labels(path, np.asarray(lines, np.int64), field)
+        return [MISSING if v is None else v for v in values]
     if format_of(path, fmt) != "jsonl":
         raise HpcllmError(f"train-classifier: {path} is plain text; labels need JSONL input with a "
                           f"{field!r} field")
     want = {int(n): None for n in lines}
     last = max(want, default=0)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with open_stream(path) as f:
         if byte_start:
             f.seek(byte_start)
         for number, raw in enumerate(f, start=first_line):
@@ -70,6 +73,15 @@ def read_labels(path: str, fmt: str, lines: np.ndarray, field: str, byte_start: 
             if number in want:
                 want[number] = _field(raw, field)
     return [MISSING if want[int(n)] is None else want[int(n)] for n in lines]
+
+
+def _column_labels(path: str, lines: np.ndarray, field: str) -> list:
+    if not len(lines):
+        return []
+    lo, hi = int(lines.min()), int(lines.max())
+    arr = ColumnarFile(path).fields(lo - 1, hi - lo + 1, [field])[field]
+    values = arr.to_pylist() if arr is not None else [None] * (hi - lo + 1)
+    return [values[int(n) - lo] for n in lines]
 
 
 def _field(raw: bytes, field: str):

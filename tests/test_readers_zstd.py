@@ -1,0 +1,87 @@
+"""zstd inputs (.jsonl.zst / .txt.zst) read as streams exactly like .gz: same rows and statuses as the
+plain file, whole files to shards, multi-frame files, truncated / corrupt files a one-line error, and an
+embed job over a .jsonl.zst equal to the plain .jsonl run."""
+
+import os
+import struct
+
+import h5py
+import numpy as np
+import pytest
+import zstandard
+
+from conftest import mpirun, write_jsonl
+from hpcllm.corpus.plan import make_plan
+from hpcllm.corpus.readers import DocReader, list_inputs, read_docs
+from hpcllm.errors import HpcllmError
+from hpcllm.status import Status as S
+from test_readers import NASTY, _read_all, _write
+
+
+def _zst(path, data: bytes, frames: int = 1):
+    """``data`` as ``frames`` zstd frames, a skippable frame between them (as seekable-zstd writes)."""
+    cut = [len(data) * i // frames for i in range(frames + 1)]
+    out = b""
+    for a, b in zip(cut, cut[1:]):
+        out += zstandard.ZstdCompressor(level=1).compress(data[a:b]) + struct.pack("<II", 0x184D2A5E, 4) + b"skip"
+    with open(path, "wb") as f:
+        f.write(out)
+    return str(path)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_nasty_jsonl_zst_equals_plain(tmp_path, frames):
+    plain = _write(tmp_path / "c.jsonl", [x[0] for x in NASTY])
+    zst = _zst(tmp_path / "c.jsonl.zst", open(plain, "rb").read(), frames)
+    a = _read_all(make_plan(plain, shard_docs=5), id_field="id")
+    plan = make_plan(zst, shard_docs=5)
+    assert all(s.compressed and s.byte_start == 0 and s.path == zst for s in plan)   # a stream: whole file
+    b = _read_all(plan, id_field="id")
+    assert a[0] == b[0] and (a[1] == b[1]).all() and (a[3] == b[3]).all()
+    assert b[2] == [i.replace("c.jsonl:", "c.jsonl.zst:") for i in a[2]]
+    assert [S(x) for x in b[1][:4]] == [S.OK, S.OK, S.BAD_JSON, S.BAD_JSON]
+
+
+def test_text_zst_too_long_and_reader_reuses_stream(tmp_path):
+    lines = [b"hello", b"", b"bad \xff byte", b"y" * 3_000_000, b"last"]
+    zst = _zst(tmp_path / "t.txt.zst", b"\n".join(lines), frames=2)
+    assert list_inputs(str(tmp_path)) == [zst]
+    plan = make_plan(zst, shard_docs=2)
+    assert [s.n_docs for s in plan] == [2, 2, 1]
+    with DocReader(max_doc_bytes=1 << 20) as reader:
+        docs = [reader.read(s) for s in plan]
+    assert sum((d.texts for d in docs), []) == [b"hello", b"", b"bad \xff byte", b"", b"last"]
+    assert np.concatenate([d.status for d in docs]).tolist() == [S.OK, S.EMPTY, S.BAD_UTF8, S.TOO_LONG, S.OK]
+
+
+def test_truncated_and_corrupt_zst_are_one_line_errors(tmp_path):
+    data = b"".join(b'{"text": "doc %d"}\n' % i for i in range(20000))
+    good = _zst(tmp_path / "good.jsonl.zst", data, frames=2)
+    raw = open(good, "rb").read()
+    (tmp_path / "cut.jsonl.zst").write_bytes(raw[:len(raw) * 3 // 4])
+    with pytest.raises(HpcllmError, match=r"^cannot read input .*cut\.jsonl\.zst: zstd stream ended inside a "
+                                          r"frame \(the file is truncated\)$"):
+        make_plan(str(tmp_path / "cut.jsonl.zst"))
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"not zstd at all\n" * 10)
+    with pytest.raises(HpcllmError, match=r"^cannot read input .*junk\.jsonl\.zst: .*"):
+        make_plan(str(tmp_path / "junk.jsonl.zst"))
+    plan = make_plan(good, shard_docs=20000)                      # planned whole, then cut short
+    (tmp_path / "good.jsonl.zst").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(HpcllmError, match=r"^cannot read input .*good\.jsonl\.zst: zstd stream ended"):
+        read_docs(plan[0])
+
+
+def test_embed_over_zst_equals_plain(tmp_path, tiny_bert_h5):
+    texts = [f"document number {i} " + "word " * (i % 17) for i in range(60)] + ["", "\u00e9t\u00e9"]
+    plain = write_jsonl(tmp_path / "c.jsonl", texts, id_prefix="d")
+    zst = _zst(tmp_path / "c.jsonl.zst", open(plain, "rb").read(), frames=2)
+    res = {}
+    for name, path in (("plain", plain), ("zst", zst)):
+        out = tmp_path / f"out-{name}"
+        mpirun(2, ["embed", "--model", tiny_bert_h5, "--input", path, "--output", out, "--shard-docs", 20,
+                   "--progress", 0])
+        with h5py.File(os.path.join(out, "results.h5"), "r") as f:
+            res[name] = {k: f[k][:] for k in ("embedding", "status", "doc_id", "line")}
+    for k in res["plain"]:
+        np.testing.assert_array_equal(res["plain"][k], res["zst"][k], err_msg=k)
+    assert len(res["zst"]["status"]) == 62 and S.EMPTY in res["zst"]["status"]
