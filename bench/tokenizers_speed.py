@@ -80,10 +80,21 @@ def llama2_pair():
     return Tokenizer.from_str(spm), HFTokenizer.from_str(spm)
 
 
+def unigram_pair():
+    """SentencePiece Unigram in the XLM-R shape (without its Precompiled normalizer): trained on the fortunes
+    with tokenizers' UnigramTrainer as tests/test_tokenizer_unigram.py does (no XLM-R vocabulary ships here)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from hpcllm.tokenizer import Tokenizer
+    text = json.dumps(tests_module("test_tokenizer_unigram").xlmr_style_json())
+    return Tokenizer.from_str(text), HFTokenizer.from_str(text)
+
+
 # name -> (maker, required): the optional ones are skipped with a line when they cannot be built
 MAKERS = {"wordpiece (all-MiniLM-L6-v2)": (minilm_pair, True), "bpe (SmolLM2-135M)": (smollm2_pair, False),
           "sentencepiece bpe (Llama-2 shape)": (llama2_pair, True),
-          "sentencepiece bpe (Gemma 3, 262k)": (gemma_pair, False)}
+          "sentencepiece bpe (Gemma 3, 262k)": (gemma_pair, False),
+          "sentencepiece unigram (XLM-R shape)": (unigram_pair, True)}
 
 
 def tokenizer_pairs(only=None):

@@ -4,7 +4,8 @@
 the implementation from `model.type`: "WordPiece" (BERT family,
 hpcllm.tokenizer.wordpiece) or "BPE": byte-level when the pre-tokenizer has a
 ByteLevel step (GPT-2, Llama-3; hpcllm.tokenizer.bpe), else SentencePiece style
-(byte_fallback, "\u2581" for spaces: Llama-2, Mistral; hpcllm.tokenizer.spm);
+(byte_fallback, "\u2581" for spaces: Llama-2, Mistral; hpcllm.tokenizer.spm), or "Unigram"
+(SentencePiece Unigram: T5 / XLM-R shapes without their Precompiled normalizer; hpcllm.tokenizer.unigram);
 `Tokenizer.from_gguf` reads a GGUF file's tokenizer metadata (byte-level or
 SentencePiece BPE, hpcllm.tokenizer.gguf). Batches go in
 as one UTF-8 byte buffer plus offsets and come out as a ragged `Encoding`
@@ -85,8 +86,11 @@ class Tokenizer:
         elif kind == "BPE":
             from hpcllm.tokenizer.bpe import ByteLevelBPE
             impl = ByteLevelBPE.from_json_dict(spec)
+        elif kind == "Unigram":
+            from hpcllm.tokenizer.unigram import Unigram
+            impl = Unigram.from_json_text(json_text)
         else:
-            raise HpcllmError(f"{source}: tokenizer model type {kind!r} is not supported (WordPiece, BPE)")
+            raise HpcllmError(f"{source}: tokenizer model type {kind!r} is not supported (WordPiece, BPE, Unigram)")
         if not apply_file_settings:
             return cls(impl, json_text)
         return cls(impl, json_text, parse_truncation(spec.get("truncation"), source),
