@@ -187,6 +187,9 @@ def test_embed_same_results_every_format_parquet_resumes_and_filters(corpus, tmp
     got = pq.read_table(tmp_path / "kept.parquet")
     assert got.schema.equals(source.schema) and got.to_pylist() == source.filter(pa.array(mask)).to_pylist()
     assert pq.read_table(tmp_path / "rej.parquet").to_pylist() == source.filter(pa.array(~mask)).to_pylist()
+    run_filter([tmp_path / "c.parquet"], "status == ok and n_tokens > 6", str(tmp_path / "ps.parquet"), per_shard=True)
+    parts = [pq.read_table(tmp_path / f"ps-{i:05d}.parquet") for i in range(8)]   # row groups of 7: 8 shards
+    assert pa.concat_tables(parts).to_pylist() == got.to_pylist()
     with pytest.raises(HpcllmError, match="writes Parquet: name the output .parquet"):
         run_filter([tmp_path / "c.parquet"], "status == ok", str(tmp_path / "kept.jsonl"))
 
