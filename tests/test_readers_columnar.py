@@ -207,3 +207,14 @@ def test_job_extract_reads_its_extra_fields(tmp_path):
     with DocReader(extract=first, fields=("messages",)) as r:
         docs = r.read(make_plan(str(tmp_path / "g.parquet"))[0])
     assert docs.texts == [b"m", b"", b"x"] and docs.status.tolist() == [S.OK, S.MISSING_FIELD, S.OK]
+
+
+def test_labels_from_a_column(corpus):
+    """train-classifier's labels: the rows' values of --label-field, as from the JSONL lines."""
+    from hpcllm.train.data import MISSING, read_labels
+
+    lines = np.array([4, 1, 2, 50, 9])
+    got = read_labels(str(corpus / "c.parquet"), "parquet", lines, "label")
+    assert got == read_labels(str(corpus / "c.jsonl"), "jsonl", lines, "label") == [(n - 1) % 3 for n in lines]
+    assert read_labels(str(corpus / "c.parquet"), "parquet", lines, "nope") == [MISSING] * 5
+    assert read_labels(str(corpus / "c.parquet"), "parquet", lines[:0], "label") == []
