@@ -1,16 +1,13 @@
 """zstd inputs (.jsonl.zst / .txt.zst) read as streams exactly like .gz: same rows and statuses as the
-plain file, whole files to shards, multi-frame files, truncated / corrupt files a one-line error, and an
-embed job over a .jsonl.zst equal to the plain .jsonl run."""
+plain file, whole files to shards, multi-frame files, truncated / corrupt files a one-line error.  An embed
+job over a .jsonl.zst equal to the plain .jsonl run: tests/test_readers_columnar.py (with every format)."""
 
-import os
 import struct
 
-import h5py
 import numpy as np
 import pytest
 import zstandard
 
-from conftest import mpirun, write_jsonl
 from hpcllm.corpus.plan import make_plan
 from hpcllm.corpus.readers import DocReader, list_inputs, read_docs
 from hpcllm.errors import HpcllmError
@@ -69,19 +66,3 @@ def test_truncated_and_corrupt_zst_are_one_line_errors(tmp_path):
     (tmp_path / "good.jsonl.zst").write_bytes(raw[:len(raw) // 2])
     with pytest.raises(HpcllmError, match=r"^cannot read input .*good\.jsonl\.zst: zstd stream ended"):
         read_docs(plan[0])
-
-
-def test_embed_over_zst_equals_plain(tmp_path, tiny_bert_h5):
-    texts = [f"document number {i} " + "word " * (i % 17) for i in range(60)] + ["", "\u00e9t\u00e9"]
-    plain = write_jsonl(tmp_path / "c.jsonl", texts, id_prefix="d")
-    zst = _zst(tmp_path / "c.jsonl.zst", open(plain, "rb").read(), frames=2)
-    res = {}
-    for name, path in (("plain", plain), ("zst", zst)):
-        out = tmp_path / f"out-{name}"
-        mpirun(2, ["embed", "--model", tiny_bert_h5, "--input", path, "--output", out, "--shard-docs", 20,
-                   "--progress", 0])
-        with h5py.File(os.path.join(out, "results.h5"), "r") as f:
-            res[name] = {k: f[k][:] for k in ("embedding", "status", "doc_id", "line")}
-    for k in res["plain"]:
-        np.testing.assert_array_equal(res["plain"][k], res["zst"][k], err_msg=k)
-    assert len(res["zst"]["status"]) == 62 and S.EMPTY in res["zst"]["status"]
