@@ -90,11 +90,22 @@ def unigram_pair():
     return Tokenizer.from_str(text), HFTokenizer.from_str(text)
 
 
+def unigram_precompiled_pair():
+    """The same with byte fallback and a Precompiled normalizer (the NFKC charsmap the test builds)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from hpcllm.tokenizer import Tokenizer
+    t = tests_module("test_tokenizer_unigram")
+    text = json.dumps(t._variant(t.xlmr_style_json(), "precompiled"))
+    return Tokenizer.from_str(text), HFTokenizer.from_str(text)
+
+
 # name -> (maker, required): the optional ones are skipped with a line when they cannot be built
 MAKERS = {"wordpiece (all-MiniLM-L6-v2)": (minilm_pair, True), "bpe (SmolLM2-135M)": (smollm2_pair, False),
           "sentencepiece bpe (Llama-2 shape)": (llama2_pair, True),
           "sentencepiece bpe (Gemma 3, 262k)": (gemma_pair, False),
-          "sentencepiece unigram (XLM-R shape)": (unigram_pair, True)}
+          "sentencepiece unigram (XLM-R shape)": (unigram_pair, True),
+          "sentencepiece unigram + Precompiled": (unigram_precompiled_pair, True)}
 
 
 def tokenizer_pairs(only=None):

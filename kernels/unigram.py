@@ -3,8 +3,9 @@ documents (one UTF-8 buffer + offsets) to flat token ids + offsets, with the exa
 `tokenizers` 0.23.3.
 
 Per document: decode UTF-8 (bad bytes -> U+FFFD, flagged), cut out the added tokens
-(leftmost-longest, kernels/bpe.py's `_find_added`), and normalize each segment between them
-as kernels/spm_bpe.py does (spaces -> the mark "▁", the mark put in front by the Prepend /
+(leftmost-longest, kernels/bpe.py's `_find_added`), and normalize each segment between them:
+the Precompiled normalizer first where the model has one (kernels/precompiled.py), then as
+kernels/spm_bpe.py does (spaces -> the mark "▁", the mark put in front by the Prepend /
 Metaspace rules; Metaspace(split=true) cuts before every mark). Each word is then
 tokenized as HF's `Unigram::encode_optimized`:
 
@@ -26,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from . import precompiled
 from .bpe import CACHE_MAX, CACHE_MIN, _find_added, run_batch
 from .bpe_tables import CACHE_MAX_PIECE, WordCache, cache_get, cache_new, cache_put, hash_bytes
 from .trie import child
@@ -45,6 +47,10 @@ class UnigramTables(NamedTuple):
     ttab: np.ndarray       # added-token trie edges (root 0 only: non-normalized tokens)
     term: np.ndarray       # int32 per trie node: the token id ending there, or -1
     first: np.ndarray      # uint8 per code point: bit 0 set if it starts an added token
+    pc_units: np.ndarray   # the Precompiled normalizer (kernels/precompiled.py): its double array,
+    pc_strings: np.ndarray  # its strings as code points, byte offset -> code point offset,
+    pc_offsets: np.ndarray  # and the grapheme classes (1-element dummies without one)
+    gcb: np.ndarray
 
 
 class UnigramParams(NamedTuple):
@@ -59,10 +65,13 @@ class UnigramParams(NamedTuple):
     per_byte: np.int64     # at most this many ids per input byte (a space becoming an unknown mark: 3)
     per_prepend: np.int64  # most ids of the prepended mark
     min_added: np.int64    # bytes of the shortest added token (segments <= bytes / min_added + 1)
+    precompiled: np.int64  # 1: the Precompiled normalizer runs first on each segment
+    expand: np.int64       # most code points one input byte becomes after normalizing (1 without)
 
 
 class Scratch(NamedTuple):
     """One thread's buffers, for documents of up to nb bytes, and its word cache."""
+    pre: np.ndarray        # int32 code points of the segment after the Precompiled normalizer
     norm: np.ndarray       # int32 code points of the normalized segment
     best: np.ndarray       # float64 best path score ending at each position of the word
     start: np.ndarray      # int32 where the best path's last node starts (-1: none yet)
@@ -70,6 +79,7 @@ class Scratch(NamedTuple):
     path: np.ndarray       # int32 the best path's node ends, last first
     piece: np.ndarray      # uint8 UTF-8 bytes of the word (the cache key) or of one output string
     work: np.ndarray       # int32 content ids of the document being encoded
+    tmp: np.ndarray        # uint8 UTF-8 of one grapheme cluster (the Precompiled lookups)
     cache: WordCache
 
 
@@ -204,6 +214,11 @@ def _segment(cps, a, b, at_start, T, P, S, o, limit):
     """Normalize, split and tokenize the text cps[a:b] between added tokens. Stops past `limit` ids."""
     if a == b:
         return o
+    if P.precompiled:
+        b = precompiled.normalize(cps, a, b, T.pc_units, T.pc_strings, T.pc_offsets, T.gcb, S.pre, S.tmp)
+        cps, a = S.pre, 0
+        if b == 0:   # HF prepends nothing to an empty string
+            return o
     norm = S.norm
     c0 = cps[a]
     if c0 == 32 and P.replace >= 0:
@@ -252,11 +267,11 @@ def _encode_doc(cps, a, n, T, P, S, limit):
 @njit(nogil=True, cache=True)
 def _scratch(nb, P, cache_entries):
     """Per-thread buffers for documents of up to nb bytes."""
-    m = nb + 2
-    return Scratch(np.empty(m, np.int32), np.empty(m + 1, np.float64), np.empty(m + 1, np.int32),
-                   np.empty(m + 1, np.int32), np.empty(m + 1, np.int32),
-                   np.empty(max(4 * m, CACHE_MAX_PIECE + 4), np.uint8), np.empty(id_bound(nb, P) + 1, np.int32),
-                   cache_new(cache_entries))
+    m = nb * P.expand + 2
+    return Scratch(np.empty(m if P.precompiled else 1, np.int32), np.empty(m, np.int32),
+                   np.empty(m + 1, np.float64), np.empty(m + 1, np.int32), np.empty(m + 1, np.int32),
+                   np.empty(m + 1, np.int32), np.empty(max(4 * m, CACHE_MAX_PIECE + 4), np.uint8),
+                   np.empty(id_bound(nb, P) + 1, np.int32), np.empty(64, np.uint8), cache_new(cache_entries))
 
 
 @njit(nogil=True, cache=True)

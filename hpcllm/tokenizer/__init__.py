@@ -5,7 +5,7 @@ the implementation from `model.type`: "WordPiece" (BERT family,
 hpcllm.tokenizer.wordpiece) or "BPE": byte-level when the pre-tokenizer has a
 ByteLevel step (GPT-2, Llama-3; hpcllm.tokenizer.bpe), else SentencePiece style
 (byte_fallback, "\u2581" for spaces: Llama-2, Mistral; hpcllm.tokenizer.spm), or "Unigram"
-(SentencePiece Unigram: T5 / XLM-R shapes without their Precompiled normalizer; hpcllm.tokenizer.unigram);
+(SentencePiece Unigram: XLM-R / T5 shapes, Precompiled normalizer; hpcllm.tokenizer.unigram);
 `Tokenizer.from_gguf` reads a GGUF file's tokenizer metadata (byte-level or
 SentencePiece BPE, hpcllm.tokenizer.gguf). Batches go in
 as one UTF-8 byte buffer plus offsets and come out as a ragged `Encoding`

@@ -1,26 +1,32 @@
 """SentencePiece Unigram tokenizers (XLM-RoBERTa, T5, ALBERT shapes; HF's Unigram model), HF-exact.
 
 Loads an HF tokenizer.json dict whose model is "Unigram" (vocab: [piece, score] pairs,
-unk_id, byte_fallback). Spacing is read as for SentencePiece BPE (hpcllm.tokenizer.spm):
-a Metaspace pre-tokenizer without normalizer, or the Prepend / Replace(" ") normalizers
-without pre-tokenizer. Encoding (Viterbi over the piece lattice, unk fusing, byte
-fallback) runs in the Numba kernels of hpcllm.kernels.unigram; decoding is SentencePiece
-BPE's (the mark is a space, <0xNN> runs are bytes, one leading space dropped where a mark
-was prepended). Not yet: the Precompiled (spm charsmap) and NFKC normalizers, which
-XLM-R's own tokenizer.json has: such a file raises HpcllmError naming the normalizer.
+unk_id, byte_fallback). The normalizer may start with Precompiled (the spm charsmap,
+hpcllm.kernels.precompiled); the rest of the spacing is read as for SentencePiece BPE
+(hpcllm.tokenizer.spm): a Metaspace pre-tokenizer without further normalizer, or the
+Prepend / Replace(" ") normalizers without pre-tokenizer. Encoding (Viterbi over the
+piece lattice, unk fusing, byte fallback) runs in the Numba kernels of
+hpcllm.kernels.unigram; decoding is SentencePiece BPE's (the mark is a space, <0xNN> runs
+are bytes, one leading space dropped where a mark was prepended). Not yet: NFKC and the
+other Unicode normalizers, regex Replace, Strip (XLM-R's tokenizer.json as transformers
+converts it may follow Precompiled with Replace(Regex " {2,}")): such a file raises
+HpcllmError naming the step.
 """
 
+import base64
 import json
+import math
 import re
 
 import numpy as np
 
 from hpcllm.errors import HpcllmError
+from hpcllm.kernels import precompiled
 from hpcllm.kernels import unigram as K
 from hpcllm.kernels.trie import build_trie
 from hpcllm.tokenizer import template
 from hpcllm.tokenizer.bpe import _trie, token_names
-from hpcllm.tokenizer.encoding import encode_merges
+from hpcllm.tokenizer.encoding import Encoding, check_batch, encode_merges
 from hpcllm.tokenizer.spm import SentencePieceBPE, _code_points, _parse_spacing
 
 
@@ -60,21 +66,59 @@ def serde_float(text):
     return -f if sign else f
 
 
+SLOT_BYTES = 64 << 20   # id slots per kernel call where a Precompiled normalizer can expand the text
+
+
+def _runs(offsets, limit):
+    """Consecutive document ranges [a, b) of at most `limit` bytes each (at least one document)."""
+    a, n = 0, len(offsets) - 1
+    while a < n:
+        b = min(max(int(np.searchsorted(offsets, offsets[a] + limit, side="right")) - 1, a + 1), n)
+        yield a, b
+        a = b
+
+
 def _err(field, msg):
     raise HpcllmError("tokenizer.json %s: %s (Unigram)" % (field, msg))
 
 
-def _spacing(d):
-    """(replace, mark, prepend mode, split) as SentencePiece BPE reads them."""
+def _charsmap(d):
+    """(the Precompiled normalizer's charsmap bytes or None, d without that step): Precompiled alone or
+    first in a Sequence; the rest is read as SentencePiece BPE reads it."""
     norm = d.get("normalizer") or {}
-    steps = norm.get("normalizers") or [] if norm.get("type") == "Sequence" else [norm]
+    steps = list(norm.get("normalizers") or []) if norm.get("type") == "Sequence" else [norm]
+    raw = None
+    if steps and (steps[0] or {}).get("type") == "Precompiled":
+        try:
+            raw = base64.b64decode(steps[0].get("precompiled_charsmap") or "", validate=True)
+        except (TypeError, ValueError):
+            _err("normalizer.Precompiled.precompiled_charsmap", "not base64")
+        steps = steps[1:]
+        d = dict(d, normalizer=None if not steps else steps[0] if len(steps) == 1 else dict(norm, normalizers=steps))
     for step in steps:
         if (step or {}).get("type") in ("Precompiled", "NFKC", "NFKD", "NFC", "NFD"):
-            _err("normalizer", "%s is not supported yet (issue #24)" % step["type"])
+            _err("normalizer", "%s is not supported here (Precompiled first in a Sequence is)" % step["type"])
+    return raw or None, d
+
+
+def _spacing(d):
+    """(replace, mark, prepend mode, split) as SentencePiece BPE reads them."""
     try:
         return _parse_spacing(d)
     except HpcllmError as e:
         raise HpcllmError(str(e).replace("(SentencePiece BPE)", "(Unigram)")) from None
+
+
+def _precompiled_tables(raw):
+    """(units, strings, byte -> code point offsets, grapheme classes, expansion) of a charsmap, or dummies."""
+    if raw is None:
+        return np.zeros(1, np.uint32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, np.uint8), 1
+    try:
+        units, strings, offsets = precompiled.parse_charsmap(raw)
+    except ValueError as e:
+        _err("normalizer.Precompiled.precompiled_charsmap", str(e))
+    return units, strings, offsets, precompiled.grapheme_table(), math.ceil(precompiled.expansion(
+        units, strings, offsets))
 
 
 def _parse_model(m):
@@ -102,10 +146,10 @@ class Unigram:
     _byte_values, _pieces, _strip = SentencePieceBPE._byte_values, SentencePieceBPE._pieces, SentencePieceBPE._strip
     decode_bytes, decode = SentencePieceBPE.decode_bytes, SentencePieceBPE.decode
 
-    def __init__(self, pieces, scores, unk_id, byte_fallback, added, spacing, prefix=(), suffix=()):
+    def __init__(self, pieces, scores, unk_id, byte_fallback, added, spacing, prefix=(), suffix=(), charsmap=None):
         self.pieces, self.scores, self.unk_id, self.byte_fallback = pieces, scores, unk_id, byte_fallback
         self.vocab = {p: i for i, p in enumerate(pieces)}   # HF's token_to_ids: the last of equal pieces
-        self.added = added
+        self.added, self.charsmap = added, charsmap
         self.replace, self.mark, self.prepend, self.split = spacing
         self.prefix = np.asarray(prefix, dtype=np.int32)
         self.suffix = np.asarray(suffix, dtype=np.int32)
@@ -132,14 +176,17 @@ class Unigram:
             for b in range(256):
                 byte_ids[b] = self.vocab.get("<0x%02X>" % b, -1)
         ttab, term, first = _trie(self.added)
-        self._tables = K.UnigramTables(*trie, self.scores, byte_ids, ttab, term, first)
+        *pc, expand = _precompiled_tables(self.charsmap)
+        self._tables = K.UnigramTables(*trie, self.scores, byte_ids, ttab, term, first, *pc)
         lens = [len(t["content"].encode("utf-8")) for t in self.added if t["content"]]
         per_byte = self._ids_alone(chr(self.replace)) if self.replace >= 0 else 1
         per_prepend = self._ids_alone(chr(self.mark)) if self.prepend != K.PREPEND_NONE else 0
+        if self.charsmap is not None:   # up to `expand` code points per byte, each up to 4 <0xNN> ids
+            per_byte = expand * (4 if self.byte_fallback else 1)
         unk_score = float(self.scores.min()) - 10.0 if len(self.scores) else -10.0
         self._params = K.UnigramParams(np.int64(self.unk_id), np.float64(unk_score), *(np.int64(x) for x in (
             self.replace, self.mark, self.prepend, self.split, 1 if lens else 0, max(1, per_byte), per_prepend,
-            min(lens) if lens else 1)))
+            min(lens) if lens else 1, self.charsmap is not None, expand)))
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -150,6 +197,7 @@ class Unigram:
     @classmethod
     def from_json_dict(cls, d):
         """A parsed HF tokenizer.json."""
+        charsmap, d = _charsmap(d)
         spacing = _spacing(d)
         pieces, scores, unk, byte_fallback = _parse_model(d.get("model") or {})
         added = [dict(t) for t in d.get("added_tokens", [])]
@@ -158,10 +206,15 @@ class Unigram:
                 _err("added_tokens[%r]" % t["content"], "normalized/single_word/lstrip/rstrip unsupported")
         vocab = {p: i for i, p in enumerate(pieces)}
         prefix, suffix = template.template_ids(d, vocab, "Unigram")
-        return cls(pieces, scores, unk, byte_fallback, added, spacing, prefix, suffix)
+        return cls(pieces, scores, unk, byte_fallback, added, spacing, prefix, suffix, charsmap)
 
     # ---- encoding ------------------------------------------------------------------------
     def encode_bytes(self, buf, offsets, max_length=None, add_special_tokens=True):
-        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding (``encode_merges``)."""
-        return encode_merges(K.encode_batch, self._tables, self._params, self.prefix, self.suffix, buf, offsets,
-                             max_length, add_special_tokens)
+        """Encode documents buf[offsets[d]:offsets[d+1]] (UTF-8) into an Encoding (``encode_merges``); with
+        a Precompiled normalizer (up to `expand` times the text), in runs of documents whose id slots
+        stay under SLOT_BYTES (a longer document runs alone)."""
+        buf, offsets = check_batch(buf, offsets)
+        limit = SLOT_BYTES // (4 * max(1, int(self._params.per_byte)))
+        return Encoding.concat([encode_merges(K.encode_batch, self._tables, self._params, self.prefix, self.suffix,
+                                              buf, offsets[a:b + 1], max_length, add_special_tokens)
+                                for a, b in _runs(offsets, limit)])
