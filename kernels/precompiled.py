@@ -49,7 +49,7 @@ def parse_charsmap(raw):
     return units, cps, byte_to_cp
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _gcb(G, c):
     return G[c] & 0x7F
 
@@ -119,7 +119,7 @@ def _lookup(units, cps, a, b, tmp):
     return -1
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _put(strings, byte_to_cp, v, out, o):
     """Append the normalized string at byte offset v (up to its NUL) to out[o:]; returns o."""
     s = byte_to_cp[v] if v < len(byte_to_cp) else len(strings)

@@ -66,6 +66,8 @@ class UnigramParams(NamedTuple):
     per_prepend: np.int64  # most ids of the prepended mark
     min_added: np.int64    # bytes of the shortest added token (segments <= bytes / min_added + 1)
     precompiled: np.int64  # 1: the Precompiled normalizer runs first on each segment
+    strip: np.int64        # then Strip: bit 0 left, bit 1 right (Unicode White_Space)
+    collapse: np.int64     # then Replace(Regex(" {2,}")) with this code point, -1: none
     expand: np.int64       # most code points one input byte becomes after normalizing (1 without)
 
 
@@ -90,7 +92,7 @@ def id_bound(nb, P):
     return nb * P.per_byte + segments * P.per_prepend
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _utf8(cps, a, b, out):
     """UTF-8 of cps[a:b] into out; returns its length."""
     nb = 0
@@ -174,13 +176,13 @@ def _word(norm, a, b, T, P, S, o):
         m += 1
         e = start[e]
     k = m - 1
-    s = 0
+    s = np.int64(0)
     while k >= 0:
-        e = ends[k]
+        e = np.int64(ends[k])
         if node[e] == P.unk_id:   # fuse the run of unk nodes
             while k > 0 and node[ends[k - 1]] == P.unk_id:
                 k -= 1
-            e = ends[k]
+            e = np.int64(ends[k])
             o = _emit(norm, a, s, e, T, P, S, o)
         else:
             S.work[o] = node[e]
@@ -210,13 +212,55 @@ def _cached_word(norm, a, b, T, P, S, o):
 
 
 @njit(nogil=True, cache=True)
+def _white(c):
+    """Unicode White_Space (Rust's char::is_whitespace, which HF's Strip uses)."""
+    return (9 <= c <= 13 or c == 32 or c == 0x85 or c == 0xA0 or c == 0x1680 or 0x2000 <= c <= 0x200A
+            or c == 0x2028 or c == 0x2029 or c == 0x202F or c == 0x205F or c == 0x3000)
+
+
+@njit(nogil=True, cache=True)
+def _prenormalize(cps, a, b, T, P, S):
+    """The normalizer steps before the spacing, on cps[a:b] into S.pre: Precompiled, Strip, then
+    Replace(Regex(" {2,}")) (each run of two or more spaces becomes P.collapse). Returns the length and
+    whether Strip removed characters in front (HF's Metaspace "first" then sees the segment start past
+    the document's first character and prepends nothing; Precompiled's removals keep offset 0)."""
+    pre = S.pre
+    if P.precompiled:
+        n = precompiled.normalize(cps, a, b, T.pc_units, T.pc_strings, T.pc_offsets, T.gcb, pre, S.tmp)
+    else:
+        n = b - a
+        for k in range(n):   # a loop: a slice copy compiles its shape checks (seconds, once)
+            pre[k] = cps[a + k]
+    s, e = 0, n
+    if P.strip & 1:
+        while s < e and _white(pre[s]):
+            s += 1
+    if P.strip & 2:
+        while e > s and _white(pre[e - 1]):
+            e -= 1
+    w = 0
+    k = s
+    while k < e:
+        if P.collapse >= 0 and pre[k] == 32 and k + 1 < e and pre[k + 1] == 32:
+            while k < e and pre[k] == 32:
+                k += 1
+            pre[w] = P.collapse
+        else:
+            pre[w] = pre[k]
+            k += 1
+        w += 1
+    return w, s > 0
+
+
+@njit(nogil=True, cache=True)
 def _segment(cps, a, b, at_start, T, P, S, o, limit):
     """Normalize, split and tokenize the text cps[a:b] between added tokens. Stops past `limit` ids."""
     if a == b:
         return o
-    if P.precompiled:
-        b = precompiled.normalize(cps, a, b, T.pc_units, T.pc_strings, T.pc_offsets, T.gcb, S.pre, S.tmp)
+    if P.precompiled != 0 or P.strip != 0 or P.collapse >= 0:
+        b, shifted = _prenormalize(cps, a, b, T, P, S)
         cps, a = S.pre, 0
+        at_start = at_start and not shifted
         if b == 0:   # HF prepends nothing to an empty string
             return o
     norm = S.norm
@@ -232,9 +276,9 @@ def _segment(cps, a, b, at_start, T, P, S, o, limit):
         c = cps[k]
         norm[n] = P.replace if c == 32 and P.replace >= 0 else c
         n += 1
-    if not P.split:
-        return _cached_word(norm, 0, n, T, P, S, o)
-    s = 0
+    if not P.split:   # np.int64(0): a literal 0 would compile a second specialization of each callee
+        return _cached_word(norm, np.int64(0), n, T, P, S, o)
+    s = np.int64(0)
     for k in range(1, n + 1):
         if k == n or norm[k] == P.mark:
             o = _cached_word(norm, s, k, T, P, S, o)
@@ -250,7 +294,7 @@ def _encode_doc(cps, a, n, T, P, S, limit):
 
     A count above `limit` (>= 0) means the document was cut there (the rest is not encoded).
     """
-    o = 0
+    o = np.int64(0)
     i = a
     while i < n:
         s, e, t = _find_added(cps, i, n, T, P, 0)
@@ -268,7 +312,8 @@ def _encode_doc(cps, a, n, T, P, S, limit):
 def _scratch(nb, P, cache_entries):
     """Per-thread buffers for documents of up to nb bytes."""
     m = nb * P.expand + 2
-    return Scratch(np.empty(m if P.precompiled else 1, np.int32), np.empty(m, np.int32),
+    pre = P.precompiled != 0 or P.strip != 0 or P.collapse >= 0
+    return Scratch(np.empty(m if pre else 1, np.int32), np.empty(m, np.int32),
                    np.empty(m + 1, np.float64), np.empty(m + 1, np.int32), np.empty(m + 1, np.int32),
                    np.empty(m + 1, np.int32), np.empty(max(4 * m, CACHE_MAX_PIECE + 4), np.uint8),
                    np.empty(id_bound(nb, P) + 1, np.int32), np.empty(64, np.uint8), cache_new(cache_entries))
@@ -290,7 +335,9 @@ def _encode_chunk(d0, d1, B, limit, T, P):
         cnt = _encode_doc(B.cps, a, a + B.ncp[d], T, P, S, limit)
         B.counts[d] = cnt
         keep = cnt if limit < 0 else min(cnt, limit)
-        B.tmp[B.slot_off[d]:B.slot_off[d] + keep] = S.work[:keep]
+        base_d = B.slot_off[d]
+        for k in range(keep):   # a loop: a slice copy compiles its shape checks (seconds, once)
+            B.tmp[base_d + k] = S.work[k]
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -27,7 +27,7 @@ from hpcllm.kernels.trie import build_trie
 from hpcllm.tokenizer import template
 from hpcllm.tokenizer.bpe import _trie, token_names
 from hpcllm.tokenizer.encoding import Encoding, check_batch, encode_merges
-from hpcllm.tokenizer.spm import SentencePieceBPE, _code_points, _parse_spacing
+from hpcllm.tokenizer.spm import SentencePieceBPE, _code_points, _one_char, _parse_spacing
 
 
 _NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?\Z")
@@ -82,23 +82,31 @@ def _err(field, msg):
     raise HpcllmError("tokenizer.json %s: %s (Unigram)" % (field, msg))
 
 
-def _charsmap(d):
-    """(the Precompiled normalizer's charsmap bytes or None, d without that step): Precompiled alone or
-    first in a Sequence; the rest is read as SentencePiece BPE reads it."""
+def _leading_steps(d):
+    """(Precompiled charsmap bytes or None, Strip bits, collapse code point or -1, d without those steps):
+    the normalizer steps before the spacing, in this order: Precompiled, Strip, Replace(Regex(" {2,}"))
+    (what transformers' converters write for XLM-R and other spm models); the rest is read as
+    SentencePiece BPE reads it."""
     norm = d.get("normalizer") or {}
     steps = list(norm.get("normalizers") or []) if norm.get("type") == "Sequence" else [norm]
-    raw = None
+    raw, strip, collapse = None, 0, -1
     if steps and (steps[0] or {}).get("type") == "Precompiled":
         try:
-            raw = base64.b64decode(steps[0].get("precompiled_charsmap") or "", validate=True)
+            raw = base64.b64decode(steps.pop(0).get("precompiled_charsmap") or "", validate=True) or None
         except (TypeError, ValueError):
             _err("normalizer.Precompiled.precompiled_charsmap", "not base64")
-        steps = steps[1:]
-        d = dict(d, normalizer=None if not steps else steps[0] if len(steps) == 1 else dict(norm, normalizers=steps))
+    if steps and (steps[0] or {}).get("type") == "Strip":
+        step = steps.pop(0)
+        strip = int(bool(step.get("strip_left", True))) | 2 * int(bool(step.get("strip_right", True)))
+    if steps and (steps[0] or {}).get("type") == "Replace" and steps[0].get("pattern") == {"Regex": " {2,}"}:
+        collapse = _one_char("normalizer.Replace.content", steps.pop(0).get("content"))
     for step in steps:
-        if (step or {}).get("type") in ("Precompiled", "NFKC", "NFKD", "NFC", "NFD"):
-            _err("normalizer", "%s is not supported here (Precompiled first in a Sequence is)" % step["type"])
-    return raw or None, d
+        if (step or {}).get("type") in ("Precompiled", "Strip", "NFKC", "NFKD", "NFC", "NFD"):
+            _err("normalizer", "%s is not supported here (Precompiled, Strip, Replace(Regex(' {2,}')) lead "
+                 "a Sequence in this order)" % step["type"])
+    rest = [step for step in steps if step]
+    d = dict(d, normalizer=None if not rest else rest[0] if len(rest) == 1 else dict(norm, normalizers=rest))
+    return raw, strip, collapse, d
 
 
 def _spacing(d):
@@ -146,10 +154,11 @@ class Unigram:
     _byte_values, _pieces, _strip = SentencePieceBPE._byte_values, SentencePieceBPE._pieces, SentencePieceBPE._strip
     decode_bytes, decode = SentencePieceBPE.decode_bytes, SentencePieceBPE.decode
 
-    def __init__(self, pieces, scores, unk_id, byte_fallback, added, spacing, prefix=(), suffix=(), charsmap=None):
+    def __init__(self, pieces, scores, unk_id, byte_fallback, added, spacing, prefix=(), suffix=(), charsmap=None,
+                 strip=0, collapse=-1):
         self.pieces, self.scores, self.unk_id, self.byte_fallback = pieces, scores, unk_id, byte_fallback
         self.vocab = {p: i for i, p in enumerate(pieces)}   # HF's token_to_ids: the last of equal pieces
-        self.added, self.charsmap = added, charsmap
+        self.added, self.charsmap, self.strip, self.collapse = added, charsmap, strip, collapse
         self.replace, self.mark, self.prepend, self.split = spacing
         self.prefix = np.asarray(prefix, dtype=np.int32)
         self.suffix = np.asarray(suffix, dtype=np.int32)
@@ -181,12 +190,14 @@ class Unigram:
         lens = [len(t["content"].encode("utf-8")) for t in self.added if t["content"]]
         per_byte = self._ids_alone(chr(self.replace)) if self.replace >= 0 else 1
         per_prepend = self._ids_alone(chr(self.mark)) if self.prepend != K.PREPEND_NONE else 0
+        if self.collapse >= 0:   # two spaces or more become this character
+            per_byte = max(per_byte, self._ids_alone(chr(self.collapse)))
         if self.charsmap is not None:   # up to `expand` code points per byte, each up to 4 <0xNN> ids
             per_byte = expand * (4 if self.byte_fallback else 1)
         unk_score = float(self.scores.min()) - 10.0 if len(self.scores) else -10.0
         self._params = K.UnigramParams(np.int64(self.unk_id), np.float64(unk_score), *(np.int64(x) for x in (
             self.replace, self.mark, self.prepend, self.split, 1 if lens else 0, max(1, per_byte), per_prepend,
-            min(lens) if lens else 1, self.charsmap is not None, expand)))
+            min(lens) if lens else 1, self.charsmap is not None, self.strip, self.collapse, expand)))
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -197,7 +208,7 @@ class Unigram:
     @classmethod
     def from_json_dict(cls, d):
         """A parsed HF tokenizer.json."""
-        charsmap, d = _charsmap(d)
+        charsmap, strip, collapse, d = _leading_steps(d)
         spacing = _spacing(d)
         pieces, scores, unk, byte_fallback = _parse_model(d.get("model") or {})
         added = [dict(t) for t in d.get("added_tokens", [])]
@@ -206,7 +217,7 @@ class Unigram:
                 _err("added_tokens[%r]" % t["content"], "normalized/single_word/lstrip/rstrip unsupported")
         vocab = {p: i for i, p in enumerate(pieces)}
         prefix, suffix = template.template_ids(d, vocab, "Unigram")
-        return cls(pieces, scores, unk, byte_fallback, added, spacing, prefix, suffix, charsmap)
+        return cls(pieces, scores, unk, byte_fallback, added, spacing, prefix, suffix, charsmap, strip, collapse)
 
     # ---- encoding ------------------------------------------------------------------------
     def encode_bytes(self, buf, offsets, max_length=None, add_special_tokens=True):
