@@ -131,12 +131,42 @@ def _put(strings, byte_to_cp, v, out, o):
 
 
 @njit(nogil=True, cache=True)
-def normalize(cps, a, b, units, strings, byte_to_cp, G, out, tmp):
-    """The Precompiled normalization of cps[a:b] into out; returns its length. tmp: >= 24 bytes."""
+def single_values(units):
+    """Per BMP code point: the leaf value of the key that is that one character (or a prefix of its
+    UTF-8), -1 if none: most clusters are one such character, looked up once here."""
+    out = np.full(0x10000, -1, np.int64)
+    one = np.empty(1, np.int32)
+    tmp = np.empty(8, np.uint8)
+    for c in range(0x10000):
+        if not 0xD800 <= c <= 0xDFFF:
+            one[0] = c
+            out[c] = _lookup(units, one, 0, 1, tmp)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _char_value(cps, k, units, single, tmp):
+    c = cps[k]
+    return single[c] if c < 0x10000 else _lookup(units, cps, k, k + 1, tmp)
+
+
+@njit(nogil=True, cache=True)
+def normalize(cps, a, b, units, single, strings, byte_to_cp, G, out, tmp):
+    """The Precompiled normalization of cps[a:b] into out; returns its length. single: single_values(units);
+    tmp: >= 24 bytes."""
     o = 0
     i = a
     while i < b:
         j = grapheme_end(cps, i, b, G)
+        if j == i + 1:   # one character: its own key or itself
+            v = _char_value(cps, i, units, single, tmp)
+            if v >= 0:
+                o = _put(strings, byte_to_cp, v, out, o)
+            else:
+                out[o] = cps[i]
+                o += 1
+            i = j
+            continue
         nb = 0
         for k in range(i, j):
             c = cps[k]
@@ -148,7 +178,7 @@ def normalize(cps, a, b, units, strings, byte_to_cp, G, out, tmp):
             o = _put(strings, byte_to_cp, v, out, o)
         else:
             for k in range(i, j):
-                v = _lookup(units, cps, k, k + 1, tmp)
+                v = _char_value(cps, k, units, single, tmp)
                 if v >= 0:
                     o = _put(strings, byte_to_cp, v, out, o)
                 else:

@@ -49,8 +49,9 @@ class UnigramTables(NamedTuple):
     first: np.ndarray      # uint8 per code point: bit 0 set if it starts an added token
     pc_units: np.ndarray   # the Precompiled normalizer (kernels/precompiled.py): its double array,
     pc_strings: np.ndarray  # its strings as code points, byte offset -> code point offset,
-    pc_offsets: np.ndarray  # and the grapheme classes (1-element dummies without one)
-    gcb: np.ndarray
+    pc_offsets: np.ndarray  # the grapheme classes, and each BMP character's own value
+    gcb: np.ndarray         # (precompiled.single_values); 1-element dummies without one
+    pc_single: np.ndarray
 
 
 class UnigramParams(NamedTuple):
@@ -226,7 +227,7 @@ def _prenormalize(cps, a, b, T, P, S):
     the document's first character and prepends nothing; Precompiled's removals keep offset 0)."""
     pre = S.pre
     if P.precompiled:
-        n = precompiled.normalize(cps, a, b, T.pc_units, T.pc_strings, T.pc_offsets, T.gcb, pre, S.tmp)
+        n = precompiled.normalize(cps, a, b, T.pc_units, T.pc_single, T.pc_strings, T.pc_offsets, T.gcb, pre, S.tmp)
     else:
         n = b - a
         for k in range(n):   # a loop: a slice copy compiles its shape checks (seconds, once)

@@ -118,15 +118,17 @@ def _spacing(d):
 
 
 def _precompiled_tables(raw):
-    """(units, strings, byte -> code point offsets, grapheme classes, expansion) of a charsmap, or dummies."""
+    """(units, strings, byte -> code point offsets, grapheme classes, single_values, expansion) of a
+    charsmap, or dummies."""
     if raw is None:
-        return np.zeros(1, np.uint32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, np.uint8), 1
+        return (np.zeros(1, np.uint32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, np.uint8),
+                np.zeros(1, np.int64), 1)
     try:
         units, strings, offsets = precompiled.parse_charsmap(raw)
     except ValueError as e:
         _err("normalizer.Precompiled.precompiled_charsmap", str(e))
-    return units, strings, offsets, precompiled.grapheme_table(), math.ceil(precompiled.expansion(
-        units, strings, offsets))
+    return units, strings, offsets, precompiled.grapheme_table(), precompiled.single_values(units), math.ceil(
+        precompiled.expansion(units, strings, offsets))
 
 
 def _parse_model(m):
