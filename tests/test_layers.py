@@ -42,7 +42,8 @@ ALLOWED = {
     "tokenizer": ("errors", "kernels"),
     "model": ("errors", "world"),  # plain PyTorch, plus the tp group's Comm in the parallel layers
     "store": ("hpcllm", "errors", "status", "corpus", "world"),   # the files a run writes, per corpus Shard
-    "analysis": ("errors", "status", "progress", "store", "world"),   # report / export / filter read results.h5
+    # report / export / filter read results.h5; filter re-reads its input corpus (zstd, Parquet) to copy rows
+    "analysis": ("errors", "status", "progress", "corpus", "store", "world"),
     "results": ("analysis",),      # the notebook API over analysis.columns
     # what runs the data path
     "checkpoint": ("errors", "model", "store", "tokenizer", "world"),   # split plan, GGUF tokenizer, shard files

@@ -8,8 +8,7 @@ normalizer shape, and a vocabulary where a run of unknown characters spells a pi
 Every full fortunes corpus holds characters the 1000 training texts lack (unk / bytes).
 The Precompiled normalizer (XLM-R's) runs on a charsmap built here (NFKC of the
 characters the fortunes and a few Unicode blocks hold, removals, multi-character keys)
-and, where the `sentencepiece` package is installed, on the nmt_nfkc charsmap of a
-model its trainer writes.
+and on the nmt_nfkc charsmap of a model sentencepiece's trainer writes.
 """
 
 import base64
@@ -334,7 +333,7 @@ def _varint(b, i):
 
 def test_sentencepiece_nmt_nfkc_charsmap(configs, tmp_path):
     """The charsmap sentencepiece's trainer writes (ModelProto.normalizer_spec.precompiled_charsmap)."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpora.fortunes("fortunes", 300)),
                                    model_prefix=str(tmp_path / "m"), vocab_size=300, hard_vocab_limit=False,
                                    model_type="unigram", normalization_rule_name="nmt_nfkc", minloglevel=2)
