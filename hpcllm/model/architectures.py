@@ -30,11 +30,11 @@ BERT_PLAN = {
 
 # How experts are split over a tp group: "experts" (whole experts, near-equal uneven counts: a rank
 # runs only the tokens routed to its own experts) or "expert_ffn" (1/tp of every expert's columns:
-# every rank runs every routed token on its columns). Measured at tp 2 (2 CPU cores, 1 thread per
-# rank, a random 4-layer Mixtral-shaped model, hidden 512, 8 experts of ffn 1024, top 2; best of
-# repeated runs): whole experts 2250 vs 2140 tokens/s scoring 16 x 256 tokens, 336 vs 254 tokens/s
-# decoding 8 sequences (half the expert matmuls per rank, each twice as wide). The price: a rank
-# waits for the group's busiest experts, and uneven counts hold ceil(E / tp) / E of the experts.
+# every rank runs every routed token on its columns). bench/moe_split.py at tp 2 (2 CPU cores, 1
+# thread per rank, a random Mixtral-shaped model): on a quiet machine equal (prefill 4428 vs 4415
+# tokens/s, 8-row decode 543 vs 531), on a loaded one 1.28-1.34x in decode for whole experts (half
+# the token x expert products per rank, each matmul twice as wide). The price: a rank waits for the
+# group's busiest experts, and uneven counts hold ceil(E / tp) / E of the experts.
 MOE_UNIT = "experts"
 
 # hpcllm's decoder (every family of DECODER_FAMILIES): the same Megatron split, GQA heads on group
