@@ -22,7 +22,7 @@ from conftest import gemma_gguf, hf_tokenizer
 from hpcllm.errors import HpcllmError
 from hpcllm.tokenizer import Tokenizer
 from hpcllm.tokenizer.gguf import tokenizer_json
-from test_tokenizer_spm import ADVERSARIAL, BAD_UTF8, MARK, llama2_style_json, pack
+from test_tokenizer_spm import ADVERSARIAL, BAD_UTF8, MARK, assert_same, llama2_style_json, pack
 
 HYP = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -33,15 +33,6 @@ def same_json(ours_text, tf):
     for key in ref:
         assert ours.get(key) == ref[key], "tokenizer.json %s differs from transformers'" % key
     assert set(ours) == set(ref)
-
-
-def assert_same_ids(ours, hf, texts, adds=(True, False)):
-    for add in adds:
-        mine = ours.encode_bytes(*pack(texts), add_special_tokens=add).to_lists()
-        ref = [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=add)]
-        bad = [i for i in range(len(texts)) if mine[i] != ref[i]]
-        assert not bad, "%d/%d differ (add_special_tokens=%s), first %r:\n ours %s\n   HF %s" % (
-            len(bad), len(texts), add, texts[bad[0]][:120], mine[bad[0]][:30], ref[bad[0]][:30])
 
 
 def assert_same_decode(ours, tf, id_lists):
@@ -81,8 +72,8 @@ def test_gemma_tokenizer_json_equals_transformers(gemma):
 def test_gemma_fortunes(gemma, corpus):
     ours, tf, *_ = gemma
     texts = corpora.fortunes(corpus)
-    assert_same_ids(ours, tf.backend_tokenizer, texts, adds=(True,))
-    assert_same_ids(ours, tf.backend_tokenizer, texts[:300], adds=(False,))
+    assert_same(ours, tf.backend_tokenizer, texts, adds=(True,))
+    assert_same(ours, tf.backend_tokenizer, texts[:300], adds=(False,))
 
 
 def test_gemma_transformers_front_end_is_its_backend(gemma):
@@ -102,14 +93,14 @@ GEMMA_ADVERSARIAL = ADVERSARIAL + [
 
 def test_gemma_adversarial(gemma):
     ours, tf, *_ = gemma
-    assert_same_ids(ours, tf.backend_tokenizer, GEMMA_ADVERSARIAL)
+    assert_same(ours, tf.backend_tokenizer, GEMMA_ADVERSARIAL)
 
 
 def test_gemma_long_segment(gemma):
     # one ~0.4 MB segment (no newline, Gemma's added token): cut into words before "▁" except after ">"
     ours, tf, *_ = gemma
     text = " ".join(t.replace("\n", " ") for t in corpora.fortunes("fortunes", 1200)) + " a> b >x"
-    assert_same_ids(ours, tf.backend_tokenizer, [text], adds=(True,))
+    assert_same(ours, tf.backend_tokenizer, [text], adds=(True,))
 
 
 def test_gemma_invalid_utf8_replaced_and_flagged(gemma):
@@ -140,7 +131,7 @@ GEMMA_TEXT = st.lists(st.one_of(st.sampled_from(GEMMA_TRICKY), st.characters(bla
 @given(texts=st.lists(GEMMA_TEXT, min_size=1, max_size=4))
 def test_gemma_random_text(gemma, texts):
     ours, tf, *_ = gemma
-    assert_same_ids(ours, tf.backend_tokenizer, texts)
+    assert_same(ours, tf.backend_tokenizer, texts)
 
 
 def test_gemma_hf_directory_path(gemma, tmp_path):
@@ -222,7 +213,7 @@ def test_llama_gguf_json_equals_transformers(llama_ggufs, name):
 def test_llama_gguf_ids_and_decode(llama_ggufs, name):
     _, ours, tf = llama_ggufs[name]
     texts = corpora.mixed(2000) + ADVERSARIAL + ["<start_of_turn>x<end_of_turn>", "[multi] a  b   c\n"]
-    assert_same_ids(ours, tf.backend_tokenizer, texts)
+    assert_same(ours, tf.backend_tokenizer, texts)
     assert_same_decode(ours, tf, ours.encode_batch(texts[:300]).to_lists() + random_ids(ours.vocab_size, 200, 1))
 
 
@@ -230,7 +221,7 @@ def test_llama_gguf_ids_and_decode(llama_ggufs, name):
 @given(texts=st.lists(GEMMA_TEXT, min_size=1, max_size=4))
 def test_llama_gguf_random_text(llama_ggufs, texts):
     for _, ours, tf in llama_ggufs.values():
-        assert_same_ids(ours, tf.backend_tokenizer, texts)
+        assert_same(ours, tf.backend_tokenizer, texts)
 
 
 def test_llama_gguf_shapes(llama_ggufs):

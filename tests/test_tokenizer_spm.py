@@ -111,8 +111,8 @@ def ids_of(tok, texts, add=True):
     return tok.encode_bytes(*pack(texts), add_special_tokens=add).to_lists()
 
 
-def assert_same(ours, hf, texts):
-    for add in (True, False):
+def assert_same(ours, hf, texts, adds=(True, False)):
+    for add in adds:
         mine = ids_of(ours, texts, add)
         ref = [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=add)]
         bad = [i for i in range(len(texts)) if mine[i] != ref[i]]

@@ -17,7 +17,6 @@ import json
 import struct
 import unicodedata
 
-import numpy as np
 import pytest
 import tokenizers
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 import corpora
 from hpcllm.errors import HpcllmError
 from hpcllm.tokenizer import Tokenizer
+from test_tokenizer_spm import BAD_UTF8, assert_same, pack
 
 MARK = "\u2581"
 TEMPLATE = {"type": "TemplateProcessing",
@@ -161,22 +161,6 @@ def configs():
     return out
 
 
-def pack(texts):
-    raw = [t if isinstance(t, bytes) else t.encode("utf-8", errors="surrogatepass") for t in texts]
-    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in raw], out=offsets[1:])
-    return np.frombuffer(b"".join(raw), dtype=np.uint8), offsets
-
-
-def assert_same(ours, hf, texts, adds=(True, False)):
-    for add in adds:
-        mine = ours.encode_bytes(*pack(texts), add_special_tokens=add).to_lists()
-        ref = [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=add)]
-        bad = [i for i in range(len(texts)) if mine[i] != ref[i]]
-        assert not bad, "%d/%d differ (add_special_tokens=%s), first %r:\n ours %s\n   HF %s" % (
-            len(bad), len(texts), add, texts[bad[0]][:120], mine[bad[0]][:30], ref[bad[0]][:30])
-
-
 # ---- real text -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("corpus", sorted(corpora.CORPORA))
@@ -242,11 +226,6 @@ def test_long_document(configs, name):
     # nosplit: one Viterbi over a ~0.5 MB word
     text = "\n\n".join(corpora.fortunes("fortunes", 2000))
     assert_same(*configs[name], [text])
-
-
-BAD_UTF8 = [b"\xff", b"abc\x80def", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80 lone high surrogate", b"\xc0\xaf",
-            b"\xf0\x9f\x98 cut emoji", b"ok \xe2\x82\xac \xf0\x9f\x98\x80",
-            "a\ud800b\udfffc".encode("utf-8", "surrogatepass")]
 
 
 def test_invalid_utf8_replaced_and_flagged(configs):
