@@ -88,7 +88,8 @@ class JobConfig:
     finetune_batch: int = opt(32, "fine-tuning: documents per step, over all ranks", jobs=TRAIN)
     seed: int = opt(0, "seed of the validation split and the head's initialisation (train-classifier); of the "
                     "sampling noise (generate: a completion's stream depends only on the seed, its document id, "
-                    "completion index and step)", jobs=TRAIN + GEN)
+                    "completion index and step); of the MinHash permutations (dedup, as datasketch's seed)",
+                    jobs=TRAIN + GEN + ("dedup",))
     encoder: str = opt(None, "the classifier's encoder checkpoint (default: the path the classifier records)",
                        jobs=("classify",))
     # generate: names and meanings as in vLLM's SamplingParams where they overlap
@@ -122,6 +123,23 @@ class JobConfig:
     max_files: int = opt(None, "follow mode: admit at most this many files, then finish")
     complete: str = opt("rename", "follow mode: when a file is complete: `rename` (moved in; same size and mtime at "
                         "two polls) or `marker` (NAME.done exists)", choices=("rename", "marker"))
+    # dedup (hpcllm/jobs/dedup.py)
+    shingle: str = opt("word", "dedup: shingles of --ngram words or characters of the normalised text", result=True,
+                       choices=("word", "char"), jobs=("dedup",))
+    ngram: int = opt(5, "dedup: words (or characters) per shingle", result=True, jobs=("dedup",))
+    num_perm: int = opt(128, "dedup: MinHash permutations per document", result=True, jobs=("dedup",))
+    bands: int = opt(None, "dedup: LSH bands (with --rows; default: chosen from --threshold as datasketch's "
+                     "MinHashLSH does, but with false negatives weighing 9x)", result=True, jobs=("dedup",))
+    rows: int = opt(None, "dedup: permutations per LSH band", result=True, jobs=("dedup",))
+    threshold: float = opt(0.8, "dedup: the Jaccard similarity the bands are chosen for (without --bands/--rows)",
+                           result=True, jobs=("dedup",))
+    simplify: bool = opt(False, "dedup: also lowercase, strip punctuation and diacritics and zero digits before "
+                         "comparing (datatrove's simplify_text); always: NFC, whitespace collapsed", result=True,
+                         jobs=("dedup",))
+    memory_mb: float = opt(1024.0, "dedup: band records a rank holds in memory, MiB; more spill to sorted runs under "
+                           "OUT/dedup/", jobs=("dedup",))
+    store_minhash: bool = opt(False, "dedup: also write each document's MinHash signature (column minhash)",
+                              result=True, jobs=("dedup",))
 
     def result_hash(self, job: str, **extra) -> str:
         """Hash of the options that change results (stored in the manifest); ``extra``: derived values."""

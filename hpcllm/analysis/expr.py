@@ -6,6 +6,7 @@ Grammar (keywords case-insensitive; never Python ``eval``)::
     and     := not ("and" not)*
     not     := "not" not | "(" expr ")" | compare
     compare := operand OP operand | operand ["not"] "in" "(" operand ("," operand)* ")"
+             | NAME                                  (a column alone: true where non-zero, e.g. ``keep``)
     operand := NUMBER | STRING | NAME | "-" NUMBER | "q" "(" NUMBER ")" | "q" "(" NAME "," NUMBER ")"
     OP      := == | != | < | <= | > | >=
 
@@ -145,6 +146,8 @@ class Parser:
             self.take("punct", ")")
             node = Node("in", t.pos, (left, *values))
             return Node("not", t.pos, (node,)) if negate else node
+        if left.kind == "sym" and not negate:     # a bool column alone (dedup's keep)
+            return Node("cmp", left.pos, (left, Node("num", left.pos, value=0.0)), "!=")
         raise WhereError(self.text, t.pos, "expected a comparison (== != < <= > >= in)"
                          + (f", found {t.text!r}" if t.text else ""))
 
