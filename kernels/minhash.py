@@ -11,10 +11,12 @@ Signatures follow datasketch 2.0's default scheme ("affine32"): a shingle's
 32-bit hash ``h`` is mixed by MurmurHash3's fmix32, then permutation ``i`` is
 ``a[i] * h + b[i] mod 2**32`` with ``a`` odd; ``a, b`` are drawn as datasketch
 draws them from ``numpy.random.RandomState(seed)`` (``permutations``).  The
-shingle hash is ``fnv1a32`` (the low 32 bits of FNV-1a 64 of the bytes), not
-datasketch's sha1: the signatures equal ``datasketch.MinHash(num_perm, seed,
-hashfunc=fnv1a32)``'s for the same shingles (tests/test_dedup.py holds them
-equal), sha1 per shingle being the slow part there.
+shingle hash is not datasketch's sha1 of the bytes (the slow part there): each
+word (character) is hashed once, FNV-1a 64 of its bytes, and a shingle's hash
+combines its units' hashes (``_shingle_hash``), so a word is read once, not
+``n`` times.  The signatures equal ``datasketch.MinHash(num_perm, seed,
+hashfunc=shingle_hash(words))``'s for the same shingles (tests/test_dedup.py
+holds them equal).
 """
 
 import numpy as np
@@ -23,6 +25,7 @@ from numba import njit, prange
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
 M32 = np.uint64(0xFFFFFFFF)
+COMBINE = np.uint64(0x9E3779B97F4A7C15)
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,9 +44,13 @@ def fnv1a64(buf, start, end):
     return h
 
 
-def fnv1a32(data: bytes) -> int:
-    """The shingle hash as a Python function of bytes (datasketch's ``hashfunc``)."""
-    return int(fnv1a64(np.frombuffer(data, np.uint8), 0, len(data)) & M32)
+def shingle_hash(words: bool):
+    """The kernel's shingle hash as a Python function of a shingle's UTF-8 bytes (datasketch's ``hashfunc``)."""
+    def hash32(data: bytes) -> int:
+        units = data.split(b" ") if words else [c.encode() for c in data.decode()]
+        uh = np.array([fnv1a64(np.frombuffer(u, np.uint8), 0, len(u)) for u in units], np.uint64)
+        return int(_shingle_hash(uh, 0, len(uh)))
+    return hash32
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -57,12 +64,28 @@ def _fmix32(h):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _update(sig, a, b, buf, start, end):
-    h = _fmix32(fnv1a64(buf, start, end) & M32)
+def _fmix64(h):
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _shingle_hash(uh, first, last):
+    """The shingle of units first..last-1: their FNV-1a 64 hashes combined (xor, multiply), fmix64, low 32 bits."""
+    h = np.uint64(0)
+    for t in range(first, last):
+        h = (h ^ uh[t]) * COMBINE
+    return _fmix64(h) & M32
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _update(sig, a, b, h32):
+    h = _fmix32(h32)
     for i in range(sig.shape[0]):
-        v = np.uint32((np.uint64(a[i]) * h + np.uint64(b[i])) & M32)
-        if v < sig[i]:
-            sig[i] = v
+        sig[i] = min(sig[i], np.uint32((np.uint64(a[i]) * h + np.uint64(b[i])) & M32))   # branch-free: vectorises
 
 
 @njit(nogil=True, cache=True)
@@ -106,9 +129,12 @@ def signatures(buf, offsets, n, words, a, b):
         k = _units(buf, s, e, words, us, ue)
         if k == 0:
             continue
+        uh = np.empty(k, np.uint64)
+        for t in range(k):
+            uh[t] = fnv1a64(buf, us[t], ue[t])
         m = max(k - n + 1, 1)
         for j in range(m):
-            _update(sig[d], a, b, buf, us[j], ue[min(j + n, k) - 1])
+            _update(sig[d], a, b, _shingle_hash(uh, j, min(j + n, k)))
         count[d] = m
     return sig, count
 
@@ -131,16 +157,11 @@ def band_keys(sig, bands, rows):
 
 @njit(nogil=True, cache=True, parallel=True)
 def doc_hashes(buf, offsets):
-    """uint64 FNV-1a 64 of each whole document (exact duplicates), then fmix64 to spread the bits."""
+    """uint64 FNV-1a 64 of each whole document (exact duplicates), fmix64 to spread the bits."""
     n_docs = len(offsets) - 1
     out = np.empty(n_docs, np.uint64)
     for d in prange(n_docs):
-        h = fnv1a64(buf, offsets[d], offsets[d + 1])
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xC4CEB9FE1A85EC53)
-        out[d] = h ^ (h >> np.uint64(33))
+        out[d] = _fmix64(fnv1a64(buf, offsets[d], offsets[d + 1]))
     return out
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from conftest import mpirun
 
+from hpcllm.analysis.report import report
 from hpcllm.cli import run
 from hpcllm.dedup.lsh import bucket_edges
 from hpcllm.dedup.runs import SortedRuns, sort_records
 from hpcllm.dedup.text import TextNormaliser, normalise
 from hpcllm.jobs.dedup import DedupJob
-from hpcllm.kernels.minhash import fnv1a32, permutations, signatures
+from hpcllm.kernels.minhash import permutations, shingle_hash, signatures
 
 NGRAM, THRESHOLD = 5, 0.7
 
@@ -42,7 +43,7 @@ def test_signatures_equal_datasketch(words, n):
     a, b = permutations(64, 7)
     sig, count = signatures(*flat(texts), n, words, a, b)
     for t, s, c in zip(texts, sig, count):
-        m = datasketch.MinHash(64, seed=7, hashfunc=fnv1a32)
+        m = datasketch.MinHash(64, seed=7, hashfunc=shingle_hash(words))
         m.update_batch([x.encode() for x in shingles(t, n, words)])
         units = len(t.split(" ")) if words else len(t)
         assert c == (max(units - n + 1, 1) if t else 0)
@@ -164,6 +165,13 @@ def test_dedup_clusters_against_exact_jaccard_ranks_resume_filter(tmp_path):
     assert run(["filter", str(tmp_path / "one"), "--where", "keep", "--output", str(tmp_path / "kept.jsonl")]) == 0
     lines = corpus.read_bytes().splitlines(keepends=True)
     assert (tmp_path / "kept.jsonl").read_bytes() == b"".join(l for l, k in zip(lines, got["keep"]) if k)
+
+    # report: duplicates, cluster sizes and the rate per source, as the columns say
+    _, text = report([str(tmp_path / "one")], str(tmp_path / "report"))
+    sizes = np.unique(cl[cl >= 0], return_counts=True)[1]
+    n_dup = int((~got["keep"]).sum())
+    assert f"duplicates: {n_dup} of {n} rows in {len(sizes)} clusters; cluster sizes: 2: {(sizes == 2).sum()}" in text
+    assert f"c.jsonl: {100 * n_dup / n:.2f} % duplicates ({n_dup} of {n})" in text
 
 
 class StopNow:

@@ -100,6 +100,17 @@ def _job_section(out: str, d: dict) -> str:
     return "".join(parts)
 
 
+def _dedup_section(s: dict) -> str:
+    """dedup's results (``report.DupStats``): cluster sizes and the duplicate rate per source; else nothing."""
+    d = s.get("dedup")
+    if not d:
+        return ""
+    return (f"<h2>Duplicates: {d['duplicates']:,} rows in {d['clusters']:,} clusters</h2>"
+            + _table(["cluster size", "clusters"], [[k, v] for k, v in d["cluster_sizes"].items()])
+            + _table(["source", "rows", "duplicates", "rate"],
+                     [[k, v["rows"], v["duplicates"], f"{100 * v['rate']:.2f} %"] for k, v in d["per_source"].items()]))
+
+
 def write_page(out: str, s: dict, c, projections: dict) -> str:
     counts = s["status_counts"]
     total = max(1, s["n_rows"])
@@ -112,7 +123,7 @@ def write_page(out: str, s: dict, c, projections: dict) -> str:
                      for k, v in counts.items()]),
              "<div class='fig'>" + _img(plots.counts_bar(out, "status", {k.lower(): v for k, v in counts.items()},
                                                         "documents per status"), "status") + "</div>",
-             _columns_section(out, s, c)]
+             _columns_section(out, s, c), _dedup_section(s)]
     for n, (xy, st) in projections.items():
         parts.append(f"<h2>{_e(n)}: projection</h2><div class='fig'>"
                      + _img(plots.projection(out, n, xy, st, c.res.info("status").names), n) + "</div>")

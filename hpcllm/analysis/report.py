@@ -13,6 +13,8 @@ What is computed (``collect``), in one pass over blocks of rows:
   of ``SAMPLE`` rows for a 2-D PCA projection;
 * ragged columns (token_logprobs, output_ids): Sketches of row lengths and of
   the values;
+* dedup's columns (``dup_cluster``, ``keep``): duplicates, the cluster size
+  histogram and the duplicate rate per source file (``DupStats``);
 * per dir: throughput and the per-rank phase breakdown from the ``timings``
   attribute, per-shard durations from the shard files' ``seconds`` / ``rank``
   / ``dp_rank`` / ``started_at`` attributes when the executor wrote them, and
@@ -35,7 +37,7 @@ from hpcllm.status import Status
 EXAMPLES = 5
 SAMPLE = 2000
 UNPROCESSED = np.array([Status.BAD_JSON, Status.MISSING_FIELD, Status.TOO_LONG, Status.MISSING], np.uint8)
-SKIP = {"status", "line", "source", "doc_id"}
+SKIP = {"status", "line", "source", "doc_id", "dup_cluster", "dup_of"}   # ids, not quantities
 SHARD_ATTRS = ("seconds", "rank", "dp_rank", "tp_rank", "host", "started_at", "finished_at", "docs", "tokens")
 
 
@@ -61,6 +63,9 @@ class Collector:
             elif info.kind == "ragged":
                 self.ragged[name] = {"length": Sketch(), "values": Sketch()}
         self.names = ["status", *self.numeric, *self.enums, *self.vectors, *self.ragged]
+        self.dups = DupStats() if {"dup_cluster", "keep", "source"} <= set(res.columns) else None
+        if self.dups:
+            self.names += [n for n in ("dup_cluster", "keep", "source") if n not in self.names]
 
     def add(self, rows: slice, block: dict) -> None:
         st = block["status"]
@@ -78,6 +83,8 @@ class Collector:
             counts += np.bincount(v, minlength=len(counts))
         for n, state in self.vectors.items():
             self._add_vector(rows, block[n], st, done, state)
+        if self.dups:
+            self.dups.add(block)
         for n, state in self.ragged.items():
             r: Ragged = block[n]
             state["length"].add(r.lengths()[done])
@@ -92,6 +99,39 @@ class Collector:
         pick = np.arange(first, len(x), step)
         state["sample"].append(x[pick])
         state["status"].append(st[pick])
+
+
+class DupStats:
+    """dedup's results: the rows of each cluster, and rows and duplicates (keep false) per source file."""
+
+    def __init__(self):
+        self.clusters, self.rows, self.dups = [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def add(self, block: dict) -> None:
+        cl, src = block["dup_cluster"], block["source"].astype(np.int64)
+        self.clusters.append(cl[cl >= 0])
+        n = max(len(self.rows), int(src.max(initial=-1)) + 1)
+        self.rows = np.pad(self.rows, (0, n - len(self.rows))) + np.bincount(src[src >= 0], minlength=n)
+        dup = src[(~block["keep"].astype(bool)) & (src >= 0)]
+        self.dups = np.pad(self.dups, (0, n - len(self.dups))) + np.bincount(dup, minlength=n)
+
+    def summary(self, sources: list) -> dict:
+        """Duplicates, clusters, cluster sizes binned by powers of two (2, 3-4, 5-8, ...), rate per source."""
+        ids = np.concatenate(self.clusters) if self.clusters else np.zeros(0, np.int64)
+        sizes = np.unique(ids, return_counts=True)[1]
+        bins, lo = {}, 2
+        while lo <= sizes.max(initial=0):
+            hi = 2 if lo == 2 else 2 * (lo - 1)
+            n = int(((sizes >= lo) & (sizes <= hi)).sum())
+            if n:
+                bins[str(lo) if lo == hi else f"{lo}-{hi}"] = n
+            lo = hi + 1
+        names = [sources[i] if i < len(sources) and sources[i] else str(i) for i in range(len(self.rows))]
+        short = [os.path.basename(n) for n in names]
+        names = short if len(set(short)) == len(short) else names     # full paths where base names repeat
+        return {"duplicates": int(self.dups.sum()), "clusters": len(sizes), "cluster_sizes": bins,
+                "per_source": {n: {"rows": int(r), "duplicates": int(d), "rate": d / max(r, 1)}
+                               for n, r, d in zip(names, self.rows, self.dups)}}
 
 
 def collect(res: Results) -> Collector:
@@ -166,6 +206,8 @@ def summarize(res: Results, c: Collector) -> dict:
            "vectors": {n: {"norm": sketch_stats(s["norm"]), "dim": res.info(n).width} for n, s in c.vectors.items()},
            "ragged": {n: {k: sketch_stats(s[k]) for k in ("length", "values")} for n, s in c.ragged.items()},
            "dirs": []}
+    if c.dups:
+        out["dedup"] = c.dups.summary(res.dirs[0].sources)
     for d in res.dirs:
         a = d.attrs
         out["dirs"].append({"path": d.path, "job": d.job, "throughput": throughput(a),
@@ -187,6 +229,12 @@ def text_summary(s: dict) -> str:
                      f"p50={fmt(q.get('0.5'))} p95={fmt(q.get('0.95'))} max={fmt(q.get('1'))}")
     for n, counts in s["enums"].items():
         lines.append(f"  {n}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if "dedup" in s:
+        dd = s["dedup"]
+        lines.append(f"  duplicates: {dd['duplicates']} of {s['n_rows']} rows in {dd['clusters']} clusters; cluster "
+                     "sizes: " + ", ".join(f"{k}: {v}" for k, v in dd["cluster_sizes"].items()))
+        lines += [f"  {name}: {100 * v['rate']:.2f} % duplicates ({v['duplicates']} of {v['rows']})"
+                  for name, v in dd["per_source"].items()]
     for d in s["dirs"]:
         t = d["throughput"]
         if t:
