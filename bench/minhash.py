@@ -1,6 +1,7 @@
 """Benchmark: MinHash signatures per second on one core, hpcllm's kernel against datasketch and rensa.
 
     RAYON_NUM_THREADS=1 python bench/minhash.py [--docs 2000] [--num-perm 128] [--ngram 5]
+    python bench/minhash.py --phase2 OUT [--memory-mb 4 64 1024]
 
 Documents are 2..12 fortunes joined (bench/corpus.py's recipe), normalised
 once (NFC, whitespace collapsed; not timed).  Every peer gets the same
@@ -17,6 +18,11 @@ RAYON_NUM_THREADS=1, which this script sets when unset):
   the shingle lists, with and without building those lists in Python.
 
 Prints documents/s of each and hpcllm's ratio to each, all in one run.
+
+``--phase2 OUT``: the global phase of a finished ``hpcllm dedup`` run in OUT
+again, in this process as one rank, once per ``--memory-mb``: the peak of
+numpy's allocations in it (tracemalloc), the band records' size, the sorted
+runs spilled and the clusters (which must not change).
 """
 
 import argparse
@@ -63,7 +69,11 @@ def main():
     p.add_argument("--docs", type=int, default=2000)
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--ngram", type=int, default=5)
+    p.add_argument("--phase2", metavar="OUT", help="measure the global phase of this finished dedup run")
+    p.add_argument("--memory-mb", type=float, nargs="+", default=[4, 64, 1024])
     args = p.parse_args()
+    if args.phase2:
+        return phase2(args.phase2, args.memory_mb)
     import numba
     import rensa
     from datasketch import MinHash
@@ -103,6 +113,45 @@ def main():
     print(f"{'':34s} {'docs/s':>10s} {'MB/s':>8s} {'hpcllm x':>9s}")
     for name, t in rows.items():
         print(f"{name:34s} {len(docs) / t:10.0f} {mb / t:8.2f} {t / ours:9.2f}")
+
+
+def phase2(out, budgets):
+    import json
+    import tempfile
+    import tracemalloc
+
+    import h5py
+
+    from hpcllm.dedup.lsh import Clusters
+    from hpcllm.dedup.runs import SortedRuns
+    from hpcllm.jobs.dedup import saved_records
+    from hpcllm.store.manifest import read_manifest
+
+    plan = read_manifest(os.path.join(out, "manifest.json")).shards
+    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
+        bands, rows = int(f.attrs["bands"]), int(f.attrs["rows"])
+        keep = f["keep"][:]
+    size = sum(len(saved_records(out, s, bands, rows)) for s in plan) * 16 / 2**20
+
+    class Never:
+        def should_stop(self, comm):
+            return False
+    print(f"{sum(s.n_docs for s in plan)} documents, {bands} bands x {rows} rows: {size:.1f} MiB of band records")
+    print(f"{'--memory-mb':>12s} {'numpy peak MiB':>15s} {'runs':>5s} {'seconds':>8s}")
+    for mb in budgets:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            runs = SortedRuns(tmp, int(mb * 2**20))
+            tracemalloc.start()
+            t = time.perf_counter()
+            clusters = Clusters.find(None, lambda s: saved_records(out, s, bands, rows), list(plan), bands, rows,
+                                     runs, Never())
+            seconds = time.perf_counter() - t
+            peak = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+        got = np.concatenate([clusters.columns(s.row_start, s.n_docs)["keep"] for s in plan])
+        if not np.array_equal(got, keep):
+            sys.exit(json.dumps({"memory_mb": mb, "error": "other keep flags than the run's"}))
+        print(f"{mb:12g} {peak:15.1f} {runs.spilled:5d} {seconds:8.1f}")
 
 
 if __name__ == "__main__":

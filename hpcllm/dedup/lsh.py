@@ -11,9 +11,10 @@
 A cluster is a connected component of "shares a bucket" (LSH candidates are
 not verified): its id, and the row kept, is its smallest global row, so the
 result does not depend on the number of ranks or the order of the rounds.
-What the final union-find holds is every duplicate row (16 bytes each), on
-every rank: the bound on memory holds for the band records, which are
-``bands + 1`` per document, not for the duplicates found.
+Memory: --memory-mb bounds the band records (``bands + 1`` per document, 16
+bytes each), the bulk; what is held beyond them is the duplicates found, a
+(row, smallest row) pair of 16 bytes per duplicate row, at the end on every
+rank.
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ def exchange(comm, rec: np.ndarray) -> np.ndarray:
     return out
 
 
-def bucket_edges(chunks) -> np.ndarray:
-    """(row, smallest row of its bucket) int64 pairs of every bucket of more than one row; ``chunks``:
-    the records in key order (a bucket may span chunks: its smallest row so far is carried on)."""
-    edges, carry = [], None
+def bucket_edges(chunks, fold: int = 1 << 16) -> np.ndarray:
+    """(row, smallest row linked to it) int64 pairs joining the rows of every bucket of more than one row;
+    ``chunks``: the records in key order (a bucket may span chunks: its smallest row so far is carried on).
+    The pairs are folded into components (``smallest_of``) whenever they double, so what is held stays
+    about two pairs per duplicate row, not one per duplicate row and band."""
+    edges, held, folded, carry = [], 0, 0, None
     for rec in chunks:
         if carry is not None and rec[0, 0] == carry[0]:
             rec = np.concatenate([carry[None], rec])
@@ -85,8 +88,12 @@ def bucket_edges(chunks) -> np.ndarray:
         lowest = np.repeat(low, np.diff(np.r_[starts, len(rows)]))
         linked = rows != lowest
         edges.append(np.stack([rows[linked], lowest[linked]], axis=1))
+        held += int(linked.sum())
         carry = np.array([keys[-1], low[-1]], np.uint64)
-    return np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
+        if held > max(fold, 2 * folded):
+            edges = [smallest_of(np.concatenate(edges))]
+            held = folded = len(edges[0])
+    return smallest_of(np.concatenate(edges)) if edges else np.zeros((0, 2), np.int64)
 
 
 def smallest_of(edges: np.ndarray) -> np.ndarray:
@@ -131,7 +138,7 @@ class Clusters:
                 return None
             rec = load_shard(local[k]) if k < len(local) else np.zeros((0, 2), np.uint64)
             runs.add(exchange(comm, rec))
-        pairs = gather_pairs(comm, smallest_of(bucket_edges(runs.chunks())))
+        pairs = gather_pairs(comm, bucket_edges(runs.chunks()))
         return cls(smallest_of(pairs))
 
     def columns(self, row_start: int, n: int) -> dict:

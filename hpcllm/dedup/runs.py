@@ -14,8 +14,10 @@ import os
 
 import numpy as np
 
-# bytes a record costs while it is sorted: the record, the argsort's index, the sorted copy
-RECORD_BYTES = 16 + 8 + 16
+# bytes a record costs while it is sorted: held, joined into one array, the argsort's index, the sorted copy
+RECORD_BYTES = 16 + 16 + 8 + 16
+# a chunk handed on is at most this share of the records held: turning it into pairs costs ~100 bytes a record
+CHUNK_SHARE = 8
 
 
 def sort_records(rec: np.ndarray) -> np.ndarray:
@@ -45,15 +47,18 @@ class SortedRuns:
 
     def chunks(self):
         """Every record in key order, as sorted (n, 2) uint64 arrays; then the run files are removed."""
+        step = max(1, self.capacity // CHUNK_SHARE)
         if not self.runs:
             if self._held:
-                yield sort_records(np.concatenate(self._buffer))
-            self._buffer, self._held = [], 0
+                rec = sort_records(np.concatenate(self._buffer))
+                self._buffer, self._held = [], 0
+                yield from (rec[i:i + step] for i in range(0, len(rec), step))
             return
         if self._held:
             self._spill()
         try:
-            yield from self._merge()
+            for rec in self._merge():
+                yield from (rec[i:i + step] for i in range(0, len(rec), step))
         finally:
             for path in self.runs:
                 os.unlink(path)
@@ -63,7 +68,7 @@ class SortedRuns:
         """Blocked k-way merge: each round takes every run's records up to the smallest of the keys
         that end the runs' current blocks (so nothing later can sort before them)."""
         runs = [np.load(p, mmap_mode="r") for p in self.runs]
-        block = max(1, self.capacity // (2 * len(runs)))
+        block = max(1, self.capacity // (4 * len(runs)))
         pos = [0] * len(runs)
         pending = [np.zeros((0, 2), np.uint64) for _ in runs]
         while True:

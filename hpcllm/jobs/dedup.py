@@ -132,17 +132,21 @@ class DedupJob(Job):
         return False
 
     def _records(self, shard):
-        try:
-            with np.load(signature_file(self.cfg.output, shard.index)) as z:
-                return shard_records(z["sig"], z["count"], z["exact"], z["processed"], shard.row_start,
-                                     self.bands, self.rows)
-        except OSError as e:
-            raise HpcllmError(f"dedup: cannot read the signatures of shard {shard.index} ({e}); remove "
-                              f"{shard_file(self.cfg.output, shard.index)} and rerun to compute them again") from None
+        return saved_records(self.cfg.output, shard, self.bands, self.rows)
 
     def totals(self, out_dir, plan):
         return Totals(attrs={"bands": self.bands, "rows": self.rows, "n_duplicates": self.n_dup},
                       summary=f"{self.n_dup} duplicates (keep false), {self.bands} bands x {self.rows} rows")
+
+
+def saved_records(out_dir, shard, bands, rows):
+    """The band records (``hpcllm.dedup.lsh.shard_records``) of a shard, from its saved signatures."""
+    try:
+        with np.load(signature_file(out_dir, shard.index)) as z:
+            return shard_records(z["sig"], z["count"], z["exact"], z["processed"], shard.row_start, bands, rows)
+    except OSError as e:
+        raise HpcllmError(f"dedup: cannot read the signatures of shard {shard.index} ({e}); remove "
+                          f"{shard_file(out_dir, shard.index)} and rerun to compute them again") from None
 
 
 def _rewrite(out_dir, shard, columns, schema):
