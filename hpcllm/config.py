@@ -58,12 +58,29 @@ class JobConfig:
                          "or `skip` (status too_long, NaN outputs)", result=True, choices=("truncate", "skip"),
                          jobs=DOC_JOBS)
     shard_docs: int = opt(DEFAULT_SHARD_DOCS, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
+    chunk_mb: float = opt(None, "size of the files finished shards are consolidated into, which results.h5 joins "
+                          "(default: 1024, larger where a result would need over 64 of them; 0: one per shard)")
     batch_tokens: int = opt(4096, "token budget of one batch (embed: real tokens, documents are packed; score: padded "
                             "tokens; generate: tokens of one forward pass, decodes and prefill chunks)", jobs=MODEL_JOBS)
     window: int = opt(2048, "embed / score / classify: this many documents at a time are sorted by length before "
                       "batching", jobs=tuple(j for j in MODEL_JOBS if j != "generate"))
     threads: int = opt(None, "threads per rank (default: cores per rank on the node)")
-    out_dtype: str = opt("float32", "embedding dtype in results", result=True, choices=("float32", "float16"), jobs=("embed",))
+    out_dtype: str = opt("float32", "embedding dtype in results: float32, float16, int8 (per-vector symmetric codes, "
+                         "their scale in embedding_scale) or binary (sign bits packed 8 to a uint8, as "
+                         "sentence-transformers' ubinary)", result=True,
+                         choices=("float32", "float16", "int8", "binary"), jobs=("embed",))
+    pooling: str = opt(None, "decoder models: `last` (default: the hidden state after the final norm at each "
+                       "document's last token) or `mean` (over its tokens); an encoder pools as its "
+                       "sentence-transformers config says", result=True, choices=("last", "mean"), jobs=("embed",))
+    prefix: str = opt(None, "an instruction prepended to every document's text before tokenizing (e.g. \"query: \")",
+                      result=True, jobs=("embed",))
+    append_eos: bool = opt(False, "decoder models: end every document with the model's EOS token (e5-mistral); leave "
+                           "it off where the tokenizer's template appends one (Qwen3-Embedding)", result=True,
+                           jobs=("embed",))
+    no_normalize: bool = opt(False, "decoder models: keep the pooled vectors as they are (default: L2-normalised)",
+                             result=True, jobs=("embed",))
+    truncate_dim: int = opt(None, "keep the first N dimensions of every embedding (Matryoshka), normalised again "
+                            "where the vectors are normalised", result=True, jobs=("embed",))
     stride: int = opt(None, "sliding-window stride for documents longer than the context (default: half the context)",
                       result=True, jobs=("score",))
     token_logprobs: bool = opt(False, "also write per-token log-probabilities", result=True, jobs=("score",))

@@ -9,7 +9,9 @@ datasets, so jobs that do not exist yet are read the same way:
   dataset attribute ``names`` (a JSON list indexed by code, or ``{code: name}``),
   and ``status`` (hpcllm.status.Status)
 * ``string``: vlen strings (``doc_id``, ``text``)
-* ``vector``: fixed-width rows ``[N, d]`` (``embedding``)
+* ``vector``: fixed-width rows ``[N, d]`` (``embedding``); quantised ones (embed --out-dtype int8 /
+  binary) name it in an attribute ``quantization`` ("int8": codes times the row's scale, the column
+  named by ``scale``; "ubinary": sign bits packed 8 to a byte, ``dim`` of them): ``dequantize``
 * ``ragged``: per-row runs, either a flat dataset cut by an ``..._offsets``
   dataset of ``N + 1`` int64 (``token_logprobs`` + ``token_offsets``,
   ``output_ids`` + ``output_offsets``; a flat dataset names its offsets in an
@@ -70,6 +72,9 @@ class ColumnInfo:
     names: list | None = None      # enum: name of each code (None for unnamed codes)
     offsets: str | None = None     # ragged (flat): its offsets dataset
     row_bytes: float = 8.0         # average bytes per row, for block sizing
+    quantization: str | None = None  # vector: "int8" or "ubinary" (embed --out-dtype), None for floats
+    scale: str | None = None       # vector, int8: the column of each row's scale
+    dim: int | None = None         # vector, ubinary: dimensions (bits) per row
 
 
 def _enum_names(ds) -> list | None:
@@ -93,6 +98,25 @@ def _enum_names(ds) -> list | None:
     for code, name in by_code.items():
         names[code] = name
     return names
+
+
+def _quantization(ds) -> dict:
+    """A vector dataset's quantization attributes, as ColumnInfo fields."""
+    a = {k: v.decode() if isinstance(v, bytes) else v for k, v in ds.attrs.items()}
+    if "quantization" not in a:
+        return {}
+    return {"quantization": str(a["quantization"]), "scale": a.get("scale"),
+            "dim": int(a["dim"]) if "dim" in a else None}
+
+
+def dequantize(info: ColumnInfo, values: np.ndarray, scale=None) -> np.ndarray:
+    """Rows of a vector column as float32: int8 codes times their row's ``scale`` (NaN for a row no
+    document filled), packed sign bits as -1 / +1 per dimension, float rows as they are."""
+    if info.quantization == "int8":
+        return values.astype(np.float32) * np.asarray(scale, np.float32)[:, None]
+    if info.quantization == "ubinary":
+        return np.unpackbits(values, axis=-1, count=info.dim).astype(np.float32) * 2 - 1
+    return np.asarray(values, np.float32)
 
 
 def _offsets_of(f, name: str, n: int) -> str | None:
@@ -124,7 +148,8 @@ def classify(f: h5py.File, n: int) -> dict[str, ColumnInfo]:
         elif h5py.check_vlen_dtype(dt) is not None:
             out[name] = ColumnInfo(name, "ragged", np.dtype(h5py.check_vlen_dtype(dt)), row_bytes=1024)
         elif ds.ndim == 2:
-            out[name] = ColumnInfo(name, "vector", dt, width=ds.shape[1], row_bytes=dt.itemsize * ds.shape[1])
+            out[name] = ColumnInfo(name, "vector", dt, width=ds.shape[1], row_bytes=dt.itemsize * ds.shape[1],
+                                   **_quantization(ds))
         elif ds.ndim == 1 and dt.kind in "iufb":
             names = STATUS_NAMES if name == "status" else _enum_names(ds)
             out[name] = ColumnInfo(name, "enum" if names and dt.kind in "iu" else "numeric", dt,

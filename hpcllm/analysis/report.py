@@ -10,7 +10,8 @@ What is computed (``collect``), in one pass over blocks of rows:
 * every enum column (uint8/int with names, e.g. generate's finish_reason,
   classify's label): counts per code over processed rows;
 * vectors (embedding): a Sketch of the L2 norms and an evenly strided sample
-  of ``SAMPLE`` rows for a 2-D PCA projection;
+  of ``SAMPLE`` rows for a 2-D PCA projection, of quantised vectors dequantised
+  (``columns.dequantize``; the int8 scale column is numeric, so it is read anyway);
 * ragged columns (token_logprobs, output_ids): Sketches of row lengths and of
   the values;
 * dedup's columns (``dup_cluster``, ``keep``): duplicates, the cluster size
@@ -28,7 +29,7 @@ import os
 import h5py
 import numpy as np
 
-from hpcllm.analysis.columns import Ragged, Results, distinct_columns
+from hpcllm.analysis.columns import Ragged, Results, dequantize, distinct_columns
 from hpcllm.analysis.page import write_page
 from hpcllm.analysis.sketch import RELATIVE_ERROR, Sketch
 from hpcllm.analysis.stats import fmt, sketch_stats
@@ -82,7 +83,9 @@ class Collector:
             v = v[(v >= 0) & (v < len(counts))]
             counts += np.bincount(v, minlength=len(counts))
         for n, state in self.vectors.items():
-            self._add_vector(rows, block[n], st, done, state)
+            info = self.res.info(n)
+            x = dequantize(info, block[n], block[info.scale] if info.scale else None)
+            self._add_vector(rows, x, st, done, state)
         if self.dups:
             self.dups.add(block)
         for n, state in self.ragged.items():
@@ -92,7 +95,7 @@ class Collector:
 
     @staticmethod
     def _add_vector(rows, x, st, done, state):
-        x = np.asarray(x, np.float32)
+        x = np.where(done[:, None], np.asarray(x, np.float32), np.nan)   # a quantised fill is no vector
         state["norm"].add(np.linalg.norm(x[done], axis=1))
         step = state["step"]
         first = (-rows.start) % step
