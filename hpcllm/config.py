@@ -125,6 +125,16 @@ class JobConfig:
                                 "(to measure the prefix cache)", jobs=GEN)
     n: int = opt(1, "completions per prompt (they share the prompt's KV cache)", result=True, jobs=GEN)
     logprobs: bool = opt(False, "also write the sampled tokens' log-probabilities (output_logprobs)", result=True, jobs=GEN)
+    choices: str = opt(None, "constrained decoding: every completion is exactly one of these strings, comma separated",
+                       result=True, jobs=GEN)
+    choices_file: str = opt(None, "constrained decoding: a file of choices, one per line (instead of --choices)",
+                            result=True, jobs=GEN)
+    regex: str = opt(None, "constrained decoding: every completion fully matches this regular expression", result=True,
+                     jobs=GEN)
+    json_schema: str = opt(None, "constrained decoding: a JSON schema file; every completion is JSON valid under it",
+                           result=True, jobs=GEN)
+    grammar: str = opt(None, "constrained decoding: a Lark grammar file (llguidance's Lark); every completion is a "
+                       "sentence of it", result=True, jobs=GEN)
     chat: bool = opt(False, "apply the model's chat template, the text as one user message", result=True, jobs=GEN)
     system: str = opt(None, "with --chat: a system message before the user message", result=True, jobs=GEN)
     messages_field: str = opt("messages", "with --chat: JSONL field holding a conversation [{role, content}, ...], "

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcllm.generate.constrain import Guide
 from hpcllm.generate.sampling import SamplingParams, row_key, sample
-from hpcllm.generate.scheduler import EOS, LENGTH, STOP, Scheduler, broadcast_plan
+from hpcllm.generate.scheduler import CONSTRAINT_INCOMPLETE, EOS, LENGTH, STOP, Scheduler, broadcast_plan
 from hpcllm.generate.text import Completion
 from hpcllm.model.layers import linear
 
@@ -32,7 +33,7 @@ class Limits:
 class Engine:
     def __init__(self, model, cache, prompts, max_new, doc_ids, params: SamplingParams, limits: Limits,
                  n: int, batch_tokens: int, max_seqs: int, tokenizer=None, logprobs: bool = False,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, constraints=None, grammars=None):
         self.model, self.cache, self.comm = model, cache, model.comm
         self.leader = self.comm.rank == 0
         self.prompts, self.max_new, self.doc_ids = prompts, max_new, doc_ids
@@ -47,6 +48,10 @@ class Engine:
         self.docs_done = 0                   # documents run whose completions are all done
         self.seen = (torch.zeros(cache.n_slots, model.head_weight.shape[0], dtype=torch.bool)
                      if params.repetition_penalty != 1.0 else None)
+        # constrained decoding: per document a Constraint or None; grammars: the job's constrain.Grammars
+        self.constraints = constraints
+        self.guide = (Guide(grammars, model.vocab_start, model.vocab_start + model.head_weight.shape[0])
+                      if grammars is not None else None)
 
     def run_until(self, target: int) -> None:
         """Steps until at least ``target`` documents are done (all of their completions)."""
@@ -66,12 +71,16 @@ class Engine:
             self.cache.copy(src, dst, n)
         for i, j, c, slot, _ in plan.admits:
             self._reset_seen(slot, self.prompts[j])
+            if self.guide is not None and self.constraints[j] is not None:
+                self.guide.start(i, self.constraints[j])
             if self.leader:
                 self.texts[i] = Completion(self.tokenizer, list(self.limits.stops))
         ids, lps = self._forward_and_sample(plan)
         for s in self.sched.apply_sampled(plan, ids, lps):
             if self.seen is not None:
                 self._mark_seen(s.slot, s.tokens[-1])
+            if self.guide is not None:
+                self.guide.advance(s.id, s.tokens[-1])
             if self.leader:
                 reason = self._finished(s)
                 if reason is not None:
@@ -83,6 +92,7 @@ class Engine:
         decode = [(seqs[i].slot, p0) for i, p0, n in plan.entries if n == 1]
         chunks = [(seqs[i].slot, p0, n) for i, p0, n in plan.entries if n > 1]
         where, tokens = self._packed_layout(plan)
+        masks = self.guide.masks([i for _, i in plan.samples]) if self.guide is not None else None   # meanwhile
         step = self.cache.step([s for s, _ in decode], [p for _, p in decode], chunks)
         ids = torch.tensor(tokens, dtype=torch.int64)[None]
         hidden = self.model(ids, step.positions, cache=step)[0]
@@ -94,8 +104,9 @@ class Engine:
         keys = torch.tensor([_signed(row_key(self.params.seed, self.doc_ids[s.doc], s.completion,
                                              len(s.generated))) for s in sampled], dtype=torch.int64)
         seen = self.seen[[s.slot for s in sampled]] if self.seen is not None else None
+        allowed = torch.from_numpy(masks.result()) if masks is not None else None
         out, lps = sample(logits, keys, self.params, self.model.vocab_start, self.vocab, self.comm, seen,
-                          self.logprobs)
+                          self.logprobs, allowed)
         return out.tolist(), (lps.tolist() if lps is not None else None)
 
     def _packed_layout(self, plan):
@@ -115,23 +126,33 @@ class Engine:
         return where, tokens
 
     def _finished(self, s):
-        """The leader's decision for a sequence that just got a token: a finish reason or None."""
-        tok, lim = s.tokens[-1], self.limits
-        if tok in lim.stop_ids:
-            return STOP
+        """The leader's decision for a sequence that just got a token: a finish reason or None. A constrained
+        one that ends where its grammar does not accept its text: CONSTRAINT_INCOMPLETE."""
+        tok, lim, text = s.tokens[-1], self.limits, self.texts[s.id]
         if tok in lim.eos_ids:
-            return EOS
-        if self.texts[s.id].add(tok):
-            return STOP
-        if len(s.generated) >= self.max_new[s.doc]:
-            return LENGTH
-        return None
+            return EOS                       # a constrained sequence: only allowed where its grammar accepts
+        if tok in lim.stop_ids:
+            reason = STOP
+        elif text.add(tok):
+            reason = STOP
+        elif self.guide is not None and self.guide.ended(s.id):
+            reason = EOS                     # the grammar is complete: only EOS could follow
+        elif len(s.generated) >= self.max_new[s.doc]:
+            reason = LENGTH
+        else:
+            return None
+        if self.guide is not None and not self.guide.complete(s.id, text.data(), cut=reason == STOP):
+            return CONSTRAINT_INCOMPLETE
+        return reason
+
 
     def _collect(self):
         """Completions freed by the last plan -> results; documents done."""
         for s, reason in self.sched.done:
             text = self.texts.pop(s.id).text() if self.leader else ""
             self.results[s.doc, s.completion] = (s.generated, s.lps, reason, text)
+            if self.guide is not None:
+                self.guide.drop(s.id)
             self.left[s.doc] -= 1
             self.docs_done += int(self.left[s.doc] == 0)
         self.sched.done = []

@@ -15,8 +15,8 @@ carry O(k) numbers:
   computed by the rank owning t, and the key hashes (seed, document id,
   completion index, step), so a completion's random stream depends on nothing
   else: not the batch, the dp rank, the tp layout, the shard order or a resume.
-* ``logprobs``: log-softmax of the model's logits (before penalties,
-  temperature and filtering, as vLLM reports them) at the chosen token, from a
+* ``logprobs``: log-softmax of the model's logits (before a grammar's mask,
+  penalties, temperature and filtering, as vLLM reports them) at the chosen token, from a
   distributed logsumexp (two all-reduces of [B]).
 
 A gather of a few values per rank is an all-reduce sum of a [size, ...]
@@ -180,13 +180,16 @@ def apply_penalty(logits, seen, penalty: float):
 
 
 def sample(logits, keys, params: SamplingParams, vocab_start: int, vocab: int, comm, seen=None,
-           want_logprobs=False):
+           want_logprobs=False, allowed=None):
     """logits [B, V_local] float32 (this rank's vocabulary slice), keys [B] int64 row keys ->
-    (token ids [B] int64, log-probabilities [B] float32 or None). Identical on every rank."""
+    (token ids [B] int64, log-probabilities [B] float32 or None). Identical on every rank.
+    ``allowed``: bool [B, V_local], the tokens a grammar allows (``hpcllm.generate.constrain``), or None."""
     lp = None
     if want_logprobs:
         lse = logsumexp(logits, comm)
     raw = logits
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
     if seen is not None:
         logits = apply_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:

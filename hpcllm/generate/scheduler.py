@@ -36,7 +36,8 @@ import torch
 
 MIN_COPY = 16       # tokens of shared prefix worth a copy from a busy slot
 EOS, STOP, LENGTH = 0, 1, 2
-FINISH_NAMES = ("eos", "stop", "length")
+CONSTRAINT_INCOMPLETE = 3   # ended (length, stop) where the completion's grammar does not accept its text
+FINISH_NAMES = ("eos", "stop", "length", "constraint_incomplete")
 
 
 @dataclass

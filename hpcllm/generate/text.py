@@ -35,6 +35,8 @@ class Completion:
             return True
         return False
 
+    def data(self) -> bytes:
+        return bytes(self.buf if self.cut is None else self.buf[:self.cut])
+
     def text(self) -> str:
-        data = bytes(self.buf if self.cut is None else self.buf[:self.cut])
-        return data.decode("utf-8", "replace")
+        return self.data().decode("utf-8", "replace")

@@ -1,8 +1,9 @@
 """`hpcllm generate`: a completion (or ``--n`` of them) for every prompt of a corpus.
 
 Columns (one row per input line, input order): ``text`` (UTF-8; [N, n] with
-``--n`` > 1), ``finish_reason`` (uint8: 0 eos, 1 stop, 2 length, 255 not
-generated; the names are the dataset's ``names`` attribute),
+``--n`` > 1), ``finish_reason`` (uint8: 0 eos, 1 stop, 2 length, 3
+constraint_incomplete, 255 not generated; the names are the dataset's
+``names`` attribute),
 ``n_prompt_tokens``, ``n_generated`` ([N, n] with --n), the generated ids as
 flat ``output_ids`` cut by ``output_offsets`` (a row's n completions one
 after the other; ``n_generated`` splits them) and with ``--logprobs``
@@ -16,6 +17,13 @@ template's text is tokenized without the tokenizer's own special tokens, as
 A prompt that leaves no room for one new token in the context is TOO_LONG
 (``--truncate-prompt``: cut from the left to leave max_new_tokens, status
 TRUNCATED); generation stops at the context in any case (length).
+
+Constrained decoding (``--choices``, ``--regex``, ``--json-schema``,
+``--grammar``; ``hpcllm.generate.constrain``): every completion is a sentence
+of the grammar, or ends with finish reason constraint_incomplete where its
+budget (max_new_tokens, the context, a stop string) ended it before the
+grammar accepted; EOS is allowed only where the grammar accepts, and a
+grammar that admits nothing more ends the completion (eos).
 
 The executor's pseudo-batches are slices of the shard's documents: each
 ``compute`` runs the continuous-batching engine until that many more
@@ -34,6 +42,7 @@ import numpy as np
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job, ShardResult, Totals
 from hpcllm.generate.chat import ChatTemplate, TemplateRefused, conversation
+from hpcllm.generate.constrain import ConstraintError, from_options
 from hpcllm.generate.scheduler import FINISH_NAMES
 from hpcllm.model.architectures import require_family
 from hpcllm.scoring import with_bos
@@ -69,9 +78,27 @@ class GenerateJob(Job):
         self.text_of_needs = "--chat (the chat template of each line's text or messages)"
         self.min_shard_docs = cfg.max_num_seqs   # a small corpus: shards that fill the running set
         self.cache = None
+        self.constraint = from_options(cfg)
+        self.grammars = None                     # constrain.Grammars, built for the first constrained prompt
+        if self.constraint is not None:          # a grammar that does not compile: refused before any shard
+            try:
+                self._grammars().matcher(self.constraint)
+            except ConstraintError as e:
+                raise HpcllmError(f"generate: {e}") from None
 
     def config_hash(self) -> str:
-        return self.cfg.result_hash(self.name, seed=self.cfg.seed)   # seed is shared with train (not result=)
+        # seed is shared with train (not result=); the grammar, not the name of its file
+        grammar = {"constraint": self.constraint.grammar} if self.constraint is not None else {}
+        return self.cfg.result_hash(self.name, seed=self.cfg.seed, **grammar)
+
+    def _grammars(self):
+        if self.grammars is None:
+            import torch
+
+            from hpcllm.generate.constrain import Grammars
+
+            self.grammars = Grammars(self.tokenizer, self.eos_ids, self.model_cfg["vocab"], torch.get_num_threads())
+        return self.grammars
 
     def _template(self):
         source = self.model_cfg.get("chat_template")
@@ -108,6 +135,7 @@ class GenerateJob(Job):
         doc_ids = ([work.doc_ids[r] for r in rows] if work.doc_ids is not None else [str(r) for r in rows])
         n_run = sum(1 for p in prompts if len(p))
         return SimpleNamespace(work=work, prompts=prompts, max_new=max_new, status=status, doc_ids=doc_ids,
+                               constraints=[self.constraint] * len(rows),
                                engine=None, batches=[min(n_run, (k + 1) * DOCS_PER_BATCH)
                                                      for k in range(-(-n_run // DOCS_PER_BATCH))])
 
@@ -159,8 +187,10 @@ class GenerateJob(Job):
                                 cfg.seed)
         limits = Limits(frozenset() if cfg.ignore_eos else self.eos_ids, frozenset(cfg.stop_token_ids or ()),
                         tuple(s.encode() for s in cfg.stop or () if s))
+        grammars = self._grammars() if any(c is not None for c in state.constraints) else None
         return Engine(model, self.cache, state.prompts, state.max_new, state.doc_ids, params, limits, cfg.n,
-                      cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs, not cfg.no_prefix_cache)
+                      cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs, not cfg.no_prefix_cache,
+                      state.constraints, grammars)
 
     def result(self, state):
         n, n_docs = self.cfg.n, state.work.n_docs
