@@ -14,7 +14,7 @@
 #                        instead of draining the node for "low CPU count".
 #   SLURM_TEST_TIMEOUT   seconds to wait for the node to become idle (30).
 #   SLURM_TEST_CLUSTER   ClusterName (default hpcllm-test).
-#   SLURM_TEST_CRED_EXPIRE  step credential lifetime, s (default 15; Slurm's
+#   SLURM_TEST_CRED_EXPIRE  step credential lifetime, s (default 5; Slurm's
 #                        default is 120). A requeued job cannot start again
 #                        before it has passed (its old credential is revoked),
 #                        so this is also the requeue delay the tests wait for.
@@ -34,7 +34,7 @@ LOG_DIR=/var/log/slurm
 CPUS=${SLURM_TEST_CPUS:-4}
 TIMEOUT=${SLURM_TEST_TIMEOUT:-30}
 CLUSTER=${SLURM_TEST_CLUSTER:-hpcllm-test}
-CRED_EXPIRE=${SLURM_TEST_CRED_EXPIRE:-15}
+CRED_EXPIRE=${SLURM_TEST_CRED_EXPIRE:-5}
 NODE=$(hostname -s)
 
 die() { echo "start-test-cluster: error: $*" >&2; exit 1; }

@@ -257,7 +257,7 @@ def test_signalled_job_is_requeued_and_resumes(slurm_cluster, tmp_path, sig):
                     "the first run to make progress")
         # What --signal=B:USR1@300 (or scancel's SIGTERM to the batch shell) does before the time limit.
         subprocess.run(["scancel", "--batch", f"--signal={sig}", str(job_id)], check=True, timeout=30)
-        # Slurm holds a requeued job for the credential lifetime (15 s on the test cluster).
+        # Slurm holds a requeued job for the credential lifetime (5 s on the test cluster).
         _wait_until(lambda: _job_state(job_id) in FINISHED_AFTER_ONE_RESTART, f"job {job_id} to be requeued and end")
     finally:
         subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
