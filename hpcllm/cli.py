@@ -36,6 +36,8 @@ JOBS = {
     "classify": ("hpcllm.jobs.classify", "ClassifyJob", "label every document with a classifier (encoder + head)"),
     "generate": ("hpcllm.jobs.generate", "GenerateJob", "generate text for every prompt (decoder models)"),
     "tokenize": ("hpcllm.jobs.tokenize", "TokenizeJob", "tokenize a corpus into HDF5 token shards (input of the jobs)"),
+    "rerank": ("hpcllm.jobs.rerank", "RerankJob", "one relevance score per (query, document) pair (cross-encoders, "
+               "decoder rerankers)"),
     "dedup": ("hpcllm.jobs.dedup", "DedupJob", "exact and near-duplicate documents (MinHash LSH): clusters and keep flags"),
 }
 # Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.

@@ -28,6 +28,8 @@ DEFAULT_MAX_DOC_TOKENS = 32768
 
 GEN = ("generate",)
 MODEL_JOBS += GEN
+RERANK = ("rerank",)
+MODEL_JOBS += RERANK
 
 
 def opt(default, help, result=False, choices=None, jobs=None):
@@ -167,6 +169,14 @@ class JobConfig:
                            "OUT/dedup/", jobs=("dedup",))
     store_minhash: bool = opt(False, "dedup: also write each document's MinHash signature (column minhash)",
                               result=True, jobs=("dedup",))
+    # rerank (hpcllm/jobs/rerank.py)
+    query_field: str = opt("query", "rerank: JSONL field holding the query (the document is --text-field)",
+                           result=True, jobs=RERANK)
+    rerank_template: str = opt(None, "rerank with a decoder: the prompt, with {query} and {document}; default: "
+                               "Qwen3-Reranker's (hpcllm.jobs.rerank.DEFAULT_TEMPLATE)", result=True, jobs=RERANK)
+    yes_token: str = opt("yes", "rerank with a decoder: the token whose log-odds against --no-token is the score",
+                         result=True, jobs=RERANK)
+    no_token: str = opt("no", "rerank with a decoder: see --yes-token", result=True, jobs=RERANK)
 
     def result_hash(self, job: str, **extra) -> str:
         """Hash of the options that change results (stored in the manifest); ``extra``: derived values."""

@@ -86,6 +86,9 @@ class ClassifyJob(EmbedJob):
     def __init__(self, cfg, classifier: Classifier):
         super().__init__(cfg, classifier.encoder)
         self.limit_documents(self.max_length)    # the encoder's context; --max-doc-tokens / --long-docs skip
+        if len(classifier.class_names) < 2:
+            raise HpcllmError(f"classify: {cfg.model} has a one-label head (a cross-encoder's relevance score); "
+                              "run it with `hpcllm rerank`")
         self.classifier = classifier
         self.head = classifier.head.float()
         self.class_names = classifier.class_names

@@ -151,7 +151,7 @@ class Architecture:
 
 ARCHITECTURES = {a.name: a for a in (
     Architecture("bert", "encoder", "hpcllm.model.encoder:Encoder", BERT_PLAN,
-                 hf_model_types=("bert",), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
+                 hf_model_types=("bert", "roberta", "xlm-roberta"), hf_importer="hpcllm.checkpoint.hf_bert:import_bert"),
     Architecture("llama", "decoder", "hpcllm.model.decoder:Decoder", LLAMA_PLAN,
                  hf_model_types=tuple(t for f in DECODER_FAMILIES.values() for t in (f.family, *f.aliases)), hf_importer="hpcllm.checkpoint.hf_llama:import_llama",
                  gguf_architectures=("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")),

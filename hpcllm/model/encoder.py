@@ -1,5 +1,7 @@
-"""BERT-family encoder (MiniLM, BGE, E5, ...): absolute positions, post-LN, GELU,
+"""BERT-family encoder (MiniLM, BGE, E5, XLM-R, ...): absolute positions, post-LN, GELU,
 bidirectional attention, then pooling (mean / CLS) and optional L2 normalisation.
+(XLM-)RoBERTa's positions start after its pad index (``position_offset``,
+hpcllm.checkpoint.hf_bert); a cross-encoder passes token types.
 
 Plain PyTorch at full size: the model knows nothing about ranks.
 ``parallel.parallelize`` cuts it for a tp rank with the plan in
@@ -119,12 +121,13 @@ class Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.tokens = frozen_embedding(cfg["vocab"], cfg["hidden"])
-        self.positions = frozen_embedding(cfg["max_positions"], cfg["hidden"])
+        self.positions = frozen_embedding(cfg["max_positions"] + cfg.get("position_offset", 0), cfg["hidden"])
         self.types = frozen_embedding(cfg["type_vocab"], cfg["hidden"])
         self.norm = nn.LayerNorm(cfg["hidden"], eps=cfg["norm_eps"])
 
-    def forward(self, ids, position):
-        x = self.tokens(ids) + self.positions(position) + self.types.weight[0]
+    def forward(self, ids, position, types=None):
+        """types: [T] token type ids, or None for type 0 everywhere."""
+        x = self.tokens(ids) + self.positions(position) + (self.types.weight[0] if types is None else self.types(types))
         return self.norm(x)
 
 
@@ -148,16 +151,27 @@ class Encoder(nn.Module):
             pack(layer.qkv, layer.o, layer.up, layer.down)
 
     @torch.inference_mode()
-    def forward(self, ids, lengths):
-        return self.encode(ids, lengths)
+    def forward(self, ids, lengths, types=None):
+        return self.encode(ids, lengths, types)
 
-    def encode(self, ids, lengths):
+    def encode(self, ids, lengths, types=None):
         """``forward`` outside inference mode: what fine-tuning differentiates (hpcllm.train.finetune)."""
         seqs = Packed(lengths).to(ids.device)
-        x = self.embed(ids, seqs.position)
+        x = self.embed(ids, self.positions(ids, seqs), types)
         for layer in self.layers:
             x = layer(x, seqs)
         return pool(x.float(), seqs, self.cfg["pooling"], self.cfg["normalize"])
+
+    def positions(self, ids, seqs: Packed):
+        """Each token's position id: its place in its document, or for (XLM-)RoBERTa (``position_offset``
+        = pad + 1) pad + its count of non-pad tokens so far, and pad itself on a pad token (as HF)."""
+        offset = self.cfg.get("position_offset", 0)
+        if not offset:
+            return seqs.position
+        real = (ids != self.cfg["pad_id"]).to(torch.int64)
+        count = real.cumsum(0)
+        count = count - (count[seqs.starts] - real[seqs.starts])[seqs.doc]   # restart at each document
+        return count * real + (offset - 1)
 
 
 def pool(x, seqs: Packed, mode: str, normalize: bool):
