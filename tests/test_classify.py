@@ -64,7 +64,7 @@ def write_corpus(d):
 def trained(corpus, minilm_h5):
     """classifier.h5 trained at every layout of LAYOUTS: {(world, tp): output dir}."""
     return train_at_layouts(corpus, minilm_h5, LAYOUTS, "clf", ["--validation", 0.2, "--max-length", 128,
-                                                               "--progress", 0])
+                                                               "--progress", 0, "--chunk-mb", 0])
 
 
 def train_at_layouts(corpus, model, layouts, prefix, args):
@@ -189,15 +189,16 @@ def test_classify_at_other_layouts_equals_one_rank(classified, world, tp):
 
 
 def test_embedding_phase_resumes_from_its_shards(trained, corpus, minilm_h5):
-    """A run that lost two shard files and its classifier redoes only those, then trains the same head."""
+    """A run that lost two shards (their chunk files) and its classifier redoes only those, then trains the
+    same head (reading the other shards' embeddings from their chunks)."""
     d, path, _ = corpus
     src = trained[LAYOUTS[0]]
     out = d / "resumed"
     shutil.copytree(src, out)
     os.remove(out / "classifier.h5")
-    shards = sorted(os.listdir(out / "shards"))
+    shards = sorted(os.listdir(out / "chunks"))        # --chunk-mb 0: a chunk per shard
     for name in shards[:2]:
-        os.remove(out / "shards" / name)
+        os.remove(out / "chunks" / name)
     proc = mpirun(1, ["train-classifier", "--model", minilm_h5, "--input", path, "--output", out,
                       "--validation", 0.2, "--max-length", 128, "--progress", 0])
     assert f"{len(shards)} shards ({len(shards) - 2} already done)" in proc.stderr + proc.stdout

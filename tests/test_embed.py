@@ -129,19 +129,19 @@ def test_too_long_documents_are_recorded(tmp_path, tiny_bert_h5):
 def test_resume_skips_done_shards_and_equals_uninterrupted(tmp_path, tiny_bert_h5):
     texts = corpora.mixed(120)
     src = write_jsonl(tmp_path / "c.jsonl", texts)
-    args = ["embed", "--model", tiny_bert_h5, "--input", src, "--shard-docs", 16]
+    args = ["embed", "--model", tiny_bert_h5, "--input", src, "--shard-docs", 16, "--chunk-mb", 0]
     mpirun(2, args + ["--output", tmp_path / "ref"])
     ref, _ = read_results(tmp_path / "ref")
-    # a partial run: results.h5 and some shard files missing
+    # a partial run: results.h5 and some shards (their chunks: one per shard) missing
     out = tmp_path / "out"
     mpirun(2, args + ["--output", out])
     os.remove(out / "results.h5")
     for i in (0, 3, 7):
-        os.remove(out / "shards" / f"shard-{i:05d}.h5")
-    before = {p: os.stat(out / "shards" / p).st_mtime_ns for p in os.listdir(out / "shards")}
+        os.remove(out / "chunks" / f"chunk-{i:05d}-{i:05d}.h5")
+    before = {p: os.stat(out / "chunks" / p).st_mtime_ns for p in os.listdir(out / "chunks")}
     proc = mpirun(2, args + ["--output", out])
     assert "(5 already done)" in proc.stderr
-    after = {p: os.stat(out / "shards" / p).st_mtime_ns for p in before}
+    after = {p: os.stat(out / "chunks" / p).st_mtime_ns for p in before}
     assert before == after, "completed shards must not be rewritten"
     res, _ = read_results(out)
     for k in ref:

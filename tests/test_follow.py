@@ -62,6 +62,23 @@ def _results(out_dir):
         return {k: f[k][:] for k in (*COLS, "embedding")}, json.loads(f.attrs["sources"])
 
 
+def _n_rows(out_dir):
+    try:
+        with h5py.File(os.path.join(out_dir, "results.h5"), "r") as f:
+            return int(f.attrs["n_docs"])
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def _n_done(out_dir):
+    """Shards stored: shard files, and those consolidated into chunks."""
+    from hpcllm.store.chunks import cover, list_chunks
+
+    shards = out_dir / "shards"
+    files = len([p for p in os.listdir(shards) if p.endswith(".h5")]) if shards.exists() else 0
+    return files + sum(c.last - c.first + 1 for c in cover(list_chunks(str(out_dir)))[0])
+
+
 def _same_as_static(tiny_bert_h5, files, out_dir, tmp_path):
     static_in = tmp_path / "static-in"
     static_in.mkdir(exist_ok=True)
@@ -88,6 +105,9 @@ def test_files_dropped_one_by_one(tmp_path, tiny_bert_h5):
     try:
         _deliver(incoming, "a.jsonl", _lines("a", 12))
         _wait(lambda: len(_log_lines(out)) == 1, proc)
+        _wait(lambda: _n_rows(out) == 12, proc)          # a is done: results.h5 over its chunk, every row
+        with h5py.File(out / "results.h5", "r") as f:
+            assert (f["status"][:] != Status.MISSING).all() and not any((out / "shards").iterdir())
         _deliver(incoming, "b.jsonl", _lines("b", 9))
         _wait(lambda: len(_log_lines(out)) == 2, proc)
         # c is written in place, a line every 0.1 s for ~2 s (several polls): not read before it is whole
@@ -110,6 +130,8 @@ def test_files_dropped_one_by_one(tmp_path, tiny_bert_h5):
     got = _same_as_static(tiny_bert_h5, files, out, tmp_path)
     assert len(got["status"]) == 41 and (got["status"] == Status.BAD_JSON).sum() == 3
     assert len(set(got["doc_id"].tolist())) == 41             # every line once (a bad line's id is file:line)
+    with h5py.File(out / "results.h5", "r") as f:            # each file's chunk merged into the last ones
+        assert len(f["status"].virtual_sources()) <= 2 and not any((out / "shards").iterdir())
 
 
 def test_marker_mode_waits_for_the_marker(tmp_path, tiny_bert_h5):
@@ -146,8 +168,7 @@ def test_signal_kill_and_rerun_exactly_once(tmp_path, tiny_bert_h5):
         _deliver(incoming, name, _lines(name[0], 60))
     args = ["embed", "--model", tiny_bert_h5, "--input", incoming, "--follow", "--poll-s", 0.2,
             "--shard-docs", 3, "--batch-tokens", 64, "--progress", 0]
-    shards = out / "shards"
-    n_done = lambda: len([p for p in os.listdir(shards) if p.endswith(".h5")]) if shards.exists() else 0  # noqa: E731
+    n_done = lambda: _n_done(out)  # noqa: E731
 
     proc = _start(args, out)              # 1: stopped by a signal to one rank
     _wait(lambda: n_done() >= 2, proc)

@@ -111,10 +111,11 @@ def test_long_document_without_cap_equals_sliding_window_and_shows_progress(tiny
         np.testing.assert_allclose(total[i], lp.sum(dtype=np.float64), rtol=1e-6)
     assert all(r["shards"] > 0 for r in timings)
     # The long document's shard was split into parts that both dp groups computed.
-    parts = []
-    for shard in sorted((tmp_path / "out" / "shards").iterdir()):
-        with h5py.File(shard) as f:
-            parts += json.loads(f.attrs["parts"]) if "parts" in f.attrs else []
+    # The shard files were consolidated into a chunk: their attributes are kept there.
+    from hpcllm.store.chunks import shard_attrs
+
+    assert not any((tmp_path / "out" / "shards").iterdir()) and any((tmp_path / "out" / "chunks").iterdir())
+    parts = [p for a in shard_attrs(str(tmp_path / "out")) for p in json.loads(a.get("parts", "[]"))]
     assert len(parts) > 2 and {p["dp_rank"] for p in parts} == {0, 1}, parts
     assert not any((tmp_path / "out" / "parts").iterdir())   # merged, then removed
     # Progress lines while the long document's shard runs: documents done stay, tokens done grow.

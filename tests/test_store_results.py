@@ -15,6 +15,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.status import Status as S
 from hpcllm.status import status_counts
 from hpcllm.inspect import summarize
+from hpcllm.store.chunks import open_shard
 from hpcllm.store.layout import shard_file
 from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, build_master, ragged,
                                   ragged_rows, read_dataset, write_shard)
@@ -65,7 +66,8 @@ def test_master_equals_concatenation(tmp_path, dtype):
              "world": {"dp": 2, "tp": 2}}
     path = build_master(out, plan, schema, attrs)
     assert path == os.path.join(out, "results.h5")
-    assert sorted(os.listdir(out)) == ["results.h5", "shards"]            # no temporaries
+    assert sorted(os.listdir(out)) == ["chunks", "results.h5", "shards"]  # no temporaries
+    assert os.listdir(os.path.join(out, "shards")) == []                  # consolidated into one chunk, then gone
     # move the whole output dir and read from another cwd: relative VDS paths still resolve
     moved = str(tmp_path / "moved")
     shutil.move(out, moved)
@@ -75,7 +77,7 @@ def test_master_equals_concatenation(tmp_path, dtype):
         with h5py.File(os.path.join(moved, "results.h5"), "r") as f:
             n = sum(s.n_docs for s in plan)
             assert f["embedding"].shape == (n, DIM) and f["embedding"].dtype == np.dtype(dtype)
-            assert f["embedding"].is_virtual and len(f["embedding"].virtual_sources()) == len(plan)
+            assert f["embedding"].is_virtual and len(f["embedding"].virtual_sources()) == 1
             assert (f["embedding"][:] == expect["embedding"]).all()
             for name in ("n_tokens", "status", "line", "source"):
                 assert (f[name][:] == expect[name]).all(), name
@@ -91,24 +93,20 @@ def test_master_equals_concatenation(tmp_path, dtype):
             assert f["source"][-1] == 1 and f["line"][-1] == 4
     finally:
         os.chdir(cwd)
-    with h5py.File(os.path.join(moved, "shards", "shard-00000.h5"), "r") as f:
+    with h5py.File(os.path.join(moved, "chunks", f"chunk-00000-{len(plan) - 1:05d}.h5"), "r") as f:
         assert f["status"].compression == "gzip" and f["status"].shuffle
         assert f["embedding"].compression is None
-        assert f.attrs["row_start"] == 0 and f.attrs["rank"] == 0 and json.loads(f.attrs["timings"]) == {"read": 0.1}
+    with open_shard(moved, plan[1]) as f:      # a shard's own attributes and rows, kept in the chunk
+        assert f.attrs["row_start"] == plan[1].row_start and f.attrs["rank"] == 0
+        assert json.loads(f.attrs["timings"]) == {"read": 0.1}
+        assert (f["embedding"][()] == expect["embedding"][plan[1].row_start:plan[2].row_start]).all()
 
 
 def test_missing_or_bad_source_is_detected(tmp_path):
     plan = _corpus(tmp_path)
     out = str(tmp_path / "out")
     schema, _ = _write_all(out, plan)
-    build_master(out, plan, schema)
     os.unlink(shard_file(out, 2))
-    # what HDF5 does on its own: a missing source reads as the fill values
-    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
-        rows = slice(plan[2].row_start, plan[2].row_start + plan[2].n_docs)
-        assert (f["status"][rows] == S.MISSING).all() and np.isnan(f["embedding"][rows]).all()
-        assert (f["n_tokens"][rows] == -1).all() and (f["line"][rows] == -1).all()
-        assert f["doc_id"].asstr()[rows].tolist() == [""] * plan[2].n_docs
     with pytest.raises(HpcllmError, match=r"^cannot build .*results\.h5: .*shard-00002\.h5 missing; rerun"):
         build_master(out, plan, schema)
     open(shard_file(out, 2), "wb").write(b"garbage")
@@ -126,6 +124,15 @@ def test_missing_or_bad_source_is_detected(tmp_path):
     write_shard(out, plan[2], _fake_outputs(plan[2], docs))
     with pytest.raises(HpcllmError, match=r"shard-00003\.h5 dataset embedding has dtype float16, expected float32"):
         build_master(out, plan, schema)
+    write_shard(out, plan[3], _fake_outputs(plan[3], read_docs(plan[3])))
+    build_master(out, plan, schema)
+    chunk = os.path.join(out, "chunks", os.listdir(os.path.join(out, "chunks"))[0])
+    os.unlink(chunk)
+    # what HDF5 does on its own: a missing source reads as the fill values
+    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
+        assert (f["status"][:] == S.MISSING).all() and np.isnan(f["embedding"][:]).all()
+        assert (f["n_tokens"][:] == -1).all() and (f["line"][:] == -1).all()
+        assert f["doc_id"].asstr()[:3].tolist() == [""] * 3
 
 
 def test_write_is_atomic(tmp_path):
@@ -172,16 +179,17 @@ def test_summarize(tmp_path):
     path = build_master(out, plan, schema, {"model": "minilm", "config": {"tp": 2}})
     text = summarize(path)
     assert "model = minilm" in text and 'config = {"tp": 2}' in text
-    assert f"embedding  shape=(29, {DIM})  dtype=float32  (virtual, {len(plan)} sources)" in text
+    assert f"embedding  shape=(29, {DIM})  dtype=float32  (virtual, 1 sources)" in text
     assert 'status counts: {"OK": 25, "EMPTY": 1, "BAD_JSON": 1, "MISSING_FIELD": 1, "BAD_UTF8": 1}' in text
-    assert "status  shape=(7,)  dtype=uint8  (compression=gzip)" in summarize(shard_file(out, 0))
+    chunk = os.path.join(out, "chunks", os.listdir(os.path.join(out, "chunks"))[0])
+    assert "status  shape=(29,)  dtype=uint8  (compression=gzip)" in summarize(chunk)
     with pytest.raises(HpcllmError, match="cannot open .*nothing.h5 as HDF5"):
         summarize(str(tmp_path / "nothing.h5"))
 
 
-def test_many_sources_under_a_low_open_file_limit(tmp_path):
-    """HDF5 silently fills VDS rows whose source it cannot open (ulimit -n):
-    read_dataset and summarize read in blocks of few sources and stay exact."""
+def test_many_shards_under_a_low_open_file_limit(tmp_path):
+    """HDF5 silently fills VDS rows whose source it cannot open (ulimit -n): 150 shard files are one
+    chunk, so a plain read is exact under a low limit, as read_dataset and summarize are."""
     d = tmp_path / "c.txt"
     d.write_bytes(b"".join(b"line %d\n" % i for i in range(150)))
     plan = make_plan(str(d), shard_docs=1)
@@ -196,6 +204,8 @@ def test_many_sources_under_a_low_open_file_limit(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 90, hard))
     try:
+        with h5py.File(path, "r") as f:
+            assert (f["status"][:] == S.OK).all() and (f["embedding"][:, 0] == np.arange(150)).all()
         with h5py.File(path, "r") as f:
             emb = read_dataset(f, "embedding")
             assert (emb[:, 0] == np.arange(150)).all() and (emb[:, 1] == np.arange(150)).all()

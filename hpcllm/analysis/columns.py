@@ -37,6 +37,7 @@ import numpy as np
 
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
+from hpcllm.store.chunks import shard_attrs
 from hpcllm.store.results import row_blocks
 
 RESULTS_NAME = "results.h5"
@@ -186,18 +187,14 @@ class ResultsDir:
         return list(self.attrs.get("sources") or [])
 
     def shards(self) -> list[dict]:
-        """The shard plan: from the manifest, else from the shard files' attributes."""
+        """The shard plan: from the manifest, else from the shard files' attributes (kept in chunks)."""
         if self.manifest and self.manifest.get("shards"):
             return sorted(self.manifest["shards"], key=lambda s: s["row_start"])
         out = []
-        d = os.path.join(self.path, "shards")
-        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-            if name.startswith("shard-") and name.endswith(".h5"):
-                with h5py.File(os.path.join(d, name), "r") as f:
-                    a = _attrs(f)
-                out.append({"index": int(a.get("shard_index", len(out))), "path": a.get("source_path"),
-                            "row_start": int(a["row_start"]), "n_docs": int(a["n_docs"]),
-                            "line_start": int(a.get("line_start", 0)), "compressed": False})
+        for a in shard_attrs(self.path):
+            out.append({"index": int(a.get("shard_index", len(out))), "path": a.get("source_path"),
+                        "row_start": int(a["row_start"]), "n_docs": int(a["n_docs"]),
+                        "line_start": int(a.get("line_start", 0)), "compressed": False})
         return sorted(out, key=lambda s: s["row_start"])
 
 

@@ -17,7 +17,7 @@ What is computed (``collect``), in one pass over blocks of rows:
 * dedup's columns (``dup_cluster``, ``keep``): duplicates, the cluster size
   histogram and the duplicate rate per source file (``DupStats``);
 * per dir: throughput and the per-rank phase breakdown from the ``timings``
-  attribute, per-shard durations from the shard files' ``seconds`` / ``rank``
+  attribute, per-shard durations from the shard files' (kept in their chunks) ``seconds`` / ``rank``
   / ``dp_rank`` / ``started_at`` attributes when the executor wrote them, and
   provenance.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 
-import h5py
 import numpy as np
 
 from hpcllm.analysis.columns import Ragged, Results, dequantize, distinct_columns
@@ -34,6 +33,7 @@ from hpcllm.analysis.page import write_page
 from hpcllm.analysis.sketch import RELATIVE_ERROR, Sketch
 from hpcllm.analysis.stats import fmt, sketch_stats
 from hpcllm.status import Status
+from hpcllm.store.chunks import shard_attrs
 
 EXAMPLES = 5
 SAMPLE = 2000
@@ -173,19 +173,14 @@ def _projection(state) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shard_timings(d) -> list[dict]:
-    """Per-shard attributes the executor records (``SHARD_ATTRS``), for the shards that have ``seconds``."""
+    """Per-shard attributes the executor records (``SHARD_ATTRS``), for the shards that have ``seconds``
+    (read from the shard files, or the chunks they were consolidated into)."""
     out = []
-    folder = os.path.join(d.path, "shards")
-    for s in d.shards():
-        path = os.path.join(folder, f"shard-{int(s['index']):05d}.h5")
-        if not os.path.exists(path):
-            continue
-        with h5py.File(path, "r") as f:
-            a = {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
-                 for k in SHARD_ATTRS if k in f.attrs}
+    for a in shard_attrs(d.path):
         if "seconds" in a:
-            out.append({"shard": int(s["index"]), "n_docs": int(s["n_docs"]), **a})
-    return out
+            out.append({"shard": int(a["shard_index"]), "n_docs": int(a["n_docs"]),
+                        **{k: a[k].item() if hasattr(a[k], "item") else a[k] for k in SHARD_ATTRS if k in a}})
+    return sorted(out, key=lambda r: r["shard"])
 
 
 def throughput(attrs: dict) -> dict:

@@ -18,7 +18,9 @@ claim shard indices as in a static run; a group that claims an index not
 admitted yet waits for it in its prefetch thread, so its current shard runs
 on.  After each file whose shards are all done, ``results.h5`` is rebuilt
 over the admitted files done so far (a prefix in admission order, replaced
-atomically).  The job ends with exit 0 after ``--idle-exit`` seconds with no
+atomically), whose shards are consolidated into chunk files as a finished
+job's are (hpcllm.store.chunks: the last chunks merged as they grow, so
+results.h5 has few sources at any time).  The job ends with exit 0 after ``--idle-exit`` seconds with no
 new file and nothing left to do (or after ``--max-files``), and with 75 on
 SIGUSR1/SIGTERM; a rerun continues following from the log.
 """
@@ -36,7 +38,7 @@ from hpcllm.executor.job import ShardData
 from hpcllm.progress import log
 from hpcllm.status import Status
 from hpcllm.store.admissions import Admissions
-from hpcllm.store.layout import shard_file
+from hpcllm.store.chunks import done_shards, shard_done
 from hpcllm.world.counters import ADMITTED, FINAL
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".done")
@@ -110,9 +112,10 @@ class FollowShards:
     # ------------------------------------------------------------------ every rank
 
     def first_pending(self) -> int:
-        """Index of the first admitted shard without a file (where claiming starts)."""
+        """Index of the first admitted shard not stored yet (where claiming starts)."""
+        done = done_shards(self.cfg.output, self.admissions.shards)
         for s in self.admissions.shards:
-            if not os.path.exists(shard_file(self.cfg.output, s.index)):
+            if s.index not in done:
                 return s.index
         return len(self.admissions.shards)
 
@@ -130,7 +133,7 @@ class FollowShards:
                 self.admissions.reload()     # rank 0 appended to the log before publishing
             shard = self.admissions.shards[i]
             entry = self.admissions.files[shard.file_index]
-        if os.path.exists(shard_file(self.cfg.output, i)):
+        if shard_done(self.cfg.output, i):
             return SKIP
         return shard, entry
 
@@ -226,7 +229,8 @@ class _Admitter:
         """results.h5 over the longest prefix of admitted files that is done, when it grew."""
         files = self.f.admissions.files
         n = self.done_files
-        while n < len(files) and all(os.path.exists(shard_file(self.cfg.output, s.index)) for s in files[n].shards):
+        done = done_shards(self.cfg.output, [s for a in files[n:] for s in a.shards])
+        while n < len(files) and all(s.index in done for s in files[n].shards):
             n += 1
         if n == self.done_files or not self.f.job.partial_results:
             self.done_files = n

@@ -24,7 +24,7 @@ from hpcllm.executor.parts import split_plan, units
 from hpcllm.progress import breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.store.atomic import remove_temporaries
-from hpcllm.store.layout import PARTS_DIR, SHARDS_DIR
+from hpcllm.store.layout import CHUNKS_DIR, PARTS_DIR, SHARDS_DIR
 from hpcllm.store.manifest import completed_shards, load_or_create_manifest
 from hpcllm.world.collective import agree_any, on_root
 from hpcllm.world.launch import check_launch
@@ -43,7 +43,7 @@ def run_job(cfg, job_cls) -> int:
         import torch  # noqa: F401  (loaded before set_threads, which sets its thread count)
     mesh = Mesh.create(world, cfg.tp if job.needs_model else 1, cfg.comm if job.needs_model else "none", cfg.device)
     threads = set_threads(mesh.local_size, cfg.threads)
-    inputs = Inputs(cfg, extract=job.text_of, min_shard_docs=job.min_shard_docs)
+    inputs = Inputs(cfg, extract=job.text_of, min_shard_docs=job.min_shard_docs, params_of=job.params_of)
     if inputs.tokens and not job.needs_model:
         raise HpcllmError(f"{job.name}: {cfg.input} is a directory of token shards already; give the raw corpus")
     if inputs.tokens and job.text_of is not None:   # e.g. generate --chat renders each JSON line's template
@@ -89,8 +89,8 @@ def _static_plan(cfg, job, world, mesh, inputs):
     plan = manifest.shards
 
     def todo():          # rank 0, before any group writes: what a killed run left half-written goes
-        remove_temporaries(os.path.join(cfg.output, SHARDS_DIR))
-        remove_temporaries(os.path.join(cfg.output, PARTS_DIR))
+        for d in (SHARDS_DIR, PARTS_DIR, CHUNKS_DIR):
+            remove_temporaries(os.path.join(cfg.output, d))
         done = completed_shards(cfg.output, plan)
         return [u for s in plan if s.index not in done for u in units(cfg.output, s)]
     return manifest, on_root(world, todo), 0
@@ -102,7 +102,8 @@ def _follow_plan(cfg, job, world, mesh, inputs):
 
     def prepare():       # rank 0, before any rank reads the output directory
         os.makedirs(cfg.output, exist_ok=True)
-        remove_temporaries(os.path.join(cfg.output, SHARDS_DIR))
+        for d in (SHARDS_DIR, CHUNKS_DIR):
+            remove_temporaries(os.path.join(cfg.output, d))
         remove_temporaries(cfg.output)
     on_root(world, prepare)
     follow = FollowShards(cfg, job, world)

@@ -76,6 +76,8 @@ class GenerateJob(Job):
         self.template = self._template() if cfg.chat else None
         self.text_of = functools.partial(_chat_prompt, self.template, cfg) if cfg.chat else None
         self.text_of_needs = "--chat (the chat template of each line's text or messages)"
+        if cfg.openai_batch:
+            self._requests()
         self.min_shard_docs = cfg.max_num_seqs   # a small corpus: shards that fill the running set
         self.cache = None
         self.constraint = from_options(cfg)
@@ -100,6 +102,20 @@ class GenerateJob(Job):
             self.grammars = Grammars(self.tokenizer, self.eos_ids, self.model_cfg["vocab"], torch.get_num_threads())
         return self.grammars
 
+    def _requests(self):
+        """--openai-batch: each line is a request (hpcllm.corpus.openai_batch); its prompt, and its options
+        as the row's ``work.params``; its custom_id is the document id (--id-field)."""
+        from hpcllm.corpus.openai_batch import ID_FIELD, Requests
+
+        if self.cfg.chat:
+            raise HpcllmError("generate: --openai-batch takes each line's url (chat or not); drop --chat")
+        self.cfg.id_field = self.cfg.id_field or ID_FIELD     # before Inputs and the manifest read it
+        self.template = self._template() if self.model_cfg.get("chat_template") else None
+        render = functools.partial(_render, self.template) if self.template is not None else None
+        requests = Requests(("chat", "completion"), self.cfg.n, render)
+        self.text_of, self.params_of = requests.text_of, requests.params_of
+        self.text_of_needs = "--openai-batch (each line's request)"
+
     def _template(self):
         source = self.model_cfg.get("chat_template")
         if not source:
@@ -119,6 +135,8 @@ class GenerateJob(Job):
                 ragged("output_ids", np.int32, "output_offsets", fill=-1))
         if self.cfg.logprobs:
             cols += (ragged("output_logprobs", np.float32, "output_offsets"),)
+        if self.cfg.openai_batch:     # the request's url, and why a line could not run ("" where it ran)
+            cols += (Column("url", STRING, (), ""), Column("error", STRING, (), ""))
         return cols + (N_TOKENS,) + BASE_COLUMNS
 
     # ------------------------------------------------------------------ a shard
@@ -126,23 +144,25 @@ class GenerateJob(Job):
     def start(self, work):
         rows = work.process
         prompts, max_new, status = [], [], {}
-        for row in rows:
-            ids, st = self._prompt(work.doc(row))
+        requests = [(work.params[r] or {}) if work.params is not None else {} for r in rows]   # --openai-batch
+        for row, req in zip(rows, requests):
+            ids, st = self._prompt(work.doc(row), req.get("kind") == "chat")
             if st is not None:
                 status[int(row)] = st
             prompts.append(ids)
-            max_new.append(min(self.cfg.max_new_tokens, self.context - len(ids)))
+            max_new.append(min(req.get("max_tokens", self.cfg.max_new_tokens), self.context - len(ids)))
         doc_ids = ([work.doc_ids[r] for r in rows] if work.doc_ids is not None else [str(r) for r in rows])
         n_run = sum(1 for p in prompts if len(p))
         return SimpleNamespace(work=work, prompts=prompts, max_new=max_new, status=status, doc_ids=doc_ids,
+                               requests=requests,
                                constraints=[self.constraint] * len(rows),
                                engine=None, batches=[min(n_run, (k + 1) * DOCS_PER_BATCH)
                                                      for k in range(-(-n_run // DOCS_PER_BATCH))])
 
-    def _prompt(self, doc):
-        """-> (prompt ids, new status or None); empty ids: not generated."""
+    def _prompt(self, doc, chat: bool = False):
+        """-> (prompt ids, new status or None); empty ids: not generated. ``chat``: a chat request's."""
         ids = doc.astype(np.int64)
-        if self.cfg.chat:
+        if self.cfg.chat or chat:
             impl = self.tokenizer._impl             # the executor added the tokenizer's special tokens
             ids = ids[len(impl.prefix):len(ids) - len(impl.suffix)]
         else:
@@ -187,8 +207,11 @@ class GenerateJob(Job):
                                 cfg.seed)
         limits = Limits(frozenset() if cfg.ignore_eos else self.eos_ids, frozenset(cfg.stop_token_ids or ()),
                         tuple(s.encode() for s in cfg.stop or () if s))
+        n = cfg.n
+        if cfg.openai_batch:
+            params, n, limits.stops = _per_request(params, limits, state.requests)
         grammars = self._grammars() if any(c is not None for c in state.constraints) else None
-        return Engine(model, self.cache, state.prompts, state.max_new, state.doc_ids, params, limits, cfg.n,
+        return Engine(model, self.cache, state.prompts, state.max_new, state.doc_ids, params, limits, n,
                       cfg.batch_tokens, cfg.max_num_seqs, self.tokenizer, cfg.logprobs, not cfg.no_prefix_cache,
                       state.constraints, grammars)
 
@@ -217,6 +240,10 @@ class GenerateJob(Job):
         out["output_ids"], out["output_offsets"] = ragged_rows([np.array(x, np.int32) for x in ids], np.int32)
         if self.cfg.logprobs:
             out["output_logprobs"] = ragged_rows([np.array(x, np.float32) for x in lps], np.float32)[0]
+        if self.cfg.openai_batch:
+            requests = [r or {} for r in state.work.params or [None] * n_docs]
+            out["url"] = np.array([r.get("url", "") for r in requests], dtype=object)
+            out["error"] = np.array([r.get("error", "") for r in requests], dtype=object)
         return ShardResult(out, state.status, self._cache_stats(state.engine) if state.engine is not None else {})
 
     def _cache_stats(self, engine) -> dict:
@@ -225,13 +252,11 @@ class GenerateJob(Job):
                 "kv_peak_tokens": engine.sched.peak_tokens, "prefix_reused_tokens": engine.sched.reused_tokens}
 
     def totals(self, out_dir, plan):
-        import h5py
-
-        from hpcllm.store.layout import shard_file
+        from hpcllm.store.chunks import open_shard
 
         peak = held = reused = prompt = 0
         for s in plan:
-            with h5py.File(shard_file(out_dir, s.index), "r") as f:
+            with open_shard(out_dir, s) as f:
                 peak = max(peak, int(f.attrs.get("kv_peak_tokens", 0)))
                 held = max(held, int(f.attrs.get("kv_cache_tokens", 0)))
                 reused += int(f.attrs.get("prefix_reused_tokens", 0))
@@ -250,6 +275,25 @@ def _chat_prompt(template, cfg, obj):
         return template.render(msgs)
     except TemplateRefused:
         return None
+
+
+def _render(template, messages):
+    """A chat request's prompt text (None: the template refused it)."""
+    try:
+        return template.render(messages)
+    except TemplateRefused:
+        return None
+
+
+def _per_request(params, limits, requests):
+    """--openai-batch: per document SamplingParams (temperature, top_p, seed over the job's), completions
+    (n, default 1) and stop strings (the request's, else the job's)."""
+    import dataclasses
+
+    keys = ("temperature", "top_p", "seed")
+    return ([dataclasses.replace(params, **{k: r[k] for k in keys if k in r}) for r in requests],
+            [r.get("n", 1) for r in requests],
+            [tuple(s.encode() for s in r["stop"] if s) if "stop" in r else limits.stops for r in requests])
 
 
 def _check_options(cfg):

@@ -3,8 +3,8 @@
 ``OUT/manifest.json`` holds the shard plan (hpcllm.corpus.plan), the input
 files with their sizes, the model's content hash and the hash of the options
 that change results.  A rerun with the same output directory reuses the plan
-and skips shards whose files exist (``completed_shards``: files appear only
-when complete); a changed model, option or input file is refused with one
+and skips shards whose rows are stored (``completed_shards``: shard files
+appear only when complete, chunks hold finished ones); a changed model, option or input file is refused with one
 line.
 """
 
@@ -20,8 +20,9 @@ from hpcllm import __version__
 from hpcllm.corpus.plan import Plan, Shard
 from hpcllm.errors import HpcllmError
 from hpcllm.store.atomic import write_text
+from hpcllm.store.chunks import done_shards
 from hpcllm.world.collective import on_root
-from hpcllm.store.layout import MANIFEST_NAME, shard_file
+from hpcllm.store.layout import MANIFEST_NAME
 
 MANIFEST_FORMAT = "hpcllm-manifest"
 MANIFEST_VERSION = 1
@@ -134,5 +135,6 @@ def load_or_create_manifest(out_dir: str, plan_fn, model_hash: str, config_hash:
 
 
 def completed_shards(out_dir: str, plan: list[Shard]) -> set[int]:
-    """Indices of shards whose result file exists (files appear only when complete)."""
-    return {s.index for s in plan if os.path.exists(shard_file(out_dir, s.index))}
+    """Indices of shards whose rows are stored: their file exists (files appear only when complete),
+    or a chunk holds them (hpcllm.store.chunks)."""
+    return done_shards(out_dir, plan)

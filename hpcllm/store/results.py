@@ -3,16 +3,17 @@
 Layout of an output directory::
 
     out/manifest.json               the plan (hpcllm.store.manifest)
-    out/shards/shard-00012.h5       one file per corpus shard, rows in input order
+    out/shards/shard-00012.h5       one file per corpus shard, rows in input order, while the job runs
+    out/chunks/chunk-00000-00957.h5 finished shards consolidated into few large files (hpcllm.store.chunks)
     out/results.h5                  one virtual dataset (VDS) per column joining
-                                    all shard files in input order
+                                    all chunks in input order
 
 Decisions, in one place:
 
 * Every column has a sentinel fill value (NaN embeddings, n_tokens -1, status
   MISSING=255, line -1, source -1, doc_id "").  A VDS whose source file is
   missing reads as fill without any error, so ``build_master`` first checks
-  every source and refuses to build over a hole; a reader that still sees
+  every shard file and refuses to build over a hole; a reader that still sees
   MISSING knows a source went away later.
 * ``doc_id`` is a variable-length UTF-8 string in every file.  HDF5 virtual
   datasets map vlen strings fine (checked with h5py 3.16 / HDF5 2.0), so ids
@@ -27,15 +28,16 @@ Decisions, in one place:
   has it; shuffle makes small ints compress well).  Float columns (embeddings)
   are stored uncompressed: they barely compress and the write is on the
   critical path.
-* VDS source paths are relative (``shards/shard-00012.h5``); HDF5 resolves
-  them against the master file's directory, so the output dir can be moved.
+* VDS source paths are relative (``chunks/chunk-00000-00957.h5``); HDF5
+  resolves them against the master file's directory, so the output dir can be moved.
 * HDF5 opens every source file one VDS read touches at the same time, and a
   source it cannot open (past ``ulimit -n``) silently reads as fill: measured
   with 1500 shard files and a limit of 256 open files, 2500 of 3000 rows of
-  ``f["status"][:]`` came back as 255.  A dataset handle also keeps the
-  sources it has read open until it is closed.  So read big masters in blocks
-  of rows that span few sources, each through a fresh handle
-  (``read_dataset(f, name)``); a MISSING status always flags such a row.
+  ``f["status"][:]`` came back as 255.  So the master never points at shard
+  files: they are consolidated into few chunks first (hpcllm.store.chunks),
+  and a plain ``h5py.File(...)["status"][:]`` opens only those.  Our own
+  readers still read in blocks of rows (``read_dataset``, ``row_blocks``):
+  memory stays bounded, and a master someone built over many sources reads right.
 * Files are written through ``hpcllm.store.atomic``: a final name always
   holds a complete file.
 """
@@ -56,7 +58,7 @@ from hpcllm.corpus.readers import Docs
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status, named_counts
 from hpcllm.store.atomic import atomic_h5
-from hpcllm.store.layout import RESULTS_NAME, SHARDS_DIR, shard_file, shard_filename
+from hpcllm.store.layout import CHUNKS_DIR, RESULTS_NAME, shard_file
 
 RESULTS_FORMAT = "hpcllm-results"
 RESULTS_VERSION = 1
@@ -142,13 +144,18 @@ def _set_attrs(obj, attrs: dict | None) -> None:
         obj.attrs[k] = _attr_value(v)
 
 
+def compressed(dtype) -> bool:
+    """Integer columns are gzip+shuffle compressed, the others (floats, strings) stored as they are."""
+    return np.issubdtype(np.dtype(dtype), np.integer)
+
+
 def write_column(f: h5py.File, col: Column | None, name: str, data) -> None:
     """One dataset of a shard file, with the column's dtype and the compression rules above."""
     if (col.is_object if col is not None else np.asarray(data).dtype == object):
         f.create_dataset(name, data=np.asarray(data, dtype=object), dtype=col.dtype if col is not None else STRING)
         return
     arr = np.ascontiguousarray(data, dtype=col.np_dtype if col is not None else None)
-    if np.issubdtype(arr.dtype, np.integer) and arr.size:
+    if compressed(arr.dtype) and arr.size:
         f.create_dataset(name, data=arr, compression="gzip", compression_opts=4, shuffle=True)
     else:
         f.create_dataset(name, data=arr)
@@ -211,72 +218,61 @@ def write_shard(out_dir: str, shard: Shard, columns: dict[str, np.ndarray],
 
 # --------------------------------------------------------------------------- the master file
 
-def _check_source(path: str, shard: Shard, schema) -> str | None:
-    """Why a shard file cannot serve as a VDS source, or None if it can."""
+def check_source(path: str, shard: Shard, schema) -> str | None:
+    """Why a shard file cannot be consolidated into the master's chunks, or None if it can."""
     if not os.path.exists(path):
         return "missing"
     try:
         with h5py.File(path, "r") as f:
-            ends = {}
-            for name in offsets_names(schema):
-                if name not in f or f[name].shape != (shard.n_docs + 1,):
-                    return f"has no dataset {name} of {shard.n_docs + 1} offsets"
-                ends[name] = int(f[name][-1])
-            for col in schema:
-                if col.name not in f:
-                    return f"has no dataset {col.name}"
-                ds = f[col.name]
-                want = (ends[col.offsets],) if col.offsets else (shard.n_docs,) + tuple(col.shape_tail)
-                if ds.shape != want:
-                    return f"dataset {col.name} has shape {ds.shape}, expected {want}"
-                ok = (h5py.check_string_dtype(ds.dtype) is not None) if col.is_string else ds.dtype == col.np_dtype
-                if not ok:
-                    return f"dataset {col.name} has dtype {ds.dtype}, expected {col.np_dtype}"
+            return check_file(f, shard, schema)
     except OSError as e:
         return f"is not a readable HDF5 file ({e})"
+
+
+def check_file(f, shard: Shard, schema) -> str | None:
+    """Why the open shard file ``f`` (or its datasets by name) does not hold ``shard``'s rows of ``schema``,
+    or None."""
+    ends = {}
+    for name in offsets_names(schema):
+        if name not in f or f[name].shape != (shard.n_docs + 1,):
+            return f"has no dataset {name} of {shard.n_docs + 1} offsets"
+        ends[name] = int(f[name][-1])
+    for col in schema:
+        if col.name not in f:
+            return f"has no dataset {col.name}"
+        ds = f[col.name]
+        want = (ends[col.offsets],) if col.offsets else (shard.n_docs,) + tuple(col.shape_tail)
+        if ds.shape != want:
+            return f"dataset {col.name} has shape {ds.shape}, expected {want}"
+        ok = (h5py.check_string_dtype(ds.dtype) is not None) if col.is_string else ds.dtype == col.np_dtype
+        if not ok:
+            return f"dataset {col.name} has dtype {ds.dtype}, expected {col.np_dtype}"
     return None
 
 
-def _verify_sources(out_dir: str, plan: list[Shard], schema) -> np.ndarray:
-    """Check every shard file; return the status counts over all of them (int64[256])."""
-    bad = []
-    for s in plan:
-        why = _check_source(shard_file(out_dir, s.index), s, schema)
-        if why:
-            bad.append(f"{shard_file(out_dir, s.index)} {why}")
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise HpcllmError(f"cannot build {os.path.join(out_dir, RESULTS_NAME)}: {bad[0]}{more}; "
-                          "rerun the job to complete the missing shards")
-    counts = np.zeros(256, np.int64)
-    if any(c.name == "status" for c in schema):
-        for s in plan:
-            with h5py.File(shard_file(out_dir, s.index), "r") as f:
-                counts += np.bincount(f["status"][:], minlength=256)
-    return counts
+def _write_offsets(f: h5py.File, name: str, chunks, n_rows: int) -> list[tuple]:
+    """The master's ``name``: every chunk's offsets shifted by the values before it (a plain dataset).
 
-
-def _write_offsets(out_dir: str, f: h5py.File, name: str, plan: list[Shard], n_rows: int) -> list[tuple]:
-    """The master's ``name``: every shard's offsets shifted by the values before it (a plain dataset).
-
-    Returns each shard's (start, length) in the flat columns these offsets cut.
+    Returns each chunk's (start, length) in the flat columns these offsets cut.
     """
     ds = f.create_dataset(name, shape=(n_rows + 1,), dtype=np.int64, compression="gzip",
                           compression_opts=4, shuffle=True)
     ds[0], base, spans = 0, 0, []
-    for s in plan:
-        with h5py.File(shard_file(out_dir, s.index), "r") as src:
-            o = src[name][:]
-        ds[s.row_start + 1:s.row_start + s.n_docs + 1] = o[1:] + base
-        spans.append((base, int(o[-1])))
-        base += int(o[-1])
+    for c in chunks:
+        with h5py.File(c.path, "r") as src:
+            start, n = int(src.attrs["row_start"]), int(src.attrs["n_docs"])
+            for a in range(0, n, 1 << 20):      # in blocks: memory stays bounded
+                b = min(n, a + (1 << 20))
+                ds[start + a + 1:start + b + 1] = src[name][a + 1:b + 1] + base
+            end = int(src[name][-1])
+        spans.append((base, end))
+        base += end
     return spans
 
 
-def _virtual_column(f: h5py.File, col: Column, plan: list[Shard], spans: list[tuple] | None) -> None:
-    """One VDS joining the shards' ``col``: rows at each shard's row_start, or flat values at its span."""
-    if spans is None:
-        spans = [(s.row_start, s.n_docs) for s in plan]
+def _virtual_column(f: h5py.File, col: Column, chunks, rows: list[tuple], spans: list[tuple] | None) -> None:
+    """One VDS joining the chunks' ``col``: rows at each chunk's row_start, or flat values at its span."""
+    spans = rows if spans is None else spans
     shape = (sum(n for _, n in spans),) + tuple(col.shape_tail)
     fill = None if col.is_object else np.array(col.fill, dtype=col.np_dtype)
     dtype = STRING if col.is_string else col.np_dtype
@@ -284,12 +280,28 @@ def _virtual_column(f: h5py.File, col: Column, plan: list[Shard], spans: list[tu
         f.create_dataset(col.name, shape=shape, dtype=dtype)
         return
     layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-    for s, (start, n) in zip(plan, spans):
+    for c, (start, n) in zip(chunks, spans):
         if n:
-            src = h5py.VirtualSource(os.path.join(SHARDS_DIR, shard_filename(s.index)), col.name,
+            src = h5py.VirtualSource(os.path.join(CHUNKS_DIR, os.path.basename(c.path)), col.name,
                                      shape=(n,) + tuple(col.shape_tail))
             layout[start:start + n] = src
     f.create_virtual_dataset(col.name, layout, fillvalue=fill)
+
+
+def _chunk_rows(chunks, plan: list[Shard]) -> tuple[list[tuple], np.ndarray]:
+    """Each chunk's (row_start, n_docs), checked against the plan, and the status counts of all of them."""
+    rows, counts = [], np.zeros(256, np.int64)
+    for c in chunks:
+        with h5py.File(c.path, "r") as f:
+            start, n = int(f.attrs["row_start"]), int(f.attrs["n_docs"])
+            counts += f.attrs["status_counts"]
+        want = sum(s.n_docs for s in plan[c.first:c.last + 1])
+        if start != plan[c.first].row_start or n != want:
+            raise HpcllmError(f"{c.path} holds rows {start}..{start + n}, the plan's shards {c.first}..{c.last} "
+                              f"are rows {plan[c.first].row_start}..{plan[c.first].row_start + want}; "
+                              "use a new --output")
+        rows.append((start, n))
+    return rows, counts
 
 
 def _sources(plan: list[Shard], inputs: list[str] | None) -> list[str | None]:
@@ -304,13 +316,16 @@ def _sources(plan: list[Shard], inputs: list[str] | None) -> list[str | None]:
 
 def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
                  attrs: dict | None = None, inputs: list[str] | None = None) -> str:
-    """Verify all shard files, then write ``<out>/results.h5`` (one VDS per column).
+    """Consolidate the shard files into chunks (hpcllm.store.chunks), then write ``<out>/results.h5``
+    over them (one VDS per column) and delete what it no longer needs.
 
     ``attrs`` (model, model hash, job config, world layout, timings, ...) go on
     the root; non-scalars are stored as JSON.  The root also gets the status
-    counts computed from the shard files and the list of input files
-    (``sources``, indexed by the ``source`` column).
+    counts and the list of input files (``sources``, indexed by the ``source`` column).
+    The chunks' size is the job's ``--chunk-mb`` where ``attrs["config"]`` has it.
     """
+    from hpcllm.store import chunks as chunk_files     # it builds on this module's schema
+
     if inputs is None:
         inputs = getattr(plan, "inputs", None)       # a Plan knows its input files
     plan = sorted(plan, key=lambda s: s.row_start)
@@ -320,18 +335,21 @@ def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
         if s.row_start != expect:
             raise ValueError(f"plan rows are not contiguous at shard {s.index}")
         expect += s.n_docs
-    counts = _verify_sources(out_dir, plan, schema)
+    mb = ((attrs or {}).get("config") or {}).get("chunk_mb")     # the job's --chunk-mb
+    chunks, obsolete = chunk_files.consolidate(out_dir, plan, schema, None if mb is None else int(mb * 2**20))
+    rows, counts = _chunk_rows(chunks, plan)
     path = os.path.join(out_dir, RESULTS_NAME)
     with atomic_h5(path) as f:
-        spans = {name: _write_offsets(out_dir, f, name, plan, n_rows) for name in offsets_names(schema)}
+        spans = {name: _write_offsets(f, name, chunks, n_rows) for name in offsets_names(schema)}
         for col in schema:
-            _virtual_column(f, col, plan, spans.get(col.offsets))
+            _virtual_column(f, col, chunks, rows, spans.get(col.offsets))
             _set_attrs(f[col.name], col.attrs)
         f.attrs.update({"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "n_docs": n_rows,
-                        "n_shards": len(plan), "code_version": __version__})
+                        "n_shards": len(plan), "n_chunks": len(chunks), "code_version": __version__})
         _set_attrs(f, attrs)
         f.attrs["status_counts"] = json.dumps(named_counts(counts))
         f.attrs["sources"] = json.dumps(_sources(plan, inputs))
+    chunk_files.remove(obsolete)                     # only now: the master no longer points at them
     return path
 
 

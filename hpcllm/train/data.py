@@ -24,7 +24,7 @@ from hpcllm.corpus.readers import format_of
 from hpcllm.corpus.streams import open_stream
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
-from hpcllm.store.layout import shard_file
+from hpcllm.store.chunks import open_shard
 from hpcllm.train.labels import MISSING
 from hpcllm.world.collective import sum_all, world_rank, world_size
 
@@ -97,7 +97,7 @@ def load_local_rows(out_dir: str, plan, field: str, dim: int, comm) -> LocalRows
     parts, labels, doc_ids, where = [], [], [], []
     counts = np.zeros(len(Status) + 1, np.int64)      # one per status, then unlabelled
     for shard in my_shards(plan, world_rank(comm), world_size(comm)):
-        with h5py.File(shard_file(out_dir, shard.index), "r") as f:
+        with open_shard(out_dir, shard) as f:
             emb, status, line = f["embedding"][()], f["status"][()], f["line"][()]
             ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["doc_id"][()]]
         ok = np.isin(status, TRAINABLE)
