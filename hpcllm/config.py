@@ -111,6 +111,13 @@ class JobConfig:
                     jobs=TRAIN + GEN + ("dedup",))
     encoder: str = opt(None, "the classifier's encoder checkpoint (default: the path the classifier records)",
                        jobs=("classify",))
+    labels: str = opt(None, "zero-shot classify with a decoder --model: the class names, comma separated (each scored "
+                      "by its log-likelihood after the prompt)", result=True, jobs=("classify",))
+    labels_file: str = opt(None, "zero-shot classify: a file of class names, one per line (instead of --labels)",
+                           result=True, jobs=("classify",))
+    prompt_template: str = opt(None, "zero-shot classify: the prompt, with {text} (the document) and optionally {labels} "
+                               "(the names, comma separated); default: hpcllm.jobs.zero_shot.DEFAULT_TEMPLATE",
+                               result=True, jobs=("classify",))
     # generate: names and meanings as in vLLM's SamplingParams where they overlap
     max_new_tokens: int = opt(16, "most tokens generated per completion", result=True, jobs=GEN)
     temperature: float = opt(1.0, "sampling temperature (0: greedy)", result=True, jobs=GEN)
@@ -141,6 +148,10 @@ class JobConfig:
     system: str = opt(None, "with --chat: a system message before the user message", result=True, jobs=GEN)
     messages_field: str = opt("messages", "with --chat: JSONL field holding a conversation [{role, content}, ...], "
                               "used instead of the text where present", result=True, jobs=GEN)
+    openai_batch: bool = opt(False, "input lines are OpenAI Batch requests (custom_id, url, body: messages / prompt / "
+                             "input and per-request max_tokens, temperature, top_p, seed, stop, n); the document "
+                             "id is the custom_id; `hpcllm export --format openai-batch` writes OpenAI's output "
+                             "lines", result=True, jobs=("generate", "embed"))
     truncate_prompt: bool = opt(False, "cut prompts that leave no room for max_new_tokens from the left (status "
                                 "truncated) instead of status too_long", result=True, jobs=GEN)
     kv_cache_mb: float = opt(2048.0, "KV cache per rank, MiB (it holds only the rank's KV heads; fewer sequences run together when it is full)", jobs=GEN)

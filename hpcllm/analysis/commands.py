@@ -15,7 +15,8 @@ def _export(args) -> int:
     from hpcllm.analysis.export import export
 
     cols = [c for c in args.columns.split(",") if c] if args.columns else None
-    n = export(args.results, args.output, cols, embeddings=not args.no_embeddings, row_group=args.row_group)
+    n = export(args.results, args.output, cols, embeddings=not args.no_embeddings, row_group=args.row_group,
+               fmt=args.format)
     print(f"wrote {args.output}: {n} rows")
     return 0
 
@@ -42,6 +43,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--columns", help="comma-separated column names (default: all)")
     e.add_argument("--no-embeddings", action="store_true", help="leave vector columns out of the default set")
     e.add_argument("--row-group", type=int, default=None, help="rows per Parquet row group (default: by size)")
+    e.add_argument("--format", choices=("openai-batch",), default=None,
+                   help="openai-batch: OpenAI's batch output lines of a --openai-batch generate / embed run")
     e.set_defaults(func=_export)
 
     f = sub.add_parser("filter", help="write the input lines whose results satisfy --where (byte-identical)")

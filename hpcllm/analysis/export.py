@@ -9,6 +9,17 @@ columns as JSON arrays; a NaN per-document value is written as null (pandas read
 DuckDB's aggregates skip it; NaN inside lists and embeddings stays NaN), an empty CSV field.
 Outputs ending in ``.gz`` (CSV, JSONL) are gzip-compressed.  The file appears
 under its name only when complete.
+
+``--format openai-batch`` writes a `generate` / `embed` run over OpenAI Batch
+requests (``--openai-batch``) as OpenAI's batch output file: one JSON line per
+input line, in input order, ``{"id", "custom_id", "response": {"status_code":
+200, "request_id", "body"}, "error": null}`` with ``body`` a ``chat.completion``,
+``text_completion`` or embedding ``list`` object (``usage`` counted in the
+model's tokens), or ``"response": null`` and ``"error": {"code", "message"}``
+for a line that did not run (``ERROR_CODES``: by the row's status, the job's
+message where it gave one).  Ids are made from the row number
+(``batch_req_<row>``, ``req_<row>``, ``chatcmpl-<row>``); ``model`` is the
+checkpoint's file name; ``custom_id`` is null for a line that is not JSON.
 """
 
 from __future__ import annotations
@@ -16,15 +27,24 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 
 import numpy as np
 import pyarrow as pa
 
 from hpcllm.analysis.columns import Results, distinct_columns
 from hpcllm.errors import HpcllmError
+from hpcllm.status import Status
 from hpcllm.store.atomic import atomic_path
 
 FORMATS = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz")
+# a row that did not run: its status -> OpenAI error (code, message unless the job wrote one); other statuses ran
+ERROR_CODES = {Status.BAD_JSON: ("invalid_json", "the line is not a JSON object"),
+               Status.MISSING_FIELD: ("invalid_request", "the request has no usable body"),
+               Status.TOO_LONG: ("context_length_exceeded", "the input is longer than the model's context"),
+               Status.CHANGED: ("input_changed", "the input file changed while the job ran"),
+               Status.MISSING: ("not_processed", "no result was written for this line")}
+FINISH = {"eos": "stop", "stop": "stop"}      # OpenAI's finish reasons; every other ending is "length"
 
 
 def format_of(path: str) -> str:
@@ -112,9 +132,75 @@ def _write_text(tmp: str, res: Results, names: list[str], fmt: str, compressed: 
     return n
 
 
+def _openai_lines(res: Results):
+    """OpenAI batch output lines (str), one per row in order (see the module's docstring)."""
+    d = res.dirs[0]
+    job = d.job
+    if job not in ("generate", "embed") or not (d.attrs.get("config") or {}).get("openai_batch"):
+        raise HpcllmError(f"export --format openai-batch: {d.path} is not a generate or embed run with --openai-batch")
+    model = os.path.basename(str(d.attrs.get("model") or ""))
+    created = int(d.attrs.get("finished") or 0)
+    names = ["doc_id", "status", "n_tokens"]
+    names += ["url", "error", "text", "finish_reason", "n_prompt_tokens", "n_generated"] if job == "generate" \
+        else ["embedding"]
+    reasons = _finish_names(d.file) if job == "generate" else {}
+    for rows, b in res.blocks(names):
+        for k, row in enumerate(range(rows.start, rows.stop)):
+            status = int(b["status"][k])
+            out = {"id": f"batch_req_{row}", "custom_id": None if status == Status.BAD_JSON else b["doc_id"][k],
+                   "response": None, "error": None}
+            message = b["error"][k] if job == "generate" else ""
+            if status in ERROR_CODES or message:
+                code, default = ERROR_CODES.get(status, ERROR_CODES[Status.MISSING_FIELD])
+                out["error"] = {"code": code, "message": message or default}
+            else:
+                body = (_completion(b, k, row, model, created, reasons) if job == "generate"
+                        else _embedding(b, k, model))
+                out["response"] = {"status_code": 200, "request_id": f"req_{row}", "body": body}
+            yield json.dumps(out, ensure_ascii=False) + "\n"
+
+
+def _completion(b, k, row, model, created, reasons) -> dict:
+    """A chat.completion or text_completion object of one generate row."""
+    chat = b["url"][k] == "/v1/chat/completions"
+    texts, ends, counts = (np.atleast_1d(b[n][k]) for n in ("text", "finish_reason", "n_generated"))
+    choices = []
+    for c, (text, end) in enumerate(zip(texts, ends)):
+        if reasons.get(int(end), "none") != "none":          # "none" (255): a completion not generated
+            reason = FINISH.get(reasons[int(end)], "length")
+            choices.append({"index": c, "finish_reason": reason, "logprobs": None,
+                            **({"message": {"role": "assistant", "content": str(text)}} if chat
+                               else {"text": str(text)})})
+    prompt, done = int(b["n_prompt_tokens"][k]), int(counts[:len(choices)].sum())
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{row}", "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
+
+
+def _finish_names(path: str) -> dict:
+    """generate's finish_reason code -> name (the dataset's ``names`` attribute)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {int(k): v for k, v in json.loads(f["finish_reason"].attrs["names"]).items()}
+
+
+def _embedding(b, k, model) -> dict:
+    n = int(b["n_tokens"][k])
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": n, "total_tokens": n},
+            "data": [{"object": "embedding", "index": 0, "embedding": [float(x) for x in b["embedding"][k]]}]}
+
+
 def export(paths, output: str, columns: list[str] | None = None, embeddings: bool = True,
-           row_group: int | None = None) -> int:
-    """Write the chosen columns of the results dir(s) to ``output``; returns the number of rows."""
+           row_group: int | None = None, fmt: str | None = None) -> int:
+    """Write the chosen columns of the results dir(s) to ``output``; returns the number of rows.
+    ``fmt`` "openai-batch": OpenAI's batch output lines instead of columns (JSONL, .gz allowed)."""
+    if fmt == "openai-batch":
+        res = Results(paths)
+        with atomic_path(output) as tmp, (gzip.open if output.endswith(".gz") else open)(tmp, "wb") as fh:
+            for line in _openai_lines(res):
+                fh.write(line.encode("utf-8"))
+        return res.n_rows
     fmt = format_of(output)
     res = Results(paths)
     names = columns or default_columns(res, embeddings)

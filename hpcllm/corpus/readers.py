@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -70,6 +71,7 @@ class Docs:
     doc_id: list[str]      # id field value, else "<file basename>:<line>"
     line: np.ndarray       # int64, 1-based line number in the source file
     source: str            # path of the source file
+    params: list | None = None   # per row: the job's params_of(line) (a dict or None); None without params_of
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -300,9 +302,10 @@ class DocReader:
     manager, or call close()."""
 
     def __init__(self, text_field: str = "text", id_field: str | None = None,
-                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, extract=None, fields=()):
+                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES, extract=None, fields=(), params_of=None):
         self.text_field, self.id_field, self.max_doc_bytes = text_field, id_field, max_doc_bytes
         self.extract = extract   # obj -> text or None, instead of obj[text_field] (_parse_json)
+        self.params_of = params_of   # obj -> dict or None: a JSON line's per-row parameters (Job.params_of)
         self.fields = tuple(fields)   # columnar input: more fields ``extract`` reads (--messages-field)
         self._gz = None          # (path, open decompressing stream, _LineStream)
         self._columnar = None    # the last ColumnarFile read
@@ -358,13 +361,18 @@ class DocReader:
         ids: list[str] = []
         base = os.path.basename(shard.path)
         parse = _parse_json if shard.fmt == "jsonl" else _parse_text
+        params = [] if self.params_of is not None else None
+        extract = self.extract if params is None else functools.partial(_with_params, self.extract, self.params_of,
+                                                                          params)
         for i, raw in enumerate(stream.take(n)):
+            if params is not None:
+                params.append(None)
             if raw is None:
                 text, st, doc_id = b"", Status.TOO_LONG, None
             else:
                 if shard.line_start + i == 0 and raw.startswith(_BOM):
                     raw = raw[len(_BOM):]
-                text, st, doc_id = parse(raw, self.text_field, self.id_field, self.extract)
+                text, st, doc_id = parse(raw, self.text_field, self.id_field, extract)
             texts.append(text)
             status[i] = st
             ids.append(doc_id if doc_id is not None else f"{base}:{shard.line_start + i + 1}")
@@ -373,7 +381,7 @@ class DocReader:
         if not shard.compressed and not stream.at_end():   # a plain range ends exactly at its last line
             raise HpcllmError(_changed(shard, "more"))
         line = np.arange(shard.line_start + 1, shard.line_start + n + 1, dtype=np.int64)
-        return Docs(texts=texts, status=status, doc_id=ids, line=line, source=shard.path)
+        return Docs(texts=texts, status=status, doc_id=ids, line=line, source=shard.path, params=params)
 
 
     def _read_columnar(self, shard: Shard) -> Docs:
@@ -427,6 +435,12 @@ class DocReader:
             value = self.extract(obj)
             texts.append(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else None)
         return texts, False
+
+
+def _with_params(extract, params_of, params: list, obj):
+    """``extract(obj)``, and ``params_of(obj)`` as the last row's parameters."""
+    params[-1] = params_of(obj)
+    return extract(obj)
 
 
 def read_docs(shard: Shard, text_field: str = "text", id_field: str | None = None,

@@ -86,8 +86,9 @@ def plan_corpus(inputs, cfg, world, dp_size: int, shards_per_group: int = 4, min
 class Inputs:
     """The input of a run: its files, how to plan it, and how a shard becomes a ShardData."""
 
-    def __init__(self, cfg, shards_per_group: int = 4, extract=None, min_shard_docs: int = 1):
+    def __init__(self, cfg, shards_per_group: int = 4, extract=None, min_shard_docs: int = 1, params_of=None):
         self.cfg, self.extract = cfg, extract   # extract: the job's text of a JSON line (Job.text_of)
+        self.params_of = params_of              # Job.params_of
         self.min_shard_docs = min_shard_docs
         if cfg.follow:     # the files come later (hpcllm.executor.follow)
             self.tokens, self.files = None, []
@@ -119,7 +120,7 @@ class Inputs:
         if self._reader is None:   # one reader per group: a gz file's shards continue its stream
             fields = (self.cfg.messages_field,) if self.extract is not None else ()   # columnar input reads only these
             self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes, self.extract,
-                                     fields)
+                                     fields, self.params_of)
         with timers.phase("read"):
             docs = self._reader.read(shard)
         with timers.phase("tokenize"):

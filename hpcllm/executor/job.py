@@ -20,6 +20,8 @@ and optionally::
     max_length, skip_long        tokens a document is cut to (``limit_documents`` sets both from
                                  the job's own limit and --max-doc-tokens / --long-docs)
     text_of(obj), text_of_needs  a JSON line's text instead of its --text-field (generate --chat)
+    params_of(obj)               with text_of: a JSON line's own parameters (``work.params``, one per
+                                 row; generate --openai-batch's per-request sampling options)
     batch_progress(state, batch) document tokens the batch completes, for the progress line
     part_outputs, merge_part     (``splits_shards``) a shard's batches computed by several dp
                                  groups, merged (hpcllm/executor/parts.py)
@@ -55,7 +57,9 @@ class ShardData:
         self.process = np.flatnonzero(~np.isin(status, NOT_PROCESSED))
 
     def for_workers(self) -> "Work":
-        return Work(self.ids, self.offsets, self.process, self.docs.doc_id if self.docs is not None else None)
+        docs = self.docs
+        return Work(self.ids, self.offsets, self.process, docs.doc_id if docs is not None else None,
+                    getattr(docs, "params", None))
 
     def n_tokens(self) -> np.ndarray:
         """Tokens fed to the model per row (0 for rows not processed), int32."""
@@ -67,9 +71,10 @@ class ShardData:
 class Work:
     """What every rank of a tp group gets for a shard: the token ids and which rows to process."""
 
-    def __init__(self, ids, offsets, process, doc_ids=None):
+    def __init__(self, ids, offsets, process, doc_ids=None, params=None):
         self.ids, self.offsets, self.process = ids, offsets, process
         self.doc_ids = doc_ids   # the rows' document ids (list of str), where the input has them
+        self.params = params     # the rows' Job.params_of (dicts or None), where the job has one
 
     @property
     def n_docs(self) -> int:
@@ -100,6 +105,7 @@ class Job:
     partial_results = True  # follow mode: finish() may also run on the files done so far
     text_of = None          # obj -> str | None: a JSON line's text instead of its --text-field (generate --chat)
     text_of_needs = None    # what needs text_of, for the error on token-shard input ("--chat")
+    params_of = None        # obj -> dict | None: a JSON line's per-row parameters, with text_of (Work.params)
     max_length = None       # tokens a document is cut to (None: never); status TRUNCATED
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
     min_shard_docs = 1      # a small corpus is not re-cut into shards smaller than this (generate: its running set)

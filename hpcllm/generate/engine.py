@@ -27,7 +27,7 @@ class Limits:
     """What ends a completion (besides its per-document max_new)."""
     eos_ids: frozenset    # empty with --ignore-eos
     stop_ids: frozenset
-    stops: tuple          # stop strings as UTF-8 bytes
+    stops: tuple          # stop strings as UTF-8 bytes; or a list of such tuples, one per document
 
 
 class Engine:
@@ -37,17 +37,20 @@ class Engine:
         self.model, self.cache, self.comm = model, cache, model.comm
         self.leader = self.comm.rank == 0
         self.prompts, self.max_new, self.doc_ids = prompts, max_new, doc_ids
-        self.params, self.limits, self.n, self.logprobs = params, limits, n, logprobs
+        # per document: SamplingParams and completions (one value: every document's)
+        self.params = params if isinstance(params, list) else [params] * len(prompts)
+        self.limits, self.logprobs = limits, logprobs
+        self.n = n if isinstance(n, list) else [n] * len(prompts)
         self.tokenizer = tokenizer
         self.sched = Scheduler(prompts, cache.n_slots, n, batch_tokens, max_seqs, prefix_cache, cache.reusable)
         self.vocab = model.cfg["vocab"]
         self.head = model.head      # the LM head as linear() takes it (packed for oneDNN where that runs)
         self.texts = {}                      # seq id -> Completion (leader)
         self.results = {}                    # (doc, completion) -> (ids, logprobs, reason, text)
-        self.left = np.array([n if len(p) else 0 for p in prompts])   # completions still running per doc
+        self.left = np.array([k if len(p) else 0 for k, p in zip(self.n, prompts)])   # completions still running
         self.docs_done = 0                   # documents run whose completions are all done
         self.seen = (torch.zeros(cache.n_slots, model.head_weight.shape[0], dtype=torch.bool)
-                     if params.repetition_penalty != 1.0 else None)
+                     if any(p.repetition_penalty != 1.0 for p in self.params) else None)
         # constrained decoding: per document a Constraint or None; grammars: the job's constrain.Grammars
         self.constraints = constraints
         self.guide = (Guide(grammars, model.vocab_start, model.vocab_start + model.head_weight.shape[0])
@@ -74,7 +77,8 @@ class Engine:
             if self.guide is not None and self.constraints[j] is not None:
                 self.guide.start(i, self.constraints[j])
             if self.leader:
-                self.texts[i] = Completion(self.tokenizer, list(self.limits.stops))
+                stops = self.limits.stops
+                self.texts[i] = Completion(self.tokenizer, list(stops[j] if isinstance(stops, list) else stops))
         ids, lps = self._forward_and_sample(plan)
         for s in self.sched.apply_sampled(plan, ids, lps):
             if self.seen is not None:
@@ -101,13 +105,33 @@ class Engine:
         rows = torch.tensor([where[t] for t, _ in plan.samples], dtype=torch.int64)
         logits = self.model.soften(linear(hidden[rows], self.head).float())
         sampled = [seqs[i] for _, i in plan.samples]
-        keys = torch.tensor([_signed(row_key(self.params.seed, self.doc_ids[s.doc], s.completion,
+        keys = torch.tensor([_signed(row_key(self.params[s.doc].seed, self.doc_ids[s.doc], s.completion,
                                              len(s.generated))) for s in sampled], dtype=torch.int64)
         seen = self.seen[[s.slot for s in sampled]] if self.seen is not None else None
         allowed = torch.from_numpy(masks.result()) if masks is not None else None
-        out, lps = sample(logits, keys, self.params, self.model.vocab_start, self.vocab, self.comm, seen,
-                          self.logprobs, allowed)
+        out, lps = self._sample(logits, keys, [self.params[s.doc] for s in sampled], seen, allowed)
         return out.tolist(), (lps.tolist() if lps is not None else None)
+
+    def _sample(self, logits, keys, params, seen, allowed):
+        """``sample`` over rows that share their SamplingParams, group by group (in the same order on
+        every rank; each row's choice depends on its own logits, key and parameters only)."""
+        groups = {}
+        for k, p in enumerate(params):
+            groups.setdefault(p, []).append(k)
+        if len(groups) == 1:
+            return sample(logits, keys, params[0], self.model.vocab_start, self.vocab, self.comm, seen,
+                          self.logprobs, allowed)
+        out = torch.empty(len(params), dtype=torch.int64)
+        lps = torch.empty(len(params), dtype=torch.float32) if self.logprobs else None
+        for p, rows in groups.items():
+            r = torch.tensor(rows, dtype=torch.int64)
+            got, lp = sample(logits[r], keys[r], p, self.model.vocab_start, self.vocab, self.comm,
+                             seen[r] if seen is not None else None, self.logprobs,
+                             allowed[r] if allowed is not None else None)
+            out[r] = got
+            if lps is not None:
+                lps[r] = lp
+        return out, lps
 
     def _packed_layout(self, plan):
         """Token ids in the order the cache step packs them (1-token entries first, then chunks), and
@@ -144,7 +168,6 @@ class Engine:
         if self.guide is not None and not self.guide.complete(s.id, text.data(), cut=reason == STOP):
             return CONSTRAINT_INCOMPLETE
         return reason
-
 
     def _collect(self):
         """Completions freed by the last plan -> results; documents done."""

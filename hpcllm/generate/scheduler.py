@@ -112,11 +112,12 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class Scheduler:
     """The running set and the slots; ``plan()`` on the leader, ``apply`` (bookkeeping) everywhere."""
 
-    def __init__(self, prompts, n_slots: int, n: int, batch_tokens: int, max_seqs: int, reuse: bool = True,
+    def __init__(self, prompts, n_slots: int, n, batch_tokens: int, max_seqs: int, reuse: bool = True,
                  reusable=None):
         self.prompts = prompts                       # per document: int64 prompt ids (empty: not run)
         self.waiting = deque(j for j, p in enumerate(prompts) if len(p))
-        self.n, self.budget, self.max_seqs = n, max(1, batch_tokens), max(n, max_seqs)
+        self.n = n if isinstance(n, list) else [n] * len(prompts)   # completions per document
+        self.budget, self.max_seqs = max(1, batch_tokens), max(max(self.n, default=1), max_seqs)
         self.reuse = reuse                           # False: shared prefixes are recomputed
         # (n, positions a slot holds) -> how much of an n-token shared prefix is reusable (KVCache.reusable)
         self.reusable = reusable or (lambda n, held: n)
@@ -140,11 +141,11 @@ class Scheduler:
         none = np.zeros(0, np.int64)
         valid = {i: self._valid(i) if self.reuse else none for i in range(len(self.owner))}   # KV each slot holds
         running = len(self.order) - len(gone)
-        while self.waiting and len(free) >= self.n and running + self.n <= self.max_seqs:
+        while self.waiting and len(free) >= (k := self.n[self.waiting[0]]) and running + k <= self.max_seqs:
             if self._wait_for_prefix(p, self.waiting[0], valid):
                 break
             self._admit(p, self.waiting.popleft(), free, valid)
-            running += self.n
+            running += k
         self._entries(p, gone)
         return p
 
@@ -186,11 +187,11 @@ class Scheduler:
         free.remove(home)
         p.admits.append((self.next_id, j, 0, home, reuse))
         valid[home] = prompt[:reuse]                 # what it holds for later admissions of this step
-        for c in range(1, self.n):
+        for c in range(1, self.n[j]):
             slot = free.pop(0)
             p.admits.append((self.next_id + c, j, c, slot, 0))
             valid[slot] = np.zeros(0, np.int64)
-        self.next_id += self.n
+        self.next_id += self.n[j]
 
     def _entries(self, p: StepPlan, gone: set) -> None:
         """Decodes first (one token each), then prefill chunks within the token budget."""
@@ -219,7 +220,8 @@ class Scheduler:
             n = min(n_tok - kv, left)
             p.entries.append((i, kv, n))
             if kv + n == n_tok:                     # the prompt's last token: sample it (and its forks)
-                p.samples += [(t + n - 1, i + c) for c in range(self.n)]
+                doc = admitted[i][1] if i in admitted else self.seqs[i].doc
+                p.samples += [(t + n - 1, i + c) for c in range(self.n[doc])]
             t += n
             left -= n
 

@@ -15,6 +15,9 @@ dataset attribute ``names`` (JSON, id order) is also the root attribute ``class_
 base columns.  The encoder runs as in `hpcllm embed` (packed batches, dp x tp);
 the head is replicated and runs on every rank of the group on the same pooled
 vectors, so every tp rank computes the same probabilities.
+
+With ``--labels`` (or ``--labels-file``) ``--model`` is a decoder and the labels are zero-shot:
+``hpcllm.jobs.zero_shot``, same columns.
 """
 
 import json
@@ -76,11 +79,50 @@ def _embedded_head(ck):
     return head.eval()
 
 
-class ClassifyJob(EmbedJob):
+class LabelColumns:
+    """The columns of a job that gives every document one of ``class_names`` (set by the job, with
+    ``n_classes``) from ``probs``: a trained head's here, or names scored by a decoder (zero_shot)."""
+
+    def schema(self):
+        return (Column("label", STRING, (), ""), Column("label_id", np.int32, (), -1),
+                Column("probs", np.float32, (self.n_classes,), np.nan, attrs={"names": self._names_json()}),
+                Column("top_p", np.float32, (), np.nan),
+                N_TOKENS) + BASE_COLUMNS
+
+    def empty_outputs(self, n_docs):
+        return {"label_id": np.full(n_docs, -1, np.int32),
+                "probs": np.full((n_docs, self.n_classes), np.nan, np.float32)}
+
+    def result(self, state):
+        ids, probs = state.out["label_id"], state.out["probs"]
+        names = np.array([""] + self.class_names, dtype=object)
+        return ShardResult({"label": names[ids + 1], "label_id": ids, "probs": probs,
+                            "top_p": np.where(ids >= 0, np.nan_to_num(probs).max(axis=1, initial=0.0),
+                                              np.nan).astype(np.float32)})
+
+    def totals(self, out_dir, plan):
+        return Totals({"class_names": self._names_json()})
+
+    def _names_json(self) -> str:
+        return json.dumps(self.class_names, ensure_ascii=False)
+
+
+class ClassifyJob(LabelColumns, EmbedJob):
+    """``--labels`` / ``--labels-file`` with a decoder ``--model``: the zero-shot job instead
+    (``hpcllm.jobs.zero_shot``; the CLI's job table names this class for both)."""
     name = "classify"
+
+    def __new__(cls, cfg, model):
+        if _zero_shot(cfg):
+            from hpcllm.jobs.zero_shot import ZeroShotJob
+
+            return ZeroShotJob(cfg, model)     # not a ClassifyJob: Python does not __init__ it again
+        return super().__new__(cls)
 
     @classmethod
     def open_model(cls, cfg):
+        if _zero_shot(cfg):
+            return Checkpoint(cfg.model)
         return open_classifier(cfg.model, cfg.encoder)
 
     def __init__(self, cfg, classifier: Classifier):
@@ -101,31 +143,12 @@ class ClassifyJob(EmbedJob):
         return (f"classifier {os.path.basename(self.cfg.model)} ({self.model_hash()[:12]}, {self.n_classes} classes) "
                 f"on {os.path.basename(self.ckpt.path)}")
 
-    def schema(self):
-        return (Column("label", STRING, (), ""), Column("label_id", np.int32, (), -1),
-                Column("probs", np.float32, (self.n_classes,), np.nan, attrs={"names": self._names_json()}),
-                Column("top_p", np.float32, (), np.nan),
-                N_TOKENS) + BASE_COLUMNS
-
-    def empty_outputs(self, n_docs):
-        return {"label_id": np.full(n_docs, -1, np.int32),
-                "probs": np.full((n_docs, self.n_classes), np.nan, np.float32)}
-
     @torch.no_grad()
     def store(self, out, rows, vectors):
         probs = torch.softmax(self.head(vectors.float().cpu()), dim=-1).numpy()
         out["probs"][rows] = probs
         out["label_id"][rows] = probs.argmax(axis=1)
 
-    def result(self, state):
-        ids, probs = state.out["label_id"], state.out["probs"]
-        names = np.array([""] + self.class_names, dtype=object)
-        return ShardResult({"label": names[ids + 1], "label_id": ids, "probs": probs,
-                            "top_p": np.where(ids >= 0, np.nan_to_num(probs).max(axis=1, initial=0.0),
-                                              np.nan).astype(np.float32)})
 
-    def totals(self, out_dir, plan):
-        return Totals({"class_names": self._names_json()})
-
-    def _names_json(self) -> str:
-        return json.dumps(self.class_names, ensure_ascii=False)
+def _zero_shot(cfg) -> bool:
+    return cfg.labels is not None or cfg.labels_file is not None
