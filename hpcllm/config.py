@@ -180,6 +180,9 @@ class JobConfig:
                            "OUT/dedup/", jobs=("dedup",))
     store_minhash: bool = opt(False, "dedup: also write each document's MinHash signature (column minhash)",
                               result=True, jobs=("dedup",))
+    verify: bool = opt(False, "dedup: join only candidates whose exact Jaccard similarity (of their shingle sets) is "
+                       "at least --threshold (saves each document's shingle set with its signatures)",
+                       result=True, jobs=("dedup",))
     # rerank (hpcllm/jobs/rerank.py)
     query_field: str = opt("query", "rerank: JSONL field holding the query (the document is --text-field)",
                            result=True, jobs=RERANK)

@@ -116,6 +116,29 @@ def _units(buf, start, end, words, out_s, out_e):
     return k
 
 
+@njit(nogil=True, cache=True)
+def _unit_hashes(buf, s, e, words):
+    """FNV-1a 64 of each word (character) of one document, in order."""
+    us = np.empty(e - s, np.int64)
+    ue = np.empty(e - s, np.int64)
+    k = _units(buf, s, e, words, us, ue)
+    uh = np.empty(k, np.uint64)
+    for t in range(k):
+        uh[t] = fnv1a64(buf, us[t], ue[t])
+    return uh
+
+
+@njit(nogil=True, cache=True)
+def _doc_shingles(buf, s, e, n, words):
+    """The 32-bit hashes (uint64) of one document's shingles, in order (none for an empty document)."""
+    uh = _unit_hashes(buf, s, e, words)
+    k = len(uh)
+    out = np.empty(max(k - n + 1, 1) if k else 0, np.uint64)
+    for j in range(len(out)):
+        out[j] = _shingle_hash(uh, j, min(j + n, k))
+    return out
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def signatures(buf, offsets, n, words, a, b):
     """uint32[n_docs, num_perm] signatures and int64[n_docs] shingle counts (see the module notes)."""
@@ -123,20 +146,27 @@ def signatures(buf, offsets, n, words, a, b):
     sig = np.full((n_docs, num_perm), np.uint32(0xFFFFFFFF), np.uint32)
     count = np.zeros(n_docs, np.int64)
     for d in prange(n_docs):
-        s, e = offsets[d], offsets[d + 1]
-        us = np.empty(e - s, np.int64)
-        ue = np.empty(e - s, np.int64)
-        k = _units(buf, s, e, words, us, ue)
-        if k == 0:
-            continue
-        uh = np.empty(k, np.uint64)
-        for t in range(k):
-            uh[t] = fnv1a64(buf, us[t], ue[t])
-        m = max(k - n + 1, 1)
-        for j in range(m):
+        uh = _unit_hashes(buf, offsets[d], offsets[d + 1], words)
+        k = len(uh)
+        count[d] = max(k - n + 1, 1) if k else 0
+        for j in range(count[d]):
             _update(sig[d], a, b, _shingle_hash(uh, j, min(j + n, k)))
-        count[d] = m
     return sig, count
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def shingle_sets(buf, offsets, n, words):
+    """Each document's distinct shingle hashes, sorted: (uint32 flat values, int64 offsets [n_docs + 1])."""
+    n_docs = len(offsets) - 1
+    lens = np.zeros(n_docs + 1, np.int64)
+    for d in prange(n_docs):
+        lens[d + 1] = len(np.unique(_doc_shingles(buf, offsets[d], offsets[d + 1], n, words)))
+    out_off = np.cumsum(lens)
+    flat = np.empty(out_off[-1], np.uint32)
+    for d in prange(n_docs):
+        u = np.unique(_doc_shingles(buf, offsets[d], offsets[d + 1], n, words))
+        flat[out_off[d]:out_off[d + 1]] = u.astype(np.uint32)
+    return flat, out_off
 
 
 @njit(nogil=True, cache=True, parallel=True)

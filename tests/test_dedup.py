@@ -130,25 +130,35 @@ def test_dedup_clusters_against_exact_jaccard_ranks_resume_filter(tmp_path):
                 j = len(sets[x] & sets[y]) / len(sets[x] | sets[y])
                 truth |= {(x, y)} if j >= THRESHOLD else set()
                 exact |= {(x, y)} if texts[x] == texts[y] else set()
+    def scores(cl):
+        found = {(x, y) for x in rows for y in rows if x < y and cl[x] >= 0 and cl[x] == cl[y]}
+        return exact <= found, len(found & truth) / len(truth), len(found & truth) / len(found)
     cl = got["dup_cluster"]
-    found = {(x, y) for x in rows for y in rows if x < y and cl[x] >= 0 and cl[x] == cl[y]}
-    recall, precision = len(found & truth) / len(truth), len(found & truth) / len(found)
     assert len(exact) >= 30 and len(truth) > len(exact) + 30
-    assert exact <= found and recall >= 0.95 and precision >= 0.95, (recall, precision)
+    all_exact, recall, precision = scores(cl)
+    assert all_exact and recall >= 0.95 and precision >= 0.95, (recall, precision)
+    # 32 bands of 2 rows: half-changed copies (Jaccard ~0.3) become candidates too; --verify drops them
+    loose = [*common, "--bands", 32, "--rows", 2]
+    dedup([*loose, "--output", tmp_path / "loose"])
+    assert scores(columns(tmp_path / "loose")["dup_cluster"])[2] < 0.9
+    dedup([*loose, "--verify", "--output", tmp_path / "verified"])
+    verified = columns(tmp_path / "verified")
+    all_exact, recall, precision = scores(verified["dup_cluster"])
+    assert all_exact and recall >= 0.95 and precision >= 0.95, (recall, precision)
     # kept: the smallest row of each cluster; dup_of points at it
     for i in range(n):
         members = np.flatnonzero(cl == cl[i]) if cl[i] >= 0 else [i]
         assert got["dup_of"][i] == min(members) and got["keep"][i] == (i == min(members))
     assert got["keep"][18] and cl[18] == -1 and got["status"][18] == 3       # the bad JSON line stays
 
-    # 2 and 4 ranks (4: a tiny --memory-mb, so the band records spill to sorted runs) give the same
+    # 2 and 4 ranks (4: verified, and a tiny --memory-mb, so the band records spill to sorted runs) give the same
     mpirun(2, ["dedup", *common, "--output", tmp_path / "two"])
-    p = mpirun(4, ["dedup", *common, "--output", tmp_path / "four", "--memory-mb", 0.01])
+    p = mpirun(4, ["dedup", *loose, "--verify", "--output", tmp_path / "four", "--memory-mb", 0.01])
     assert "sorted runs spilled on rank 0" in p.stderr + p.stdout and " 0 sorted runs" not in p.stderr + p.stdout
-    for other in ("two", "four"):
+    for other, want in (("two", got), ("four", verified)):
         o = columns(tmp_path / other)
         for k in got:
-            np.testing.assert_array_equal(o[k], got[k])
+            np.testing.assert_array_equal(o[k], want[k])
 
     # resume: a run stopped in the global phase (shard files with placeholder columns, signatures saved),
     # one shard then lost, and the rerun: it redoes that shard and the global phase from the signatures

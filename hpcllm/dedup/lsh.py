@@ -73,11 +73,12 @@ def exchange(comm, rec: np.ndarray) -> np.ndarray:
     return out
 
 
-def bucket_edges(chunks, fold: int = 1 << 16) -> np.ndarray:
+def bucket_edges(chunks, fold: int | None = 1 << 16) -> np.ndarray:
     """(row, smallest row linked to it) int64 pairs joining the rows of every bucket of more than one row;
     ``chunks``: the records in key order (a bucket may span chunks: its smallest row so far is carried on).
     The pairs are folded into components (``smallest_of``) whenever they double, so what is held stays
-    about two pairs per duplicate row, not one per duplicate row and band."""
+    about two pairs per duplicate row, not one per duplicate row and band.  ``fold=None``: the distinct
+    links themselves (to verify them), each (row, smallest of a bucket), not folded."""
     edges, held, folded, carry = [], 0, 0, None
     for rec in chunks:
         if carry is not None and rec[0, 0] == carry[0]:
@@ -90,10 +91,12 @@ def bucket_edges(chunks, fold: int = 1 << 16) -> np.ndarray:
         edges.append(np.stack([rows[linked], lowest[linked]], axis=1))
         held += int(linked.sum())
         carry = np.array([keys[-1], low[-1]], np.uint64)
-        if held > max(fold, 2 * folded):
+        if fold is not None and held > max(fold, 2 * folded):
             edges = [smallest_of(np.concatenate(edges))]
             held = folded = len(edges[0])
-    return smallest_of(np.concatenate(edges)) if edges else np.zeros((0, 2), np.int64)
+    if not edges:
+        return np.zeros((0, 2), np.int64)
+    return smallest_of(np.concatenate(edges)) if fold is not None else np.unique(np.concatenate(edges), axis=0)
 
 
 def smallest_of(edges: np.ndarray) -> np.ndarray:
@@ -128,18 +131,24 @@ class Clusters:
         self.roots = np.unique(self.root)
 
     @classmethod
-    def find(cls, comm, load_shard, local: list, bands: int, rows: int, runs, stop) -> "Clusters | None":
+    def find(cls, comm, load_shard, local: list, bands: int, rows: int, runs, stop,
+             verify=None) -> "Clusters | None":
         """Bucket every rank's shards' records and join the buckets into clusters; None if stopped.
 
-        ``load_shard(shard)`` -> the records of one of ``local`` (this rank's shards)."""
+        ``load_shard(shard)`` -> the records of one of ``local`` (this rank's shards); ``verify(links)``
+        (collective) -> which (row, row) links to keep (None: every one)."""
         rounds = agree_max(comm, len(local))
         for k in range(rounds):
             if stop.should_stop(comm):
                 return None
             rec = load_shard(local[k]) if k < len(local) else np.zeros((0, 2), np.uint64)
             runs.add(exchange(comm, rec))
-        pairs = gather_pairs(comm, bucket_edges(runs.chunks()))
-        return cls(smallest_of(pairs))
+        if verify is None:
+            pairs = bucket_edges(runs.chunks())
+        else:
+            links = bucket_edges(runs.chunks(), fold=None)
+            pairs = smallest_of(links[verify(links)])
+        return cls(smallest_of(gather_pairs(comm, pairs)))
 
     def columns(self, row_start: int, n: int) -> dict:
         """dup_cluster (-1: unique), dup_of (the row kept), keep, for rows row_start..row_start + n."""

@@ -7,13 +7,12 @@ is what the shingling kernel (``hpcllm.kernels.minhash``) splits on.  With
 ``TextNormConfig``: lowercase, punctuation removed, diacritics stripped (NFD,
 combining marks dropped), digit runs replaced by ``0``.  One difference:
 punctuation here is every Unicode punctuation character (categories P*) and
-control character, where datatrove lists its own set.
+control character (Cc), where datatrove lists its own set.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from typing import NamedTuple
 
@@ -21,13 +20,13 @@ import numpy as np
 
 from hpcllm.tokenizer.encoding import FLAG_BAD_UTF8
 
-WHITESPACE = re.compile(r"\s+")
 DIGITS = re.compile(r"\d+")
 
 
 def _punctuation_table() -> dict:
-    return {c: None for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c))[0] in "PC"
-            and not chr(c).isspace()}
+    """Unicode punctuation (P*, all below U+20000) and control characters (Cc) but whitespace -> None."""
+    return {c: None for c in range(0x20000) if (unicodedata.category(chr(c))[0] == "P"
+                                                 or unicodedata.category(chr(c)) == "Cc") and not chr(c).isspace()}
 
 
 _PUNCT = None
@@ -40,8 +39,7 @@ def normalise(text: str, simplify: bool) -> str:
             _PUNCT = _punctuation_table()
         text = unicodedata.normalize("NFD", text.lower().translate(_PUNCT))
         text = DIGITS.sub("0", "".join(c for c in text if unicodedata.category(c) != "Mn"))
-    text = unicodedata.normalize("NFC", text)
-    return WHITESPACE.sub(" ", text).strip()
+    return " ".join(unicodedata.normalize("NFC", text).split())    # str.split(): runs of str.isspace()
 
 
 class Normalised(NamedTuple):

@@ -26,6 +26,7 @@ import numpy as np
 from hpcllm.dedup.lsh import Clusters, local_shards, optimal_bands, shard_records
 from hpcllm.dedup.runs import SortedRuns
 from hpcllm.dedup.text import TextNormaliser
+from hpcllm.dedup.verify import verified
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job, ShardResult, Totals
 from hpcllm.progress import log
@@ -76,7 +77,7 @@ class DedupJob(Job):
     def describe(self):
         c = self.cfg
         return (f"{c.ngram}-{c.shingle} shingles, {c.num_perm} permutations, {self.bands} bands x {self.rows} rows"
-                f"{', simplified text' if c.simplify else ''}")
+                f"{', simplified text' if c.simplify else ''}{', verified' if c.verify else ''}")
 
     def schema(self):
         cols = (Column("dup_cluster", np.int64, (), -1), Column("dup_of", np.int64, (), -1),
@@ -86,23 +87,25 @@ class DedupJob(Job):
         return BASE_COLUMNS + (N_TOKENS,) + cols
 
     def start(self, work):
-        from hpcllm.kernels.minhash import doc_hashes, signatures
+        from hpcllm.kernels.minhash import doc_hashes, shingle_sets, signatures
 
         buf = np.asarray(work.ids, np.uint8)
         sig, count = signatures(buf, work.offsets, self.cfg.ngram, self.cfg.shingle == "word", self.a, self.b)
         processed = np.zeros(work.n_docs, bool)
         processed[work.process] = True
-        return SimpleNamespace(batches=[], sig=sig, count=count, exact=doc_hashes(buf, work.offsets),
-                               processed=processed)
+        saved = {"sig": sig, "count": count, "exact": doc_hashes(buf, work.offsets), "processed": processed}
+        if self.cfg.verify:     # each document's shingle set, for the exact Jaccard of --verify
+            saved["shingles"], saved["shingle_offsets"] = shingle_sets(buf, work.offsets, self.cfg.ngram,
+                                                                       self.cfg.shingle == "word")
+        return SimpleNamespace(batches=[], saved=saved)
 
     def result(self, state):
-        n = len(state.sig)
+        n = len(state.saved["sig"])
         cols = {"dup_cluster": np.full(n, -1, np.int64), "dup_of": np.full(n, -1, np.int64),
                 "keep": np.zeros(n, bool)}
         if self.cfg.store_minhash:
-            cols["minhash"] = state.sig
-        return ShardResult(cols, attrs={"signatures": {k: getattr(state, k) for k in
-                                                       ("sig", "count", "exact", "processed")}})
+            cols["minhash"] = state.saved["sig"]
+        return ShardResult(cols, attrs={"signatures": state.saved})
 
     def write_shard(self, out_dir, data, result, attrs):
         """The signatures first (atomically), then the shard's file: a shard done has both."""
@@ -117,7 +120,11 @@ class DedupJob(Job):
         comm = mesh.world
         local = local_shards(plan, comm)
         runs = SortedRuns(os.path.join(out_dir, DEDUP_DIR, f"runs-{mesh.rank}"), int(self.cfg.memory_mb * 2**20))
-        clusters = Clusters.find(comm, self._records, local, self.bands, self.rows, runs, stop)
+        verify = None
+        if self.cfg.verify:
+            verify = lambda links: verified(comm, plan, links, lambda s: saved_sets(out_dir, s),  # noqa: E731
+                                            self.cfg.threshold)
+        clusters = Clusters.find(comm, self._records, local, self.bands, self.rows, runs, stop, verify)
         if clusters is None:
             return True
         for shard in local:
@@ -147,6 +154,12 @@ def saved_records(out_dir, shard, bands, rows):
     except OSError as e:
         raise HpcllmError(f"dedup: cannot read the signatures of shard {shard.index} ({e}); remove "
                           f"{shard_file(out_dir, shard.index)} and rerun to compute them again") from None
+
+
+def saved_sets(out_dir, shard):
+    """A shard's saved shingle sets (--verify): sorted distinct hashes per row, flat + offsets."""
+    with np.load(signature_file(out_dir, shard.index)) as z:
+        return z["shingles"], z["shingle_offsets"]
 
 
 def _rewrite(out_dir, shard, columns, schema):
