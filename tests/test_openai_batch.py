@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpirun
+from conftest import minilm_dir, mpirun
+from hpcllm.cli import run
 from hpcllm.corpus.openai_batch import Requests, parse, sampling
 from test_generate_job import tiny_gen_h5  # noqa: F401  (fixture)
 
@@ -80,8 +81,8 @@ def test_openai_batch_job_and_export(tiny_gen_h5, tmp_path):  # noqa: F811
               ["--chat", "--top-p", 0.9, "--seed", 3, "--stop", "ing", "--max-new-tokens", 7])]
     for k, (name, line, flags) in enumerate(plain):
         write_lines(tmp_path / f"{name}.jsonl", [line])
-        mpirun(1, ["generate", "--model", tiny_gen_h5, "--input", tmp_path / f"{name}.jsonl", "--output",
-                   tmp_path / name, "--progress", 0] + flags, timeout=300)
+        assert run([str(x) for x in ["generate", "--model", tiny_gen_h5, "--input", tmp_path / f"{name}.jsonl",
+                                     "--output", tmp_path / name, "--progress", 0] + flags]) == 0
         ref, row = _rows(tmp_path / name), {"sampled": 1, "nucleus": 5}[name]
         ids = got["output_ids"][got["output_offsets"][row]:got["output_offsets"][row + 1]]
         assert ids.tolist() == ref["output_ids"].tolist()
@@ -118,3 +119,28 @@ def test_openai_batch_refuses_chat_flag(tiny_gen_h5, tmp_path):  # noqa: F811
     cfg = JobConfig(model=tiny_gen_h5, input="x", output="y", openai_batch=True, chat=True)
     with Checkpoint(tiny_gen_h5) as ck, pytest.raises(HpcllmError, match="drop --chat"):
         GenerateJob(cfg, ck)
+
+
+def test_openai_batch_embeddings(minilm_h5, tmp_path):
+    """embed --openai-batch: /v1/embeddings lines embedded as sentence-transformers does, others error lines."""
+    from openai.types import CreateEmbeddingResponse
+    from sentence_transformers import SentenceTransformer
+
+    from hpcllm.analysis.export import export
+
+    texts = {0: "The cat sat on the mat.", 3: "A dog runs."}
+    lines = [{"custom_id": "e0", "url": "/v1/embeddings", "body": {"input": texts[0], "model": "m"}}, LINES[0],
+             {"custom_id": "e2", "url": "/v1/embeddings", "body": {"input": ["a", "list"]}},
+             {"custom_id": "e3", "url": "/v1/embeddings", "body": {"input": texts[3]}}, "not json"]
+    inp = write_lines(tmp_path / "emb.jsonl", lines)
+    assert run(["embed", "--model", minilm_h5, "--input", str(inp), "--output", str(tmp_path / "o"),
+                "--openai-batch", "--progress", "0"]) == 0
+    export(tmp_path / "o", str(tmp_path / "o.jsonl"), fmt="openai-batch")
+    got = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in got] == ["e0", "greedy", "e2", "e3", None]
+    assert [x["error"]["code"] if x["error"] else None for x in got] == \
+        [None, "invalid_request", "invalid_request", None, "invalid_json"]
+    st = SentenceTransformer(minilm_dir(), device="cpu")
+    for i, text in texts.items():
+        body = CreateEmbeddingResponse.model_validate(got[i]["response"]["body"])
+        np.testing.assert_allclose(body.data[0].embedding, st.encode(text), atol=1e-5)

@@ -12,7 +12,6 @@ from hpcllm.errors import HpcllmError
 
 TEXTS = ["The striker scored twice in the final minutes and the crowd went wild.",
          "Preheat the oven, then fold the butter into the flour until it crumbles.",
-         "The central bank raised interest rates again to fight inflation.",
          "A new exoplanet was found orbiting a red dwarf forty light years away."]
 # single- and multi-token names (" sports" is one token, " personal finance" and " astrophysics" several)
 LABELS = ["sports", "cooking recipes", "personal finance", "astrophysics"]
@@ -89,9 +88,10 @@ def test_zero_shot_job_tp2_matches_transformers(smol_h5, reference, tmp_path):
     np.testing.assert_allclose(np.delete(top, 2), reference.max(1), atol=1e-4)
 
 
-def test_zero_shot_bad_options(smol_h5, tmp_path):
-    from hpcllm.jobs.zero_shot import read_labels
+def test_zero_shot_bad_options():
     from types import SimpleNamespace
+
+    from hpcllm.jobs.zero_shot import read_labels
 
     for labels, where in (("a", None), ("a,a", None), (None, None), ("a,b", "x.txt")):
         with pytest.raises(HpcllmError):

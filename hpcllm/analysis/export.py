@@ -40,7 +40,8 @@ from hpcllm.store.atomic import atomic_path
 FORMATS = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz")
 # a row that did not run: its status -> OpenAI error (code, message unless the job wrote one); other statuses ran
 ERROR_CODES = {Status.BAD_JSON: ("invalid_json", "the line is not a JSON object"),
-               Status.MISSING_FIELD: ("invalid_request", "the request has no usable body"),
+               Status.MISSING_FIELD: ("invalid_request", "the request cannot run (no custom_id, an unknown url, "
+                                                         "or no usable body)"),
                Status.TOO_LONG: ("context_length_exceeded", "the input is longer than the model's context"),
                Status.CHANGED: ("input_changed", "the input file changed while the job ran"),
                Status.MISSING: ("not_processed", "no result was written for this line")}

@@ -141,3 +141,17 @@ class Requests:
         if error is not None:
             return None, {"url": url, "error": error}
         return text, {"url": url, "kind": req.kind, **options}
+
+
+def embedding_requests(cfg, then=None):
+    """embed --openai-batch: (text_of, params_of) over /v1/embeddings lines (one string ``input`` each); the
+    custom_id is the document id; ``then`` (the job's own text_of, e.g. --prefix) sees {text_field: input}."""
+    cfg.id_field = cfg.id_field or ID_FIELD     # before Inputs and the manifest read it
+    requests = Requests(("embedding",))
+    if then is None:
+        return requests.text_of, requests.params_of
+
+    def text_of(obj):
+        text = requests.text_of(obj)
+        return None if text is None else then({cfg.text_field: text})
+    return text_of, requests.params_of

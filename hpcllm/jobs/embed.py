@@ -69,6 +69,11 @@ class EmbedJob(Job):
         if cfg.prefix:
             self.text_of = functools.partial(_prefixed, cfg.prefix, cfg.text_field)
             self.text_of_needs = "--prefix (prepended to each document's text before tokenizing)"
+        if cfg.openai_batch:      # /v1/embeddings request lines: body.input is the text (hpcllm.corpus.openai_batch)
+            from hpcllm.corpus.openai_batch import embedding_requests
+
+            self.text_of, self.params_of = embedding_requests(cfg, self.text_of)
+            self.text_of_needs = "--openai-batch (each line's request)"
 
     def _decoder_options(self, cfg, c):
         self.pooling = cfg.pooling or "last"
