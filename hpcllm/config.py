@@ -183,6 +183,14 @@ class JobConfig:
     verify: bool = opt(False, "dedup: join only candidates whose exact Jaccard similarity (of their shingle sets) is "
                        "at least --threshold (saves each document's shingle set with its signatures)",
                        result=True, jobs=("dedup",))
+    embeddings: str = opt(None, "dedup: semantic duplicates instead (SemDeDup): the `hpcllm embed` output of the same "
+                          "--input; rows of cosine similarity >= --cosine inside one of --kmeans clusters", result=True,
+                          jobs=("dedup",))
+    cosine: float = opt(0.95, "dedup --embeddings: the cosine similarity that makes two documents duplicates",
+                        result=True, jobs=("dedup",))
+    kmeans: int = opt(100, "dedup --embeddings: k-means clusters (pairs are compared inside each)", result=True,
+                      jobs=("dedup",))
+    kmeans_iter: int = opt(20, "dedup --embeddings: k-means rounds", result=True, jobs=("dedup",))
     # rerank (hpcllm/jobs/rerank.py)
     query_field: str = opt("query", "rerank: JSONL field holding the query (the document is --text-field)",
                            result=True, jobs=RERANK)

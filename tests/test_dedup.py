@@ -2,13 +2,16 @@
 1 / 2 / 4 ranks alike, resume, and `filter --where keep` / `report` on its results."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import datasketch
 import h5py
 import numpy as np
 import pytest
-from conftest import mpirun
+from conftest import MPI_TIMEOUT, REPO, mpirun
 
 from hpcllm.analysis.report import report
 from hpcllm.cli import run
@@ -109,8 +112,55 @@ def columns(out):
         return {k: f[k][:] for k in ("dup_cluster", "dup_of", "keep", "status")}
 
 
+def mpi_dedup(n, *groups):
+    """`hpcllm dedup` once per group of arguments, in one mpiexec launch of n ranks."""
+    args = [str(a) for g in groups for a in ("--then", *g, "--progress", "0")][1:]
+    script = os.path.join(REPO, "tests", "mpi_scripts", "dedup_runs.py")
+    p = subprocess.run(["mpiexec", "-n", str(n), sys.executable, script, *args], capture_output=True, text=True,
+                       env=dict(os.environ, MPIEXEC_TIMEOUT=str(MPI_TIMEOUT)), timeout=MPI_TIMEOUT + 30)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
 def dedup(args):
     assert run(["dedup", *map(str, args), "--progress", "0"]) == 0
+
+
+def components(n, pairs):
+    """Each row's smallest row under ``pairs`` (a plain union-find), -1 for rows in no pair."""
+    parent = list(range(n))
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    linked = {x for p in pairs for x in p}
+    return np.array([find(i) if i in linked else -1 for i in range(n)])
+
+
+def planted_embeddings(out, embed_dir, n, dim=16, seed=0):
+    """An embed-like result for the corpus dedup planned in ``out``: groups of 1-4 rows around a random
+    direction (noise 0.05: within-group cosine > 0.99, across groups ~0), float32, NaN on the bad JSON row."""
+    from hpcllm.store.manifest import read_manifest
+    from hpcllm.store.results import BASE_COLUMNS, Column, build_master, write_shard
+
+    rng = np.random.default_rng(seed)
+    group = np.sort(rng.integers(0, n // 2, n))
+    x = (rng.standard_normal((n // 2, dim))[group] + 0.05 * rng.standard_normal((n, dim))).astype(np.float32)
+    x[18] = np.nan
+    plan = read_manifest(str(out / "manifest.json")).shards
+    schema = (Column("embedding", np.float32, (dim,), np.nan),) + BASE_COLUMNS
+    with h5py.File(out / "results.h5", "r") as f:
+        base = {c.name: f[c.name][:] for c in BASE_COLUMNS}
+    for sh in plan:
+        rows = slice(sh.row_start, sh.row_start + sh.n_docs)
+        cols = {k: (np.array([v.decode() for v in base[k][rows]], dtype=object) if k == "doc_id" else base[k][rows])
+                for k in base}
+        write_shard(str(embed_dir), sh, {**cols, "embedding": x[rows]}, schema=schema)
+    build_master(str(embed_dir), plan, schema)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.where(np.isnan(xn).any(axis=1)[:, None] | np.isnan(xn).any(axis=1)[None, :], -2, xn @ xn.T)
 
 
 def test_dedup_clusters_against_exact_jaccard_ranks_resume_filter(tmp_path):
@@ -151,8 +201,23 @@ def test_dedup_clusters_against_exact_jaccard_ranks_resume_filter(tmp_path):
         assert got["dup_of"][i] == min(members) and got["keep"][i] == (i == min(members))
     assert got["keep"][18] and cl[18] == -1 and got["status"][18] == 3       # the bad JSON line stays
 
-    # 2 and 4 ranks (4: verified, and a tiny --memory-mb, so the band records spill to sorted runs) give the same
-    mpirun(2, ["dedup", *common, "--output", tmp_path / "two"])
+    # semantic: an embed result's rows of cosine >= 0.9 joined; one k-means cluster: against every pair directly
+    sim = planted_embeddings(tmp_path / "one", tmp_path / "emb", n)
+    semantic = ["--input", corpus, "--embeddings", tmp_path / "emb", "--cosine", 0.9, "--shard-docs", 60]
+    dedup([*semantic, "--kmeans", 1, "--output", tmp_path / "sem1"])
+    want = components(n, [(int(a), int(b)) for a, b in zip(*np.nonzero(np.triu(sim >= 0.9, 1)))])
+    assert 100 < (want >= 0).sum() < n - 20
+    np.testing.assert_array_equal(columns(tmp_path / "sem1")["dup_cluster"], want)
+    dedup([*semantic, "--kmeans", 4, "--output", tmp_path / "sem4"])
+    sem4 = columns(tmp_path / "sem4")
+    for c in np.unique(sem4["dup_cluster"][sem4["dup_cluster"] >= 0]):     # k-means only splits components
+        assert len(set(want[sem4["dup_cluster"] == c])) == 1 and want[c] >= 0
+
+    # 2 and 4 ranks (4: verified, and a tiny --memory-mb, so the band records spill to sorted runs) give the same;
+    # the 2-rank launch also runs the semantic dedup at 4 k-means clusters
+    mpi_dedup(2, [*common, "--output", tmp_path / "two"], [*semantic, "--kmeans", 4, "--output", tmp_path / "sem4x2"])
+    for k in got:
+        np.testing.assert_array_equal(columns(tmp_path / "sem4x2")[k], sem4[k])
     p = mpirun(4, ["dedup", *loose, "--verify", "--output", tmp_path / "four", "--memory-mb", 0.01])
     assert "sorted runs spilled on rank 0" in p.stderr + p.stdout and " 0 sorted runs" not in p.stderr + p.stdout
     for other, want in (("two", got), ("four", verified)):

@@ -53,6 +53,11 @@ class DedupJob(Job):
         if cfg.num_perm < 1 or cfg.ngram < 1 or not 0.0 < cfg.threshold <= 1.0 or cfg.memory_mb <= 0:
             raise HpcllmError(f"dedup: --num-perm {cfg.num_perm} and --ngram {cfg.ngram} must be >= 1, "
                               f"--threshold {cfg.threshold} in (0, 1], --memory-mb {cfg.memory_mb} > 0")
+        if cfg.embeddings and (cfg.verify or cfg.store_minhash):
+            raise HpcllmError("dedup: --verify and --store-minhash are options of MinHash dedup, not of --embeddings")
+        if cfg.embeddings and (cfg.kmeans < 1 or cfg.kmeans_iter < 0 or not -1.0 <= cfg.cosine <= 1.0):
+            raise HpcllmError(f"dedup: --kmeans {cfg.kmeans} must be >= 1, --kmeans-iter {cfg.kmeans_iter} >= 0, "
+                              f"--cosine {cfg.cosine} in [-1, 1]")
         if (cfg.bands is None) != (cfg.rows is None):
             raise HpcllmError("dedup: give both --bands and --rows, or neither (then --threshold chooses them)")
         self.bands, self.rows = ((cfg.bands, cfg.rows) if cfg.bands is not None
@@ -72,10 +77,14 @@ class DedupJob(Job):
         return "dedup"
 
     def config_hash(self):
-        return self.cfg.result_hash(self.name, seed=self.cfg.seed, bands=self.bands, rows=self.rows)
+        embeddings = os.path.abspath(self.cfg.embeddings) if self.cfg.embeddings else None
+        return self.cfg.result_hash(self.name, seed=self.cfg.seed, bands=self.bands, rows=self.rows,
+                                    embeddings=embeddings)
 
     def describe(self):
         c = self.cfg
+        if c.embeddings:
+            return f"semantic: {c.embeddings}, {c.kmeans} k-means clusters, cosine >= {c.cosine}"
         return (f"{c.ngram}-{c.shingle} shingles, {c.num_perm} permutations, {self.bands} bands x {self.rows} rows"
                 f"{', simplified text' if c.simplify else ''}{', verified' if c.verify else ''}")
 
@@ -90,17 +99,20 @@ class DedupJob(Job):
         from hpcllm.kernels.minhash import doc_hashes, shingle_sets, signatures
 
         buf = np.asarray(work.ids, np.uint8)
-        sig, count = signatures(buf, work.offsets, self.cfg.ngram, self.cfg.shingle == "word", self.a, self.b)
         processed = np.zeros(work.n_docs, bool)
         processed[work.process] = True
-        saved = {"sig": sig, "count": count, "exact": doc_hashes(buf, work.offsets), "processed": processed}
+        saved = {"processed": processed}
+        if not self.cfg.embeddings:    # semantic dedup keeps nothing of the text: its vectors are the embed run's
+            saved["sig"], saved["count"] = signatures(buf, work.offsets, self.cfg.ngram, self.cfg.shingle == "word",
+                                                      self.a, self.b)
+            saved["exact"] = doc_hashes(buf, work.offsets)
         if self.cfg.verify:     # each document's shingle set, for the exact Jaccard of --verify
             saved["shingles"], saved["shingle_offsets"] = shingle_sets(buf, work.offsets, self.cfg.ngram,
                                                                        self.cfg.shingle == "word")
         return SimpleNamespace(batches=[], saved=saved)
 
     def result(self, state):
-        n = len(state.saved["sig"])
+        n = len(state.saved["processed"])
         cols = {"dup_cluster": np.full(n, -1, np.int64), "dup_of": np.full(n, -1, np.int64),
                 "keep": np.zeros(n, bool)}
         if self.cfg.store_minhash:
@@ -120,11 +132,14 @@ class DedupJob(Job):
         comm = mesh.world
         local = local_shards(plan, comm)
         runs = SortedRuns(os.path.join(out_dir, DEDUP_DIR, f"runs-{mesh.rank}"), int(self.cfg.memory_mb * 2**20))
-        verify = None
-        if self.cfg.verify:
-            verify = lambda links: verified(comm, plan, links, lambda s: saved_sets(out_dir, s),  # noqa: E731
-                                            self.cfg.threshold)
-        clusters = Clusters.find(comm, self._records, local, self.bands, self.rows, runs, stop, verify)
+        if self.cfg.embeddings:
+            clusters = self._semantic(plan, local, comm, stop)
+        else:
+            verify = None
+            if self.cfg.verify:
+                verify = lambda links: verified(comm, plan, links, lambda s: saved_sets(out_dir, s),  # noqa: E731
+                                                self.cfg.threshold)
+            clusters = Clusters.find(comm, self._records, local, self.bands, self.rows, runs, stop, verify)
         if clusters is None:
             return True
         for shard in local:
@@ -138,10 +153,24 @@ class DedupJob(Job):
                 f"{runs.spilled} sorted runs spilled on rank 0")
         return False
 
+    def _semantic(self, plan, local, comm, stop):
+        """--embeddings: the clusters of ``hpcllm.dedup.semantic``; None if stopped."""
+        from hpcllm.dedup.semantic import kmeans, load_embeddings, semantic_clusters
+
+        c = self.cfg
+        parts = load_embeddings(c.embeddings, plan, local)
+        if stop.should_stop(comm):
+            return None
+        labels = kmeans(comm, parts, c.kmeans, c.kmeans_iter, sum(s.n_docs for s in plan))
+        return None if stop.should_stop(comm) else semantic_clusters(comm, parts, labels, c.cosine)
+
     def _records(self, shard):
         return saved_records(self.cfg.output, shard, self.bands, self.rows)
 
     def totals(self, out_dir, plan):
+        if self.cfg.embeddings:
+            return Totals(attrs={"n_duplicates": self.n_dup},
+                          summary=f"{self.n_dup} duplicates (keep false), cosine >= {self.cfg.cosine}")
         return Totals(attrs={"bands": self.bands, "rows": self.rows, "n_duplicates": self.n_dup},
                       summary=f"{self.n_dup} duplicates (keep false), {self.bands} bands x {self.rows} rows")
 
