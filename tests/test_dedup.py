@@ -55,7 +55,8 @@ def test_signatures_equal_datasketch(words, n):
 
 def test_normaliser_flags_bad_utf8_and_simplifies():
     raw = ["Héllo,\t  World!\n".encode(), b"caf\xff ok", "Ｃａｆé 2024".encode()]
-    enc = TextNormaliser(True).encode_bytes(np.frombuffer(b"".join(raw), np.uint8), np.cumsum([0] + [len(r) for r in raw]))
+    offsets = np.cumsum([0] + [len(r) for r in raw])
+    enc = TextNormaliser(True).encode_bytes(np.frombuffer(b"".join(raw), np.uint8), offsets)
     got = [bytes(enc.ids[enc.offsets[i]:enc.offsets[i + 1]]).decode() for i in range(3)]
     assert got == ["hello world", "caf\ufffd ok", "ｃａｆe 0"]
     assert enc.flags.tolist() == [0, 2, 0]
@@ -63,7 +64,8 @@ def test_normaliser_flags_bad_utf8_and_simplifies():
 
 def test_spilled_runs_merge_in_key_order(tmp_path):
     rng = np.random.default_rng(0)
-    rec = np.stack([rng.permutation(np.arange(20000) % 50).astype(np.uint64), np.arange(20000, dtype=np.uint64)], axis=1)
+    keys = rng.permutation(np.arange(20000) % 50).astype(np.uint64)
+    rec = np.stack([keys, np.arange(20000, dtype=np.uint64)], axis=1)
     runs = SortedRuns(str(tmp_path / "runs"), 1024 * 40)     # 1024 records in memory: ~20 runs
     for part in np.array_split(rec, 37):
         runs.add(part)
