@@ -6,8 +6,8 @@ template, byte-level BPE / RobertaProcessing).  Tiny random cross-encoders (a
 BERT with MiniLM's tokenizer, token types; an XLM-R with the fortunes-trained
 Unigram tokenizer) score within 1e-5 of ``CrossEncoder.predict`` (its default
 sigmoid for one label) at tp 1 and 2; a tiny Llama's yes/no log-odds after
-Qwen3-Reranker's template equal transformers' logits, a prompt cut at
---max-length ending with the template's tail.
+a Qwen3-Reranker-shaped template equal transformers' logits, a prompt cut at
+--max-length ending with the template's tail; the same pairs from Parquet.
 """
 
 import json
@@ -165,3 +165,11 @@ def test_decoder_log_odds_equal_transformers(tiny_llama_h5, tmp_path):
         Status.MISSING_FIELD]
     assert Status.OK in res["status"] and res["status"][6] == Status.TRUNCATED
     assert res["n_tokens"][:7].tolist() == [min(n, 48) for n in lengths]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"query": [q for q, _ in pairs], "text": [doc for _, doc in pairs]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert run(["rerank", "--model", tiny_llama_h5, "--input", str(tmp_path / "p.parquet"), "--output",
+                str(tmp_path / "pq"), "--max-length", "48", "--rerank-template", template, "--progress", "0"]) == 0
+    np.testing.assert_array_equal(read(tmp_path / "pq")["score"], res["score"][:len(pairs)])

@@ -57,32 +57,38 @@ def roberta_tokenizer_json() -> dict:
     return json.loads(tk.to_str())
 
 
-def save_tiny(d, kind: str, tokenizer: dict, head: str = None, pooling: str = "mean", normalize=True):
-    """A random (XLM-)RoBERTa ('xlm-roberta' | 'roberta') at ``d``: a sentence-transformers model, or with
-    ``head="cross-encoder"`` a one-label sequence classifier saved by CrossEncoder. -> d"""
+TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64)
+
+
+def save_tiny(d, kind: str, tokenizer: dict, head: str = None, pooling: str = "mean", normalize=True, dims=TINY,
+              positions=64):
+    """A random (XLM-)RoBERTa ('xlm-roberta' | 'roberta') of ``dims`` and ``positions`` tokens at ``d``: a
+    sentence-transformers model, or with ``head="cross-encoder"`` a one-label sequence classifier saved by
+    CrossEncoder. -> its directory"""
     from sentence_transformers import CrossEncoder, SentenceTransformer, models
     from transformers import (PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification,
                               RobertaModel, XLMRobertaConfig, XLMRobertaForSequenceClassification,
                               XLMRobertaModel)
 
     torch.manual_seed(0)
-    config, model, classifier = {"xlm-roberta": (XLMRobertaConfig, XLMRobertaModel, XLMRobertaForSequenceClassification),
-                                 "roberta": (RobertaConfig, RobertaModel, RobertaForSequenceClassification)}[kind]
+    config, model, classifier = {
+        "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel, XLMRobertaForSequenceClassification),
+        "roberta": (RobertaConfig, RobertaModel, RobertaForSequenceClassification)}[kind]
     vocab = tokenizer["model"]["vocab"]
-    cfg = config(vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                 intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
-                 eos_token_id=2, type_vocab_size=1, num_labels=1)
+    cfg = config(vocab_size=len(vocab), max_position_embeddings=positions + 2, pad_token_id=1, bos_token_id=0,
+                 eos_token_id=2, type_vocab_size=1, num_labels=1, **dims)
     hf = d / "hf"
     (model(cfg, add_pooling_layer=False) if head is None else classifier(cfg)).eval().save_pretrained(hf)
     (hf / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
     PreTrainedTokenizerFast(tokenizer_file=str(hf / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
                             cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                            model_max_length=64).save_pretrained(hf)
+                            model_max_length=positions).save_pretrained(hf)
     out = d / "st"
     if head is not None:
         CrossEncoder(str(hf)).save(str(out))
     else:
-        mods = [models.Transformer(str(hf)), models.Pooling(48, pooling)] + ([models.Normalize()] if normalize else [])
+        mods = [models.Transformer(str(hf)), models.Pooling(dims["hidden_size"], pooling)] + (
+            [models.Normalize()] if normalize else [])
         SentenceTransformer(modules=mods).save(str(out))
     return out
 

@@ -118,7 +118,8 @@ class Inputs:
                     ids, offsets, status = cut_long(ids, offsets, status, max_length, skip_long)
                 return ShardData(shard, docs, ids, offsets, status)
         if self._reader is None:   # one reader per group: a gz file's shards continue its stream
-            fields = (self.cfg.messages_field,) if self.extract is not None else ()   # columnar input reads only these
+            # columnar input reads only these: --messages-field (generate --chat), --query-field (rerank)
+            fields = (self.cfg.messages_field, self.cfg.query_field) if self.extract is not None else ()
             self._reader = DocReader(self.cfg.text_field, self.cfg.id_field, self.cfg.max_doc_bytes, self.extract,
                                      fields, self.params_of)
         with timers.phase("read"):

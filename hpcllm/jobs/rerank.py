@@ -196,12 +196,19 @@ class RerankJob(Job):
                               f"be one token each (they are {ids})")
         self.yes_no = torch.tensor([ids[0][0], ids[1][0]], dtype=torch.int64)
         tail = template[template.rindex("{document}") + len("{document}"):]
+        if "{query}" in tail:
+            raise HpcllmError("rerank: --rerank-template must hold {query} before {document} (a prompt cut at "
+                              "--max-length ends with the template's text after {document})")
         self.tail = np.array(self.tokenizer.encode(tail, add_special_tokens=False), np.int64)
         bos = 1 if ckpt.config.get("add_bos") and ckpt.config.get("bos_id") is not None else 0
         self.context -= bos                 # with_bos may add one
         if self.context <= len(self.tail):
             raise HpcllmError(f"rerank: --max-length {self.context} leaves no room beside the template's tail")
         self.text_of = functools.partial(prompt_text, template, self.cfg.query_field, self.cfg.text_field)
+
+    def describe(self) -> str:
+        kind = "cross-encoder" if self.family == "encoder" else "decoder reranker"
+        return f"{kind} {super().describe()}, pairs of {self.context} tokens at most"
 
     def config_hash(self) -> str:
         return self.cfg.result_hash(self.name, context=self.context)
