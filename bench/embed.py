@@ -109,8 +109,8 @@ def main():
         ckpt = os.path.join(tmp, "model.h5")
         subprocess.run([sys.executable, "-m", "hpcllm", "convert", model, ckpt], check=True, stdout=subprocess.DEVNULL)
         run_hpcllm(path, ckpt, "float32", args.ranks, os.path.join(tmp, "warm"))  # Numba cache, page cache
-        print(f"{os.path.basename(model.rstrip('/'))}: {args.docs} fortunes documents, {os.cpu_count()} cores, "
-              f"hpcllm on {args.ranks} ranks")
+        name = "random XLM-R of MiniLM's size" if args.xlmr else os.path.basename(model.rstrip("/"))
+        print(f"{name}: {args.docs} fortunes documents, {os.cpu_count()} cores, hpcllm on {args.ranks} ranks")
         print(f"{'dtype':10}{'sentence-transformers':>24}{'hpcllm':>14}{'ratio':>8}   model only (ST encode / "
               f"slowest rank's forward passes)")
         for dtype in args.dtypes.split(","):
