@@ -18,6 +18,7 @@ signal, crash), and gives the same clusters at any number of ranks.
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import h5py
@@ -39,6 +40,12 @@ DEDUP_DIR = "dedup"     # OUT/dedup/: the shards' signatures, and the spilled ru
 
 def signature_file(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, DEDUP_DIR, f"shard-{index:05d}.npz")
+
+
+@dataclass
+class DedupResult(ShardResult):
+    """A shard's result plus what is saved beside its file for phase 2 (signatures, shingle sets)."""
+    saved: dict = field(default_factory=dict)
 
 
 class DedupJob(Job):
@@ -117,14 +124,14 @@ class DedupJob(Job):
                 "keep": np.zeros(n, bool)}
         if self.cfg.store_minhash:
             cols["minhash"] = state.saved["sig"]
-        return ShardResult(cols, attrs={"signatures": state.saved})
+        return DedupResult(cols, saved=state.saved)
 
     def write_shard(self, out_dir, data, result, attrs):
         """The signatures first (atomically), then the shard's file: a shard done has both."""
         path = signature_file(out_dir, data.shard.index)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **result.attrs.pop("signatures"))
+            np.savez(f, **result.saved)
         return super().write_shard(out_dir, data, result, attrs)
 
     def after_shards(self, out_dir, plan, mesh, stop):
