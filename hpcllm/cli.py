@@ -29,7 +29,7 @@ from hpcllm.errors import HpcllmError
 
 # Jobs of the executor (hpcllm.executor): subcommand -> (module, class, help). Options come from JobConfig.
 JOBS = {
-    "embed": ("hpcllm.jobs.embed", "EmbedJob", "sentence embeddings of every document (encoder models)"),
+    "embed": ("hpcllm.jobs.embed", "EmbedJob", "sentence embeddings of every document (encoder or decoder models)"),
     "score": ("hpcllm.jobs.score", "ScoreJob", "log-likelihood / perplexity of every document (decoder models)"),
     "train-classifier": ("hpcllm.jobs.train_classifier", "TrainClassifierJob",
                          "embed a labelled corpus and train a classifier head on it (classifier.h5)"),

@@ -135,11 +135,11 @@ class EmbedJob(Job):
         ids = torch.zeros((len(docs), int(lengths.max())), dtype=torch.int64)
         for i, d in enumerate(docs):
             ids[i, :len(d)] = torch.from_numpy(d)
-        hidden = model(ids.to(device)).float().cpu()
+        hidden, lengths = model(ids.to(device)).float(), lengths.to(device)
         if self.pooling == "last":
-            vec = hidden[torch.arange(len(docs)), lengths - 1]
+            vec = hidden[torch.arange(len(docs), device=device), lengths - 1]
         else:
-            real = torch.arange(ids.shape[1])[None] < lengths[:, None]
+            real = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
             vec = (hidden * real[..., None]).sum(1) / lengths[:, None]
         return F.normalize(vec, dim=-1) if self.normalized else vec
 

@@ -2,7 +2,7 @@
 
 Embeds the documents of each IN.npz (flat ``ids`` + ``offsets``) with its decoder checkpoint as
 `hpcllm embed` does (EmbedJob's batches and pooling, unnormalised), with ``--pooling`` last and
-mean, at tp 1 (every rank all documents) and tp 2. Every rank of a group must produce identical
+mean, at tp 1 (dp 2: each rank every other document) and tp 2. Both tp ranks must produce identical
 vectors; the script fails otherwise. Rank 0 saves ``emb<k>_<pooling>_tp<tp>`` for checkpoint k,
 and ``ids<k>`` / ``offsets<k>``: the documents as the model saw them (BOS per its config).
 """
@@ -27,7 +27,8 @@ for tp in (1, 2):
     set_threads(mesh.local_size)
     for k, (ckpt_path, in_path) in enumerate(pairs):
         data = np.load(in_path)
-        work = Work(data["ids"], data["offsets"], np.arange(len(data["offsets"]) - 1))
+        n = len(data["offsets"]) - 1
+        work = Work(data["ids"], data["offsets"], np.arange(mesh.dp_rank, n, mesh.dp_size))
         with Checkpoint(ckpt_path) as ck:
             model = build_model(ck, mesh.tp_rank, mesh.tp_size, mesh.tp_comm)
             for pooling in ("last", "mean"):
@@ -36,11 +37,12 @@ for tp in (1, 2):
                 for batch in state.batches:
                     job.compute(model, state, batch)
                 emb = job.result(state).columns["embedding"]
-                assert all(np.array_equal(emb, other) for other in world.allgather(emb)), "ranks disagree"
-                out[f"emb{k}_{pooling}_tp{tp}"] = emb
-        docs = [state.docs[i] for i in np.argsort(state.rows)]
-        out[f"ids{k}"] = np.concatenate(docs)
-        out[f"offsets{k}"] = np.cumsum([0] + [len(d) for d in docs])
+                groups = world.allgather((mesh.tp_rank, emb))
+                assert all(np.array_equal(emb, e) for r, e in groups if tp > 1), "tp ranks disagree"
+                out[f"emb{k}_{pooling}_tp{tp}"] = np.nanmax([e for r, e in groups if r == 0], axis=0)
+        seen = {int(r): d for rows, docs in world.allgather((state.rows, state.docs)) for r, d in zip(rows, docs)}
+        out[f"ids{k}"] = np.concatenate([seen[i] for i in range(n)])
+        out[f"offsets{k}"] = np.cumsum([0] + [len(seen[i]) for i in range(n)])
         del model
 if world.Get_rank() == 0:
     np.savez(out_path, **out)
