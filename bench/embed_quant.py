@@ -36,6 +36,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import REPO, converted, corpora, minilm_dir, smollm2_gguf  # noqa: E402
+from embed import run_hpcllm  # noqa: E402
 
 
 def write_corpus(path, texts):
@@ -44,16 +45,11 @@ def write_corpus(path, texts):
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
 
 
-def run_hpcllm(path, ckpt, ranks, out, *extra):
-    start = time.perf_counter()
-    subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "embed", "--model", ckpt,
-                    "--input", path, "--output", out, "--progress", "0", *extra],
-                   check=True, env=dict(os.environ, MPIEXEC_TIMEOUT="3600"), stderr=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - start
+def embed_vectors(path, ckpt, ranks, out):
+    """`hpcllm embed` timed as bench/embed.py times it: (seconds, vectors, the slowest rank's model seconds)."""
+    elapsed, _, model = run_hpcllm(path, ckpt, "float32", ranks, out)
     with h5py.File(os.path.join(out, "results.h5")) as f:
-        emb = f["embedding"][()]
-        ranks = json.loads(f.attrs["timings"])
-    return elapsed, emb, max(r["seconds"]["compute"] + r["seconds"]["comm"] for r in ranks)
+        return elapsed, f["embedding"][()], model
 
 
 def top(scores, k):
@@ -69,7 +65,7 @@ def recall(found, truth):
 def quantisation(args, tmp):
     path = os.path.join(tmp, "fortunes.jsonl")
     write_corpus(path, corpora.mixed(args.docs))
-    _, x, _ = run_hpcllm(path, converted(minilm_dir()), args.ranks, os.path.join(tmp, "minilm"))
+    _, x, _ = embed_vectors(path, converted(minilm_dir()), args.ranks, os.path.join(tmp, "minilm"))
     search_recall(x, args.queries)
 
 
@@ -140,7 +136,7 @@ def decoder_speed(args, tmp):
     path = os.path.join(tmp, "decoder.jsonl")
     write_corpus(path, corpora.mixed(args.decoder_docs))
     ckpt = converted(smollm2_gguf())
-    run_hpcllm(path, ckpt, args.ranks, os.path.join(tmp, "warm"))     # Numba cache, page cache
+    embed_vectors(path, ckpt, args.ranks, os.path.join(tmp, "warm"))     # Numba cache, page cache
     out = os.path.join(tmp, "hf.h5")
     start = time.perf_counter()
     subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-worker", path, out, str(os.cpu_count())],
@@ -148,7 +144,7 @@ def decoder_speed(args, tmp):
     t_hf = time.perf_counter() - start
     with h5py.File(out) as f:
         ref, m_hf = f["embedding"][()], f.attrs["forward_seconds"]
-    t_h, emb, m_h = run_hpcllm(path, ckpt, args.ranks, os.path.join(tmp, "smol"))
+    t_h, emb, m_h = embed_vectors(path, ckpt, args.ranks, os.path.join(tmp, "smol"))
     n = len(emb)
     cos = (emb * ref).sum(1)
     print(f"decoder embed: SmolLM2-135M, last token, {n} fortunes documents, {os.cpu_count()} cores, "
