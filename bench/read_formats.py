@@ -3,7 +3,8 @@
     python bench/read_formats.py [--docs 200000] [--chars 600]
 
 Writes one synthetic corpus (random words, ``--docs`` documents of about
-``--chars`` characters, an ``id`` column) as JSONL, JSONL.gz, JSONL.zst,
+``--chars`` characters, an ``id`` column) as JSONL, JSONL.gz, JSONL.zst (one
+frame, and zstd's seekable format in 1 MB frames),
 Parquet (row groups of 65,536 rows, zstd pages) and a save_to_disk-style
 Arrow directory, then times hpcllm's DocReader over a plan of 10,000-row
 shards of each (plan time printed apart) against pyarrow / pandas reading the
@@ -21,7 +22,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zstandard
+import pyzstd
 
 from hpcllm.corpus.plan import make_plan
 from hpcllm.corpus.readers import DocReader
@@ -43,14 +44,18 @@ def make(d, n, chars):
     table = pa.table({"id": [f"d{i}" for i in range(n)], "text": texts})
     lines = "".join(json.dumps({"id": f"d{i}", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)).encode()
     paths = {"jsonl": os.path.join(d, "c.jsonl"), "jsonl.gz": os.path.join(d, "c.jsonl.gz"),
-             "jsonl.zst": os.path.join(d, "c.jsonl.zst"), "parquet": os.path.join(d, "c.parquet"),
+             "jsonl.zst": os.path.join(d, "c.jsonl.zst"), "jsonl.zst seekable": os.path.join(d, "s", "c.jsonl.zst"),
+             "parquet": os.path.join(d, "c.parquet"),
              "arrow dir": os.path.join(d, "ds")}
     with open(paths["jsonl"], "wb") as f:
         f.write(lines)
     with gzip.open(paths["jsonl.gz"], "wb", compresslevel=6) as f:
         f.write(lines)
     with open(paths["jsonl.zst"], "wb") as f:
-        f.write(zstandard.ZstdCompressor(level=3).compress(lines))
+        f.write(pyzstd.compress(lines, 3))
+    os.makedirs(os.path.dirname(paths["jsonl.zst seekable"]))
+    with pyzstd.SeekableZstdFile(paths["jsonl.zst seekable"], "w", level_or_option=3, max_frame_content_size=1 << 20) as f:
+        f.write(lines)
     pq.write_table(table, paths["parquet"], row_group_size=65536, compression="zstd")
     os.makedirs(paths["arrow dir"])
     with pa.ipc.new_stream(os.path.join(paths["arrow dir"], "data-00000-of-00001.arrow"), table.schema) as w:

@@ -19,7 +19,7 @@ from hpcllm.corpus.plan import make_plan
 from hpcllm.corpus.readers import DocReader, list_inputs
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status as S
-from test_readers_zstd import _zst
+from test_readers_zstd import seekable_zst
 
 N = 50
 
@@ -44,13 +44,13 @@ def _table(rows):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """The same rows as JSONL, JSONL.zst, Parquet (row groups of 7) and a save_to_disk directory."""
+    """The same rows as JSONL, JSONL.zst (seekable), Parquet (row groups of 7) and a save_to_disk directory."""
     d = tmp_path_factory.mktemp("columnar")
     rows = _rows()
     with open(d / "c.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    _zst(d / "c.jsonl.zst", (d / "c.jsonl").read_bytes(), frames=2)
+    seekable_zst(d / "c.jsonl.zst", (d / "c.jsonl").read_bytes(), 500)   # byte-range shards across its frames
     pq.write_table(_table(rows), d / "c.parquet", row_group_size=7)
     _save_to_disk(_table(rows), d / "ds")
     _save_to_disk(_table(rows), d / "ds1", shards=1)   # one file: the same shard cuts as the JSONL's

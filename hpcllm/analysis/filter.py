@@ -35,7 +35,7 @@ from hpcllm.analysis.columns import Results
 from hpcllm.analysis.expr import Bound
 from hpcllm.analysis.sketch import Local, Sketch, exact_quantiles
 from hpcllm.corpus.columnar import ColumnarFile, columnar_kind
-from hpcllm.corpus.streams import compression_of, open_stream
+from hpcllm.corpus.streams import open_stream, random_access
 from hpcllm.errors import HpcllmError
 from hpcllm.status import Status
 from hpcllm.store.atomic import atomic_path
@@ -161,10 +161,10 @@ def check_inputs(res, files: list[str], used: set[int]) -> None:
 
 
 class LineReader:
-    """Lines of one input file, shard by shard, in plan order (plain: seek; .gz / .zst: stream on)."""
+    """Lines of one input file, shard by shard, in plan order (plain, seekable .zst: seek; .gz / .zst: stream on)."""
 
     def __init__(self, path: str):
-        self.path, self.gz = path, compression_of(path) is not None
+        self.path, self.gz = path, not random_access(path)
         self.fh = open_stream(path)
         self.line = 0
 

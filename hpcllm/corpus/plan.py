@@ -2,7 +2,8 @@
 
 A shard is a run of at most ``shard_docs`` consecutive lines of one input file.
 For a plain file it is a byte range ``[byte_start, byte_end)`` that starts and
-ends on line starts, so a rank reads only its own part.  A ``.gz`` / ``.zst`` file cannot
+ends on line starts, so a rank reads only its own part; a seekable ``.zst`` file
+likewise, in its decompressed bytes.  A ``.gz`` / other ``.zst`` file cannot
 be entered in the middle, so its shards are line ranges read by decompressing
 from the start of the file; a many-file compressed corpus is parallel because whole
 files go to different shards.  A Parquet / Arrow file's units are its row groups
@@ -29,7 +30,7 @@ import numpy as np
 from hpcllm.corpus.columnar import columnar_errors, columnar_kind, unit_rows
 from hpcllm.corpus.readers import format_of, list_inputs
 from hpcllm.corpus.shard import DEFAULT_SHARD_DOCS, Shard
-from hpcllm.corpus.streams import compression_of, open_stream, stream_errors
+from hpcllm.corpus.streams import data_size, open_stream, random_access, stream_errors
 from hpcllm.errors import HpcllmError
 from hpcllm.world.collective import agree_error, gather_all, world_rank, world_size
 
@@ -80,7 +81,7 @@ def _scan_block(path: str, start: int, end: int, size: int, stride: int) -> list
     j>0 of the block starts one byte after the j-th newline found at positions
     [first, end - 1); only run boundaries are located, so memory stays small.
     """
-    with open(path, "rb") as f:
+    with open_stream(path) as f:
         first = _next_line_start(f, start, size)
         if first >= end:
             return []          # a long line from an earlier block covers this one
@@ -104,13 +105,14 @@ def _scan_block(path: str, start: int, end: int, size: int, stride: int) -> list
 
 
 def _work_items(files: list[str]) -> list[tuple]:
-    """Units of scanning work: (file_index, start, end, size) blocks; a compressed file is one item."""
+    """Units of scanning work: (file_index, start, end, size) blocks; a stream or columnar file is one item."""
     items = []
     for fi, path in enumerate(files):
-        size = os.path.getsize(path)
-        if compression_of(path) or columnar_kind(path):
+        if not random_access(path) or columnar_kind(path):
+            size = os.path.getsize(path)
             items.append((fi, 0, size, size))
         else:
+            size = data_size(path)
             items += [(fi, s, min(s + SCAN_BLOCK, size), size) for s in range(0, size, SCAN_BLOCK)]
     return items
 
@@ -120,7 +122,7 @@ def _scan_item(files, item, shard_docs) -> list[tuple]:
     path = files[fi]
     if columnar_kind(path):      # units from metadata: a large one cut into row ranges
         return [(0, size, min(shard_docs, n - r)) for n in unit_rows(path) for r in range(0, n, shard_docs)]
-    if compression_of(path):
+    if not random_access(path):
         n, runs = _count_lines_stream(path), []
         for ls in range(0, n, shard_docs):
             runs.append((0, size, min(shard_docs, n - ls)))
@@ -175,7 +177,7 @@ def make_plan(inputs, shard_docs: int = DEFAULT_SHARD_DOCS, comm=None, fmt: str 
     for item, runs in zip(items, scanned):
         fi = item[0]
         for bs, be, n in runs:
-            if pending and pending[0] == fi and pending[3] + n <= shard_docs and not compression_of(files[fi]):
+            if pending and pending[0] == fi and pending[3] + n <= shard_docs and random_access(files[fi]):
                 pending = (fi, pending[1], be, pending[3] + n)
                 continue
             if pending:
@@ -190,7 +192,8 @@ def make_plan(inputs, shard_docs: int = DEFAULT_SHARD_DOCS, comm=None, fmt: str 
 def _finish(run, files, fmts, line_in_file, index, row) -> Shard:
     fi, bs, be, n = run
     path = files[fi]
-    shard = Shard(index=index, path=path, fmt=fmts[fi], compressed=compression_of(path) is not None or columnar_kind(path) is not None,
+    shard = Shard(index=index, path=path, fmt=fmts[fi],
+                  compressed=not random_access(path) or columnar_kind(path) is not None,
                   byte_start=bs, byte_end=be, line_start=line_in_file[fi], n_docs=n,
                   row_start=row, file_index=fi)
     line_in_file[fi] += n

@@ -325,7 +325,7 @@ class DocReader:
     def _lines(self, shard: Shard, stack):
         """A _LineStream positioned at the shard's first line."""
         if not shard.compressed:
-            f = stack.enter_context(open(shard.path, "rb"))
+            f = stack.enter_context(open_stream(shard.path))
             return _LineStream(_range_reader(f, shard.byte_start, shard.byte_end), self.max_doc_bytes)
         g = self._gz
         if g is None or g[0] != shard.path or g[2].line > shard.line_start:

@@ -18,8 +18,8 @@ class Shard:
     path: str           # absolute path of the input file
     fmt: str            # "jsonl", "text", "parquet" or "arrow"
     compressed: bool    # .gz / .zst read as a stream, and Parquet / Arrow: a line (row) range only
-    byte_start: int     # plain files: first byte (a line start); compressed and columnar: 0
-    byte_end: int       # plain files: end byte (a line start or EOF); else the file's size
+    byte_start: int     # plain (and seekable .zst: decompressed) files: first byte (a line start); else 0
+    byte_end: int       # plain (seekable .zst) files: end byte (a line start or EOF); else the file's size
     line_start: int     # 0-based line (columnar: row) number, within the file, of the first document
     n_docs: int         # number of lines (rows) in the shard
     row_start: int      # global row of the first document, in input order

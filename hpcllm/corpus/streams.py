@@ -1,22 +1,23 @@
-"""Compressed inputs read as streams: gzip (``.gz``) and Zstandard (``.zst``).
+"""Compressed inputs: gzip (``.gz``) and Zstandard (``.zst``), through ``gzip`` and ``pyzstd``.
 
 A compressed file cannot be entered in the middle, so the planner gives it to
 shards as whole-file line ranges and the readers decompress it from its start
-(hpcllm.corpus.plan, hpcllm.corpus.readers).  ``open_stream`` is the one place
-that knows how to open each kind; ``STREAM_ERRORS`` are the exceptions a
-damaged file raises, which callers turn into a one-line error naming the file.
-
-Zstandard goes through the ``zstandard`` binding, one frame after another
-(multi-frame files, such as pzstd's or a seekable-zstd file, are read whole;
-skippable frames are passed over).  A file that ends inside a frame is an
-EOFError, as Python's gzip reports a truncated gzip file: zstandard's own
-stream reader returns the frames it completed and stops silently.
+(hpcllm.corpus.plan, hpcllm.corpus.readers), except a *seekable* zstd file
+(zstd's seekable format: independent frames and a seek table in a skippable
+frame at the end, as ``t2sz`` and pyzstd's SeekableZstdFile write it): that one is
+read with random access, so it is planned and read in byte ranges of its
+decompressed data like a plain file (``random_access``, ``data_size``).
+``open_stream`` is the one place that knows how to open each kind;
+``stream_errors()`` are the exceptions a damaged file raises, which callers
+turn into a one-line error naming the file.  A stream that ends inside a zstd
+frame is an EOFError, as Python's gzip reports a truncated gzip file.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
-import io
+import os
 import zlib
 
 COMPRESSED_EXTS = (".gz", ".zst")
@@ -37,74 +38,52 @@ def strip_compression(path: str) -> str:
     return path[:-len(c) - 1] if c else path
 
 
-def _zstd():
+def _pyzstd():
     try:
-        import zstandard
+        import pyzstd
     except ImportError:
-        raise _missing_zstd() from None
-    return zstandard
+        from hpcllm.errors import HpcllmError
+        raise HpcllmError("reading .zst input needs the pyzstd package: pip install pyzstd") from None
+    return pyzstd
 
 
-def _missing_zstd():
-    from hpcllm.errors import HpcllmError
-    return HpcllmError("reading .zst input needs the zstandard package: pip install zstandard")
+@functools.lru_cache(maxsize=1024)
+def _seekable_zst(path: str, size: int, mtime_ns: int) -> bool:
+    return _pyzstd().SeekableZstdFile.is_seekable_format_file(path)
 
 
-class _ZstdRaw(io.RawIOBase):
-    """The decompressed bytes of a .zst file, frame after frame; EOFError when it ends mid-frame."""
+def seekable_zst(path: str) -> bool:
+    """A .zst file in zstd's seekable format (its seek table read from the file's end)."""
+    if compression_of(path) != "zst":
+        return False
+    st = os.stat(path)
+    return _seekable_zst(path, st.st_size, st.st_mtime_ns)
 
-    def __init__(self, path: str):
-        self._zstd = _zstd()
-        self._f = open(path, "rb")
-        self._dctx = self._zstd.ZstdDecompressor()
-        self._obj, self._fed = None, False     # the current frame's decompressor; whether it got input
-        self._out, self._pos = b"", 0
 
-    def readable(self) -> bool:
-        return True
+def random_access(path: str) -> bool:
+    """Whether a byte range of the (decompressed) data can be read without what comes before it."""
+    return compression_of(path) is None or seekable_zst(path)
 
-    def _fill(self) -> bool:
-        """Decompress until some output is ready; False at a clean end of file."""
-        while self._pos >= len(self._out):
-            chunk = self._f.read(READ_SIZE)
-            if not chunk:
-                if self._obj is not None and self._fed and not self._obj.eof:
-                    raise EOFError("zstd stream ended inside a frame (the file is truncated)")
-                return False
-            self._out, self._pos = self._feed(chunk), 0
-        return True
 
-    def _feed(self, data: bytes) -> bytes:
-        out = []
-        while data:
-            if self._obj is None or self._obj.eof:
-                self._obj, self._fed = self._dctx.decompressobj(), False
-            out.append(self._obj.decompress(data))
-            self._fed = True
-            data = self._obj.unused_data if self._obj.eof else b""
-        return b"".join(out)
-
-    def readinto(self, b) -> int:
-        if not self._fill():
-            return 0
-        n = min(len(b), len(self._out) - self._pos)
-        b[:n] = self._out[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._f.close()
-        super().close()
+def data_size(path: str) -> int:
+    """Bytes of the data a random-access file holds (a seekable .zst: decompressed)."""
+    if seekable_zst(path):
+        with _pyzstd().SeekableZstdFile(path, "rb") as f:
+            return f.seek_table_info[2]
+    return os.path.getsize(path)
 
 
 def open_stream(path: str):
-    """A binary file object (read, readline, iteration) over a file's decompressed bytes."""
+    """A binary file object (read, readline, iteration) over a file's decompressed bytes; seekable
+    where ``random_access(path)``."""
     kind = compression_of(path)
     if kind == "gz":
         return gzip.open(path, "rb")
     if kind == "zst":
-        return io.BufferedReader(_ZstdRaw(path), READ_SIZE)
+        zstd = _pyzstd()
+        if seekable_zst(path):
+            return zstd.SeekableZstdFile(path, "rb")
+        return zstd.ZstdFile(path, "rb")
     return open(path, "rb", buffering=READ_SIZE)
 
 
@@ -112,7 +91,7 @@ def stream_errors() -> tuple:
     """Exceptions a damaged compressed file raises while being read (BadGzipFile is an OSError)."""
     errors = (OSError, EOFError, zlib.error)
     try:
-        import zstandard
+        import pyzstd
     except ImportError:
         return errors
-    return errors + (zstandard.ZstdError,)
+    return errors + (pyzstd.ZstdError, pyzstd.SeekableFormatError)
