@@ -14,7 +14,7 @@ import pytest
 
 from conftest import gemma_gguf, mpirun, smol_gguf
 from test_executor import _check_resumed, _check_stopped, _n_shards, _run, _run_and_stop
-from test_generate_job import _read, _same, tiny_gen_h5  # noqa: F401  (fixture)
+from test_generate_job import _read, _same
 
 from hpcllm.generate.constrain import ConstraintError, Grammars, choices, constraint_of, json_schema, lark, regex
 from hpcllm.generate.scheduler import CONSTRAINT_INCOMPLETE, EOS, LENGTH, STOP
@@ -99,7 +99,7 @@ def _valid(kind, text):
         return False
 
 
-def test_every_finished_completion_is_a_sentence_of_its_grammar(tiny_gen_h5):
+def test_every_finished_completion_is_a_sentence_of_its_grammar(tiny_llama_h5):
     """One engine, a constraint per prompt (and none), --n 2 seeded sampling through few slots, budgets too
     small for some: finished completions parse (EOS only where the grammar accepts), cut ones say
     constraint_incomplete and do not; a stop string's cut text is what is checked."""
@@ -111,7 +111,7 @@ def test_every_finished_completion_is_a_sentence_of_its_grammar(tiny_gen_h5):
     from hpcllm.tokenizer import Tokenizer
     from hpcllm.world.comm import LocalComm
 
-    with Checkpoint(tiny_gen_h5) as ck:
+    with Checkpoint(tiny_llama_h5) as ck:
         model = build_model(ck, 0, 1, LocalComm())
         tok = Tokenizer.from_str(ck.tokenizer_json, apply_file_settings=False)
     grammars = Grammars(tok, {2}, model.cfg["vocab"])
@@ -148,29 +148,53 @@ def _corpus(path, copies=1):
 
 def _args(h5, inp, out, schema):
     return ["generate", "--model", h5, "--input", inp, "--output", out, "--json-schema", schema,
-            "--max-new-tokens", 28, "--temperature", 0.8, "--top-p", 0.95, "--seed", 7, "--n", 2,
-            "--shard-docs", 4, "--batch-tokens", 32, "--progress", 0]
+            "--max-new-tokens", 20, "--temperature", 0.8, "--seed", 7, "--n", 2,
+            "--shard-docs", 2, "--batch-tokens", 32, "--progress", 0]
 
 
-def test_json_schema_job_at_tp2_and_dp2_resumed_equals_one_rank(tiny_gen_h5, tmp_path):
-    """Seeded --json-schema runs: one rank, tp = 2 (uneven KV split, each rank masking its vocabulary slice),
+def test_json_schema_job_at_tp2_and_dp2_resumed_equals_one_rank(tiny_llama_h5, tmp_path):
+    """Seeded --json-schema runs: one rank, tp = 2 (each rank masking its own vocabulary slice),
     and dp = 2 stopped by SIGUSR1 and rerun: the same rows; every finished completion validates."""
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
-    inp = _corpus(tmp_path / "prompts.jsonl", copies=8)
-    mpirun(1, _args(tiny_gen_h5, inp, tmp_path / "ref", schema))
+    inp = _corpus(tmp_path / "prompts.jsonl", copies=3)     # 15 shards: a signal lands mid-run
+    mpirun(1, _args(tiny_llama_h5, inp, tmp_path / "ref", schema))
     ref, names = _read(tmp_path / "ref" / "results.h5")
     assert names["3"] == "constraint_incomplete"
     reasons = ref["finish_reason"].ravel()
     texts = ref["text"].ravel()
-    assert set(reasons) <= {EOS, LENGTH, CONSTRAINT_INCOMPLETE} and (reasons == EOS).sum() >= 20
+    assert set(reasons) <= {EOS, LENGTH, CONSTRAINT_INCOMPLETE} and (reasons == EOS).sum() >= 5
     for reason, text in zip(reasons, texts):
         assert _valid("json", text) == (reason != CONSTRAINT_INCOMPLETE), (reason, text)
-    mpirun(2, _args(tiny_gen_h5, inp, tmp_path / "tp2", schema) + ["--tp", 2])
+    mpirun(2, _args(tiny_llama_h5, inp, tmp_path / "tp2", schema) + ["--tp", 2])
     _same(_read(tmp_path / "tp2" / "results.h5")[0], ref)
     out = tmp_path / "out"
-    args = _args(tiny_gen_h5, inp, out, schema)
+    args = _args(tiny_llama_h5, inp, out, schema)
     rc, err, left = _run_and_stop(args, out, tmp_path, signal.SIGUSR1, rank=1)
     _check_stopped(rc, err, out, left, _n_shards(out), signal.SIGUSR1, "results.h5")
     _check_resumed(_run(2, args, tmp_path), out, left)
     _same(_read(out / "results.h5")[0], ref)
+
+
+def test_openai_batch_lines_carry_their_response_format(tiny_llama_h5, tmp_path):
+    """--openai-batch: each line's response_format (OpenAI's json_schema, ours regex / choice / grammar; text:
+    none) over the job's --regex (lines without one); one that does not compile is that line's error."""
+    formats = [{"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}, {"type": "regex", "regex": PATTERN},
+               {"type": "choice", "choices": CHOICES}, {"type": "grammar", "grammar": LARK}, {"type": "text"}, None,
+               {"type": "regex", "regex": "[0-9"}]
+    kinds = ["json", "regex", "choice", "grammar", None, "job", "bad"]
+    lines = [{"custom_id": f"r{i}", "url": "/v1/completions",
+              "body": {"prompt": f"Answer {i}:", "max_tokens": 40} | ({"response_format": f} if f else {})}
+             for i, f in enumerate(formats)]
+    inp = tmp_path / "batch.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    mpirun(1, ["generate", "--model", tiny_llama_h5, "--input", inp, "--output", tmp_path / "out", "--openai-batch",
+               "--regex", "[a-z]{1,8}", "--temperature", 0.8, "--seed", 1, "--progress", 0])
+    got, _ = _read(tmp_path / "out" / "results.h5")
+    assert got["status"].tolist() == [0] * 6 + [4] and "response_format" in got["error"][6]
+    for kind, text, reason in zip(kinds[:6], got["text"], got["finish_reason"]):
+        if kind == "job":
+            assert reason == CONSTRAINT_INCOMPLETE or re.fullmatch("[a-z]{1,8}", text), text
+        elif kind is not None:
+            assert reason == CONSTRAINT_INCOMPLETE or _valid(kind, text), (kind, text)
+    assert got["n_generated"][4] == 40 or got["finish_reason"][4] == EOS     # text: free, up to max_tokens

@@ -42,8 +42,8 @@ import numpy as np
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job, ShardResult, Totals
 from hpcllm.generate.chat import ChatTemplate, TemplateRefused, conversation
-from hpcllm.generate.constrain import ConstraintError, from_options
-from hpcllm.generate.scheduler import FINISH_NAMES
+from hpcllm.generate.constrain import ConstraintError, constraint_of, from_options
+from hpcllm.generate.scheduler import CONSTRAINT_INCOMPLETE, FINISH_NAMES
 from hpcllm.model.architectures import require_family
 from hpcllm.scoring import with_bos
 from hpcllm.status import Status
@@ -143,10 +143,14 @@ class GenerateJob(Job):
 
     def start(self, work):
         rows = work.process
-        prompts, max_new, status = [], [], {}
+        prompts, max_new, status, constraints = [], [], {}, []
         requests = [(work.params[r] or {}) if work.params is not None else {} for r in rows]   # --openai-batch
         for row, req in zip(rows, requests):
             ids, st = self._prompt(work.doc(row), req.get("kind") == "chat")
+            constraint, error = self._constraint(req)
+            if error is not None:                        # a response_format that does not compile: not run
+                req["error"], ids, st = error, ids[:0], Status.MISSING_FIELD
+            constraints.append(constraint)
             if st is not None:
                 status[int(row)] = st
             prompts.append(ids)
@@ -155,9 +159,22 @@ class GenerateJob(Job):
         n_run = sum(1 for p in prompts if len(p))
         return SimpleNamespace(work=work, prompts=prompts, max_new=max_new, status=status, doc_ids=doc_ids,
                                requests=requests,
-                               constraints=[self.constraint] * len(rows),
+                               constraints=constraints,
                                engine=None, batches=[min(n_run, (k + 1) * DOCS_PER_BATCH)
                                                      for k in range(-(-n_run // DOCS_PER_BATCH))])
+
+    def _constraint(self, req):
+        """-> (a request's response_format as a Constraint, without one the job's; None or why it does not
+        compile)."""
+        if "response_format" not in req:
+            return self.constraint, None
+        try:
+            c = constraint_of(req["response_format"])
+            if c is not None:
+                self._grammars().matcher(c)
+            return c, None
+        except ConstraintError as e:
+            return None, f"response_format: {e}"
 
     def _prompt(self, doc, chat: bool = False):
         """-> (prompt ids, new status or None); empty ids: not generated. ``chat``: a chat request's."""
@@ -254,16 +271,19 @@ class GenerateJob(Job):
     def totals(self, out_dir, plan):
         from hpcllm.store.chunks import open_shard
 
-        peak = held = reused = prompt = 0
+        peak = held = reused = prompt = incomplete = 0
         for s in plan:
             with open_shard(out_dir, s) as f:
                 peak = max(peak, int(f.attrs.get("kv_peak_tokens", 0)))
                 held = max(held, int(f.attrs.get("kv_cache_tokens", 0)))
                 reused += int(f.attrs.get("prefix_reused_tokens", 0))
                 prompt += int(f["n_prompt_tokens"][()].clip(0).sum())
+                incomplete += int((f["finish_reason"][()] == CONSTRAINT_INCOMPLETE).sum())
+        cut = (f"; {incomplete} completions ended before their grammar accepted (finish_reason "
+               f"constraint_incomplete)" if incomplete else "")
         return Totals({"kv_peak_tokens": peak, "prefix_reused_tokens": reused},
                       f"KV cache peak use {peak} of {held} tokens; shared prefixes: {reused} of {prompt} "
-                      f"prompt tokens reused, not recomputed")
+                      f"prompt tokens reused, not recomputed{cut}")
 
 
 def _chat_prompt(template, cfg, obj):
