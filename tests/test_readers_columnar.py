@@ -170,7 +170,7 @@ def test_embed_same_results_every_format_parquet_resumes_and_filters(corpus, tmp
             want = [w.replace("ds1:", "data-00000-of-00001.arrow:") for w in want]
         assert got == want, name
     if True:   # a killed Parquet run (some shards' chunks and results.h5 gone) resumes to the same results
-        out = tmp_path / "c.parquet"
+        out = tmp_path / "c.parquet-chunks"
         full = _embed(tiny_bert_h5, corpus / "c.parquet", out, "--chunk-mb", 0)    # a chunk per shard
         os.remove(out / "results.h5")
         for i in (0, 4):
