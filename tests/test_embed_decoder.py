@@ -18,6 +18,7 @@ from hpcllm.status import Status
 
 SCRIPT = os.path.join(REPO, "tests", "mpi_scripts", "embed_docs.py")
 ATOL = 1e-4
+RTOL = 1e-5   # SmolLM2's final hidden states reach ~25: fp32 sums in another order differ by ~5e-6 of that
 
 
 def hf_hidden(hf, ids) -> np.ndarray:
@@ -64,8 +65,9 @@ def tiny_qwen(tmp_path_factory):
 
 
 def test_pooling_matches_transformers_at_tp_1_and_2(tmp_path, tiny_qwen, smol_h5, smol_hf):
-    """Last-token and mean pooling (unnormalised) within 1e-4 of transformers' final hidden states, with
-    SmolLM2's real weights and the tiny Qwens, at tp 1 and 2 (one launch: embed_docs.py); tp ranks agree."""
+    """Last-token and mean pooling (unnormalised) within 1e-4 (+ 1e-5 relative) of transformers' final hidden
+    states, with SmolLM2's real weights and the tiny Qwens, at tp 1 and 2 (one launch: embed_docs.py); tp
+    ranks agree."""
     rng = np.random.default_rng(0)
     tok, smol = smol_hf
     models = {"smol": (smol, smol_h5, [tok(t)["input_ids"][:32] for t in corpora.mixed(6)])}
@@ -86,7 +88,7 @@ def test_pooling_matches_transformers_at_tp_1_and_2(tmp_path, tiny_qwen, smol_h5
         ref = {"last": np.stack([h[-1] for h in hidden]), "mean": np.stack([h.mean(0) for h in hidden])}
         for pooling in ("last", "mean"):
             for tp in (1, 2):
-                np.testing.assert_allclose(got[f"emb{k}_{pooling}_tp{tp}"], ref[pooling], atol=ATOL, rtol=0,
+                np.testing.assert_allclose(got[f"emb{k}_{pooling}_tp{tp}"], ref[pooling], atol=ATOL, rtol=RTOL,
                                            err_msg=f"{name} {pooling} tp {tp}")
 
 
