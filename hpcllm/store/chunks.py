@@ -15,7 +15,7 @@ token shards stay)::
 
 Crash safety: every file is written atomically and a chunk's name says which
 shards it holds, so shard i is done when its file exists or a chunk holds it
-(``done_shards``; the shard indices of a plan are its row order).  A kill at
+whole (``done_shards``; a removed token shard is made again; the shard indices of a plan are its row order).  A kill at
 any point leaves the previous master over files that still exist, or the new
 one over chunks that exist; a rerun computes nothing that is done and
 consolidates what is not.
@@ -85,18 +85,25 @@ def _held(chunks: list[Chunk]) -> set[int]:
     return {i for c in chunks for i in range(c.first, c.last + 1)}
 
 
+def _whole(chunk: Chunk) -> bool:
+    """Whether the chunk holds its shard files whole (a token directory's chunks lack the tokens)."""
+    with h5py.File(chunk.path, "r") as f:
+        return bool(f.attrs["whole"])
+
+
 def done_shards(out_dir: str, plan) -> set[int]:
-    """Indices of the shards of ``plan`` whose rows are stored: in their own file or in a chunk.
-    Files are looked at first: a chunk is written before the shard files it holds go."""
+    """Indices of the shards of ``plan`` whose rows are stored: in their own file or in a chunk that holds
+    them whole.  Files are looked at first: a chunk is written before the shard files it holds go."""
     d = os.path.join(out_dir, SHARDS_DIR)
     names = set(os.listdir(d)) if os.path.isdir(d) else set()
     done = {s.index for s in plan if shard_filename(s.index) in names}
-    held = _held(cover(list_chunks(out_dir))[0])
+    held = _held([c for c in cover(list_chunks(out_dir))[0] if _whole(c)])
     return done | {s.index for s in plan if s.index in held}
 
 
 def shard_done(out_dir: str, index: int) -> bool:
-    return os.path.exists(shard_file(out_dir, index)) or index in _held(cover(list_chunks(out_dir))[0])
+    return os.path.exists(shard_file(out_dir, index)) or \
+        any(c.first <= index <= c.last and _whole(c) for c in cover(list_chunks(out_dir))[0])
 
 
 # --------------------------------------------------------------------------- writing chunks
@@ -298,10 +305,8 @@ def _held_shard_files(out_dir: str, chunks: list[Chunk]) -> list[str]:
     out = []
     for c in chunks:
         here = [shard_filename(i) for i in range(c.first, c.last + 1) if shard_filename(i) in names]
-        if here:
-            with h5py.File(c.path, "r") as f:
-                whole = bool(f.attrs["whole"])
-            out += [os.path.join(d, n) for n in here] if whole else []
+        if here and _whole(c):
+            out += [os.path.join(d, n) for n in here]
     return out
 
 
