@@ -179,9 +179,9 @@ def test_json_schema_job_at_tp2_and_dp2_resumed_equals_one_rank(tiny_llama_h5, t
 def test_openai_batch_lines_carry_their_response_format(tiny_llama_h5, tmp_path):
     """--openai-batch: each line's response_format (OpenAI's json_schema, ours regex / choice / grammar; text:
     none) over the job's --regex (lines without one); one that does not compile is that line's error."""
-    formats = [{"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}, {"type": "regex", "regex": PATTERN},
-               {"type": "choice", "choices": CHOICES}, {"type": "grammar", "grammar": LARK}, {"type": "text"}, None,
-               {"type": "regex", "regex": "[0-9"}]
+    formats = [{"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+               {"type": "regex", "regex": PATTERN}, {"type": "choice", "choices": CHOICES},
+               {"type": "grammar", "grammar": LARK}, {"type": "text"}, None, {"type": "regex", "regex": "[0-9"}]
     kinds = ["json", "regex", "choice", "grammar", None, "job", "bad"]
     lines = [{"custom_id": f"r{i}", "url": "/v1/completions",
               "body": {"prompt": f"Answer {i}:", "max_tokens": 40} | ({"response_format": f} if f else {})}
