@@ -10,7 +10,7 @@ bits of its own vocabulary slice: every rank of the group holds the same
 matchers (they see the same tokens), so no mask and no logits cross ranks.
 
 Why llguidance and not outlines-core (measured on SmolLM2's 49,152 tokens,
-bench/constrained.py --engines): comparable masks (tens of microseconds per
+bench/constrained.py, its engines part): comparable masks (tens of microseconds per
 token for a JSON schema; both far below a decode step), but a grammar compiles
 in about a millisecond against outlines-core's 33-206 ms DFA index per regex or
 schema (per-line schemas!), and it reads Lark grammars.
