@@ -9,7 +9,8 @@ import numpy as np
 
 from hpcllm.corpus.plan import Shard
 from hpcllm.status import Status
-from hpcllm.store.results import BASE_COLUMNS, Column, build_master, ragged, write_shard
+from hpcllm.store.master import build_master
+from hpcllm.store.results import BASE_COLUMNS, Column, ragged, write_shard
 
 STATUS_P = {Status.OK: 0.9, Status.TRUNCATED: 0.04, Status.EMPTY: 0.02, Status.BAD_JSON: 0.02,
             Status.BAD_UTF8: 0.02}

@@ -17,8 +17,8 @@ from hpcllm.corpus.readers import read_docs
 from hpcllm.status import Status as S
 from hpcllm.store import chunks
 from hpcllm.store.layout import shard_file
-from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, build_master, ragged, ragged_rows,
-                                  write_shard)
+from hpcllm.store.master import build_master
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, base_columns, ragged, ragged_rows, write_shard
 
 READ_UNDER_LIMIT = """
 import resource, sys, h5py, numpy as np

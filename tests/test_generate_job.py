@@ -13,38 +13,9 @@ import pytest
 import torch
 
 from conftest import mpirun
-from test_decoder import GGUF_PATH
 from test_executor import _check_resumed, _check_stopped, _n_shards, _run, _run_and_stop
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def tiny_gen_h5(tmp_path_factory):
-    """A random Llama with SmolLM2's tokenizer, chat template and EOS (vocabulary 49152, 2 layers,
-    6 heads / 3 KV heads: tp = 2 splits the KV groups 2 + 1)."""
-    from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from hpcllm.checkpoint.convert import convert
-    from hpcllm.tokenizer.bpe import ByteLevelBPE
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=3, intermediate_size=64, max_position_embeddings=96,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)               # peaked enough that sampling and greedy are not noise
-    d = tmp_path_factory.mktemp("tinygen")
-    model.save_pretrained(d)
-    (d / "tokenizer.json").write_text(json.dumps(ByteLevelBPE.from_gguf(GGUF_PATH).to_json_dict()))
-    template = GGUFReader(GGUF_PATH).fields["tokenizer.chat_template"].contents()
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "add_bos_token": False}))
-    h5 = str(d / "model.h5")
-    convert(str(d), h5)
-    return h5
 
 
 @pytest.mark.parametrize("tp,comm", [(3, "mpi"), (4, "torch")])

@@ -54,8 +54,11 @@ ALLOWED = {
                  "checkpoint", "world", "signals"),
     "train": ("errors", "status", "progress", "corpus", "tokenizer", "store", "checkpoint", "world",
               "executor"),        # finetune re-reads its documents through executor.inputs
+    # dedup's library: normalised text, MinHash LSH, spilled band runs, components; semantic dedup reads an
+    # embed result's vectors
+    "dedup": ("errors", "kernels", "tokenizer", "world", "analysis"),
     "jobs": ("errors", "status", "progress", "corpus", "tokenizer", "model", "store", "checkpoint", "world",
-             "executor", "generate", "train", "scoring"),
+             "executor", "generate", "train", "scoring", "dedup", "kernels"),   # dedup: the MinHash kernels
     # the front ends
     "config": ("errors", "corpus"),             # option defaults from their home (corpus.shard)
     "inspect": ("errors", "status", "model", "store", "checkpoint", "train"),

@@ -9,7 +9,6 @@ import pytest
 from conftest import minilm_dir, mpirun
 from hpcllm.cli import run
 from hpcllm.corpus.openai_batch import Requests, parse, sampling
-from test_generate_job import tiny_gen_h5  # noqa: F401  (fixture)
 
 CHAT = "/v1/chat/completions"
 LINES = [

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import mpirun
-from test_generate_job import tiny_gen_h5  # noqa: F401  (the fixture: a tiny Llama with SmolLM2's chat template)
 
 ROWS = [{"text": "Hello", "messages": None}, {"text": None, "messages": None},
         {"text": None, "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]},

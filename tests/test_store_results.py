@@ -17,8 +17,9 @@ from hpcllm.status import status_counts
 from hpcllm.inspect import summarize
 from hpcllm.store.chunks import open_shard
 from hpcllm.store.layout import shard_file
-from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, build_master, ragged,
-                                  ragged_rows, read_dataset, write_shard)
+from hpcllm.store.master import build_master
+from hpcllm.store.results import (BASE_COLUMNS, N_TOKENS, Column, base_columns, ragged, ragged_rows, read_dataset,
+                                   write_shard)
 
 DIM = 8
 

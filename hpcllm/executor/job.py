@@ -211,7 +211,7 @@ class Job:
 
         import h5py
 
-        from hpcllm.store.results import build_master
+        from hpcllm.store.master import build_master
 
         totals = self.totals(out_dir, plan)
         path = build_master(out_dir, plan, self.schema(), {**attrs, **totals.attrs})

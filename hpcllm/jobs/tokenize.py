@@ -19,7 +19,8 @@ import numpy as np
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job, ShardResult
 from hpcllm.model.architectures import architecture
-from hpcllm.store.results import build_master, row_blocks
+from hpcllm.store.master import build_master
+from hpcllm.store.results import row_blocks
 from hpcllm.store.tokens import (NO_LIMIT, RESULT_COLUMNS, TOKEN_COLUMNS, tokenizer_hash, write_info,
                                  write_token_shard)
 

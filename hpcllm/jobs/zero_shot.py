@@ -12,7 +12,7 @@ tokenizer does not merge across that space (byte-level BPE pre-tokenizes
 before " word", so it never does).  End the template without a trailing
 space.  The probabilities are the softmax of the names' log-likelihoods:
 the columns of a trained classifier (``label``, ``label_id``, ``probs``,
-``top_p``; ``hpcllm.jobs.classify.LabelColumns``).
+``top_p``; ``hpcllm.jobs.labels.LabelColumns``).
 
 The prompt's KV is computed once per document: a batch's prompts are
 prefilled into KV-cache slots (``hpcllm.generate.kv_cache``) in one packed
@@ -36,7 +36,7 @@ import torch
 from hpcllm.corpus.batching import make_batches
 from hpcllm.errors import HpcllmError
 from hpcllm.executor.job import Job
-from hpcllm.jobs.classify import LabelColumns
+from hpcllm.jobs.labels import LabelColumns
 from hpcllm.model.architectures import require_family
 from hpcllm.scoring import vocab_parallel_logprobs, with_bos
 
