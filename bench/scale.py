@@ -99,7 +99,7 @@ def old_master(out, plan, path):
 def bench(n, per_shard, ranks, tmp):
     from hpcllm.store.chunks import list_chunks
     from hpcllm.store.manifest import read_manifest
-    from hpcllm.store.results import build_master
+    from hpcllm.store.master import build_master
     from hpcllm.store.tokens import RESULT_COLUMNS
 
     corpus, out = os.path.join(tmp, f"c{n}.jsonl"), os.path.join(tmp, f"out{n}")

@@ -375,7 +375,8 @@ def test_unknown_model_type_is_one_line_error(tmp_path):
     from hpcllm.errors import HpcllmError
 
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    known = r"\(bert, gemma2, gemma3, gemma3_text, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe\)$"
+    known = (r"\(bert, gemma2, gemma3, gemma3_text, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3, "
+             r"qwen3_moe, roberta, xlm-roberta\)$")
     with pytest.raises(HpcllmError, match=r"model_type 'gpt2' is not supported " + known):
         convert(str(tmp_path), str(tmp_path / "x.h5"))
 

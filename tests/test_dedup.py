@@ -145,7 +145,8 @@ def planted_embeddings(out, embed_dir, n, dim=16, seed=0):
     """An embed-like result for the corpus dedup planned in ``out``: groups of 1-4 rows around a random
     direction (noise 0.05: within-group cosine > 0.99, across groups ~0), float32, NaN on the bad JSON row."""
     from hpcllm.store.manifest import read_manifest
-    from hpcllm.store.results import BASE_COLUMNS, Column, build_master, write_shard
+    from hpcllm.store.master import build_master
+    from hpcllm.store.results import BASE_COLUMNS, Column, write_shard
 
     rng = np.random.default_rng(seed)
     group = np.sort(rng.integers(0, n // 2, n))

@@ -100,7 +100,7 @@ def test_chat_on_token_shards_is_a_one_line_error(tiny_gen_h5, tmp_path):
 
 def test_rows_statuses_and_columns(tiny_gen_h5, tmp_path_factory):
     got, names = _read(_layout(tiny_gen_h5, tmp_path_factory, 1, 1))
-    assert names == {"0": "eos", "1": "stop", "2": "length", "255": "none"}
+    assert names == {"0": "eos", "1": "stop", "2": "length", "3": "constraint_incomplete", "255": "none"}
     status = got["status"].tolist()
     assert len(status) == 15
     assert [status[i] for i in (3, 5, 6, 8)] == [3, 6, 4, 4]     # bad JSON, too long, no text, bad messages

@@ -147,7 +147,7 @@ class Parser:
             node = Node("in", t.pos, (left, *values))
             return Node("not", t.pos, (node,)) if negate else node
         if left.kind == "sym" and not negate:     # a bool column alone (dedup's keep)
-            return Node("cmp", left.pos, (left, Node("num", left.pos, value=0.0)), "!=")
+            return Node("truth", left.pos, (left,))
         raise WhereError(self.text, t.pos, "expected a comparison (== != < <= > >= in)"
                          + (f", found {t.text!r}" if t.text else ""))
 
@@ -214,6 +214,12 @@ class Bound:
     def _bind(self, node: Node) -> Node:
         if node.kind in ("or", "and", "not"):
             return Node(node.kind, node.pos, tuple(self._bind(a) for a in node.args))
+        if node.kind == "truth":
+            col = self._column(node.args[0])
+            if self.res.info(col.value).dtype != np.bool_:
+                raise self._err(node.pos, f"column {col.value!r} alone is a condition only if it is bool; "
+                                          "compare it (== != < <= > >= in)")
+            return Node("cmp", node.pos, (col, Node("num", node.pos, value=0.0)), "!=")
         ops = list(node.args)
         cols = [a for a in ops if a.kind == "sym" and a.value in self.res.columns]
         if not cols and not any(a.kind == "q" and a.args for a in ops):

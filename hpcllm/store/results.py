@@ -13,7 +13,7 @@ Decisions, in one place:
 
 * Every column has a sentinel fill value (NaN embeddings, n_tokens -1, status
   MISSING=255, line -1, source -1, doc_id "").  A VDS whose source file is
-  missing reads as fill without any error, so ``build_master`` first checks
+  missing reads as fill without any error, so ``store.master.build_master`` checks
   every shard file and refuses to build over a hole; a reader that still sees
   MISSING knows a source went away later.
 * ``doc_id`` is a variable-length UTF-8 string in every file.  HDF5 virtual
