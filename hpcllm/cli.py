@@ -3,7 +3,7 @@
 Subcommands:
 
 * the executor's jobs (table ``JOBS``): ``embed``, ``score``, ``generate``,
-  ``train-classifier``, ``classify``, ``tokenize``; their options derive from
+  ``train-classifier``, ``classify``, ``tokenize``, ``rerank``, ``dedup``; their options derive from
   hpcllm.config.JobConfig (flags over ``--config FILE.toml`` over defaults), and
   ``--follow`` runs any of them on files as they land; a job's module is imported
   only when it runs;
@@ -33,12 +33,14 @@ JOBS = {
     "score": ("hpcllm.jobs.score", "ScoreJob", "log-likelihood / perplexity of every document (decoder models)"),
     "train-classifier": ("hpcllm.jobs.train_classifier", "TrainClassifierJob",
                          "embed a labelled corpus and train a classifier head on it (classifier.h5)"),
-    "classify": ("hpcllm.jobs.classify", "ClassifyJob", "label every document with a classifier (encoder + head)"),
+    "classify": ("hpcllm.jobs.classify", "ClassifyJob",
+                 "label every document: a classifier (encoder + head), or zero-shot --labels with a decoder"),
     "generate": ("hpcllm.jobs.generate", "GenerateJob", "generate text for every prompt (decoder models)"),
     "tokenize": ("hpcllm.jobs.tokenize", "TokenizeJob", "tokenize a corpus into HDF5 token shards (input of the jobs)"),
     "rerank": ("hpcllm.jobs.rerank", "RerankJob", "one relevance score per (query, document) pair (cross-encoders, "
                "decoder rerankers)"),
-    "dedup": ("hpcllm.jobs.dedup", "DedupJob", "exact and near-duplicate documents (MinHash LSH): clusters and keep flags"),
+    "dedup": ("hpcllm.jobs.dedup", "DedupJob",
+              "exact and near-duplicate documents (MinHash LSH): clusters and keep flags"),
 }
 # Modules with subcommands of their own: each has add_parsers(sub), whose parsers set `func(args) -> int`.
 COMMAND_MODULES = ("hpcllm.analysis.commands",)
