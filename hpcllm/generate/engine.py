@@ -153,10 +153,10 @@ class Engine:
         """The leader's decision for a sequence that just got a token: a finish reason or None. A constrained
         one that ends where its grammar does not accept its text: CONSTRAINT_INCOMPLETE."""
         tok, lim, text = s.tokens[-1], self.limits, self.texts[s.id]
-        if tok in lim.eos_ids:
-            return EOS                       # a constrained sequence: only allowed where its grammar accepts
         if tok in lim.stop_ids:
             reason = STOP
+        elif tok in lim.eos_ids:
+            return EOS                       # a constrained sequence: only allowed where its grammar accepts
         elif text.add(tok):
             reason = STOP
         elif self.guide is not None and self.guide.ended(s.id):
