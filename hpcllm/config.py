@@ -144,6 +144,9 @@ class JobConfig:
                            result=True, jobs=GEN)
     grammar: str = opt(None, "constrained decoding: a Lark grammar file (llguidance's Lark); every completion is a "
                        "sentence of it", result=True, jobs=GEN)
+    response_format_field: str = opt(None, "constrained decoding per JSONL line: the field holding a line's own "
+                                     "OpenAI-style response_format (json_schema, json_object, text, regex, choice, "
+                                     "grammar); lines without it take the job's constraint", result=True, jobs=GEN)
     chat: bool = opt(False, "apply the model's chat template, the text as one user message", result=True, jobs=GEN)
     system: str = opt(None, "with --chat: a system message before the user message", result=True, jobs=GEN)
     messages_field: str = opt("messages", "with --chat: JSONL field holding a conversation [{role, content}, ...], "

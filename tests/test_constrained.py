@@ -176,25 +176,43 @@ def test_json_schema_job_at_tp2_and_dp2_resumed_equals_one_rank(tiny_llama_h5, t
     _same(_read(out / "results.h5")[0], ref)
 
 
-def test_openai_batch_lines_carry_their_response_format(tiny_llama_h5, tmp_path):
-    """--openai-batch: each line's response_format (OpenAI's json_schema, ours regex / choice / grammar; text:
-    none) over the job's --regex (lines without one); one that does not compile is that line's error."""
-    formats = [{"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
-               {"type": "regex", "regex": PATTERN}, {"type": "choice", "choices": CHOICES},
-               {"type": "grammar", "grammar": LARK}, {"type": "text"}, None, {"type": "regex", "regex": "[0-9"}]
-    kinds = ["json", "regex", "choice", "grammar", None, "job", "bad"]
-    lines = [{"custom_id": f"r{i}", "url": "/v1/completions",
-              "body": {"prompt": f"Answer {i}:", "max_tokens": 40} | ({"response_format": f} if f else {})}
-             for i, f in enumerate(formats)]
-    inp = tmp_path / "batch.jsonl"
-    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    mpirun(1, ["generate", "--model", tiny_llama_h5, "--input", inp, "--output", tmp_path / "out", "--openai-batch",
-               "--regex", "[a-z]{1,8}", "--temperature", 0.8, "--seed", 1, "--progress", 0])
-    got, _ = _read(tmp_path / "out" / "results.h5")
+# a line's response_format (OpenAI's json_schema, ours regex / choice / grammar; text: none; absent: the job's)
+FORMATS = [{"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}, {"type": "regex", "regex": PATTERN},
+           {"type": "choice", "choices": CHOICES}, {"type": "grammar", "grammar": LARK}, {"type": "text"}, None,
+           {"type": "regex", "regex": "[0-9"}]
+KINDS = ["json", "regex", "choice", "grammar", None, "job", "bad"]
+
+
+def _check_formats(got):
+    """The rows of FORMATS' lines run with --regex [a-z]{1,8} and max 40 tokens."""
     assert got["status"].tolist() == [0] * 6 + [4] and "response_format" in got["error"][6]
-    for kind, text, reason in zip(kinds[:6], got["text"], got["finish_reason"]):
+    for kind, text, reason in zip(KINDS[:6], got["text"], got["finish_reason"]):
         if kind == "job":
             assert reason == CONSTRAINT_INCOMPLETE or re.fullmatch("[a-z]{1,8}", text), text
         elif kind is not None:
             assert reason == CONSTRAINT_INCOMPLETE or _valid(kind, text), (kind, text)
     assert got["n_generated"][4] == 40 or got["finish_reason"][4] == EOS     # text: free, up to max_tokens
+
+
+def test_openai_batch_lines_carry_their_response_format(tiny_llama_h5, tmp_path):
+    """--openai-batch: each line's response_format over the job's --regex (lines without one); one that
+    does not compile is that line's error."""
+    lines = [{"custom_id": f"r{i}", "url": "/v1/completions",
+              "body": {"prompt": f"Answer {i}:", "max_tokens": 40} | ({"response_format": f} if f else {})}
+             for i, f in enumerate(FORMATS)]
+    inp = tmp_path / "batch.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    mpirun(1, ["generate", "--model", tiny_llama_h5, "--input", inp, "--output", tmp_path / "out", "--openai-batch",
+               "--regex", "[a-z]{1,8}", "--temperature", 0.8, "--seed", 1, "--progress", 0])
+    _check_formats(_read(tmp_path / "out" / "results.h5")[0])
+
+
+def test_plain_lines_carry_their_response_format_field(tiny_llama_h5, tmp_path):
+    """--response-format-field: a plain JSONL line's own response_format, as --openai-batch's (a null one:
+    the job's constraint)."""
+    inp = tmp_path / "plain.jsonl"
+    inp.write_text("".join(json.dumps({"text": f"Answer {i}:", "format": f}) + "\n" for i, f in enumerate(FORMATS)))
+    mpirun(1, ["generate", "--model", tiny_llama_h5, "--input", inp, "--output", tmp_path / "out",
+               "--response-format-field", "format", "--regex", "[a-z]{1,8}", "--max-new-tokens", 40,
+               "--temperature", 0.8, "--seed", 1, "--progress", 0])
+    _check_formats(_read(tmp_path / "out" / "results.h5")[0])

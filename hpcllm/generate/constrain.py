@@ -1,7 +1,8 @@
 """Constrained decoding: per-step token masks from a grammar engine, one matcher per completion.
 
 A constraint (``--choices``, ``--regex``, ``--json-schema``, ``--grammar``, or a
-line's OpenAI-style ``response_format``) is compiled into an llguidance grammar
+line's OpenAI-style ``response_format``: ``--openai-batch``'s body, or a plain line's
+``--response-format-field``) is compiled into an llguidance grammar
 once per job; every completion runs its own copy of the matcher, advanced by
 the tokens it samples. Before each sampling step the sampled rows' masks are
 computed into a bitmask over the whole vocabulary, in a thread while the
@@ -100,6 +101,13 @@ def constraint_of(response_format) -> Constraint | None:
                               f"regex, choice, grammar")
     field = "choices" if kind == "choice" else kind
     return makers[kind](response_format.get(field))
+
+
+def line_format(field: str, obj: dict) -> dict | None:
+    """--response-format-field: a JSON line's own ``response_format`` value as its row's parameters (None
+    where the field is absent or null: the job's constraint)."""
+    value = obj.get(field)
+    return None if value is None else {"response_format": value}
 
 
 def from_options(cfg) -> Constraint | None:

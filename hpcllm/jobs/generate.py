@@ -78,7 +78,10 @@ class GenerateJob(Job):
         self.text_of_needs = "--chat (the chat template of each line's text or messages)"
         if cfg.openai_batch:
             self._requests()
+        if cfg.response_format_field:
+            self._line_formats()
         self.min_shard_docs = cfg.max_num_seqs   # a small corpus: shards that fill the running set
+        self.repeats = "seeded" if cfg.temperature > 0 or cfg.openai_batch else "same"   # executor/repeats.py
         self.cache = None
         self.constraint = from_options(cfg)
         self.grammars = None                     # constrain.Grammars, built for the first constrained prompt
@@ -116,6 +119,18 @@ class GenerateJob(Job):
         self.text_of, self.params_of = requests.text_of, requests.params_of
         self.text_of_needs = "--openai-batch (each line's request)"
 
+    def _line_formats(self):
+        """--response-format-field: a JSONL line's own response_format constrains it (its row's
+        ``work.params``); the text stays the --text-field's, or --chat's."""
+        from hpcllm.generate.constrain import line_format
+
+        if self.cfg.openai_batch:
+            raise HpcllmError("generate: --response-format-field is for plain JSONL lines (--openai-batch reads "
+                              "each body's response_format)")
+        self.text_of = self.text_of or functools.partial(_field, self.cfg.text_field)
+        self.params_of = functools.partial(line_format, self.cfg.response_format_field)
+        self.text_of_needs = "--response-format-field (each JSONL line's response_format)"
+
     def _template(self):
         source = self.model_cfg.get("chat_template")
         if not source:
@@ -137,6 +152,8 @@ class GenerateJob(Job):
             cols += (ragged("output_logprobs", np.float32, "output_offsets"),)
         if self.cfg.openai_batch:     # the request's url, and why a line could not run ("" where it ran)
             cols += (Column("url", STRING, (), ""), Column("error", STRING, (), ""))
+        elif self.cfg.response_format_field:
+            cols += (Column("error", STRING, (), ""),)
         return cols + (N_TOKENS,) + BASE_COLUMNS
 
     # ------------------------------------------------------------------ a shard
@@ -257,9 +274,10 @@ class GenerateJob(Job):
         out["output_ids"], out["output_offsets"] = ragged_rows([np.array(x, np.int32) for x in ids], np.int32)
         if self.cfg.logprobs:
             out["output_logprobs"] = ragged_rows([np.array(x, np.float32) for x in lps], np.float32)[0]
-        if self.cfg.openai_batch:
+        if self.cfg.openai_batch or self.cfg.response_format_field:
             requests = [r or {} for r in state.work.params or [None] * n_docs]
-            out["url"] = np.array([r.get("url", "") for r in requests], dtype=object)
+            if self.cfg.openai_batch:
+                out["url"] = np.array([r.get("url", "") for r in requests], dtype=object)
             out["error"] = np.array([r.get("error", "") for r in requests], dtype=object)
         return ShardResult(out, state.status, self._cache_stats(state.engine) if state.engine is not None else {})
 
@@ -295,6 +313,11 @@ def _chat_prompt(template, cfg, obj):
         return template.render(msgs)
     except TemplateRefused:
         return None
+
+
+def _field(name, obj):
+    """A JSON line's --text-field (not a string: the row gets MISSING_FIELD)."""
+    return obj.get(name)
 
 
 def _render(template, messages):
