@@ -30,6 +30,8 @@ GEN = ("generate",)
 MODEL_JOBS += GEN
 RERANK = ("rerank",)
 MODEL_JOBS += RERANK
+# Jobs that compute a repeated document once (Job.repeats; hpcllm/executor/repeats.py).
+REPEAT_JOBS = ("embed", "score", "classify", "train-classifier", "generate", "rerank")
 
 
 def opt(default, help, result=False, choices=None, jobs=None):
@@ -59,6 +61,13 @@ class JobConfig:
     long_docs: str = opt("truncate", "documents longer than --max-doc-tokens: `truncate` (keep the first N tokens) "
                          "or `skip` (status too_long, NaN outputs)", result=True, choices=("truncate", "skip"),
                          jobs=DOC_JOBS)
+    repeats: str = opt("auto", "documents repeated in the corpus (the same token ids and request options): `share` "
+                       "computes one and copies its results to the others; `compute` runs each; `auto`: share, but "
+                       "not in sampled generation (each document's seed is its id's, so copies differ)", result=True,
+                       choices=("auto", "share", "compute"), jobs=REPEAT_JOBS)
+    repeat_cache_mb: float = opt(256.0, "MiB per dp group holding results of documents computed in earlier shards, "
+                                 "for their repeats in later ones (0: repeats are found within a shard only)",
+                                 jobs=REPEAT_JOBS)
     shard_docs: int = opt(DEFAULT_SHARD_DOCS, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
     chunk_mb: float = opt(None, "size of the files finished shards are consolidated into, which results.h5 joins "
                           "(default: 1024, larger where a result would need over 64 of them; 0: one per shard)")

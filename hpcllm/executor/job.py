@@ -17,6 +17,10 @@ defaults; ``hpcllm/jobs/embed.py`` is the shortest real example)::
 
 and optionally::
 
+    repeats                      "same": a row's results depend only on its token ids and params, so a
+                                 repeated document is computed once (hpcllm/executor/repeats.py);
+                                 "seeded": also on its document id (sampling), shared only with
+                                 --repeats share; None (default): never
     max_length, skip_long        tokens a document is cut to (``limit_documents`` sets both from
                                  the job's own limit and --max-doc-tokens / --long-docs)
     text_of(obj), text_of_needs  a JSON line's text instead of its --text-field (generate --chat)
@@ -55,11 +59,13 @@ class ShardData:
         self.shard, self.docs, self.status = shard, docs, status
         self.ids, self.offsets = ids, offsets
         self.process = np.flatnonzero(~np.isin(status, NOT_PROCESSED))
+        self.keys = self.narrowed = None   # repeated documents (hpcllm.executor.repeats)
 
-    def for_workers(self) -> "Work":
+    def for_workers(self, process=None) -> "Work":
+        """What the tp group computes: ``process`` (default: every row processed)."""
         docs = self.docs
-        return Work(self.ids, self.offsets, self.process, docs.doc_id if docs is not None else None,
-                    getattr(docs, "params", None))
+        return Work(self.ids, self.offsets, self.process if process is None else process,
+                    docs.doc_id if docs is not None else None, getattr(docs, "params", None))
 
     def n_tokens(self) -> np.ndarray:
         """Tokens fed to the model per row (0 for rows not processed), int32."""
@@ -110,6 +116,7 @@ class Job:
     skip_long = False       # --long-docs skip: a document cut to max_length gets TOO_LONG, not TRUNCATED
     min_shard_docs = 1      # a small corpus is not re-cut into shards smaller than this (generate: its running set)
     splits_shards = False   # part_outputs/merge_part: a long shard's batches may be split across dp groups
+    repeats = None          # "same" / "seeded": a repeated document may be computed once (executor/repeats.py)
     tokenizer = None        # the job's own Tokenizer when __init__ needed one (the executor builds it otherwise)
     _own_limit = False      # limit_documents: the job's own limit (False: never called)
 
@@ -211,15 +218,19 @@ class Job:
 
         import h5py
 
+        from hpcllm.executor.repeats import FILLED, filled_total
         from hpcllm.store.master import build_master
 
         totals = self.totals(out_dir, plan)
-        path = build_master(out_dir, plan, self.schema(), {**attrs, **totals.attrs})
+        filled = filled_total(out_dir)
+        repeats = {} if filled is None else {FILLED: filled}
+        path = build_master(out_dir, plan, self.schema(), {**attrs, **totals.attrs, **repeats})
         with h5py.File(path, "r") as f:
             counts = json.loads(f.attrs["status_counts"])
         return (f"wrote {path}: {sum(counts.values())} documents; status counts: "
                 + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-                + (f"; {totals.summary}" if totals.summary else ""))
+                + (f"; {totals.summary}" if totals.summary else "")
+                + (f"; {filled} rows filled from a repeated document (computed once)" if repeats else ""))
 
 
 def _severity(status) -> int:

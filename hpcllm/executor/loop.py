@@ -14,6 +14,9 @@ shared counters.  The leader adds each batch's tokens to them
 (``Job.batch_progress``; the rest of a shard's when it is written) and each
 loaded shard's documents and tokens, from which rank 0's progress thread
 prints tokens done and an ETA by tokens.
+The leader narrows a shard to the rows whose documents the group has not
+computed yet before the broadcast, and fills the others after the job's result
+(hpcllm.executor.repeats).
 A unit of work may be one part of a shard (hpcllm.executor.parts): the group
 computes its run of the shard's batches, writes them, and merges the shard
 file if every other part is written already.
@@ -29,6 +32,7 @@ from typing import NamedTuple
 from hpcllm.executor.follow import END, SKIP
 from hpcllm.executor.job import ShardData
 from hpcllm.executor.parts import part_batches, read_parts, remove_parts, write_part
+from hpcllm.executor.repeats import Repeats
 from hpcllm.progress import Progress, Timers
 from hpcllm.world.collective import from_root
 from hpcllm.world.counters import SharedCounters
@@ -50,6 +54,7 @@ class GroupLoop:
         self.inputs, self.todo, self.out_dir = inputs, todo, out_dir
         self.follow = None if isinstance(todo, list) else todo
         self.timers = Timers()
+        self.repeats = Repeats(job, job.cfg)
         self.counters = SharedCounters(mesh.world, first)
         self.docs_done = self.tokens_done = self.shards_done = 0
         self._reported = 0     # tokens of the current shard already added by batch_progress
@@ -77,7 +82,10 @@ class GroupLoop:
             shard, entry = got
             if self.follow.changed(shard, entry):
                 return self.follow.changed_rows(shard)
-        return self.inputs.load(shard, self.tokenizer, self.job.max_length, self.timers, self.job.skip_long)
+        data = self.inputs.load(shard, self.tokenizer, self.job.max_length, self.timers, self.job.skip_long)
+        with self.timers.phase("tokenize"):
+            self.repeats.key(data)
+        return data
 
     def _stopping(self) -> bool:
         """A stop signal here or anywhere in the world (no collective: for the prefetch thread)."""
@@ -109,16 +117,17 @@ class GroupLoop:
         shard, future = self._claim_and_load(pool)
         try:
             while shard is not None:
+                part = (0, 1) if self.follow is not None else (shard.part, shard.parts)
                 with self.timers.phase("idle"):
                     data = future.result() if future else None
-                    work = data.for_workers() if isinstance(data, ShardData) else data
+                    # a part's rows: the same at every part's group (each makes the same batches)
+                    work = self.repeats.narrow(data, across=part[1] == 1) if isinstance(data, ShardData) else data
                     work = from_root(self.mesh.tp_mpi, work)
                 if work == SKIP:               # follow mode: an earlier run did this shard
                     shard, future = self._claim_and_load(pool)
                     continue
                 if work == END:                # follow mode: the job is to end, or stop
                     return self.should_stop()
-                part = (0, 1) if self.follow is not None else (shard.part, shard.parts)
                 if isinstance(data, ShardData) and self.follow is None and part[0] == 0:   # for the ETA
                     self.counters.add_loaded(len(data.status), int(data.n_tokens().sum()))
                 started = time.time()
@@ -187,7 +196,7 @@ class GroupLoop:
         attrs = {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "host": socket.gethostname(),
                  "seconds": time.time() - started, "finished_at": time.time(), **(extra or {})}
         with self.timers.phase("write"):
-            tokens = self.job.write_shard(self.out_dir, data, result, attrs)
+            tokens = self.job.write_shard(self.out_dir, data, self.repeats.fill(data, result), attrs)
         self.shards_done += 1
         self.docs_done += len(data.status)
         self.tokens_done += tokens

@@ -44,6 +44,7 @@ INT8 = np.dtype(np.int8)
 
 class EmbedJob(Job):
     name = "embed"
+    repeats = "same"        # a repeated document is embedded once (hpcllm/executor/repeats.py)
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)

@@ -144,6 +144,7 @@ def _first_run(x: np.ndarray, run: tuple, start: int) -> int:
 
 class RerankJob(Job):
     name = "rerank"
+    repeats = "same"        # a repeated pair is scored once (hpcllm/executor/repeats.py)
     text_of_needs = "rerank (the query and document fields of each line)"
 
     def __init__(self, cfg, ckpt):

@@ -35,6 +35,7 @@ from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, Column, ragged, ragged_
 
 class ScoreJob(Job):
     name = "score"
+    repeats = "same"        # a repeated document is scored once (hpcllm/executor/repeats.py)
     splits_shards = True    # a long shard's windows may be scored by several dp groups (executor/parts.py)
 
     def __init__(self, cfg, ckpt):

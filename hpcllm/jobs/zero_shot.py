@@ -118,6 +118,7 @@ def _logprobs(model, hidden, targets) -> np.ndarray:
 
 class ZeroShotJob(LabelColumns, Job):
     name = "classify"
+    repeats = "same"        # a repeated document is labelled once (hpcllm/executor/repeats.py)
 
     def __init__(self, cfg, ckpt):
         super().__init__(cfg, ckpt)

@@ -1,0 +1,137 @@
+"""Repeated documents computed once (hpcllm/executor/repeats.py): embed, score, zero-shot classify and
+greedy generate over a corpus whose documents repeat inside a shard and across shards give every copy
+what computing it alone gives (`--repeats compute`, the same corpus); the rows filled that way are
+counted; dp 2 (score, a long shard split into parts) equals 1 rank; sampled generation keeps each
+copy's own seed unless `--repeats share`."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import mpirun
+from corpora import fortunes
+from hpcllm.cli import run
+from hpcllm.executor.repeats import FILLED
+from hpcllm.status import Status
+from hpcllm.store.chunks import shard_attrs
+
+SHARD_DOCS = 10
+LONG_PROMPT = "x " * 200        # beyond generate's context: status too_long, given by the job
+
+
+def _texts():
+    """60 rows, shards of 10: 30 distinct short fortunes, 17 repeats of them (in the same shard and in later
+    ones), a text too long for generate's context twice, a line without text; then a shard of 3 long
+    fortunes, 7 repeats (score: wider than the context, the shard split into parts at dp 2)."""
+    short = [t for t in fortunes(limit=400) if 20 < len(t) < 120][:30]
+    rng = np.random.default_rng(7)
+    rows = short + [short[i] for i in rng.integers(0, 30, 17)] + [LONG_PROMPT] * 2
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    rows.insert(5, None)                                    # missing_field: not processed, nothing filled
+    long = [t for t in fortunes(limit=3000) if 600 < len(t) < 900][:3]
+    return rows + [long[k % 3] for k in range(10)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    texts = _texts()
+    path = tmp_path_factory.mktemp("repeats") / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t} if t is not None else {"body": 1}) + "\n" for t in texts),
+                    encoding="utf-8")
+    return str(path), texts
+
+
+def _job(tmp_path, name, args, *more):
+    out = tmp_path / f"{args[0]}-{name}"
+    assert run([str(a) for a in [*args, "--output", out, "--shard-docs", SHARD_DOCS, "--progress", 0, *more]]) == 0
+    return _read(out / "results.h5")
+
+
+def _read(path):
+    with h5py.File(path, "r") as f:
+        cols = {k: f[k][()] for k in f}
+        return cols, f.attrs.get(FILLED)
+
+
+def _expected_filled(texts, processed):
+    """Rows whose text an earlier processed row had (one group, a cache holding every result)."""
+    seen, n = set(), 0
+    for t, p in zip(texts, processed):
+        if p:
+            n += t in seen
+            seen.add(t)
+    return n
+
+
+def _ragged(cols, flat, off):
+    o = cols[off]
+    return [cols[flat][o[i]:o[i + 1]] for i in range(len(o) - 1)]
+
+
+def _same(a, b, name, tol):
+    if a.dtype.kind in "fc":
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, equal_nan=True, err_msg=name)
+    else:
+        assert a.tolist() == b.tolist(), name
+
+
+def _equal(shared, computed, tol=1e-5, ragged=()):
+    """Every column of the shared run equals the computed one's (floats: within ``tol``, batching differs)."""
+    offsets = {o for _, o in ragged}
+    for name, a in shared.items():
+        if name not in offsets and name not in dict(ragged):
+            _same(a, computed[name], name, tol)
+    for flat, off in ragged:
+        for i, (x, y) in enumerate(zip(_ragged(shared, flat, off), _ragged(computed, flat, off))):
+            _same(x, y, f"{flat}[{i}]", tol)
+
+
+def test_copies_get_what_computing_them_gives(corpus, tmp_path, tiny_bert_h5, tiny_llama_h5, tiny_gen_h5):
+    path, texts = corpus
+    cases = [(["embed", "--model", tiny_bert_h5, "--input", path], ()),
+             (["score", "--model", tiny_llama_h5, "--input", path, "--token-logprobs"],
+              [("token_logprobs", "token_offsets")]),
+             (["classify", "--model", tiny_llama_h5, "--input", path, "--labels", "cats,dogs,money"], ()),
+             (["generate", "--model", tiny_gen_h5, "--input", path, "--temperature", 0, "--max-new-tokens", 6,
+               "--logprobs"], [("output_ids", "output_offsets"), ("output_logprobs", "output_offsets")])]
+    for args, ragged in cases:
+        shared, filled = _job(tmp_path, "share", args)
+        computed, none = _job(tmp_path, "compute", args, "--repeats", "compute")
+        _equal(shared, computed, ragged=ragged)
+        processed = shared["status"] != Status.MISSING_FIELD
+        assert none is None and filled == _expected_filled(texts, processed) > 20, args[0]
+        if args[0] == "generate":                            # the too-long prompt's status reached its copy
+            assert (shared["status"][[i for i, t in enumerate(texts) if t == LONG_PROMPT]] == Status.TOO_LONG).all()
+
+
+def test_dp2_with_parts_equals_one_rank_and_cache_off_fills_within_shards(corpus, tmp_path, tiny_llama_h5):
+    path, texts = corpus
+    args = ["score", "--model", tiny_llama_h5, "--input", path, "--token-logprobs"]
+    one, filled_one = _job(tmp_path, "cache0", args, "--repeat-cache-mb", 0)
+    mpirun(2, args + ["--output", tmp_path / "dp2", "--shard-docs", SHARD_DOCS, "--progress", 0])
+    two, filled = _read(tmp_path / "dp2" / "results.h5")
+    _equal(two, one, ragged=[("token_logprobs", "token_offsets")])
+    assert any("parts" in a for a in shard_attrs(str(tmp_path / "dp2")))     # the long shard was split
+    within = sum(_expected_filled(texts[a:a + SHARD_DOCS], [t is not None for t in texts[a:a + SHARD_DOCS]])
+                 for a in range(0, len(texts), SHARD_DOCS))
+    assert filled_one == within
+    # dp 2 cuts 8 shards of 8 rows; each group fills at most what one group meeting every shard fills
+    assert 0 < filled <= _expected_filled(texts, [t is not None for t in texts])
+
+
+def test_sampled_copies_differ_unless_shared(corpus, tmp_path, tiny_gen_h5):
+    path, texts = corpus
+    args = ["generate", "--model", tiny_gen_h5, "--input", path, "--temperature", 1.0, "--max-new-tokens", 8,
+            "--seed", 3]
+    own, filled = _job(tmp_path, "auto", args)
+    shared, filled_shared = _job(tmp_path, "share", args, "--repeats", "share")
+    assert filled is None and filled_shared > 20
+    groups = {}
+    for i, t in enumerate(texts):
+        if t is not None and t != LONG_PROMPT and len(t) < 120:
+            groups.setdefault(t, []).append(i)
+    copies = [g for g in groups.values() if len(g) > 1]
+    assert any(len({own["text"][i] for i in g}) > 1 for g in copies)     # each copy sampled with its own seed
+    assert all(len({shared["text"][i] for i in g}) == 1 for g in copies)
