@@ -59,10 +59,10 @@ def st_worker(model_dir, path, dtype, out):
         f.attrs["encode_seconds"] = encode
 
 
-def run_hpcllm(path, ckpt, dtype, ranks, out):
+def run_hpcllm(path, ckpt, dtype, ranks, out, extra=()):
     start = time.perf_counter()
     subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "embed", "--model", ckpt,
-                    "--input", path, "--output", out, "--dtype", dtype, "--progress", "0"],
+                    "--input", path, "--output", out, "--dtype", dtype, "--progress", "0", *extra],
                    check=True, env=dict(os.environ, MPIEXEC_TIMEOUT="3600"), stderr=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
     with h5py.File(os.path.join(out, "results.h5")) as f:

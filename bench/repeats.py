@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)   # bench/common.py, also under PYTHONSAFEPATH=1
@@ -29,6 +27,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import converted, corpora, minilm_dir  # noqa: E402
+from embed import run_hpcllm  # noqa: E402
 
 
 def write_corpus(path, n, share, seed=0):
@@ -43,16 +42,12 @@ def write_corpus(path, n, share, seed=0):
 
 
 def run_embed(path, ckpt, ranks, out, repeats):
-    start = time.perf_counter()
-    subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "embed", "--model", ckpt,
-                    "--input", path, "--output", out, "--repeats", repeats, "--progress", "0"],
-                   check=True, env=dict(os.environ, MPIEXEC_TIMEOUT="3600"), stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
+    """(wall s, the slowest rank's model s, rows filled, embeddings) of one `hpcllm embed` (bench/embed.py's)."""
+    wall, _, model = run_hpcllm(path, ckpt, "float32", ranks, out, ("--repeats", repeats))
     with h5py.File(os.path.join(out, "results.h5")) as f:
-        rows = json.loads(f.attrs["timings"])
         emb, filled = f["embedding"][()], int(f.attrs.get("repeats_filled", 0))
     shutil.rmtree(out)
-    return wall, max(r["seconds"]["compute"] + r["seconds"]["comm"] for r in rows), filled, emb
+    return wall, model, filled, emb
 
 
 def main():

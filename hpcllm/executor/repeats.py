@@ -89,7 +89,7 @@ class Repeats:
 
     def narrow(self, data, across: bool = True):
         """The shard's Work, computing each distinct row once (``across``: and none the cache holds)."""
-        if not self.on:
+        if not self.on or data.keys is None:   # no keys: a shard not read (follow mode: its file changed)
             return data.for_workers()
         first, keep, copies, sources, cached = {}, [], [], [], []
         for row, k in zip(data.process.tolist(), data.keys):
