@@ -115,7 +115,7 @@ class Repeats:
         cols, status = dict(result.columns), dict(result.status)
         flats = [name for name in cols if name in self.ragged]
         offsets = set(self.ragged[name] for name in flats)
-        fixed = [name for name in cols if name not in self.ragged and name not in offsets]
+        fixed = [name for name in cols if name not in self.ragged and name not in self.ragged.values()]
         for row, (values, st, _) in n.cached:
             for name in fixed:
                 cols[name][row:row + 1] = values[name]
@@ -144,7 +144,7 @@ class Repeats:
             cols[name], cols[off] = ragged_rows(runs, cols[name].dtype)
 
     def _remember(self, data, rows, cols, fixed, flats, status):
-        """The computed rows' values into the cache while it has room (least recently used out)."""
+        """The computed rows' values into the cache (the least recently used leave it when it is full)."""
         if self.budget <= 0:
             return
         keys = dict(zip(data.process.tolist(), data.keys))
