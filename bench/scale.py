@@ -12,14 +12,18 @@ cores), measuring:
 * the job: wall time, rank 0's peak RSS (results.h5 ``timings``), and the
   claiming overhead per shard (a separate ``mpiexec -n 16`` run of the shared
   counter alone: N claims, no work);
-* the master: consolidating the N shard files into chunks + writing
-  results.h5, timed again in this process (tokenize keeps its token shards);
+* the master: consolidating the N shard files into chunks (shared by the
+  ranks) + writing results.h5, inside the job: from the last rank's last
+  shard (``finished_at`` in ``timings``) to results.h5's mtime (tokenize keeps
+  its token shards);
 * reading: plain ``h5py.File(results.h5)["status"][:]`` in a process under
   ``ulimit -n`` 256 (N <= 2,000) or 1,024, its time and how many rows read as
-  the fill value (255); and the same read of a master built the old way (one
+  the fill value (255), also through ``hpcllm.results`` (``api_fill``); and
+  the same read of a master built the old way (one
   VDS source per shard file) where N <= 10,000.
 
-Everything runs on this machine's CPUs; numbers move with other load on it.
+Everything runs on this machine's CPUs; numbers move with other load on it
+(``load`` is the 1-minute load average before and after each row).
 """
 
 import argparse
@@ -65,6 +69,9 @@ t = time.perf_counter()
 with h5py.File(sys.argv[2], "r") as f:
     status = f["status"][:]
 print(len(status), int((status == 255).sum()), time.perf_counter() - t)
+if sys.argv[3:] == ["api"]:        # the same column through hpcllm.results, under the same limit
+    import hpcllm.results
+    print(int((hpcllm.results.open(sys.argv[2]).read(["status"])["status"] == 255).sum()))
 """
 
 
@@ -99,12 +106,10 @@ def old_master(out, plan, path):
 def bench(n, per_shard, ranks, tmp):
     from hpcllm.store.chunks import list_chunks
     from hpcllm.store.manifest import read_manifest
-    from hpcllm.store.master import build_master
-    from hpcllm.store.tokens import RESULT_COLUMNS
 
     corpus, out = os.path.join(tmp, f"c{n}.jsonl"), os.path.join(tmp, f"out{n}")
     make_corpus(corpus, n * per_shard)
-    row = {"shards": n, "docs": n * per_shard}
+    row = {"shards": n, "docs": n * per_shard, "load": f"{os.getloadavg()[0]:.0f}"}
     got, _ = run([sys.executable, "-c", PLAN, corpus, str(per_shard)])
     shards, row["plan_s"], row["plan_rss_mb"] = int(got.split()[0]), *map(float, got.split()[1:])
     assert int(shards) == n, (shards, n)
@@ -115,19 +120,18 @@ def bench(n, per_shard, ranks, tmp):
                            "--shard-docs", str(per_shard), "--progress", "0"])
     import h5py
 
-    with h5py.File(os.path.join(out, "results.h5"), "r") as f:
-        row["rank0_rss_mb"] = json.loads(f.attrs["timings"])[0]["peak_rss_mb"]
+    path = os.path.join(out, "results.h5")
+    with h5py.File(path, "r") as f:
+        timings = json.loads(f.attrs["timings"])
+    row["rank0_rss_mb"] = timings[0]["peak_rss_mb"]
+    row["master_s"] = os.stat(path).st_mtime - max(t["finished_at"] for t in timings)
     row["manifest_mb"] = os.path.getsize(os.path.join(out, "manifest.json")) / 2**20
     manifest = read_manifest(os.path.join(out, "manifest.json"))
-    shutil.rmtree(os.path.join(out, "chunks"))
-    os.remove(os.path.join(out, "results.h5"))
-    t = time.perf_counter()
-    path = build_master(out, manifest.shards, RESULT_COLUMNS)
-    row["master_s"] = time.perf_counter() - t
     row["chunks"] = len(list_chunks(out))
     row["limit"] = 256 if n <= 2000 else 1024
-    got, _ = run([sys.executable, "-c", READ, str(row["limit"]), path])
-    rows, row["fill"], row["read_s"] = int(got.split()[0]), int(got.split()[1]), float(got.split()[2])
+    got, _ = run([sys.executable, "-c", READ, str(row["limit"]), path, "api"])
+    rows, row["fill"], row["read_s"], row["api_fill"] = int(got.split()[0]), int(got.split()[1]), \
+        float(got.split()[2]), int(got.split()[3])
     assert rows == row["docs"]
     if n <= 10_000:
         old = os.path.join(out, "old.h5")
@@ -135,6 +139,7 @@ def bench(n, per_shard, ranks, tmp):
         row["old_fill"] = int(run([sys.executable, "-c", READ, str(row["limit"]), old])[0].split()[1])
     shutil.rmtree(out)
     os.remove(corpus)
+    row["load"] += f"-{os.getloadavg()[0]:.0f}"
     return row
 
 
@@ -145,7 +150,7 @@ def main():
     ap.add_argument("--ranks", type=int, default=16)
     args = ap.parse_args()
     cols = ["shards", "docs", "plan_s", "plan_rss_mb", "manifest_mb", "job_s", "rank0_rss_mb", "claim_us",
-            "master_s", "chunks", "limit", "read_s", "fill", "old_fill"]
+            "master_s", "chunks", "limit", "read_s", "fill", "api_fill", "old_fill", "load"]
     print(" | ".join(cols), flush=True)
     tmp = tempfile.mkdtemp(prefix="hpcllm-scale-")
     try:

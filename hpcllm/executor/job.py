@@ -34,6 +34,8 @@ and optionally::
                                  (train-classifier's training); stops as the shards do
     totals(out_dir, plan) -> Totals
                                  root attributes of results.h5 and a clause for the summary line
+    master_schema()              the columns results.h5 joins and its chunks hold: ``schema()``,
+                                 less where the shard files hold more (tokenize's tokens)
 
 The executor does the rest: world and mesh, the plan and resume, claiming
 shards, reading and tokenizing (prefetched), stopping on signals, writing
@@ -176,6 +178,10 @@ class Job:
 
     def schema(self):
         raise NotImplementedError
+
+    def master_schema(self):
+        """The columns results.h5 joins and the chunks hold (tokenize: fewer than its shard files)."""
+        return self.schema()
 
     def start(self, work: Work):
         raise NotImplementedError

@@ -26,6 +26,7 @@ from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.store.atomic import remove_temporaries
 from hpcllm.store.layout import CHUNKS_DIR, PARTS_DIR, SHARDS_DIR
 from hpcllm.store.manifest import completed_shards, load_or_create_manifest
+from hpcllm.store.master import consolidate
 from hpcllm.world.collective import agree_any, on_root
 from hpcllm.world.launch import check_launch
 from hpcllm.world.mesh import Mesh, set_threads
@@ -165,6 +166,8 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
         finally:
             log("time per rank (s):\n" + breakdown_table(rows))
     try:
+        if not stopped:  # every rank copies some shard files into chunks; rank 0's master finds them done
+            consolidate(cfg.output, manifest.shards, job.master_schema(), cfg.chunk_mb, world)
         on_root(world, outcome)     # an error there is raised on every rank
     finally:
         loop.counters.free()

@@ -64,6 +64,9 @@ class TokenizeJob(Job):
     def schema(self):
         return TOKEN_COLUMNS
 
+    def master_schema(self):
+        return RESULT_COLUMNS
+
     def start(self, work):
         return SimpleNamespace(batches=[])
 
@@ -79,8 +82,8 @@ class TokenizeJob(Job):
         the plan and counts statuses), total the tokens, and write tokens.json (the completion marker)."""
         import json
 
-        path = build_master(out_dir, plan, RESULT_COLUMNS, {**attrs, "tokenizer_hash": self._hash,
-                                                            "tokenizer_source": self.source})
+        path = build_master(out_dir, plan, self.master_schema(), {**attrs, "tokenizer_hash": self._hash,
+                                                                  "tokenizer_source": self.source})
         with h5py.File(path, "r") as f:
             statuses = json.loads(f.attrs["status_counts"])
             n_docs = int(f.attrs["n_docs"])

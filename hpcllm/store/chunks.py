@@ -4,10 +4,11 @@ HDF5 opens every VDS source a read touches at the same time, and a source it
 cannot open (past ``ulimit -n``) silently reads as the fill value: a master
 over 2,000 shard files gives a plain ``h5py.File(...)["status"][:]`` wrong rows
 under a limit of 256.  So when shards are done (the end of a job; each
-finished prefix of files in follow mode), rank 0 copies them, in row order,
-into chunk files, writes results.h5 over those, and only then deletes the
-shard files a chunk holds whole (a token shard's tokens are not in its chunk:
-token shards stay)::
+finished prefix of files in follow mode), they are copied, in row order, into
+chunk files (at the end of a job every rank copies some: rank 0 cuts the
+shards into runs, ``consolidate(..., comm)``), rank 0 writes results.h5 over
+those, and only then deletes the shard files a chunk holds whole (a token
+shard's tokens are not in its chunk: token shards stay)::
 
     OUT/chunks/chunk-00000-00957.h5   shards 0..957: every column, rows in input order (offsets
                                       columns start at 0 in each chunk); shard_index, shard_n_docs
@@ -21,10 +22,13 @@ one over chunks that exist; a rerun computes nothing that is done and
 consolidates what is not.
 
 Few sources: a job's chunks are at least ``CHUNK_BYTES`` and at most about
-``MAX_CHUNKS`` (larger files for larger results).  Follow mode adds a chunk
+``MAX_CHUNKS`` (larger files for larger results), or one per rank that copies
+(at most ``MAX_CHUNKS // 2``: a file costs ~10 ms to copy however small, so
+100,000 small shards are 15+ minutes for one rank).  Follow mode adds a chunk
 per finished prefix, then merges the last two while both are under the size
-and the older is at most twice the newer: sizes fall geometrically, so few
-chunks are small and a row is copied a few times.  A merged chunk is written
+and the older is at most twice the newer and was not cut for its size
+(``full``): sizes fall geometrically, so few chunks are small and a row is
+copied a few times.  A merged chunk is written
 before the ones it replaces go; where chunks overlap the widest counts
 (``cover``), and the others are deleted once the master no longer uses them.
 """
@@ -44,10 +48,13 @@ from hpcllm.store.atomic import atomic_h5
 from hpcllm.store.layout import CHUNKS_DIR, SHARDS_DIR, chunk_filename, chunk_range, shard_file, shard_filename
 from hpcllm.store.results import (RESULTS_FORMAT, RESULTS_VERSION, STRING, check_file, check_source, compressed,
                                   offsets_names)
+from hpcllm.world.collective import gather_all, on_every_rank, on_root, world_rank, world_size
 
 CHUNK_FORMAT = RESULTS_FORMAT + "-chunk"
 CHUNK_BYTES = 1 << 30        # a chunk is cut once its shard files reach this size
 MAX_CHUNKS = 64              # a job's chunks grow beyond CHUNK_BYTES to stay about this few
+SHARE_BYTES = 64 << 20       # ranks sharing a consolidation copy at least this much of shard files each,
+SHARE_SHARDS = 128           # or at least this many shard files each (a file costs ~10 ms however small)
 BLOCK_ROWS = 1 << 16         # rows copied at a time: memory stays bounded whatever the chunk size
 SHARD_INFO = ("shard_index", "shard_n_docs", "shard_attrs")
 
@@ -85,10 +92,11 @@ def _held(chunks: list[Chunk]) -> set[int]:
     return {i for c in chunks for i in range(c.first, c.last + 1)}
 
 
-def _whole(chunk: Chunk) -> bool:
-    """Whether the chunk holds its shard files whole (a token directory's chunks lack the tokens)."""
+def _attr(chunk: Chunk, name: str) -> bool:
+    """A chunk's flag: ``whole`` (it holds its shard files whole; a token directory's chunks lack the
+    tokens), ``full`` (cut for its size; older chunks lack it: False)."""
     with h5py.File(chunk.path, "r") as f:
-        return bool(f.attrs["whole"])
+        return bool(f.attrs.get(name, False))
 
 
 def done_shards(out_dir: str, plan) -> set[int]:
@@ -97,13 +105,13 @@ def done_shards(out_dir: str, plan) -> set[int]:
     d = os.path.join(out_dir, SHARDS_DIR)
     names = set(os.listdir(d)) if os.path.isdir(d) else set()
     done = {s.index for s in plan if shard_filename(s.index) in names}
-    held = _held([c for c in cover(list_chunks(out_dir))[0] if _whole(c)])
+    held = _held([c for c in cover(list_chunks(out_dir))[0] if _attr(c, "whole")])
     return done | {s.index for s in plan if s.index in held}
 
 
 def shard_done(out_dir: str, index: int) -> bool:
     return os.path.exists(shard_file(out_dir, index)) or \
-        any(c.first <= index <= c.last and _whole(c) for c in cover(list_chunks(out_dir))[0])
+        any(c.first <= index <= c.last and _attr(c, "whole") for c in cover(list_chunks(out_dir))[0])
 
 
 # --------------------------------------------------------------------------- writing chunks
@@ -202,34 +210,37 @@ def _n_docs(chunk: Chunk) -> int:
 
 
 @contextlib.contextmanager
-def _open_source(out_dir: str, src, schema):
-    """(the open file, its datasets by name: each looked up once, a lookup costs as much as a small read)
-    of a chunk, or of a shard file checked to hold the shard's rows (else _BadSource)."""
+def _open_source(out_dir: str, src, schema, names: set[str]):
+    """(the open file, its datasets of ``names`` by name: each looked up once, a lookup costs as much
+    as a small read, and whether it has no other datasets) of a chunk, or of a shard file checked to
+    hold the shard's rows (else _BadSource)."""
     path = src.path if isinstance(src, Chunk) else shard_file(out_dir, src.index)
     try:
         g = h5py.File(path, "r")
     except OSError:
         raise _BadSource(path) from None
     with g:
-        datasets = {k: g[k] for k in g}
+        keys = list(g)
+        datasets = {k: g[k] for k in keys if k in names}
         if not isinstance(src, Chunk) and check_file(datasets, src, schema):
             raise _BadSource(path)
-        yield g, datasets
+        yield g, datasets, len(datasets) == len(keys)
 
 
-def write_chunk(out_dir: str, sources: list, schema) -> Chunk:
-    """One chunk file holding ``sources`` (Shards with files, or Chunks), consecutive, in row order."""
+def write_chunk(out_dir: str, sources: list, schema, full: bool = False) -> Chunk:
+    """One chunk file holding ``sources`` (Shards with files, or Chunks), consecutive, in row order;
+    ``full``: cut for its size (consolidate's tail merge leaves it alone)."""
     first = sources[0].index if not isinstance(sources[0], Chunk) else sources[0].first
     last = sources[-1].index if not isinstance(sources[-1], Chunk) else sources[-1].last
     path = os.path.join(out_dir, CHUNKS_DIR, chunk_filename(first, last))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     row_start = None
-    names = set(offsets_names(schema)) | {c.name for c in schema}
+    names = set(offsets_names(schema)) | {c.name for c in schema} | set(SHARD_INFO)
     n_rows = sum(src.n_docs if not isinstance(src, Chunk) else _n_docs(src) for src in sources)
     with atomic_h5(path) as f:
         w = _ChunkWriter(f, schema, n_rows)
         for src in sources:
-            with _open_source(out_dir, src, schema) as (g, ds):
+            with _open_source(out_dir, src, schema, names) as (g, ds, only):
                 if row_start is None:
                     row_start = int(g.attrs["row_start"])
                 if isinstance(src, Chunk):
@@ -242,60 +253,80 @@ def write_chunk(out_dir: str, sources: list, schema) -> Chunk:
                     w.index.append(src.index)
                     w.n_docs.append(src.n_docs)
                     w.attrs.append(_json_attrs(g.attrs))
-                    w.whole &= set(ds) <= names
+                    w.whole &= only
                     n = src.n_docs
                 w.add(ds, n)
         w.finish(first, last, row_start)
+        f.attrs["full"] = full
     return Chunk(first, last, path)
 
 
-def consolidate(out_dir: str, plan, schema, target: int | None = None) -> tuple[list[Chunk], list[str]]:
+def consolidate(out_dir: str, plan, schema, target: int | None = None, comm=None):
     """The chunks holding every shard of ``plan`` (in row order, indices 0..n-1), written where missing;
     and the files the master no longer needs once it points at them (delete them after).
 
     ``target``: bytes of shard files per chunk (default: ``CHUNK_BYTES``, more for a result over
-    ``MAX_CHUNKS`` of that size).
+    ``MAX_CHUNKS`` of that size).  ``comm``: the ranks share the copying (a collective; rank 0
+    cuts the shards into chunks, each rank writes some, rank 0 merges the tail and alone gets the
+    answer, the others None).
     """
     if [s.index for s in plan] != list(range(len(plan))):
         raise ValueError("consolidate: the plan's shard indices must be 0..n-1 in row order")
+    rank, size = world_rank(comm), world_size(comm)
+    kept, stale, groups, target = on_root(comm, lambda: _layout(out_dir, plan, schema, target, size))
+    made = on_every_rank(comm, lambda: _write_groups(out_dir, plan, groups[rank::size], schema))
+    made = gather_all(comm, made)
+    if rank != 0:
+        return None
+    chunks = sorted(kept + [c for cs in made for c in cs], key=lambda c: c.first)
+    while len(chunks) >= 2 and max(chunks[-2].size, chunks[-1].size) < target \
+            and chunks[-2].size <= 2 * chunks[-1].size and not _attr(chunks[-2], "full"):
+        stale += chunks[-2:]
+        chunks[-2:] = [write_chunk(out_dir, chunks[-2:], schema)]
+    return chunks, [c.path for c in stale] + _held_shard_files(out_dir, chunks)
+
+
+def _layout(out_dir, plan, schema, target, ways):
+    """(kept chunks, stale chunks, the loose shards cut into groups, the target): consolidate's plan.
+
+    A group is (first, last, full): consecutive shards up to ``target`` bytes of shard files, or
+    fewer where ``ways`` ranks share the copying (``SHARE_BYTES`` or ``SHARE_SHARDS`` each, at most
+    ``MAX_CHUNKS // 2`` ranks); full: cut for its size, so the tail merge leaves it alone.
+    """
     kept, stale = cover(list_chunks(out_dir))
     if kept and kept[-1].last >= len(plan):
         raise HpcllmError(f"{kept[-1].path} holds shards beyond the plan's {len(plan)}; use a new --output")
     held = _held(kept)
     loose = [s for s in plan if s.index not in held]
     try:
-        sizes = {s.index: os.path.getsize(shard_file(out_dir, s.index)) for s in loose}
-        return _pack(out_dir, kept, stale, loose, sizes, schema, target)
-    except (_BadSource, FileNotFoundError):
+        sizes = [os.path.getsize(shard_file(out_dir, s.index)) for s in loose]
+    except FileNotFoundError:
         _verify(out_dir, loose, schema)      # one error naming the first bad file, and how many more
         raise
-
-
-def _pack(out_dir, kept, stale, loose, sizes, schema, target):
-    """consolidate's copying: loose shards packed by size between the kept chunks, then the tail merged."""
     if target is None:
-        target = max(CHUNK_BYTES, (sum(sizes.values()) + sum(c.size for c in kept)) // MAX_CHUNKS)
-    chunks, group, size = [], [], 0
+        target = max(CHUNK_BYTES, (sum(sizes) + sum(c.size for c in kept)) // MAX_CHUNKS)
+    ways = min(ways, MAX_CHUNKS // 2, max(1, len(loose) // SHARE_SHARDS, sum(sizes) // SHARE_BYTES))
+    cut = min(target, -(-sum(sizes) // ways) + max(sizes, default=0))     # so at most ``ways`` groups
+    groups, first, size = [], None, 0
+    for k, s in enumerate(loose):
+        if first is not None and (s.index != loose[k - 1].index + 1 or size + sizes[k] > cut):
+            groups.append((first, loose[k - 1].index, s.index == loose[k - 1].index + 1))
+            first = None
+        if first is None:
+            first, size = s.index, 0
+        size += sizes[k]
+    if first is not None:
+        groups.append((first, loose[-1].index, False))
+    return kept, stale, groups, target
 
-    def flush():
-        if group:
-            chunks.append(write_chunk(out_dir, group, schema))
-            group.clear()
-    for _, item in sorted([(c.first, c) for c in kept] + [(s.index, s) for s in loose], key=lambda x: x[0]):
-        if isinstance(item, Chunk):
-            flush()
-            chunks.append(item)
-            continue
-        if group and size + sizes[item.index] > target:
-            flush()
-        size = (size if group else 0) + sizes[item.index]
-        group.append(item)
-    flush()
-    while len(chunks) >= 2 and max(chunks[-2].size, chunks[-1].size) < target \
-            and chunks[-2].size <= 2 * chunks[-1].size:
-        stale += chunks[-2:]
-        chunks[-2:] = [write_chunk(out_dir, chunks[-2:], schema)]
-    return chunks, [c.path for c in stale] + _held_shard_files(out_dir, chunks)
+
+def _write_groups(out_dir, plan, groups, schema) -> list[Chunk]:
+    """The chunks of ``groups`` (from _layout), written; a shard file that cannot be copied is one error."""
+    try:
+        return [write_chunk(out_dir, plan[a:b + 1], schema, full) for a, b, full in groups]
+    except (_BadSource, FileNotFoundError):
+        _verify(out_dir, [s for a, b, _ in groups for s in plan[a:b + 1]], schema)
+        raise
 
 
 def _held_shard_files(out_dir: str, chunks: list[Chunk]) -> list[str]:
@@ -305,7 +336,7 @@ def _held_shard_files(out_dir: str, chunks: list[Chunk]) -> list[str]:
     out = []
     for c in chunks:
         here = [shard_filename(i) for i in range(c.first, c.last + 1) if shard_filename(i) in names]
-        if here and _whole(c):
+        if here and _attr(c, "whole"):
             out += [os.path.join(d, n) for n in here]
     return out
 

@@ -88,6 +88,16 @@ def _sources(plan: list[Shard], inputs: list[str] | None) -> list[str | None]:
     return out
 
 
+def consolidate(out_dir: str, plan: list[Shard], schema: tuple[Column, ...], chunk_mb: float | None = None,
+                comm=None):
+    """The shard files copied into chunks of ``chunk_mb`` (the job's --chunk-mb; None: the default
+    size), shared by the ranks of ``comm``: a collective, run by every rank before rank 0's
+    build_master, which then finds them done.  Rank 0 gets (chunks, files to delete once the master
+    no longer points at them), the others None."""
+    return chunk_files.consolidate(out_dir, sorted(plan, key=lambda s: s.row_start), schema,
+                                   None if chunk_mb is None else int(chunk_mb * 2**20), comm)
+
+
 def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
                  attrs: dict | None = None, inputs: list[str] | None = None) -> str:
     """Consolidate the shard files into chunks (hpcllm.store.chunks), then write ``<out>/results.h5``
@@ -107,8 +117,7 @@ def build_master(out_dir: str, plan: list[Shard], schema: tuple[Column, ...],
         if s.row_start != expect:
             raise ValueError(f"plan rows are not contiguous at shard {s.index}")
         expect += s.n_docs
-    mb = ((attrs or {}).get("config") or {}).get("chunk_mb")     # the job's --chunk-mb
-    chunks, obsolete = chunk_files.consolidate(out_dir, plan, schema, None if mb is None else int(mb * 2**20))
+    chunks, obsolete = consolidate(out_dir, plan, schema, ((attrs or {}).get("config") or {}).get("chunk_mb"))
     rows, counts = _chunk_rows(chunks, plan)
     path = os.path.join(out_dir, RESULTS_NAME)
     with atomic_h5(path) as f:

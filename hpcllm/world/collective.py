@@ -17,7 +17,14 @@ all-reduce is safe for them.
 Errors: a rank that fails must not leave the others waiting in the next
 collective, so the failure is shared and every rank raises the same one-line
 ``HpcllmError`` (``agree_error``, ``on_every_rank``, ``on_root``).
+
+Waiting: MPICH waits in a collective by polling, without giving up the core.
+Where ranks share cores (16 on 2 here) ranks waiting for rank 0 took most of
+the CPU it needed (rank 0 writing results.h5 while 15 ranks polled), so
+``on_root`` and ``on_every_rank`` first meet in ``wait_quietly``, which sleeps.
 """
+
+import time
 
 import numpy as np
 
@@ -96,6 +103,15 @@ def _allreduce(comm, arr, op: str) -> np.ndarray:
     return out
 
 
+def wait_quietly(comm, poll_s: float = 0.005) -> None:
+    """A barrier that sleeps ``poll_s`` between looks (see the module notes)."""
+    if _alone(comm):
+        return
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(poll_s)
+
+
 # ----------------------------------------------------------------- errors
 
 def agree_error(comm, error: str | None) -> None:
@@ -113,6 +129,7 @@ def on_every_rank(comm, fn):
         out, error = fn(), None
     except (HpcllmError, OSError) as exc:
         out, error = None, str(exc)
+    wait_quietly(comm)
     agree_error(comm, error)
     return out
 
@@ -126,6 +143,7 @@ def on_root(comm, fn, root: int = 0):
             result = ("ok", fn())
         except (HpcllmError, OSError) as exc:
             result = ("error", str(exc))
+    wait_quietly(comm)
     kind, value = from_root(comm, result, root)
     if kind == "error":
         raise HpcllmError(value)
