@@ -1,7 +1,7 @@
 """Repeated documents computed once (hpcllm/executor/repeats.py): embed, score, zero-shot classify and
 greedy generate over a corpus whose documents repeat inside a shard and across shards give every copy
 what computing it alone gives (`--repeats compute`, the same corpus); the rows filled that way are
-counted; dp 2 x tp 2 (score, a long shard split into parts) equals 1 rank; sampled generation keeps each
+counted; dp 2 (score, a long shard split into parts) equals 1 rank; sampled generation keeps each
 copy's own seed unless `--repeats share` (which shares as greedy generation does)."""
 
 import json
@@ -108,14 +108,13 @@ def test_copies_get_what_computing_them_gives(corpus, tmp_path, tiny_bert_h5, ti
             assert (shared["status"][[i for i, t in enumerate(texts) if t == LONG_PROMPT]] == Status.TOO_LONG).all()
 
 
-def test_dp2_tp2_with_parts_equals_one_rank_and_cache_off_fills_within_shards(tmp_path, tiny_llama_h5):
-    """Then a shard of 3 long fortunes, 7 repeats: wider than the context, split into parts at dp 2; every
-    tp rank computes the narrowed batch its leader made."""
+def test_dp2_with_parts_equals_one_rank_and_cache_off_fills_within_shards(tmp_path, tiny_llama_h5):
+    """Then a shard of 3 long fortunes, 7 repeats: wider than the context, split into parts at dp 2."""
     long = [t for t in fortunes(limit=3000) if 600 < len(t) < 900][:3]
     path, texts = _write(tmp_path / "c.jsonl", _texts() + [long[k % 3] for k in range(10)])
     args = ["score", "--model", tiny_llama_h5, "--input", path, "--token-logprobs"]
     one, filled_one = _job(tmp_path, "cache0", args, "--repeat-cache-mb", 0)
-    mpirun(4, args + ["--output", tmp_path / "dp2", "--tp", 2, "--shard-docs", SHARD_DOCS, "--progress", 0])
+    mpirun(2, args + ["--output", tmp_path / "dp2", "--shard-docs", SHARD_DOCS, "--progress", 0])
     two, filled = _read(tmp_path / "dp2" / "results.h5")
     _equal(two, one, ragged=[("token_logprobs", "token_offsets")])
     assert any("parts" in a for a in shard_attrs(str(tmp_path / "dp2")))     # the long shard was split
