@@ -111,8 +111,8 @@ def bench(n, per_shard, ranks, tmp):
     make_corpus(corpus, n * per_shard)
     row = {"shards": n, "docs": n * per_shard, "load": f"{os.getloadavg()[0]:.0f}"}
     got, _ = run([sys.executable, "-c", PLAN, corpus, str(per_shard)])
-    shards, row["plan_s"], row["plan_rss_mb"] = int(got.split()[0]), *map(float, got.split()[1:])
-    assert int(shards) == n, (shards, n)
+    row["shards"], row["plan_s"], row["plan_rss_mb"] = int(got.split()[0]), *map(float, got.split()[1:])
+    assert n <= row["shards"] <= 1.01 * n, row     # a few shards end at a scan block, shorter
     got, _ = run(["mpiexec", "-n", str(ranks), sys.executable, "-c", CLAIMS, str(n)])
     row["claim_us"] = float(got) / n * 1e6
     _, row["job_s"] = run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpcllm", "tokenize", "--tokenizer",

@@ -77,22 +77,24 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _hpcllm(args, script=None):
-    cmd = [sys.executable, *(["-c", script] if script else ["-m", "hpcllm"]), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONSAFEPATH="1"),
-                          timeout=300)
+    """``mpiexec -n 2``: the ranks share the consolidation (each writes some of the chunks)."""
+    cmd = ["mpiexec", "-n", "2", sys.executable, *(["-c", script] if script else ["-m", "hpcllm"]), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONSAFEPATH="1", MPIEXEC_TIMEOUT="240"))
 
 
 def test_killed_during_consolidation_rerun_computes_nothing_and_reads_right(tmp_path):
-    """A run killed after two of its chunks: the rerun computes no shard, makes the other chunks and
-    results.h5 (every row, as the token shards say), and leaves the chunks it found as they were."""
+    """2 ranks share the consolidation; a rank killed after two of its chunks ends the run (mpiexec kills
+    the other, maybe mid-chunk): the rerun computes no shard, makes the other chunks and results.h5
+    (every row, as the token shards say), and leaves the chunks it found as they were."""
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": f"document number {i}" + " x" * (i % 5), "id": f"d{i}"}) + "\n"
                            for i in range(40)))
     out = tmp_path / "out"
     proc = _hpcllm([*TOKENIZE, "--input", src, "--output", out], DIE_IN_CONSOLIDATION)
-    assert proc.returncode == 137, proc.stderr[-3000:]
-    first = {p: os.stat(out / "chunks" / p).st_mtime_ns for p in os.listdir(out / "chunks")}
-    assert len(first) == 2 and not (out / "results.h5").exists()
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    first = {p: os.stat(out / "chunks" / p).st_mtime_ns for p in os.listdir(out / "chunks") if p.endswith(".h5")}
+    assert 2 <= len(first) < 20 and not (out / "results.h5").exists()
     before = {p: os.stat(out / "shards" / p).st_mtime_ns for p in os.listdir(out / "shards")}
     assert len(before) == 20
     proc = _hpcllm([*TOKENIZE, "--input", src, "--output", out])
