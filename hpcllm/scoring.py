@@ -23,6 +23,13 @@ The pieces:
   document's log-probabilities are always joined in window order and summed
   in that order (``summarize``), so however its windows were batched the
   result is that of the unsplit computation.
+* ``PackedWindows``: a batch's windows go through the model as one run of
+  tokens without padding, as embed's documents do: projections, MLP and
+  norms see only real tokens, positions restart at 0 in each window, and
+  attention runs per chunk of similar-length windows (each at least 90% of
+  its chunk's longest: ``hpcllm.model.encoder.Packed``), causal within each
+  window on a right-padded view. The LM head runs only on the scored
+  positions.
 
 All ranks of a tp group must call these with identical inputs.
 """
@@ -32,6 +39,9 @@ import math
 import numpy as np
 import torch
 
+from hpcllm.corpus.batching import make_batches
+from hpcllm.model.decoder import attention
+from hpcllm.model.encoder import Packed
 from hpcllm.model.layers import linear
 from hpcllm.world.comm import Comm
 
@@ -113,47 +123,69 @@ def score_documents(model, docs, window: int, stride: int, batch_tokens: int = 8
     """Per-document float32 arrays of token log-probabilities (``len(doc) - 1`` each, none for <2 tokens).
 
     ``docs``: int arrays of token ids (BOS already added, see ``with_bos``).
-    Windows of all documents are sorted by length and batched so that
-    rows x longest row <= ``batch_tokens`` (padding counted).
+    Windows of all documents are sorted by length and packed into batches of
+    at most ``batch_tokens`` tokens (no padding; a longer window alone).
     """
     pieces = window_pieces([len(d) for d in docs], window, stride)
-    width = pieces[:, 2] - pieces[:, 1]
-    order = np.argsort(width, kind="stable")
     piece_lps = [None] * len(pieces)
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and (stop + 1 - start) * width[order[stop]] <= batch_tokens:
-            stop += 1
-        batch = order[start:stop]
+    for batch in make_batches(pieces[:, 2] - pieces[:, 1], batch_tokens, max(1, len(pieces)), padded=False):
         for k, lp in zip(batch, score_windows(model, docs, pieces[batch])):
             piece_lps[k] = lp
-        start = stop
     return join_windows(pieces, piece_lps, len(docs))
 
 
 def score_windows(model, docs, pieces: np.ndarray) -> list[np.ndarray]:
-    """Log-probabilities of each window's new targets (rows of ``pieces``, see window_pieces), one forward pass."""
+    """Log-probabilities of each window's new targets (rows of ``pieces``, see window_pieces), one forward pass
+    over the windows packed (longest first, as ``make_batches`` orders them, keeps the chunks few)."""
     return _score_windows(model, [docs[d][b:e] for d, b, e, _ in pieces.tolist()],
                           (pieces[:, 3] - pieces[:, 1]).tolist())
 
 
 def _score_windows(model, rows, first):
-    """Log-probabilities of targets first[i]..len(rows[i])-1 of each row, one forward pass."""
-    longest = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), longest), dtype=torch.int64)  # right padding, never attended to
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+    """Log-probabilities of targets first[i]..len(rows[i])-1 of each row, one packed forward pass."""
     device = model.head_weight.device
-    ids = ids.to(device)
-    hidden = model(ids)
-    pos = np.concatenate([i * longest + np.arange(f - 1, len(r) - 1) for i, (r, f) in enumerate(zip(rows, first))])
-    pos = torch.from_numpy(pos).to(device)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    lp = vocab_parallel_logprobs(flat[pos], ids.view(-1)[pos + 1], model.head, model.vocab_start,
+    lengths = [len(r) for r in rows]
+    ids = torch.from_numpy(np.concatenate(rows).astype(np.int64, copy=False)).to(device)
+    windows = PackedWindows(torch.tensor(lengths), device)
+    hidden = model(ids[None], windows.positions, cache=windows)[0]
+    starts = np.cumsum([0] + lengths[:-1])
+    pos = torch.from_numpy(np.concatenate([s + np.arange(f - 1, n - 1) for s, n, f in zip(starts, lengths, first)]))
+    pos = pos.to(device)
+    lp = vocab_parallel_logprobs(hidden[pos], ids[pos + 1], model.head, model.vocab_start,
                                  model.comm, soften=model.soften).numpy()
-    counts = np.cumsum([0] + [len(r) - f for r, f in zip(rows, first)])
+    counts = np.cumsum([0] + [n - f for n, f in zip(lengths, first)])
     return [lp[counts[i]:counts[i + 1]] for i in range(len(rows))]
+
+
+class PackedWindows:
+    """Windows packed into one [1, T] token run, passed to ``Decoder.forward`` as its ``cache``: the
+    decoder takes the positions and each layer's attention from it as it does from a KV-cache step
+    (``layer(i).attend``), so it needs no path of its own for packed input."""
+
+    def __init__(self, lengths: torch.Tensor, device):
+        self.seqs = Packed(lengths).to(device)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[1, T]: each token's position in its window."""
+        return self.seqs.position[None]
+
+    def layer(self, i: int) -> "PackedWindows":
+        return self
+
+    def attend(self, q, k, v, attn):
+        """q [1, Hq, T, D], k and v [1, Hkv, T, D] -> [1, Hq, T, D]: causal attention within each window,
+        per chunk on a right-padded [n, H, width, D] view (no real token sees a pad); ``attn``: the
+        layer's attention (its window, query scale and soft-cap)."""
+        T, Hq, D = q.shape[2], q.shape[1], q.shape[3]
+        out = q.new_empty(T, Hq * D)
+        for c in self.seqs.chunks:
+            q_c, k_c, v_c = (c.pad(t[0, :, c.t0:c.t1].transpose(0, 1).reshape(c.t1 - c.t0, -1))
+                             .view(c.n, c.width, t.shape[1], D).transpose(1, 2) for t in (q, k, v))
+            pos = torch.arange(c.width, device=q.device)
+            o = attention(q_c, k_c, v_c, pos, pos, scale=attn.scale, window=attn.window, softcap=attn.softcap)
+            out[c.t0:c.t1] = c.unpad(o.transpose(1, 2).reshape(c.n * c.width, Hq * D))
+        return out.view(T, Hq, D).transpose(0, 1)[None]
 
 
 def summarize(logprobs: np.ndarray) -> tuple[float, int, float]:

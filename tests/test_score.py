@@ -158,3 +158,27 @@ def test_score_from_token_shards_equals_raw(smol_h5, tmp_path):
     np.testing.assert_allclose(tok["perplexity"][ok], raw["perplexity"][ok], rtol=1e-5)
     np.testing.assert_array_equal(tok["token_offsets"], raw["token_offsets"])
     np.testing.assert_allclose(tok["token_logprobs"], raw["token_logprobs"], atol=1e-4, rtol=0)
+
+
+def test_windows_are_packed_without_padding(tiny_llama_h5):
+    """A batch's windows of mixed lengths reach the projections and the MLP as one run of their real tokens,
+    and each document's log-probabilities equal those of its windows scored one at a time."""
+    from hpcllm.checkpoint.hdf5 import Checkpoint
+    from hpcllm.model.build import build_model
+    from hpcllm.scoring import join_windows, score_documents, score_windows, window_pieces
+    from hpcllm.world.comm import LocalComm
+
+    with Checkpoint(tiny_llama_h5) as ck:
+        model = build_model(ck, 0, 1, LocalComm())
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 49152, n) for n in (150, 64, 63, 58, 40, 37, 20, 9, 2, 1)]
+    pieces = window_pieces([len(d) for d in docs], 64, 32)
+    seen = []
+    hook = model.layers[0].mlp.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    packed = score_documents(model, docs, 64, 32, batch_tokens=4096)
+    hook.remove()
+    assert seen == [(1, int((pieces[:, 2] - pieces[:, 1]).sum()), model.cfg["hidden"])]
+    alone = join_windows(pieces, [score_windows(model, docs, p[None])[0] for p in pieces], len(docs))
+    for d, a, b in zip(docs, packed, alone):
+        assert a.shape == b.shape == (max(len(d) - 1, 0),)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -16,6 +16,8 @@ together by the token budget, so a long document's windows pack with other
 documents' and the group stops, claims and reports progress between them;
 each document's log-probabilities are joined in window order and summed in
 that order, so results do not depend on how the windows were batched.
+A batch's windows are packed without padding (``--batch-tokens`` counts real
+tokens; ``hpcllm.scoring.PackedWindows``).
 The executor tokenizes with the tokenizer's own special-token template; if
 the model's config says BOS is added and the template did not add it, it is
 prepended here, so BOS handling follows the model either way.
@@ -62,7 +64,7 @@ class ScoreJob(Job):
         pieces = window_pieces([len(d) for d in docs], self.window, self.stride)
         return SimpleNamespace(work=work, docs=docs, pieces=pieces, piece_lp=[None] * len(pieces),
                                batches=make_batches(pieces[:, 2] - pieces[:, 1], self.cfg.batch_tokens,
-                                                    self.cfg.window))
+                                                    self.cfg.window, padded=False))
 
     def compute(self, model, state, batch):
         for k, lp in zip(batch, score_windows(model, state.docs, state.pieces[batch])):
