@@ -15,8 +15,12 @@ from conftest import mpirun
 from corpora import fortunes
 from hpcllm.cli import run
 from hpcllm.config import JobConfig
-from hpcllm.executor.repeats import FILLED, shares
+from hpcllm.corpus.readers import Docs
+from hpcllm.corpus.shard import Shard
+from hpcllm.executor.job import Job, ShardData, ShardResult
+from hpcllm.executor.repeats import FILLED, Repeats, shares
 from hpcllm.status import Status
+from hpcllm.store.results import BASE_COLUMNS, N_TOKENS, STRING, Column, ragged, ragged_rows
 from hpcllm.store.chunks import shard_attrs
 
 SHARD_DOCS = 10
@@ -145,3 +149,57 @@ def test_sampled_copies_differ(corpus, tmp_path, tiny_gen_h5):
 def test_who_shares(job, option, want):
     """Sampled generation ("seeded") shares only when asked; a job that never opted in never does."""
     assert shares(SimpleNamespace(repeats=job), JobConfig(repeats=option)) is want
+
+
+class _SumJob(Job):
+    """A job without a model: a row's results are functions of its ids (a vector, a string, ragged values,
+    and status too_long past 5 ids), so what a group fills can be checked against computing it."""
+    repeats = "same"
+
+    def schema(self):
+        return (Column("vec", np.float32, (2,), np.nan), Column("label", STRING, (), ""),
+                ragged("lp", np.float32, "lp_offsets"), N_TOKENS) + BASE_COLUMNS
+
+    def result(self, work):
+        n = work.n_docs
+        vec, label, lp, status = np.full((n, 2), np.nan, np.float32), np.full(n, "", object), [[]] * n, {}
+        for r in work.process.tolist():
+            d = work.doc(r)
+            vec[r], label[r], lp[r] = (d.sum(), len(d)), f"first {d[0]}", d / 10
+            if len(d) > 5:
+                status[r] = Status.TOO_LONG
+        flat, off = ragged_rows([np.asarray(x, np.float32) for x in lp], np.float32)
+        return ShardResult({"vec": vec, "label": label, "lp": flat, "lp_offsets": off}, status)
+
+
+def _shard(index, docs):
+    ids = np.concatenate([np.array(d, np.int32) for d in docs])
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    n = len(docs)
+    shard = Shard(index, "/c.jsonl", "jsonl", False, 0, 0, 0, n, 4 * index)
+    status = np.zeros(n, np.uint8)
+    return ShardData(shard, Docs([b"x"] * n, status, [f"{index}:{i}" for i in range(n)], np.arange(n), "/c.jsonl"),
+                     ids, offsets, status.copy())
+
+
+def test_groups_find_each_others_rows_in_the_shard_files(tmp_path):
+    """Group A computes shard 0 and publishes its keys; group B, its cache empty, reads A's rows of
+    shard 1's repeats from A's shard file; A finds them in its cache. Both equal computing every row."""
+    job = _SumJob(JobConfig(output=str(tmp_path)), None)
+    a, b = Repeats(job, job.cfg), Repeats(job, job.cfg)
+    first = _shard(0, [[1, 2], [3, 4, 5], [1, 2], [9] * 7])
+    a.key(first)                  # the prefetch thread's step
+    work = a.narrow(first)
+    assert work.process.tolist() == [0, 1, 3]
+    job.write_shard(str(tmp_path), first, a.fill(first, job.result(work)), {})
+    a.publish(first)
+    docs = [[3, 4, 5], [7], [9] * 7, [7]]
+    for group in (b, a):
+        data = _shard(1, docs)
+        group.key(data)
+        work = group.narrow(data)
+        assert work.process.tolist() == [1]
+        got, want = group.fill(data, job.result(work)), job.result(data.for_workers())
+        assert got.status == want.status == {2: Status.TOO_LONG} and got.attrs[FILLED] == 3
+        for name, col in want.columns.items():
+            assert got.columns[name].tolist() == col.tolist(), name

@@ -197,6 +197,7 @@ class GroupLoop:
                  "seconds": time.time() - started, "finished_at": time.time(), **(extra or {})}
         with self.timers.phase("write"):
             tokens = self.job.write_shard(self.out_dir, data, self.repeats.fill(data, result), attrs)
+            self.repeats.publish(data)
         self.shards_done += 1
         self.docs_done += len(data.status)
         self.tokens_done += tokens

@@ -13,6 +13,7 @@ rank alike (the CLI prints one line and exits 2).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from hpcllm.executor.parts import split_plan, units
 from hpcllm.progress import breakdown_table, log
 from hpcllm.signals import EXIT_REQUEUE, StopFlag, signal_name, write_stop_note
 from hpcllm.store.atomic import remove_temporaries
-from hpcllm.store.layout import CHUNKS_DIR, PARTS_DIR, SHARDS_DIR
+from hpcllm.store.layout import CHUNKS_DIR, PARTS_DIR, REPEATS_DIR, SHARDS_DIR
 from hpcllm.store.manifest import completed_shards, load_or_create_manifest
 from hpcllm.store.master import consolidate
 from hpcllm.world.collective import agree_any, on_root
@@ -90,7 +91,7 @@ def _static_plan(cfg, job, world, mesh, inputs):
     plan = manifest.shards
 
     def todo():          # rank 0, before any group writes: what a killed run left half-written goes
-        for d in (SHARDS_DIR, PARTS_DIR, CHUNKS_DIR):
+        for d in (SHARDS_DIR, PARTS_DIR, CHUNKS_DIR, REPEATS_DIR):
             remove_temporaries(os.path.join(cfg.output, d))
         done = completed_shards(cfg.output, plan)
         return [u for s in plan if s.index not in done for u in units(cfg.output, s)]
@@ -103,7 +104,7 @@ def _follow_plan(cfg, job, world, mesh, inputs):
 
     def prepare():       # rank 0, before any rank reads the output directory
         os.makedirs(cfg.output, exist_ok=True)
-        for d in (SHARDS_DIR, CHUNKS_DIR):
+        for d in (SHARDS_DIR, CHUNKS_DIR, REPEATS_DIR):
             remove_temporaries(os.path.join(cfg.output, d))
         remove_temporaries(cfg.output)
     on_root(world, prepare)
@@ -163,6 +164,7 @@ def finish(cfg, mesh, job, manifest, loop, stopped, stop, model) -> int:
                          "code_version": __version__, "world": mesh.describe(), "timings": rows,
                          "slurm": provenance(), "finished": time.time()}
                 log(job.finish(cfg.output, manifest.shards, attrs))
+                shutil.rmtree(os.path.join(cfg.output, REPEATS_DIR), ignore_errors=True)   # executor/repeats.py
         finally:
             log("time per rank (s):\n" + breakdown_table(rows))
     try:

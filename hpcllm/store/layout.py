@@ -4,6 +4,8 @@
     OUT/admissions.jsonl     follow mode: the files admitted so far (hpcllm.store.admissions)
     OUT/shards/shard-NNNNN.h5  one result (or token) file per shard of the plan
     OUT/parts/...            a shard computed in parts by several dp groups (hpcllm.executor.parts)
+    OUT/repeats/keys-NNNNN.h5  the keys of the rows computed in a shard, for the dp groups to find
+                             their repeats (hpcllm.executor.repeats); removed when the job ends
     OUT/chunks/chunk-FFFFF-LLLLL.h5  shards FFFFF..LLLLL consolidated into one file (hpcllm.store.chunks)
     OUT/results.h5           the master file joining the chunks (and shards not consolidated yet)
     OUT/tokens.json          tokenize: written last, marks a finished token directory
@@ -21,6 +23,7 @@ ADMISSIONS_NAME = "admissions.jsonl"
 SHARDS_DIR = "shards"
 CHUNKS_DIR = "chunks"
 PARTS_DIR = "parts"
+REPEATS_DIR = "repeats"
 RESULTS_NAME = "results.h5"
 TOKENS_INFO_NAME = "tokens.json"
 STOP_NOTE = "STOPPED.json"
@@ -36,6 +39,11 @@ def shard_filename(index: int) -> str:
 
 def shard_file(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, SHARDS_DIR, shard_filename(index))
+
+
+def keys_file(out_dir: str, index: int) -> str:
+    """The keys of the rows computed in shard ``index`` (hpcllm.executor.repeats)."""
+    return os.path.join(out_dir, REPEATS_DIR, f"keys-{index:05d}.h5")
 
 
 def part_file(out_dir: str, index: int, part: int, parts: int) -> str:
