@@ -56,6 +56,8 @@ def build_parser():
     c.add_argument("source")
     c.add_argument("dest")
     c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored weight dtype")
+    c.add_argument("--weights", choices=("float", "int8"), default="float",
+                   help="int8: a decoder's linear weights as int8 codes with per-output-channel scales")
     i = sub.add_parser("inspect", help="summarise a checkpoint or a results file")
     i.add_argument("path")
     for job, (_, _, text) in JOBS.items():
@@ -74,7 +76,7 @@ def run(argv=None) -> int:
         from hpcllm.world.launch import launched_world
 
         world = launched_world()
-        digest = convert(args.source, args.dest, args.dtype, comm=world)
+        digest = convert(args.source, args.dest, args.dtype, comm=world, weights=args.weights)
         if world is None or world.Get_rank() == 0:
             shards = f", {world.Get_size()} shard files" if world is not None else ""
             print(f"wrote {args.dest} (content hash {digest[:16]}{shards})")

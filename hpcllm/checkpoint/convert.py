@@ -16,8 +16,9 @@ import json
 import os
 
 from hpcllm.checkpoint.hdf5 import write_checkpoint
+from hpcllm.model.quant import quantize_tensors
 from hpcllm.errors import HpcllmError
-from hpcllm.model.architectures import hf_importer, plan_for
+from hpcllm.model.architectures import architecture, hf_importer, plan_for
 from hpcllm.world.launch import launched_world
 
 
@@ -37,11 +38,13 @@ def import_source(src: str):
     return hf_importer(model_type, f"convert: {cfg_path}")(src)
 
 
-def convert(src: str, dst: str, dtype: str = "float32", comm=None) -> str:
+def convert(src: str, dst: str, dtype: str = "float32", comm=None, weights: str = "float") -> str:
     """Convert ``src`` into ``dst``; returns the content hash.  ``comm`` (default: the MPI world when
-    launched by mpiexec with several ranks): write a sharded checkpoint, one file per rank."""
+    launched by mpiexec with several ranks): write a sharded checkpoint, one file per rank.
+    ``weights`` "int8": the linear weights quantised per output channel (``hpcllm.model.quant``)."""
     comm = comm if comm is not None else launched_world()
     arch, config, tensors, tokenizer_json = import_source(src)
+    tensors = quantize_tensors(tensors, plan_for(arch), weights, architecture(arch).family)
     return write_checkpoint(dst, arch, config, tensors, tokenizer_json, source=os.path.abspath(src),
-                            plan=plan_for(arch), dtype=dtype, comm=comm)
+                            plan=plan_for(arch), dtype=dtype, comm=comm, weights=weights)
 

@@ -1,7 +1,8 @@
 """The HDF5 checkpoint: one home for its layout.
 
     /                       attrs: format, format_version, architecture, config (JSON),
-                                   source, content_hash, dtype
+                                   source, content_hash, dtype, weights ("float" | "int8":
+                                   quantised linear weights, ``hpcllm.model.quant``)
     /tensors/<name>         one dataset per tensor in its full logical shape;
                             attrs: split ("replicate" | "col" | "row" | "vocab"), unit, axis,
                             from the architecture's plan; checked against the plan on load
@@ -33,12 +34,14 @@ FORMAT_VERSION = 1
 
 
 def write_checkpoint(path, architecture: str, config: dict, tensors: dict, tokenizer_json: str,
-                     source: str, plan: dict | None = None, dtype: str = "float32", comm=None) -> str:
+                     source: str, plan: dict | None = None, dtype: str = "float32", comm=None,
+                     weights: str = "float") -> str:
     """Write ``tensors`` (name -> numpy array, full shape) atomically; return the content hash.
 
     ``plan``: the split plan recorded with each tensor (default: the architecture's).
     ``comm`` of several ranks (collective; the same ``tensors`` on each): one file per rank
-    cut along the split axes plus a VDS master at ``path`` (``hpcllm.checkpoint.sharded``)."""
+    cut along the split axes plus a VDS master at ``path`` (``hpcllm.checkpoint.sharded``).
+    int8 arrays (quantised codes, ``weights`` says their kind) are stored as they are."""
     if plan is None:
         from hpcllm.model.architectures import plan_for
 
@@ -47,10 +50,13 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
     stored, attrs = {}, {}
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
-        # bfloat16: stored as its 16 raw bits, marked by the root attribute
-        # float32 stored as it came (no copy: a converted model's weights are held once, not twice)
-        stored[name] = _round_bf16(arr) if np_dtype is None else arr.astype(np_dtype, copy=False)
+        if np.asarray(tensors[name]).dtype == np.int8:
+            arr = stored[name] = np.ascontiguousarray(tensors[name])
+        else:
+            arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            # bfloat16: stored as its 16 raw bits, marked by the root attribute
+            # float32 stored as it came (no copy: a converted model's weights are held once, not twice)
+            stored[name] = _round_bf16(arr) if np_dtype is None else arr.astype(np_dtype, copy=False)
         attrs[name] = split_attrs(tensor_split(plan, name), arr.ndim)
         digest.update(name.encode())
         digest.update(memoryview(np.ascontiguousarray(stored[name])).cast("B"))
@@ -65,7 +71,7 @@ def write_checkpoint(path, architecture: str, config: dict, tensors: dict, token
         f.create_dataset("tokenizer", data=np.frombuffer(tok, dtype=np.uint8))
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
                         "config": config_json, "source": source,
-                        "content_hash": content_hash, "dtype": dtype})
+                        "content_hash": content_hash, "dtype": dtype, "weights": weights})
 
     write_tensor_file(path, "tensors", stored, write_rest, comm, {n: a["axis"] for n, a in attrs.items()}, attrs)
     return content_hash
@@ -100,6 +106,7 @@ class Checkpoint:
         self.content_hash = str(attrs["content_hash"])
         self.dtype = str(attrs["dtype"])
         self.source = str(attrs["source"])
+        self.weights = str(attrs.get("weights", "float"))
 
     @property
     def names(self):
@@ -121,9 +128,11 @@ class Checkpoint:
                 "axis": int(attrs.get("axis", -1))}
 
     def read(self, name, slicer) -> np.ndarray:
-        """float32 array of the hyperslab ``slicer(full_shape)`` of tensor ``name``."""
+        """float32 array of the hyperslab ``slicer(full_shape)`` of tensor ``name`` (int8 codes as stored)."""
         ds = self._dataset(name)
         slab = ds[slicer(ds.shape)]
+        if slab.dtype == np.int8:
+            return slab
         if self.dtype == "bfloat16":
             return (slab.astype(np.uint32) << 16).view(np.float32)
         return slab.astype(np.float32, copy=False)

@@ -2,6 +2,7 @@
 
 import torch
 
+from hpcllm.model.quant import check_runnable
 from hpcllm.model.architectures import architecture
 from hpcllm.model.parallel import load_state, parallelize
 from hpcllm.model.partition import partition_for
@@ -11,6 +12,7 @@ def build_model(ckpt, tp_rank: int, tp_size: int, comm, dtype=torch.float32, dev
                 pack: bool = True):
     """Model with only this rank's hyperslabs of the weights, in ``dtype``, on ``device``; ``pack=False``
     keeps plain dense weights (training needs them: a packed weight has no gradient)."""
+    check_runnable(getattr(ckpt, "weights", "float"), torch.device(device).type, ckpt.path)
     arch = architecture(ckpt.architecture)
     partition = partition_for(ckpt.config, tp_rank, tp_size)
     with torch.device("meta"):  # full-size plain modules cost nothing here; parallelize cuts them

@@ -334,7 +334,8 @@ class Decoder(nn.Module):
 
     @property
     def dtype(self):
-        return self.embed.weight.dtype
+        """The compute dtype (the final norm's: the embedding may hold int8 codes)."""
+        return self.norm.weight.dtype
 
     def fuse(self):
         for layer in self.layers:

@@ -3,6 +3,10 @@
 ``fuse_linears``, ``linear_gelu`` and ``pack`` are fast paths for the CPU:
 exact rewrites of plain PyTorch (the same numbers up to float rounding), so
 the model files stay readable and the fast paths stay optional.
+
+An int8 weight (``hpcllm convert --weights int8``, ``hpcllm.model.quant``) is an int8
+parameter carrying its per-row scales as the attribute ``scale`` (in the compute dtype);
+``linear``, ``embedding``, ``fuse_linears`` and ``pack`` take it as they take a float weight.
 """
 
 import functools
@@ -73,17 +77,55 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack(*layers: nn.Module) -> None:
-    """Each layer's ``weight`` replaced by its ``pack_weight`` (no second copy; the layers must call
-    ``linear`` or ``linear_gelu``)."""
+    """Each layer's float ``weight`` replaced by its ``pack_weight`` (no second copy; the layers must call
+    ``linear`` or ``linear_gelu``); an int8 weight stays as it is."""
     for layer in layers:
-        layer.weight = nn.Parameter(pack_weight(layer.weight.data), requires_grad=False)
+        if layer.weight.is_floating_point():
+            layer.weight = nn.Parameter(pack_weight(layer.weight.data), requires_grad=False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a dense or a packed (``pack_weight``) weight."""
+    """``F.linear`` for a dense, a packed (``pack_weight``) or an int8 weight."""
+    if weight.dtype == torch.int8:
+        return int8_linear(x, weight, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+INT8PACK_ROWS = 1   # up to this many rows ATen's int8 x bf16 kernel beats the bf16 matmul (bench/quant_kernels.py)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (codes * scale).T + bias for an int8 ``weight`` with ``weight.scale`` [out].
+
+    Measured on 2 cores (SmolLM2 / Qwen2.5 shapes, ``bench/quant_kernels.py``): ATen's weight-only
+    kernel (``_weight_int8pack_mm``) is 2.2x the bf16 matmul at one row but 3-8x slower from 8 rows
+    up and in fp32; dynamic int8 activations (fbgemm / oneDNN, W8A8) are 1.7-2x faster but drift
+    0.5 nats per token on SmolLM2 (per-token activation scales: 0.24). So: the ATen kernel for a bf16
+    row, else the codes converted to x's dtype (exact: |code| <= 127) in a plain matmul, scaled after."""
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= INT8PACK_ROWS:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), weight, weight.scale)
+        y = y.reshape(*x.shape[:-1], -1)
+    else:
+        y = F.linear(x, weight.to(x.dtype)) * weight.scale
+    return y if bias is None else y + bias
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding`` for a float or an int8 weight (rows dequantised: codes times their row's scale)."""
+    if weight.dtype == torch.int8:
+        return F.embedding(ids, weight).to(weight.scale.dtype) * weight.scale[ids][..., None]
+    return F.embedding(ids, weight)
+
+
+def with_scale(weight: torch.Tensor, scale: torch.Tensor | None) -> nn.Parameter:
+    """``weight`` as a frozen parameter, carrying ``scale`` where it is int8 codes."""
+    param = nn.Parameter(weight, requires_grad=False)
+    if scale is not None:
+        param.scale = scale
+    return param
 
 
 class Linear(nn.Linear):
@@ -97,8 +139,9 @@ def fuse_linears(*layers: nn.Linear) -> nn.Linear:
     """One linear whose output is the concatenation of ``layers``' outputs (same input), e.g. Q|K|V."""
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    scale = torch.cat([layer.weight.scale for layer in layers]) if weight.dtype == torch.int8 else None
     fused = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.weight = with_scale(weight, scale)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
     return fused

@@ -29,16 +29,16 @@ The plan is applied at tp = 1 too, where every collective is a no-op.
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hpcllm.model.quant import SCALE
 from hpcllm.errors import HpcllmError
-from hpcllm.model.layers import linear
+from hpcllm.model.layers import Linear, embedding, linear, with_scale
 from hpcllm.model.partition import Partition, Split, module_split, split_attrs, split_axis, tensor_split
 from hpcllm.world.comm import Comm, LocalComm
 
 
-class ColumnParallelLinear(nn.Linear):
+class ColumnParallelLinear(Linear):
     """Output features split across the tp group; no communication."""
 
 
@@ -68,10 +68,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids):
         if isinstance(self.comm, LocalComm) or self.comm.size == 1:
-            return F.embedding(ids, self.weight)
+            return embedding(ids, self.weight)
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return self.comm.all_reduce(out)
 
@@ -121,6 +121,8 @@ def load_state(module: nn.Module, ckpt, plan: dict, partition: Partition, dtype:
     ``ckpt.read(name, slicer) -> np.ndarray`` loads the hyperslab ``slicer(full_shape)`` (h5py);
     ``ckpt.split_attrs(name)`` are the split attributes stored with the tensor, which must be
     the plan's: a checkpoint split another way would load the wrong rows silently.
+    int8 codes (``hpcllm.model.quant``) stay int8, their scales (split as the weight's rows
+    are) in ``dtype`` beside them (``hpcllm.model.layers.with_scale``).
     """
     for name, param in list(module.named_parameters()):
         split = tensor_split(plan, name)
@@ -134,8 +136,16 @@ def load_state(module: nn.Module, ckpt, plan: dict, partition: Partition, dtype:
                               f"{tuple(param.shape)} at tp rank {partition.rank}/{partition.size}")
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        tensor = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
-        setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+        scale = None
+        if data.dtype == np.int8:
+            scale = _tensor(ckpt.read(name + SCALE, lambda shape, s=split: partition.slice(s, shape)), dtype)
+        setattr(owner, attr, with_scale(_tensor(data, dtype), scale))
+
+
+def _tensor(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A loaded slab as a tensor: float in ``dtype``, int8 codes as they are."""
+    tensor = torch.from_numpy(np.ascontiguousarray(data))
+    return tensor if tensor.dtype == torch.int8 else tensor.to(dtype)
 
 
 def _show(attrs: dict) -> str:
