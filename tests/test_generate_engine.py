@@ -45,7 +45,7 @@ def _engine(model, prompts, n_slots, batch_tokens, params=SamplingParams(tempera
 class _ByteTok:
     """Token t -> one byte (enough for the leader's text bookkeeping on random ids)."""
 
-    def decode_bytes(self, ids, skip_special_tokens=True):
+    def decode_bytes(self, ids, skip_special_tokens=True, at_start=True):
         return bytes(int(i) % 256 for i in ids)
 
 

@@ -1,7 +1,8 @@
 """Incremental detokenizing and stop strings.
 
-Byte-level BPE decodes token by token into bytes that concatenate to the
-decode of the whole sequence, so a completion keeps its UTF-8 bytes and
+Tokens decode one by one into bytes that concatenate to the decode of the
+whole sequence (the first as the start of a text: SentencePiece drops its
+prepended space there only), so a completion keeps its UTF-8 bytes and
 appends each new token's; a token may end inside a character, and the text
 is decoded (invalid sequences replaced, as HF ``tokenizers`` does) only at
 the end. Stop strings are matched on those bytes (UTF-8 is self-synchronising,
@@ -25,7 +26,7 @@ class Completion:
     def add(self, token: int) -> bool:
         """Append a token's bytes; True when the text now contains a stop string (the text is cut before it)."""
         start = len(self.buf)
-        self.buf += self.tokenizer.decode_bytes([token])
+        self.buf += self.tokenizer.decode_bytes([token], at_start=not self.buf)
         if not self.stops:
             return False
         lo = max(0, start - self.longest + 1)

@@ -163,10 +163,12 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return self._impl.decode(ids, skip_special_tokens)
 
-    def decode_bytes(self, ids, skip_special_tokens=True):
+    def decode_bytes(self, ids, skip_special_tokens=True, at_start=True):
         """The UTF-8 bytes of ids, possibly ending inside a character (byte-level BPE): for
-        incremental detokenizing, keep the bytes and decode only what is complete."""
-        return self._impl.decode_bytes(ids, skip_special_tokens)
+        incremental detokenizing, keep the bytes and decode only what is complete. ``at_start=False``:
+        the ids continue a text, so a decoder's rule for a text's start (SentencePiece drops the
+        prepended space there) does not apply."""
+        return self._impl.decode_bytes(ids, skip_special_tokens, at_start)
 
     # ------------------------------------------------------------ ids
     def __getattr__(self, name):

@@ -226,9 +226,10 @@ class ByteLevelBPE:
         return encode_merges(K.encode_batch, self._tables, self._params, self.prefix, self.suffix, buf, offsets,
                              max_length, add_special_tokens)
 
-    def decode_bytes(self, ids, skip_special_tokens=True):
+    def decode_bytes(self, ids, skip_special_tokens=True, at_start=True):
         """The raw bytes of ids (HF's ByteLevel decoder before its lossy UTF-8 step): a
-        generator can join them across steps and decode only complete characters."""
+        generator can join them across steps and decode only complete characters (the same
+        at a text's start as within it)."""
         ids = decodable_ids(ids, self.vocab_size, self.special_ids, skip_special_tokens)
         return b"".join(self._spelled[i] for i in ids)
 

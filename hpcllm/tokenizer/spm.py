@@ -251,11 +251,13 @@ class SentencePieceBPE:
         """The Llama-2 / Metaspace decoders drop one leading space (the prepended mark)."""
         return out[1:] if self.prepend != K.PREPEND_NONE and out[:1] in (b" ", " ") else out
 
-    def decode_bytes(self, ids, skip_special_tokens=True):
+    def decode_bytes(self, ids, skip_special_tokens=True, at_start=True):
         """Bytes of ids: <0xNN> tokens are their byte, the mark is a space, one leading space dropped
-        where a mark was prepended; may end inside a character (for incremental detokenizing)."""
+        where a mark was prepended and the ids start the text; may end inside a character (for
+        incremental detokenizing)."""
         pieces = self._pieces(ids, skip_special_tokens)
-        return self._strip(b"".join(p if run else p.encode("utf-8") for run, p in pieces))
+        out = b"".join(p if run else p.encode("utf-8") for run, p in pieces)
+        return self._strip(out) if at_start else out
 
     def decode(self, ids, skip_special_tokens=True):
         """Text of ids as HF's decoders give it (Replace mark, ByteFallback, Fuse, Strip): a run of

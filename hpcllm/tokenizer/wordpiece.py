@@ -130,18 +130,20 @@ class WordPiece:
         ids, offs = compact(out, out_base, counts)
         return Encoding(ids, offs, flags & (FLAG_TRUNCATED | FLAG_BAD_UTF8))
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, at_start=True):
+        """Text of ids (HF's WordPiece decoder); ``at_start=False``: they continue a text, so a first
+        token that starts a word gets its space too."""
         toks = [self._id_to_tok.get(int(i)) for i in ids
                 if not (skip_special_tokens and int(i) in self._special)]
         toks = [t for t in toks if t is not None]
         if self._dec_prefix is None:
-            return " ".join(toks)
+            return ("" if at_start or not toks else " ") + " ".join(toks)
         out = []
         for k, t in enumerate(toks):
-            if k:
+            if k or not at_start:
                 t = t[len(self._dec_prefix):] if t.startswith(self._dec_prefix) else " " + t
             out.append(_cleanup(t) if self._dec_cleanup else t)
         return "".join(out)
 
-    def decode_bytes(self, ids, skip_special_tokens=True):
-        return self.decode(ids, skip_special_tokens).encode("utf-8")
+    def decode_bytes(self, ids, skip_special_tokens=True, at_start=True):
+        return self.decode(ids, skip_special_tokens, at_start).encode("utf-8")
