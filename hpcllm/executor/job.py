@@ -61,7 +61,7 @@ class ShardData:
         self.shard, self.docs, self.status = shard, docs, status
         self.ids, self.offsets = ids, offsets
         self.process = np.flatnonzero(~np.isin(status, NOT_PROCESSED))
-        self.keys = self.narrowed = None   # repeated documents (hpcllm.executor.repeats)
+        self.keys = self.narrowed = self.computed = None   # repeated documents (hpcllm.executor.repeats)
 
     def for_workers(self, process=None) -> "Work":
         """What the tp group computes: ``process`` (default: every row processed)."""

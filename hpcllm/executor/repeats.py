@@ -86,7 +86,8 @@ class Narrowed:
 
 
 class Repeats:
-    """One group's repeated documents: its cache (hash -> a computed row's values) and the two steps."""
+    """One group's repeated documents: its cache (key -> a computed row's values), the keys the groups
+    published (key -> where its row is), and the steps above."""
 
     def __init__(self, job, cfg):
         self.on = shares(job, cfg)
@@ -130,7 +131,7 @@ class Repeats:
 
     def fill(self, data, result):
         """``result`` with every row not computed filled from its source; the computed rows cached."""
-        n = getattr(data, "narrowed", None)
+        n = data.narrowed
         if n is None:
             return result
         cols, status = dict(result.columns), dict(result.status)
@@ -193,10 +194,9 @@ class Repeats:
 
     def publish(self, data) -> None:
         """After the shard file is written: the keys, rows and job statuses of the rows computed in it."""
-        got = getattr(data, "computed", None)
-        if got is None:
+        if data.computed is None:
             return
-        keys, rows, status = got
+        keys, rows, status = data.computed
         os.makedirs(os.path.join(self.out_dir, REPEATS_DIR), exist_ok=True)
         with atomic_h5(keys_file(self.out_dir, data.shard.index)) as f:
             f["key"] = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)
