@@ -9,6 +9,8 @@ the tied LM head) and each row count M, the time of one call of:
     bf16      hpcllm's bf16 path (the same, bf16 weight and input)
     w8 fp32   torch.ops.aten._weight_int8pack_mm, fp32 input, int8 [N, K] weight, per-channel scales
     w8 bf16   the same kernel with bf16 input and scales
+    w8 deq    the codes converted to bf16 in the call, a plain bf16 matmul, the output scaled (what
+              ``hpcllm.model.layers.int8_linear`` runs from 2 rows up)
     w8a8 x86  dynamic int8 activations (per tensor) x per-channel int8 weights:
               torch.ops.quantized.linear_dynamic, engine "x86" (fbgemm / oneDNN, VNNI)
     w8a8 dnn  the same op with engine "onednn"
@@ -64,6 +66,7 @@ def kernels(w: torch.Tensor):
         "bf16": lambda x: linear(x.bfloat16(), packed16),
         "w8 fp32": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale),
         "w8 bf16": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale16),
+        "w8 deq": lambda x: torch.nn.functional.linear(x.bfloat16(), q.bfloat16()) * scale16,
         "w8a8 x86": lambda x: _dynamic(x, prepacked["x86"], "x86"),
         "w8a8 dnn": lambda x: _dynamic(x, prepacked["onednn"], "onednn"),
     }
