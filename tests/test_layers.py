@@ -48,7 +48,7 @@ ALLOWED = {
     # what runs the data path
     "checkpoint": ("errors", "model", "store", "tokenizer", "world"),   # split plan, GGUF tokenizer, shard files
     "signals": ("store", "world"),
-    "scoring": ("model", "world"),                # log-softmax of vocab-parallel logits
+    "scoring": ("model", "world", "corpus"),      # log-softmax of vocab-parallel logits; windows batched as corpus.batching does
     "generate": ("errors", "kernels", "model"),   # the generation engine: a library of jobs.generate
     "executor": ("hpcllm", "errors", "status", "progress", "corpus", "tokenizer", "model", "store",
                  "checkpoint", "world", "signals"),
