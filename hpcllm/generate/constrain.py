@@ -147,17 +147,11 @@ def _read(path, flag) -> str:
 
 def vocabulary_bytes(tokenizer, n_vocab: int) -> tuple[list[bytes], list[int]]:
     """(the bytes each token id stands for, the special ids) over the model's ``n_vocab`` ids (ids the
-    tokenizer lacks: empty, never allowed). A decoder that drops a prepended space at the start of a text
-    would drop it from every token alone: such tokens are spelled after a fixed token instead."""
+    tokenizer lacks: empty, never allowed). Each token is spelled as a continuation of a text (a decoder
+    that drops a prepended space at a text's start would drop it from every token alone)."""
     special = sorted(int(i) for i in tokenizer._impl.special_ids)
-    one = [tokenizer.decode_bytes([i], skip_special_tokens=False) for i in range(tokenizer.vocab_size)]
-    skip = set(special)
-    plain = [i for i in range(len(one)) if i not in skip]
-    ref = next(i for i in plain if one[i].strip())
-    lead = tokenizer.decode_bytes([ref])
-    if tokenizer.decode_bytes([ref] + plain) != lead + b"".join(one[i] for i in plain):
-        for i in plain:
-            one[i] = tokenizer.decode_bytes([ref, i])[len(lead):]
+    one = [tokenizer.decode_bytes([i], skip_special_tokens=False, at_start=False)
+           for i in range(tokenizer.vocab_size)]
     return one + [b""] * (n_vocab - len(one)), special
 
 
