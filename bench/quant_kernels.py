@@ -21,13 +21,15 @@ run mean anything.
 """
 
 import argparse
-import time
-
+import os
+import sys
 import warnings
 
 import torch
 
-from hpcllm.model.layers import pack_weight, linear
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/common.py, also under PYTHONSAFEPATH=1
+from common import best_of  # noqa: E402  (the fastest call: the machine is shared)
+from hpcllm.model.layers import linear, pack_weight  # noqa: E402
 
 # (name, out N, in K) of each linear at tp=1
 SHAPES = {
@@ -36,17 +38,6 @@ SHAPES = {
     "qwen05": [("qkv", 1152, 896), ("o", 896, 896), ("gate_up", 9728, 896), ("down", 896, 4864),
                ("head", 151936, 896)],
 }
-
-
-def timed(fn, reps):
-    """The fastest of ``reps`` calls: the machine is shared, a slower call is another process's time."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def kernels(w: torch.Tensor):
@@ -101,7 +92,7 @@ def main():
                     reps = max(2, a.reps if m <= 32 else a.reps // 4)
                     if name == "head" and m == 512:
                         reps = 2
-                    ms = {kname: 1e3 * timed(lambda f=f: f(x), reps) for kname, f in fns.items()}
+                    ms = {kname: 1e3 * best_of(lambda f=f: f(x), reps + 1) for kname, f in fns.items()}
                     for kname, v in ms.items():
                         totals[(m, kname)] = totals.get((m, kname), 0.0) + v
                     print(f"{model:8s} {name:8s} M={m:4d} " + "  ".join(
