@@ -71,8 +71,9 @@ class JobConfig:
     shard_docs: int = opt(DEFAULT_SHARD_DOCS, "most documents per corpus shard (unit of resume and of work claiming); a small corpus is cut into 4 shards per dp group", result=True)
     chunk_mb: float = opt(None, "size of the files finished shards are consolidated into, which results.h5 joins "
                           "(default: 1024, larger where a result would need over 64 of them; 0: one per shard)")
-    batch_tokens: int = opt(4096, "token budget of one batch (embed, score: real tokens, documents / windows are "
-                            "packed; generate: tokens of one forward pass, decodes and prefill chunks)", jobs=MODEL_JOBS)
+    batch_tokens: int = opt(4096, "token budget of one batch (encoder embed, score: real tokens, documents / "
+                            "windows are packed; decoder embed: padded to the batch's longest; generate: tokens of "
+                            "one forward pass, decodes and prefill chunks)", jobs=MODEL_JOBS)
     window: int = opt(2048, "embed / score / classify: this many documents at a time are sorted by length before "
                       "batching", jobs=tuple(j for j in MODEL_JOBS if j != "generate"))
     threads: int = opt(None, "threads per rank (default: cores per rank on the node)")
