@@ -151,8 +151,8 @@ class Repeats:
         for off in offsets:
             self._fill_ragged(cols, off, [f for f in flats if self.ragged[f] == off], n)
         if n.across:
-            self._remember(data, n.keep, cols, fixed, flats, status)
             keys = dict(zip(data.process.tolist(), data.keys))
+            self._remember(keys, n.keep, cols, fixed, flats, status)
             data.computed = ([keys[r] for r in n.keep.tolist()], n.keep,
                              np.array([status.get(r, NO_STATUS) for r in n.keep.tolist()], np.uint8))
         return dataclasses.replace(result, columns=cols, status=status, attrs={**result.attrs, FILLED: n.filled})
@@ -168,11 +168,11 @@ class Repeats:
                 runs[row] = runs[src]
             cols[name], cols[off] = ragged_rows(runs, cols[name].dtype)
 
-    def _remember(self, data, rows, cols, fixed, flats, status):
-        """The computed rows' values into the cache (the least recently used leave it when it is full)."""
+    def _remember(self, keys, rows, cols, fixed, flats, status):
+        """The computed rows' values (``keys``: row -> key) into the cache (the least recently used leave it
+        when it is full)."""
         if self.budget <= 0:
             return
-        keys = dict(zip(data.process.tolist(), data.keys))
         for row in rows.tolist():
             values = {name: cols[name][row:row + 1].copy() for name in fixed}
             for name in flats:
